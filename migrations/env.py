@@ -1,0 +1,62 @@
+"""Alembic environment for the posthog-outbox schema.
+
+The URL is, in order: the ``sqlalchemy.url`` the caller put on the Alembic config
+(``outbox-worker migrate`` does), else ``DATABASE_URL``, else the embedded
+PostgreSQL that ``outbox-worker`` uses by default. Versions are recorded in
+``outbox_alembic_version`` so they never collide with the application's own Alembic
+history in the same database.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from outbox.schema import VERSION_TABLE, metadata
+from worker.database import resolve_database_url, sqlalchemy_url
+
+config = context.config
+
+
+def _url() -> str:
+    configured = config.get_main_option("sqlalchemy.url")
+    return sqlalchemy_url(configured or resolve_database_url())
+
+
+def run_migrations_offline() -> None:
+    context.configure(
+        url=_url(),
+        target_metadata=metadata,
+        literal_binds=True,
+        version_table=VERSION_TABLE,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connectable = config.attributes.get("connection")
+    if connectable is not None:
+        _run(connectable)
+        return
+    engine = create_engine(_url(), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        _run(connection)
+    engine.dispose()
+
+
+def _run(connection: object) -> None:
+    context.configure(
+        connection=connection,  # type: ignore[arg-type]
+        target_metadata=metadata,
+        version_table=VERSION_TABLE,
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

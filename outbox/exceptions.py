@@ -1,0 +1,42 @@
+"""The exceptions posthog-outbox raises.
+
+Every exception derives from :class:`OutboxError`, so ``except outbox.OutboxError``
+catches anything this project raises on purpose. Driver errors are wrapped at the
+boundary with ``raise ... from exc``; the original stays on ``__cause__``.
+A class's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """posthog-outbox failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class OutboxValidationError(OutboxError, ValueError):
+    """An event was refused before it reached the database.
+
+    ``field`` names the offending input (``event``, ``distinct_id``,
+    ``properties.plan.price``, ``timestamp`` ...). Nothing was written, and the
+    caller's transaction is untouched: it can still commit its own writes.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class OutboxDatabaseError(OutboxError):
+    """The database refused or failed an outbox statement."""
+
+
+class OutboxNotInstalledError(OutboxDatabaseError):
+    """The outbox tables do not exist in this database: run `outbox-worker migrate` first."""
+
+
+class UnsupportedConnectionError(OutboxError, TypeError):
+    """enqueue() needs a SQLAlchemy Session or Connection, or a psycopg Connection."""

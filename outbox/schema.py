@@ -1,0 +1,92 @@
+"""The outbox tables, as SQLAlchemy Core metadata.
+
+The Alembic migrations under ``migrations/`` create exactly these objects (a test
+runs ``alembic check`` against this metadata). An application that manages its own
+schema with Alembic can pass :data:`metadata` to its ``include_object`` hook so that
+autogenerate neither drops nor duplicates the outbox tables.
+
+Operators query these tables by hand, so the column names are part of the interface:
+
+``outbox_events``
+    One row per undelivered event. A delivered event is deleted.
+    ``status`` is ``pending`` (waiting, backing off or leased) or ``dead``.
+    A claimed row carries ``lease_token`` and ``leased_until``; its
+    ``next_attempt_at`` is pushed to the lease's end, so a crashed worker's rows
+    become due again exactly when the lease expires.
+``outbox_dedup_keys``
+    Dedup keys of events that are undelivered (``expires_at`` is ``infinity``) or
+    were delivered within the dedup window (``expires_at`` is delivery + window).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+EVENTS_TABLE = "outbox_events"
+DEDUP_TABLE = "outbox_dedup_keys"
+STUCK_VIEW = "outbox_stuck"
+#: Alembic's version table for the outbox migrations; separate from the application's own.
+VERSION_TABLE = "outbox_alembic_version"
+
+STATUS_PENDING = "pending"
+STATUS_DEAD = "dead"
+
+metadata = MetaData()
+
+outbox_events = Table(
+    EVENTS_TABLE,
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("uuid", UUID(as_uuid=True), nullable=False, unique=True),
+    Column("event", Text, nullable=False),
+    Column("distinct_id", Text, nullable=False),
+    Column("properties", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("timestamp", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("dedup_key", Text, nullable=True),
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("lease_token", UUID(as_uuid=True), nullable=True),
+    Column("leased_until", DateTime(timezone=True), nullable=True),
+    Column("leased_by", Text, nullable=True),
+    CheckConstraint("status IN ('pending', 'dead')", name="outbox_events_status_check"),
+    CheckConstraint("attempts >= 0", name="outbox_events_attempts_check"),
+)
+
+# The claim query walks this partial index in due order and stops at the first
+# future row; dead rows are not in it at all.
+Index(
+    "outbox_events_due_idx",
+    outbox_events.c.next_attempt_at,
+    outbox_events.c.id,
+    postgresql_where=text("status = 'pending'"),
+)
+# For `outbox-worker dead` / `retry` / `purge` and the dead count.
+Index(
+    "outbox_events_dead_idx",
+    outbox_events.c.created_at,
+    postgresql_where=text("status = 'dead'"),
+)
+
+outbox_dedup_keys = Table(
+    DEDUP_TABLE,
+    metadata,
+    Column("dedup_key", Text, primary_key=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+Index("outbox_dedup_keys_expires_idx", outbox_dedup_keys.c.expires_at)

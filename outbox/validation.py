@@ -1,0 +1,665 @@
+"""Validate and normalise an event in Python, before anything reaches the database.
+
+:func:`prepare_event` turns what the application passed to ``enqueue`` into a
+:class:`PreparedEvent` whose every field PostgreSQL will accept, or raises
+:class:`~outbox.exceptions.OutboxValidationError` naming the offending field. Doing
+this in Python means bad input never aborts the caller's transaction: nothing has
+been sent to the server yet, so the caller can catch the error and still commit.
+
+The module is pure standard library and runs on every enqueue, so the common case
+(properties made of plain ``str``/``int``/``float``/``bool``/``None``/``dict``/``list``
+values) costs one C-level ``json`` encoding plus a few string scans. Only when that
+pass finds something to fix (a NUL character, a lone surrogate, a non-finite float,
+a non-string key, a suspiciously deep structure) or something to refuse does the
+slower walk over the structure run, and it builds a normalised copy only then. The
+caller's objects are never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
+from decimal import Decimal
+from enum import Enum
+from typing import Any, Final
+from uuid import UUID
+
+from outbox.exceptions import OutboxValidationError
+
+__all__ = [
+    "MAX_EVENT_BYTES",
+    "MAX_NAME_LENGTH",
+    "MAX_NESTING_DEPTH",
+    "RESERVED_DISTINCT_IDS",
+    "PreparedEvent",
+    "new_event_uuid",
+    "prepare_event",
+]
+
+MAX_NAME_LENGTH: Final = 200
+"""Longest accepted event name, distinct_id and dedup_key, in characters (after stripping)."""
+
+MAX_EVENT_BYTES: Final = 900 * 1024
+"""Largest accepted event: UTF-8 bytes of the properties JSON plus the event name and distinct_id.
+
+PostHog refuses events of about a megabyte; this leaves room for the envelope the
+worker adds when it ships the event.
+"""
+
+MAX_NESTING_DEPTH: Final = 64
+"""Deepest accepted nesting of containers in properties; the properties object itself is level 1."""
+
+RESERVED_DISTINCT_IDS: Final[frozenset[str]] = frozenset(
+    {
+        "anonymous",
+        "guest",
+        "distinctid",
+        "distinct_id",
+        "id",
+        "not_authenticated",
+        "email",
+        "undefined",
+        "true",
+        "false",
+    }
+)
+"""distinct_ids PostHog refuses whatever their case; compared stripped and lower-cased.
+
+PostHog treats these as placeholders that would merge unrelated users into one
+person. A second, case-sensitive set (``"[object Object]"``, ``"NaN"``, ``"None"``,
+``"none"``, ``"null"``, ``"0"``, ``"undefined"``) is compared exactly, after
+stripping; a distinct_id matching either set is refused.
+"""
+
+_RESERVED_DISTINCT_IDS_EXACT: Final[frozenset[str]] = frozenset(
+    {"[object Object]", "NaN", "None", "none", "null", "0", "undefined"}
+)
+
+_REPLACEMENT: Final = "\ufffd"
+_JSON_ESCAPED_NUL: Final = "\\u0000"
+_MAX_INT_BITS_WITHOUT_CHECK: Final = 14_000  # ~4,200 decimal digits, under sys.int_info's 4,300
+_PLAIN_KEY: Final = re.compile(r"[\w$-]+")
+_SCALAR_TYPES: Final[frozenset[type]] = frozenset({str, int, float, bool, type(None)})
+
+
+# --------------------------------------------------------------------------- UUIDv7
+
+
+class _Uuid7State:
+    """The last UUIDv7 this process issued, so the next one can be made larger."""
+
+    __slots__ = ("last_ms", "last_tail", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last_ms = 0
+        self.last_tail = 0  # 74 bits: rand_a (12) then rand_b (62)
+
+
+_uuid7_state = _Uuid7State()
+_TAIL_BITS: Final = 74
+_RAND_B_MASK: Final = (1 << 62) - 1
+_UUID7_VERSION_AND_VARIANT: Final = (0x7 << 76) | (0b10 << 62)
+
+
+def _reset_uuid7_state_after_fork() -> None:
+    # A forked child must not continue the parent's sequence (both would issue the
+    # same next value), and must not inherit a lock another thread may have held.
+    global _uuid7_state  # replaced wholesale, so the lock is new too
+    _uuid7_state = _Uuid7State()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_uuid7_state_after_fork)
+
+
+def _fresh_tail() -> int:
+    # 73 random bits: the counter's top bit starts clear, so incrementing within one
+    # millisecond has 2**73 values of headroom before it could overflow.
+    return int.from_bytes(os.urandom(10), "big") >> 7
+
+
+def new_event_uuid() -> UUID:
+    """Return a new UUIDv7 (RFC 9562) for an event.
+
+    The first 48 bits are the Unix time in milliseconds, then the version (7), 12
+    bits of ``rand_a``, the RFC 4122 variant bits and 62 bits of ``rand_b``. The 74
+    ``rand_a``/``rand_b`` bits start random in each new millisecond and act as one
+    counter: a second call in the same millisecond (or after the wall clock stepped
+    backwards) reuses the previous timestamp and adds one. So values returned by
+    one process are strictly increasing, from any thread, even when the clock
+    misbehaves; values from different processes are only roughly time-ordered. A
+    forked child starts a fresh sequence rather than repeating its parent's.
+
+    UUIDv7 sorts by creation time, which keeps the outbox's primary-key index
+    append-mostly, and PostHog uses the same version for its own event ids.
+    """
+    state = _uuid7_state
+    now_ms = time.time_ns() // 1_000_000
+    with state.lock:
+        if now_ms > state.last_ms:
+            ms = now_ms
+            tail = _fresh_tail()
+        else:
+            ms = state.last_ms
+            tail = state.last_tail + 1
+            if tail >> _TAIL_BITS:  # counter exhausted: borrow the next millisecond
+                ms += 1
+                tail = _fresh_tail()
+        state.last_ms = ms
+        state.last_tail = tail
+    value = (
+        ((ms & 0xFFFF_FFFF_FFFF) << 80)
+        | _UUID7_VERSION_AND_VARIANT
+        | ((tail >> 62) << 64)
+        | (tail & _RAND_B_MASK)
+    )
+    return UUID(int=value)
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedEvent:
+    """An event that passed validation, normalised into exactly what gets stored.
+
+    ``event``, ``distinct_id`` and ``dedup_key`` are stripped and contain neither NUL
+    characters nor lone surrogates. ``properties_json`` is compact JSON object text
+    (``separators=(",", ":")``, ``ensure_ascii=False``) that PostgreSQL's ``jsonb``
+    accepts: no NUL, no lone surrogates, no NaN or Infinity, string keys only.
+    ``timestamp`` is timezone-aware UTC, or ``None`` meaning "use the database's
+    ``now()``" (the time of the caller's transaction). ``uuid`` is the event's id,
+    either the caller's or a fresh UUIDv7.
+    """
+
+    uuid: UUID
+    event: str
+    distinct_id: str
+    properties_json: str
+    timestamp: datetime | None
+    dedup_key: str | None
+
+
+# --------------------------------------------------------------------------- strings
+
+
+def _fix_surrogates(text: str) -> str:
+    # Python strings may hold surrogate code points UTF-8 cannot encode. Going through
+    # UTF-16 joins correctly paired surrogates back into the character they spell and
+    # turns the lone ones into U+FFFD.
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _clean_text(text: str) -> str:
+    """Return ``text`` with NUL and lone surrogates replaced by U+FFFD (same object if clean)."""
+    if "\x00" in text:
+        text = text.replace("\x00", _REPLACEMENT)
+    if not text.isascii():  # O(1) in CPython: the string knows its widest character
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = _fix_surrogates(text)
+    return text
+
+
+def _type_name(value: object) -> str:
+    cls = type(value)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _short_repr(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _check_name(value: str, field: str, what: str) -> str:
+    """Strip, refuse empty or over-long, and clean a name-like string."""
+    text = _clean_text(value.strip())
+    if not text:
+        raise OutboxValidationError(field, f"{what} must not be empty or only whitespace")
+    if len(text) > MAX_NAME_LENGTH:
+        raise OutboxValidationError(
+            field, f"{what} is {len(text)} characters long, over the {MAX_NAME_LENGTH} limit"
+        )
+    return text
+
+
+def _int_to_str(value: int, field: str) -> str:
+    try:
+        return int.__repr__(value)
+    except ValueError:  # more digits than sys.get_int_max_str_digits() allows
+        raise OutboxValidationError(
+            field, f"integer is far over the {MAX_NAME_LENGTH} character limit"
+        ) from None
+
+
+def _check_event(event: object, field: str) -> str:
+    if not isinstance(event, str):
+        raise OutboxValidationError(field, f"must be a str, got {_type_name(event)}")
+    return _check_name(event, field, "event name")
+
+
+def _check_distinct_id(distinct_id: object, field: str) -> str:
+    if isinstance(distinct_id, str):
+        text = distinct_id
+    elif isinstance(distinct_id, int) and not isinstance(distinct_id, bool):
+        text = _int_to_str(distinct_id, field)
+    elif isinstance(distinct_id, UUID):
+        text = str(distinct_id)
+    else:
+        raise OutboxValidationError(
+            field, f"must be a str, int or uuid.UUID, got {_type_name(distinct_id)}"
+        )
+    text = _check_name(text, field, "distinct_id")
+    if text in _RESERVED_DISTINCT_IDS_EXACT or text.lower() in RESERVED_DISTINCT_IDS:
+        raise OutboxValidationError(
+            field,
+            f"{text!r} is reserved by PostHog as a placeholder id; sending it would merge "
+            "unrelated users into one person",
+        )
+    return text
+
+
+def _check_dedup_key(dedup_key: object, field: str) -> str | None:
+    if dedup_key is None:
+        return None
+    if isinstance(dedup_key, str):
+        return _check_name(dedup_key, field, "dedup_key")
+    if isinstance(dedup_key, int) and not isinstance(dedup_key, bool):
+        return _check_name(_int_to_str(dedup_key, field), field, "dedup_key")
+    raise OutboxValidationError(field, f"must be a str, int or None, got {_type_name(dedup_key)}")
+
+
+# --------------------------------------------------------------------------- timestamp
+
+
+def _check_timestamp(timestamp: object, field: str) -> datetime | None:
+    if timestamp is None:
+        return None
+    if isinstance(timestamp, str):
+        text = timestamp.strip()
+        try:
+            date.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            raise OutboxValidationError(
+                field,
+                f"{_short_repr(timestamp)} is a date without a time of day; "
+                "pass a full ISO 8601 datetime",
+            )
+        if text[-1:] in ("Z", "z"):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise OutboxValidationError(
+                field, f"{_short_repr(timestamp)} is not an ISO 8601 datetime"
+            ) from None
+    elif isinstance(timestamp, datetime):
+        parsed = timestamp
+    elif isinstance(timestamp, date):
+        raise OutboxValidationError(
+            field, "a date without a time of day is ambiguous; pass a datetime"
+        )
+    else:
+        raise OutboxValidationError(
+            field, f"must be a datetime, an ISO 8601 str or None, got {_type_name(timestamp)}"
+        )
+    try:
+        if parsed.utcoffset() is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise OutboxValidationError(
+            field, f"{_short_repr(timestamp)} cannot be expressed in UTC"
+        ) from None
+
+
+# --------------------------------------------------------------------------- uuid
+
+
+def _check_uuid(value: object, field: str) -> UUID:
+    if value is None:
+        return new_event_uuid()
+    if isinstance(value, UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return UUID(value.strip())
+        except ValueError:
+            raise OutboxValidationError(field, f"{_short_repr(value)} is not a UUID") from None
+    raise OutboxValidationError(
+        field, f"must be a uuid.UUID, a str or None, got {_type_name(value)}"
+    )
+
+
+# --------------------------------------------------------------------------- properties
+
+
+class _NeedsWalk(Exception):
+    """Raised inside the fast encoder: fall back to the normalising walk."""
+
+
+_NOT_COERCIBLE: Final = object()
+
+
+def _coerce_leaf(value: object) -> object:
+    """Map a non-JSON leaf type to its JSON-ready form, or return ``_NOT_COERCIBLE``.
+
+    Shared by the fast encoder hook and the walk, so both produce identical JSON.
+    """
+    if isinstance(value, datetime):
+        if value.utcoffset() is None:
+            value = value.replace(tzinfo=UTC)
+        return value.isoformat()
+    if isinstance(value, date | dt_time):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            return None
+        as_float = float(value)
+        if Decimal(repr(as_float)) == value:
+            return as_float
+        return str(value)
+    return _NOT_COERCIBLE
+
+
+def _sorted_if_possible(items: AbstractSet[Any]) -> list[Any]:
+    try:
+        return sorted(items)
+    except Exception:  # unorderable elements (mixed types...): any order will do
+        return list(items)
+
+
+def _fast_default(value: object) -> object:
+    """``default=`` hook of the fast encoder: coerce the easy cases, punt the rest."""
+    coerced = _coerce_leaf(value)
+    if coerced is not _NOT_COERCIBLE:
+        return coerced
+    if isinstance(value, Enum):
+        inner = value.value
+        if type(inner) in _SCALAR_TYPES:
+            return inner
+    elif isinstance(value, set | frozenset):
+        return _sorted_if_possible(value)
+    # Containers reached through an Enum or a non-dict Mapping may hide non-str keys
+    # the fast checks would not see; those, and every unsupported type, take the walk.
+    raise _NeedsWalk
+
+
+_FAST_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=False,
+    allow_nan=False,
+    check_circular=True,
+    separators=(",", ":"),
+    default=_fast_default,
+)
+_PLAIN_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, check_circular=False, separators=(",", ":")
+)
+
+
+def _nested_keys_are_str(value: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> bool:
+    """True when every dict inside ``value`` has only str keys.
+
+    Only dicts, lists and tuples are entered: anything else reaching a dict went
+    through the fast encoder's hook, which sends such containers to the walk. Called
+    once the encoded text showed at most ``MAX_NESTING_DEPTH`` brackets, so the
+    recursion is shallow.
+    """
+    if isinstance(value, dict):
+        for key in value:
+            if type(key) is not str and not isinstance(key, str):
+                return False
+        items: Any = value.values()
+    else:
+        items = value
+    for item in items:
+        if type(item) in _SCALAR_TYPES:
+            continue
+        if isinstance(item, dict | list | tuple) and not _nested_keys_are_str(item):
+            return False
+    return True
+
+
+def _try_fast_encode(properties: dict[Any, Any]) -> str | None:
+    """Encode plain properties in one C-level pass; ``None`` means "walk instead"."""
+    for key in properties:
+        if type(key) is not str and not isinstance(key, str):
+            return None
+    try:
+        text = _FAST_ENCODER.encode(properties)
+    except (_NeedsWalk, ValueError, TypeError, RecursionError):
+        # ValueError: NaN/Infinity, a cycle, or an int too long to print;
+        # TypeError: a nested key json cannot even coerce.
+        return None
+    if _JSON_ESCAPED_NUL in text:
+        return None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate somewhere
+            return None
+    objects = text.count("{")
+    # Brackets inside strings only over-count, so this bound is safe.
+    if objects + text.count("[") > MAX_NESTING_DEPTH:
+        return None
+    # json silently turns int/float/bool/None keys into strings; refuse them properly.
+    # The top-level keys were checked above; look deeper only if there are nested objects.
+    if objects > 1:
+        for item in properties.values():
+            if type(item) in _SCALAR_TYPES:
+                continue
+            if isinstance(item, dict | list | tuple) and not _nested_keys_are_str(item):
+                return None
+    return text
+
+
+def _key_path(path: str, key: str) -> str:
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{path}.{key}"
+    return f"{path}[{json.dumps(key)}]"
+
+
+def _normalise(value: object, path: str, depth: int, active: set[int]) -> object:
+    """Return a JSON-ready copy of ``value`` or raise naming ``path``.
+
+    ``depth`` is the nesting level ``value`` would occupy if it is a container;
+    ``active`` holds the ids of the containers currently being walked (a cycle is
+    a container that contains itself, not merely one shared twice).
+    """
+    if isinstance(value, str):
+        # str subclasses (str-valued Enums included) are stored as their plain text.
+        return _clean_text(value if type(value) is str else str.__str__(value))
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):  # int subclasses (IntEnum, IntFlag) as their plain number
+        return _check_int(value if type(value) is int else int.__int__(value), path)
+    if isinstance(value, float):
+        number = value if type(value) is float else float.__float__(value)
+        return number if math.isfinite(number) else None
+    if isinstance(value, Mapping):
+        return _normalise_mapping(value, path, depth, active)
+    if isinstance(value, list | tuple):
+        return _normalise_sequence(value, path, depth, active)
+    coerced = _coerce_leaf(value)
+    if coerced is not _NOT_COERCIBLE:
+        return coerced
+    if isinstance(value, Enum):
+        return _normalise(value.value, path, depth, active)
+    if isinstance(value, set | frozenset):
+        return _normalise_sequence(_sorted_if_possible(value), path, depth, active, value)
+    raise OutboxValidationError(
+        path,
+        f"{_type_name(value)} has no faithful JSON form; convert it to a str, int, float, "
+        "bool, None, list or dict first",
+    )
+
+
+def _check_int(value: int, path: str) -> int:
+    if value.bit_length() > _MAX_INT_BITS_WITHOUT_CHECK:
+        try:
+            int.__repr__(value)
+        except ValueError:
+            raise OutboxValidationError(
+                path, "integer has too many digits to serialise; send it as a str"
+            ) from None
+    return value
+
+
+def _enter(container: object, path: str, depth: int, active: set[int]) -> int:
+    if depth > MAX_NESTING_DEPTH:
+        raise OutboxValidationError(
+            path, f"nesting is deeper than {MAX_NESTING_DEPTH} levels; flatten the structure"
+        )
+    marker = id(container)
+    if marker in active:
+        raise OutboxValidationError(path, "contains itself (a reference cycle)")
+    active.add(marker)
+    return marker
+
+
+def _normalise_mapping(
+    value: Mapping[Any, Any], path: str, depth: int, active: set[int]
+) -> dict[str, object]:
+    marker = _enter(value, path, depth, active)
+    result: dict[str, object] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise OutboxValidationError(
+                path,
+                f"key {_short_repr(key)} is a {_type_name(key)}; property names must be str",
+            )
+        clean_key = _clean_text(str.__str__(key))
+        result[clean_key] = _normalise(item, _key_path(path, key), depth + 1, active)
+    active.discard(marker)
+    return result
+
+
+def _normalise_sequence(
+    value: list[Any] | tuple[Any, ...],
+    path: str,
+    depth: int,
+    active: set[int],
+    identity: object = None,
+) -> list[object]:
+    marker = _enter(value if identity is None else identity, path, depth, active)
+    result = [
+        _normalise(item, f"{path}[{index}]", depth + 1, active) for index, item in enumerate(value)
+    ]
+    active.discard(marker)
+    return result
+
+
+def _encode_properties(properties: object, field: str) -> str:
+    if properties is None:
+        return "{}"
+    if isinstance(properties, dict):
+        if not properties:
+            return "{}"
+        text = _try_fast_encode(properties)
+        if text is not None:
+            return text
+    elif not isinstance(properties, Mapping):
+        raise OutboxValidationError(
+            field,
+            f"must be a mapping of property names to values (a dict), got {_type_name(properties)}",
+        )
+    normalised = _normalise_mapping(properties, field, 1, set())
+    return _PLAIN_ENCODER.encode(normalised)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def prepare_event(
+    event: object,
+    distinct_id: object,
+    properties: Mapping[str, Any] | None = None,
+    *,
+    timestamp: datetime | str | None = None,
+    dedup_key: object = None,
+    uuid: UUID | str | None = None,
+    field_prefix: str = "",
+) -> PreparedEvent:
+    """Validate and normalise one event; raise before anything reaches the database.
+
+    Raises :class:`~outbox.exceptions.OutboxValidationError` whose ``field`` names the
+    input at fault: ``event``, ``distinct_id``, ``timestamp``, ``uuid``,
+    ``dedup_key``, ``properties`` or a path inside it such as
+    ``properties.plan.items[2]`` (keys that are not plain words are quoted:
+    ``properties["a.b"]``). ``field_prefix`` is put in front of every such name, e.g.
+    ``"events[3]."`` gives ``events[3].distinct_id``.
+
+    What is accepted, and how it is normalised:
+
+    * ``event``: a str, stripped, 1 to ``MAX_NAME_LENGTH`` characters.
+    * ``distinct_id``: a str, an int (not bool) or a UUID, turned into a str,
+      stripped, 1 to ``MAX_NAME_LENGTH`` characters, and not one of PostHog's
+      placeholder ids (see :data:`RESERVED_DISTINCT_IDS`).
+    * ``properties``: ``None`` (meaning ``{}``) or a mapping with str keys. Values
+      may be str, int, float, bool, None, list, tuple and mappings, nested at most
+      ``MAX_NESTING_DEPTH`` levels and without cycles. Converted: datetime to ISO 8601
+      (naive ones are taken as UTC), date and time to ISO 8601, UUID to str, Decimal
+      to float when that float is exactly the same number and to a str otherwise
+      (non-finite Decimals to null), Enum to its value, set and frozenset to a list
+      (sorted when the elements can be ordered), tuple to a list. NaN and infinite
+      floats become null. Anything else (bytes, arbitrary objects...) is refused.
+    * Every string (event, distinct_id, dedup_key, property keys and values) has NUL
+      characters and lone surrogates replaced with U+FFFD, which PostgreSQL requires;
+      surrogate pairs are joined into the character they encode.
+    * The UTF-8 size of the properties JSON plus the event name and distinct_id must
+      not exceed ``MAX_EVENT_BYTES`` (error on ``properties``).
+    * ``timestamp``: ``None`` (the database's ``now()``), a datetime (naive means UTC;
+      aware ones are converted to UTC) or an ISO 8601 str with a time of day
+      (a trailing ``Z`` is accepted). A bare date is refused as ambiguous.
+    * ``uuid``: ``None`` for a fresh :func:`new_event_uuid`, a UUID, or a str UUID.
+    * ``dedup_key``: ``None``, a str (stripped, 1 to ``MAX_NAME_LENGTH`` characters)
+      or an int turned into a str.
+
+    The caller's objects are never modified. When properties need no change they are
+    not copied either; they are encoded directly.
+    """
+    # Cheap checks first, so a bad scalar is reported without encoding properties.
+    name = _check_event(event, f"{field_prefix}event")
+    person = _check_distinct_id(distinct_id, f"{field_prefix}distinct_id")
+    when = _check_timestamp(timestamp, f"{field_prefix}timestamp")
+    dedup = _check_dedup_key(dedup_key, f"{field_prefix}dedup_key")
+    properties_field = f"{field_prefix}properties"
+    properties_json = _encode_properties(properties, properties_field)
+    size = _utf8_len(properties_json) + _utf8_len(name) + _utf8_len(person)
+    if size > MAX_EVENT_BYTES:
+        raise OutboxValidationError(
+            properties_field,
+            f"the serialised event is {size} bytes, over the {MAX_EVENT_BYTES} byte limit",
+        )
+    return PreparedEvent(
+        uuid=_check_uuid(uuid, f"{field_prefix}uuid"),
+        event=name,
+        distinct_id=person,
+        properties_json=properties_json,
+        timestamp=when,
+        dedup_key=dedup,
+    )

@@ -1,0 +1,645 @@
+"""Tests for worker.testing.CaptureServer, over real HTTP on a local port."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import posthog.request
+import pytest
+import requests
+
+from worker.testing import CaptureServer, ReceivedRequest, Reply  # noqa: TID251
+
+
+def make_event(i: int = 0, name: str = "page_viewed", **properties: Any) -> dict[str, Any]:
+    return {
+        "event": name,
+        "distinct_id": "user-1",
+        "properties": {"i": i, **properties},
+        "uuid": str(uuid.uuid4()),
+        "timestamp": "2024-05-01T12:00:00+00:00",
+    }
+
+
+def post(
+    srv: CaptureServer,
+    body: object,
+    *,
+    path: str = "/batch/",
+    compress: bool = False,
+    timeout: float = 5.0,
+    session: requests.Session | None = None,
+) -> requests.Response:
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if compress:
+        data = gzip.compress(data)
+        headers["Content-Encoding"] = "gzip"
+    sender = session if session is not None else requests
+    return sender.post(srv.url + path, data=data, headers=headers, timeout=timeout)
+
+
+def post_raw(srv: CaptureServer, data: bytes, headers: dict[str, str]) -> requests.Response:
+    return requests.post(srv.url + "/batch/", data=data, headers=headers, timeout=5.0)
+
+
+@pytest.fixture
+def srv() -> Iterator[CaptureServer]:
+    with CaptureServer() as server:
+        yield server
+
+
+# -- receiving ---------------------------------------------------------------------------------
+
+
+def test_plain_json_batch_is_recorded(srv: CaptureServer) -> None:
+    events = [make_event(0), make_event(1, name="signed_up")]
+    body = {"api_key": "phc_test", "batch": events, "sent_at": "2024-05-01T12:00:01+00:00"}
+
+    res = post(srv, body)
+
+    assert res.status_code == 200
+    assert res.json() == {"status": 1}
+    assert res.headers["Content-Length"] == str(len(res.content))
+    assert srv.events == events
+    assert srv.uuids() == [e["uuid"] for e in events]
+    assert srv.event_names() == ["page_viewed", "signed_up"]
+    assert srv.accepted_count == 2
+    [request] = srv.requests
+    assert request.path == "/batch/"
+    assert request.status == 200
+    assert request.accepted
+    assert request.api_key == "phc_test"
+    assert request.events == events
+    assert request.event_count == 2
+    assert request.gzip is False
+    assert request.raw_size == len(json.dumps(body).encode())
+    assert request.headers["content-type"] == "application/json"
+    assert request.received_at <= time.monotonic()
+    assert request.detail is None
+
+
+def test_gzip_body_is_decompressed(srv: CaptureServer) -> None:
+    events = [make_event(i, padding="x" * 200) for i in range(20)]
+    body = {"api_key": "phc_test", "batch": events}
+
+    res = post(srv, body, compress=True)
+
+    assert res.status_code == 200
+    assert srv.events == events
+    [request] = srv.requests
+    assert request.gzip is True
+    assert request.headers["content-encoding"] == "gzip"
+    assert request.raw_size == int(request.headers["content-length"])
+    assert request.raw_size < len(json.dumps(body).encode())
+
+
+def test_chunked_body_is_read(srv: CaptureServer) -> None:
+    events = [make_event(i) for i in range(3)]
+    data = json.dumps({"api_key": "k", "batch": events}).encode()
+    parts = iter([data[:10], data[10:50], data[50:]])
+
+    res = requests.post(srv.url + "/batch/", data=parts, timeout=5.0)
+
+    assert res.status_code == 200
+    assert srv.requests[0].headers["transfer-encoding"] == "chunked"
+    assert srv.events == events
+
+
+def test_single_event_body_is_a_batch_of_one(srv: CaptureServer) -> None:
+    body = {"api_key": "phc_test", **make_event(7, name="signed_up")}
+
+    res = post(srv, body, path="/capture/")
+
+    assert res.status_code == 200
+    [event] = srv.events
+    assert event == {k: v for k, v in body.items() if k != "api_key"}
+    assert srv.requests[0].api_key == "phc_test"
+
+
+@pytest.mark.parametrize("path", ["/batch", "/capture/", "/e/", "/i/v0/e/"])
+def test_alternate_capture_paths(srv: CaptureServer, path: str) -> None:
+    event = make_event()
+
+    res = post(srv, {"api_key": "k", "batch": [event]}, path=path)
+
+    assert res.status_code == 200
+    assert srv.events == [event]
+    assert srv.requests[0].path == path
+
+
+def test_gzip_requested_by_query_parameter(srv: CaptureServer) -> None:
+    event = make_event()
+    data = gzip.compress(json.dumps([event]).encode())
+
+    res = requests.post(srv.url + "/e/?compression=gzip-js", data=data, timeout=5.0)
+
+    assert res.status_code == 200
+    assert srv.events == [event]
+    assert srv.requests[0].gzip is True
+    assert srv.requests[0].path == "/e/"
+
+
+def test_unknown_path_and_other_methods_are_refused_and_recorded(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(status=503))
+
+    missing = post(srv, {"api_key": "k", "batch": [make_event()]}, path="/track/")
+    wrong_method = requests.get(srv.url + "/batch/", timeout=5.0)
+    capture = post(srv, {"api_key": "k", "batch": [make_event()]})
+
+    assert missing.status_code == 404
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["Allow"] == "POST"
+    # Only capture requests consume scripted replies.
+    assert capture.status_code == 503
+    assert [r.status for r in srv.requests] == [404, 405, 503]
+    assert [r.path for r in srv.requests] == ["/track/", "/batch/", "/batch/"]
+    assert srv.events == []
+
+
+def test_posthog_batch_post_events_arrive_decoded(srv: CaptureServer) -> None:
+    events = [make_event(i) for i in range(5)]
+
+    res = posthog.request.batch_post("phc_from_lib", host=srv.url, gzip=True, batch=events)
+
+    assert res.status_code == 200
+    assert srv.events == events
+    [request] = srv.requests
+    assert request.path == "/batch/"
+    assert request.api_key == "phc_from_lib"
+    assert request.gzip is True
+    assert request.headers["user-agent"].startswith("posthog-python/")
+
+
+def test_posthog_client_sees_scripted_error_and_retry_after(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(status=503, retry_after=7))
+
+    with pytest.raises(posthog.request.APIError) as info:
+        posthog.request.batch_post("k", host=srv.url, gzip=True, batch=[make_event()])
+
+    assert info.value.status == 503
+    assert info.value.retry_after == 7.0
+    assert "Service Unavailable" in info.value.message
+    assert srv.events == []
+
+
+# -- keep-alive, concurrency, lifecycle ---------------------------------------------------------
+
+
+def test_keep_alive_connection_is_reused(srv: CaptureServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5.0)
+    try:
+        bodies = [json.dumps({"api_key": "k", "batch": [make_event(i)]}) for i in range(3)]
+        socks = []
+        for body in bodies:
+            conn.request("POST", "/batch/", body=body, headers={"Content-Type": "application/json"})
+            res = conn.getresponse()
+            assert res.status == 200
+            assert json.loads(res.read()) == {"status": 1}
+            assert res.getheader("Connection") != "close"
+            socks.append(conn.sock)
+    finally:
+        conn.close()
+
+    assert socks[0] is not None
+    assert all(sock is socks[0] for sock in socks)
+    assert srv.accepted_count == 3
+
+
+def test_concurrent_posts_are_all_recorded(srv: CaptureServer) -> None:
+    threads_count, requests_each, batch_size = 8, 20, 5
+    barrier = threading.Barrier(threads_count)
+    errors: list[BaseException] = []
+    sent: list[str] = []
+    sent_lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        try:
+            barrier.wait(timeout=5.0)
+            with requests.Session() as session:
+                for r in range(requests_each):
+                    batch = [make_event(r * batch_size + k, thread=t) for k in range(batch_size)]
+                    res = post(srv, {"api_key": "k", "batch": batch}, session=session)
+                    assert res.status_code == 200
+                    with sent_lock:
+                        sent.extend(e["uuid"] for e in batch)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30.0)
+
+    assert errors == []
+    total = threads_count * requests_each * batch_size
+    events = srv.wait_for_events(total, timeout=5.0)
+    assert srv.accepted_count == total
+    assert len(srv.requests) == threads_count * requests_each
+    assert sorted(srv.uuids()) == sorted(sent)
+    assert len(set(srv.uuids())) == total
+    # Each client's events are recorded in the order that client sent them.
+    for t in range(threads_count):
+        seq = [e["properties"]["i"] for e in events if e["properties"]["thread"] == t]
+        assert seq == list(range(requests_each * batch_size))
+
+
+def test_stop_and_start_again_on_the_same_url() -> None:
+    server = CaptureServer()
+    with pytest.raises(RuntimeError, match="not been started"):
+        _ = server.url
+    server.start()
+    try:
+        url = server.url
+        assert url == f"http://127.0.0.1:{server.port}"
+        assert server.port != 0
+        with pytest.raises(RuntimeError, match="already running"):
+            server.start()
+        assert post(server, {"api_key": "k", "batch": [make_event()]}).status_code == 200
+
+        server.stop()
+        assert not server.running
+        with pytest.raises(requests.ConnectionError):
+            post(server, {"api_key": "k", "batch": [make_event()]}, timeout=2.0)
+
+        server.start()
+        assert server.url == url
+        assert post(server, {"api_key": "k", "batch": [make_event()]}).status_code == 200
+        assert server.accepted_count == 2
+    finally:
+        server.stop()
+    server.stop()  # stopping twice is harmless
+
+
+def test_stop_cuts_a_reply_delay_short() -> None:
+    server = CaptureServer().start()
+    arrived = threading.Event()
+
+    def note_arrival(event: dict[str, Any]) -> bool:
+        arrived.set()
+        return False
+
+    server.reject_events(note_arrival)
+    server.enqueue_reply(Reply(delay=30.0))
+    outcome: list[object] = []
+
+    def client() -> None:
+        try:
+            outcome.append(post(server, {"api_key": "k", "batch": [make_event()]}, timeout=20.0))
+        except requests.RequestException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert arrived.wait(timeout=5.0)
+
+    started = time.monotonic()
+    server.stop()
+    thread.join(timeout=10.0)
+
+    assert time.monotonic() - started < 5.0
+    assert not thread.is_alive()
+    assert len(outcome) == 1
+    assert server.wait_for_requests(1, timeout=5.0)[0].path == "/batch/"
+
+
+# -- scripted replies ---------------------------------------------------------------------------
+
+
+def test_scripted_503_then_200(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(status=503, times=2))
+    assert srv.replies_pending == 2
+    first, second = [make_event(0)], [make_event(1)]
+
+    statuses = [post(srv, {"api_key": "k", "batch": first}).status_code for _ in range(2)]
+    final = post(srv, {"api_key": "k", "batch": second})
+
+    assert statuses == [503, 503]
+    assert final.status_code == 200
+    assert srv.replies_pending == 0
+    assert [r.status for r in srv.requests] == [503, 503, 200]
+    assert srv.requests[0].events == first  # refused requests still show what was sent
+    assert not srv.requests[0].accepted
+    assert srv.events == second
+
+
+def test_replies_are_consumed_in_order(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(status=500), Reply(status=429, times=2))
+    srv.enqueue_reply(Reply(status=502))
+
+    statuses = [post(srv, {"api_key": "k", "batch": [make_event()]}).status_code for _ in range(5)]
+
+    assert statuses == [500, 429, 429, 502, 200]
+    assert srv.accepted_count == 1
+
+
+def test_default_error_body(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(status=503))
+
+    res = post(srv, {"api_key": "k", "batch": [make_event()]})
+
+    assert res.status_code == 503
+    assert res.headers["Content-Type"] == "application/json"
+    body = res.json()
+    assert body["type"] == "validation_error"
+    assert body["code"] == "service_unavailable"
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    assert "Retry-After" not in res.headers
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "header"),
+    [(30, "30"), (1.5, "1.5"), (2.0, "2"), ("Wed, 21 Oct 2015 07:28:00 GMT", None)],
+)
+def test_retry_after_header(
+    srv: CaptureServer, retry_after: str | float, header: str | None
+) -> None:
+    srv.enqueue_reply(Reply(status=429, retry_after=retry_after))
+
+    res = post(srv, {"api_key": "k", "batch": [make_event()]})
+
+    assert res.status_code == 429
+    assert res.headers["Retry-After"] == (header if header is not None else retry_after)
+
+
+def test_custom_reply_bodies(srv: CaptureServer) -> None:
+    srv.enqueue_reply(
+        Reply(status=200, body={"status": 1, "quota_limited": ["events"]}),
+        Reply(status=502, body="<html>Bad gateway</html>"),
+    )
+    event = make_event()
+
+    ok = post(srv, {"api_key": "k", "batch": [event]})
+    proxy = post(srv, {"api_key": "k", "batch": [make_event()]})
+
+    assert ok.json() == {"status": 1, "quota_limited": ["events"]}
+    assert proxy.status_code == 502
+    assert proxy.text == "<html>Bad gateway</html>"
+    assert proxy.headers["Content-Type"].startswith("text/plain")
+    assert srv.events == [event]
+
+
+def test_default_reply_401_until_the_key_is_fixed(srv: CaptureServer) -> None:
+    srv.default_reply = Reply(status=401)
+
+    refused = [post(srv, {"api_key": "k", "batch": [make_event()]}).status_code for _ in range(2)]
+    srv.default_reply = Reply(status=200)
+    accepted = post(srv, {"api_key": "k", "batch": [make_event()]})
+
+    assert refused == [401, 401]
+    assert accepted.status_code == 200
+    assert srv.accepted_count == 1
+
+
+def test_delay_is_observed(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(delay=0.3))
+
+    started = time.monotonic()
+    res = post(srv, {"api_key": "k", "batch": [make_event()]})
+    elapsed = time.monotonic() - started
+
+    assert res.status_code == 200
+    assert elapsed >= 0.3
+
+
+def test_delay_provokes_a_client_timeout(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(delay=0.5))
+    event = make_event()
+
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        post(srv, {"api_key": "k", "batch": [event]}, timeout=0.1)
+
+    # The server still processed it: the classic "delivered but the client never heard" case.
+    [request] = srv.wait_for_requests(1, timeout=5.0)
+    assert request.status == 200
+    assert srv.events == [event]
+    assert post(srv, {"api_key": "k", "batch": [make_event()]}, timeout=2.0).status_code == 200
+
+
+def test_wait_for_events_blocks_until_they_arrive(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(delay=0.3))
+    batch = [make_event(0), make_event(1)]
+    thread = threading.Thread(target=post, args=(srv, {"api_key": "k", "batch": batch}))
+
+    started = time.monotonic()
+    thread.start()
+    events = srv.wait_for_events(2, timeout=5.0)
+    elapsed = time.monotonic() - started
+    thread.join(timeout=5.0)
+
+    assert events == batch
+    assert elapsed >= 0.25
+
+
+def test_wait_for_events_times_out(srv: CaptureServer) -> None:
+    post(srv, {"api_key": "k", "batch": [make_event()]})
+    srv.enqueue_reply(Reply(status=503))
+    post(srv, {"api_key": "k", "batch": [make_event()]})
+
+    started = time.monotonic()
+    with pytest.raises(
+        TimeoutError, match=r"at least 2 accepted event\(s\).*but 1 arrived"
+    ) as info:
+        srv.wait_for_events(2, timeout=0.2)
+
+    assert time.monotonic() - started >= 0.2
+    assert "503: 1" in str(info.value)
+
+
+def test_wait_for_requests_times_out(srv: CaptureServer) -> None:
+    with pytest.raises(TimeoutError, match="but 0 arrived"):
+        srv.wait_for_requests(1, timeout=0.1)
+
+
+# -- content rules and limits -------------------------------------------------------------------
+
+
+def test_reject_events_refuses_the_whole_request(srv: CaptureServer) -> None:
+    srv.reject_events(lambda e: e.get("event") == "bad", status=400, detail="bad event name")
+    good, bad = make_event(0), make_event(1, name="bad")
+
+    refused = post(srv, {"api_key": "k", "batch": [good, bad]})
+    accepted = post(srv, {"api_key": "k", "batch": [good]})
+
+    assert refused.status_code == 400
+    assert refused.json()["detail"] == "bad event name"
+    assert accepted.status_code == 200
+    assert srv.events == [good]
+    assert srv.requests[0].status == 400
+    assert srv.requests[0].events == [good, bad]
+    assert srv.requests[0].detail == "bad event name"
+
+    srv.clear_rules()
+    assert post(srv, {"api_key": "k", "batch": [bad]}).status_code == 200
+
+
+def test_reject_events_with_a_custom_status(srv: CaptureServer) -> None:
+    srv.reject_events(lambda e: "$set" in e.get("properties", {}), status=422, detail="no $set")
+
+    res = post(srv, {"api_key": "k", "batch": [make_event(**{"$set": {"a": 1}})]})
+
+    assert res.status_code == 422
+    assert srv.events == []
+
+
+def test_reject_events_predicate_that_raises_answers_500(srv: CaptureServer) -> None:
+    srv.reject_events(lambda e: e["missing"] == 1)
+
+    res = post(srv, {"api_key": "k", "batch": [make_event()]})
+
+    assert res.status_code == 500
+    assert "KeyError" in res.json()["detail"]
+    assert srv.events == []
+
+
+def test_max_body_bytes_measures_the_decompressed_body(srv: CaptureServer) -> None:
+    srv.max_body_bytes = 1_000
+    big = {"api_key": "k", "batch": [make_event(i, padding="a" * 100) for i in range(20)]}
+    small = {"api_key": "k", "batch": [make_event()]}
+
+    refused = post(srv, big, compress=True)
+    accepted = post(srv, small, compress=True)
+
+    assert refused.status_code == 413
+    assert "exceeds the limit of 1000 bytes" in refused.json()["detail"]
+    assert srv.requests[0].raw_size < 1_000  # small on the wire, too big once decompressed
+    assert accepted.status_code == 200
+    assert srv.events == small["batch"]
+
+
+def test_max_event_bytes(srv: CaptureServer) -> None:
+    srv.max_event_bytes = 400
+    small, large = make_event(0), make_event(1, padding="b" * 500)
+
+    refused = post(srv, {"api_key": "k", "batch": [small, large]})
+    accepted = post(srv, {"api_key": "k", "batch": [small, small]})
+
+    assert refused.status_code == 413
+    assert "event 1" in refused.json()["detail"]
+    assert accepted.status_code == 200
+    assert srv.events == [small, small]
+
+
+def test_require_api_key(srv: CaptureServer) -> None:
+    srv.require_api_key = "phc_right"
+    event = make_event()
+
+    wrong = post(srv, {"api_key": "phc_wrong", "batch": [event]})
+    missing = post(srv, {"batch": [event]})
+    right = post(srv, {"api_key": "phc_right", "batch": [event]})
+
+    assert wrong.status_code == 401
+    assert wrong.json()["code"] == "invalid_api_key"
+    assert missing.status_code == 401
+    assert right.status_code == 200
+    assert srv.events == [event]
+    assert [r.api_key for r in srv.requests] == ["phc_wrong", None, "phc_right"]
+
+
+@pytest.mark.parametrize(
+    ("data", "headers", "detail"),
+    [
+        (b"{not json", {}, "not valid JSON"),
+        (b"", {}, "not valid JSON"),
+        (b'{"api_key": "k", "batch": [1]}', {"Content-Encoding": "gzip"}, "decompress"),
+        (
+            gzip.compress(b'{"api_key": "k", "batch": [1]}')[:-8],
+            {"Content-Encoding": "gzip"},
+            "decompress",
+        ),
+        (b'{"api_key": "k", "batch": {"event": "x"}}', {}, "'batch' must be"),
+        (b'{"api_key": "k", "batch": [1, 2]}', {}, "must be a JSON object"),
+        (b'{"api_key": "k"}', {}, "neither"),
+        (b'"just a string"', {}, "JSON object or array"),
+    ],
+)
+def test_bad_bodies_answer_400(
+    srv: CaptureServer, data: bytes, headers: dict[str, str], detail: str
+) -> None:
+    res = post_raw(srv, data, headers)
+
+    assert res.status_code == 400
+    assert res.json()["code"] == "invalid_payload"
+    assert detail in res.json()["detail"]
+    assert srv.events == []
+    assert srv.requests[0].status == 400
+    # The connection stays usable after a refused body.
+    assert post(srv, {"api_key": "k", "batch": [make_event()]}).status_code == 200
+
+
+# -- bookkeeping ----------------------------------------------------------------------------------
+
+
+def test_record_events_off_only_counts(srv: CaptureServer) -> None:
+    srv.record_events = False
+
+    post(srv, {"api_key": "k", "batch": [make_event(i) for i in range(5)]})
+    srv.enqueue_reply(Reply(status=500))
+    post(srv, {"api_key": "k", "batch": [make_event(i) for i in range(3)]})
+
+    assert srv.wait_for_events(5, timeout=1.0) == []
+    assert srv.accepted_count == 5
+    assert srv.events == []
+    assert srv.uuids() == []
+    assert [(r.status, r.event_count, r.events) for r in srv.requests] == [
+        (200, 5, []),
+        (500, 3, []),
+    ]
+
+
+def test_reset_clears_recordings_and_replies(srv: CaptureServer) -> None:
+    post(srv, {"api_key": "k", "batch": [make_event()]})
+    srv.enqueue_reply(Reply(status=503, times=5))
+    srv.default_reply = Reply(status=401)
+
+    srv.reset()
+
+    assert srv.requests == []
+    assert srv.events == []
+    assert srv.accepted_count == 0
+    assert srv.replies_pending == 0
+    assert post(srv, {"api_key": "k", "batch": [make_event()]}).status_code == 200
+
+
+def test_urllib_client_works_too(srv: CaptureServer) -> None:
+    event = make_event()
+    request = urllib.request.Request(
+        srv.url + "/batch/",
+        data=gzip.compress(json.dumps({"api_key": "k", "batch": [event]}).encode()),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        method="POST",
+    )
+    srv.enqueue_reply(Reply(status=413))
+
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5.0)
+    assert info.value.code == 413
+    with urllib.request.urlopen(request, timeout=5.0) as res:
+        assert res.status == 200
+
+    assert srv.events == [event]
+    assert isinstance(srv.requests[0], ReceivedRequest)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"status": 100}, {"status": 600}, {"delay": -1.0}, {"times": 0}]
+)
+def test_reply_validates_its_fields(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Reply(**kwargs)
+
+
+def test_reject_events_requires_an_error_status(srv: CaptureServer) -> None:
+    with pytest.raises(ValueError, match="between 400 and 599"):
+        srv.reject_events(lambda e: True, status=200)

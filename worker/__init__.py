@@ -1,0 +1,1 @@
+"""The outbox-worker process: claims outbox rows and ships them to sinks."""

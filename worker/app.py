@@ -1,0 +1,148 @@
+"""The composition root: the one place that wires settings, store, sink and scheduler."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timezone
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from worker.database import resolve_database_url
+from worker.drain import Drainer, DrainStats
+from worker.settings import Settings
+from worker.sinks import PostHogSink, Sink, StdoutSink
+from worker.store import DatabaseUnavailable, Store
+
+log = logging.getLogger("outbox.worker")
+
+DEDUP_EXPIRY_INTERVAL = 300.0
+
+
+def build_sink(settings: Settings) -> Sink:
+    """The sink the settings ask for; the stdout sink is announced loudly."""
+    if settings.sink_name == "posthog":
+        assert settings.posthog_api_key
+        log.info(
+            "shipping to PostHog at %s (gzip %s)",
+            settings.posthog_host,
+            "on" if settings.gzip else "off",
+            extra={"action": "sink_posthog", "host": settings.posthog_host},
+        )
+        return PostHogSink(
+            settings.posthog_api_key,
+            settings.posthog_host,
+            gzip=settings.gzip,
+            timeout=settings.request_timeout,
+        )
+    log.warning(
+        "POSTHOG_API_KEY is not set: events are printed to stdout as JSON lines, "
+        "NOT sent to PostHog",
+        extra={"action": "sink_stdout"},
+    )
+    return StdoutSink()
+
+
+class Worker:
+    """An outbox worker: a drainer on a schedule, with housekeeping jobs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sink: Sink | None = None,
+        database_url: str | None = None,
+    ) -> None:
+        self.settings = settings
+        url = database_url or resolve_database_url(settings.database_url, settings.data_dir)
+        self.store = Store(url, worker_id=settings.worker_id)
+        self.sink = sink if sink is not None else build_sink(settings)
+        self.drainer = Drainer(self.store, self.sink, settings)
+        self.stopped = threading.Event()
+        self._scheduler: BackgroundScheduler | None = None
+
+    def run_until_empty(self) -> DrainStats:
+        """Ship everything due now, then return (``outbox-worker run --until-empty``)."""
+        try:
+            return self.drainer.drain()
+        finally:
+            self.close()
+
+    def start(self) -> None:
+        """Start the scheduler: the drain job now and every poll interval, and housekeeping."""
+        scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=2)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=timezone.utc,
+        )
+        scheduler.add_job(
+            self._drain_job,
+            "interval",
+            seconds=self.settings.poll_interval,
+            id="drain",
+            next_run_time=datetime.now(timezone.utc),
+        )
+        scheduler.add_job(
+            self._expire_dedup_keys,
+            "interval",
+            seconds=DEDUP_EXPIRY_INTERVAL,
+            id="expire_dedup_keys",
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+        log.info(
+            "worker %s started (batch %d, poll %.2fs, lease %.0fs)",
+            self.settings.worker_id,
+            self.settings.batch_size,
+            self.settings.poll_interval,
+            self.settings.lease_seconds,
+            extra={"action": "worker_started", "worker": self.settings.worker_id},
+        )
+
+    def wake(self) -> None:
+        """Run the drain job now instead of at the next poll."""
+        if self._scheduler is not None:
+            self._scheduler.modify_job("drain", next_run_time=datetime.now(timezone.utc))
+
+    def _drain_job(self) -> None:
+        try:
+            self.drainer.drain()
+        except Exception:
+            log.exception("drain job failed", extra={"action": "drain_error"})
+
+    def _expire_dedup_keys(self) -> None:
+        try:
+            removed = self.store.expire_dedup_keys()
+        except DatabaseUnavailable:
+            return
+        if removed:
+            log.info(
+                "expired %d dedup keys", removed, extra={"action": "dedup_keys_expired", "keys": removed}
+            )
+
+    def stop(self) -> None:
+        """Stop claiming, let the in-flight batch finish within the grace period (else
+        release its rows for other workers), and close everything."""
+        if self.stopped.is_set():
+            return
+        log.info("stopping", extra={"action": "worker_stopping"})
+        self.drainer.stop_event.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        if not self.drainer.idle.wait(self.settings.shutdown_grace):
+            released = self.drainer.abandon_inflight()
+            log.warning(
+                "in-flight batch did not finish within %.1fs; released %d events",
+                self.settings.shutdown_grace,
+                released,
+                extra={"action": "batch_abandoned", "events": released},
+            )
+        self.close()
+        log.info("stopped", extra={"action": "worker_stopped"})
+
+    def close(self) -> None:
+        """Close the sink and the database connection."""
+        self.stopped.set()
+        self.sink.close()
+        self.store.close()

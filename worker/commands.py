@@ -1,0 +1,162 @@
+"""The inspection and repair commands behind ``outbox-worker``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from outbox.schema import STATUS_DEAD, STATUS_PENDING
+from worker.database import migrate as apply_migrations
+from worker.database import resolve_database_url
+from worker.settings import Settings
+from worker.store import Store
+
+
+def _store(settings: Settings) -> Store:
+    return Store(resolve_database_url(settings.database_url, settings.data_dir))
+
+
+def migrate(settings: Settings) -> int:
+    """Apply the outbox migrations."""
+    url = resolve_database_url(settings.database_url, settings.data_dir)
+    apply_migrations(url)
+    print("outbox tables are up to date")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
+
+
+def status_report(store: Store) -> dict[str, Any]:
+    """The backlog and what is stuck, as a JSON-ready dict."""
+    backlog = store.backlog()
+    return {
+        "pending": backlog.pending,
+        "due": backlog.due,
+        "leased": backlog.leased,
+        "retrying": backlog.retrying,
+        "dead": backlog.dead,
+        "oldest_pending_age_seconds": round(backlog.oldest_pending_age_seconds, 3),
+        "top_pending": [{"event": e, "count": n} for e, n in store.top_events(STATUS_PENDING)],
+        "top_dead": [{"event": e, "count": n} for e, n in store.top_events(STATUS_DEAD)],
+        "errors": [
+            {**row, "since": row["since"].isoformat() if row["since"] else None}
+            for row in store.top_errors()
+        ],
+    }
+
+
+def status(settings: Settings, *, as_json: bool) -> int:
+    """Print the backlog: counts, oldest age, top events, grouped errors."""
+    store = _store(settings)
+    try:
+        report = status_report(store)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print("outbox backlog")
+    rows = [
+        ("pending", str(report["pending"]), "waiting, backing off or being shipped"),
+        ("due now", str(report["due"]), "a worker may claim these right away"),
+        ("leased", str(report["leased"]), "being shipped by a worker"),
+        ("retrying", str(report["retrying"]), "failed at least once, will retry"),
+        ("dead", str(report["dead"]), "gave up: see `outbox-worker dead`"),
+        ("oldest pending", _age(report["oldest_pending_age_seconds"]), ""),
+    ]
+    _table(["", "count", ""], rows)
+    for title, key in (("top pending events", "top_pending"), ("top dead events", "top_dead")):
+        if report[key]:
+            print(f"\n{title}")
+            _table(["event", "count"], [(r["event"], str(r["count"])) for r in report[key]])
+    if report["errors"]:
+        print("\nlast errors (grouped)")
+        _table(
+            ["status", "count", "since", "error"],
+            [
+                (r["status"], str(r["count"]), (r["since"] or "")[:19], r["error"])
+                for r in report["errors"]
+            ],
+        )
+    return 0
+
+
+def dead(settings: Settings, *, event: str | None, limit: int, as_json: bool) -> int:
+    """List dead rows with their last error."""
+    store = _store(settings)
+    try:
+        rows = store.dead(limit=limit, event=event)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no dead events")
+        return 0
+    _table(
+        ["id", "event", "distinct_id", "attempts", "created_at", "last_error"],
+        [
+            (
+                str(r["id"]),
+                r["event"],
+                r["distinct_id"],
+                str(r["attempts"]),
+                r["created_at"].isoformat(timespec="seconds"),
+                (r["last_error"] or "")[:120],
+            )
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def retry(
+    settings: Settings, *, all_: bool, ids: Sequence[int] | None, event: str | None
+) -> int:
+    """Requeue dead rows (all, by id, or by event name)."""
+    store = _store(settings)
+    try:
+        count = store.requeue_dead(ids=None if all_ else ids, event=event)
+    finally:
+        store.close()
+    print(f"requeued {count} dead events")
+    return 0
+
+
+def purge(settings: Settings, *, older_than: float) -> int:
+    """Delete dead rows older than the given number of seconds."""
+    store = _store(settings)
+    try:
+        count = store.purge_dead(older_than)
+    finally:
+        store.close()
+    print(f"purged {count} dead events")
+    return 0
+
+
+def demo(settings: Settings) -> int:
+    """Run the demo application (see :mod:`worker.demo`)."""
+    from worker.demo import run_demo
+
+    return run_demo(settings)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    if any(headers):
+        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

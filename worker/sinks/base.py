@@ -1,0 +1,88 @@
+"""The sink protocol: where shipped events go, and how a sink says what went wrong.
+
+A sink's :meth:`Sink.send` either returns (every event accepted) or raises one of
+the :class:`SinkError` subclasses below. The drainer turns each into the right
+bookkeeping, so a sink never touches the database:
+
+==========================  =========================================================
+``RetryableSinkError``      transient (network, timeout, 5xx): back off, count an attempt
+``RateLimitedError``        429: pause all sending for ``retry_after``; no attempt counted
+``UnauthorizedError``       401/403: keep everything pending, pause, say so loudly
+``RejectedError``           400/413: the request's content was refused; the drainer
+                            splits the batch to find the event at fault, which dies
+==========================  =========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from outbox.exceptions import OutboxError
+
+#: What a sink receives: PostHog capture events (event, distinct_id, properties,
+#: uuid, timestamp), JSON-ready.
+Event = Mapping[str, Any]
+
+
+class SinkError(OutboxError):
+    """The sink did not accept the batch."""
+
+    #: A short, stable label for metrics and logs.
+    reason = "error"
+
+
+class RetryableSinkError(SinkError):
+    """A transient failure; the same batch may well succeed later."""
+
+    reason = "transient"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RateLimitedError(SinkError):
+    """The sink asked us to slow down (HTTP 429)."""
+
+    reason = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnauthorizedError(SinkError):
+    """The sink refused our credentials (HTTP 401/403): a configuration error."""
+
+    reason = "unauthorized"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RejectedError(SinkError):
+    """The sink refused the content of the request (HTTP 400 or 413)."""
+
+    reason = "rejected"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Somewhere to deliver a batch of events."""
+
+    #: Name in logs and metrics (``posthog``, ``stdout``, ``memory``).
+    name: str
+
+    def send(self, events: Sequence[Event]) -> None:
+        """Deliver every event, or raise a :class:`SinkError` subclass."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; called once when the worker stops."""
+        ...

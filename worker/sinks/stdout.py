@@ -1,0 +1,38 @@
+"""The stdout sink: one JSON line per event, for running without a PostHog key."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from worker.sinks.base import Event, RetryableSinkError
+
+
+class StdoutSink:
+    """Prints each event as one JSON line; the default when ``POSTHOG_API_KEY`` is unset."""
+
+    name = "stdout"
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+
+    def send(self, events: Sequence[Event]) -> None:
+        """Write one line per event; a closed or broken stream is a retryable failure."""
+        stream = self.stream or sys.stdout
+        try:
+            stream.write(
+                "".join(json.dumps(e, default=str, ensure_ascii=False) + "\n" for e in events)
+            )
+            stream.flush()
+        except (OSError, ValueError) as exc:
+            raise RetryableSinkError(f"cannot write to stdout: {exc}") from exc
+
+    def close(self) -> None:
+        """Flush the stream."""
+        stream = self.stream or sys.stdout
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,271 @@
+"""The worker's side of the outbox table: claim, acknowledge, retry, inspect.
+
+One :class:`Store` owns one autocommit psycopg connection. When the database goes
+away it raises :class:`DatabaseUnavailable`; the next call reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from outbox.exceptions import OutboxDatabaseError
+from worker import queries
+from worker.database import check_installed, connect, describe_url
+
+log = logging.getLogger("outbox.worker")
+
+
+class DatabaseUnavailable(OutboxDatabaseError):
+    """The database cannot be reached right now; the worker will reconnect."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedEvent:
+    """A leased outbox row, as the drainer ships it."""
+
+    id: int
+    uuid: uuid.UUID
+    event: str
+    distinct_id: str
+    properties: dict[str, Any]
+    timestamp: datetime
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claimed batch: its token fences every later write to its rows."""
+
+    token: uuid.UUID
+    events: list[ClaimedEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Counts of the outbox table."""
+
+    pending: int
+    due: int
+    leased: int
+    retrying: int
+    dead: int
+    oldest_pending_age_seconds: float
+
+
+class Store:
+    """Database operations of the worker, over one reconnecting connection."""
+
+    def __init__(self, url: str, *, worker_id: str = "outbox-worker") -> None:
+        self.url = url
+        self.worker_id = worker_id
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.RLock()
+        self._down_since: float | None = None
+
+    # -- connection -------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            conn = connect(self.url, autocommit=True)
+            try:
+                check_installed(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+            if self._down_since is not None:
+                log.warning(
+                    "database reachable again",
+                    extra={"action": "db_reconnected", "database": describe_url(self.url)},
+                )
+                self._down_since = None
+        return self._conn
+
+    def _execute(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:
+        with self._lock:
+            try:
+                conn = self._connection()
+                cur = conn.execute(query, params)
+                return cur.fetchall() if cur.description is not None else []
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self._lost(exc)
+                raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+            except OutboxDatabaseError as exc:
+                if self._conn is None:  # could not connect at all
+                    self._lost(exc)
+                    raise DatabaseUnavailable(str(exc)) from exc
+                raise
+
+    def _lost(self, exc: BaseException) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: S110 - the connection is gone either way
+                pass
+        self._conn = None
+        if self._down_since is None:
+            import time
+
+            self._down_since = time.monotonic()
+            log.error(
+                "database unavailable: %s",
+                _first_line(exc),
+                extra={"action": "db_unavailable", "database": describe_url(self.url)},
+            )
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def ping(self) -> bool:
+        """True when a trivial query succeeds."""
+        try:
+            self._execute("SELECT 1")
+        except OutboxDatabaseError:
+            return False
+        return True
+
+    # -- the batch life cycle ---------------------------------------------------------
+
+    def claim(self, limit: int, max_bytes: int, lease_seconds: float) -> Lease | None:
+        """Lease up to ``limit`` due events (at most ``max_bytes`` of JSON); None if none."""
+        token = uuid.uuid4()
+        rows = self._execute(
+            queries.CLAIM,
+            {
+                "limit": limit,
+                "max_bytes": max_bytes,
+                "token": token,
+                "lease": lease_seconds,
+                "worker": self.worker_id,
+            },
+        )
+        if not rows:
+            return None
+        events = sorted((ClaimedEvent(*row) for row in rows), key=lambda e: e.id)
+        return Lease(token=token, events=events)
+
+    def ack(self, token: uuid.UUID, ids: Sequence[int], dedup_window: float) -> int:
+        """Delete delivered rows still held by ``token``; returns how many."""
+        if not ids:
+            return 0
+        rows = self._execute(
+            queries.ACK, {"ids": list(ids), "token": token, "window": dedup_window}
+        )
+        return int(rows[0][0])
+
+    def retry(
+        self,
+        token: uuid.UUID,
+        ids: Sequence[int],
+        error: str,
+        *,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+    ) -> tuple[int, int]:
+        """Count a failed attempt; returns (rows rescheduled, rows now dead)."""
+        if not ids:
+            return (0, 0)
+        rows = self._execute(
+            queries.RETRY,
+            {
+                "ids": list(ids),
+                "token": token,
+                "error": error[:2000],
+                "max_attempts": max_attempts,
+                "backoff_base": float(backoff_base),
+                "backoff_max": float(backoff_max),
+            },
+        )
+        dead = sum(1 for _, status in rows if status == "dead")
+        return (len(rows) - dead, dead)
+
+    def defer(self, token: uuid.UUID, ids: Sequence[int], delay: float, error: str | None) -> None:
+        """Release rows to be retried after ``delay`` seconds, not counting an attempt."""
+        if ids:
+            self._execute(
+                queries.DEFER,
+                {"ids": list(ids), "token": token, "delay": float(delay), "error": error},
+            )
+
+    def bury(self, token: uuid.UUID, ids: Sequence[int], error: str) -> None:
+        """Mark rows dead with ``error``: the sink refused the events themselves."""
+        if ids:
+            self._execute(queries.BURY, {"ids": list(ids), "token": token, "error": error[:2000]})
+
+    # -- housekeeping and inspection --------------------------------------------------
+
+    def expire_dedup_keys(self, limit: int = 10_000) -> int:
+        """Delete dedup keys whose window has passed; returns how many."""
+        with self._lock:
+            try:
+                cur = self._connection().execute(queries.EXPIRE_DEDUP_KEYS, {"limit": limit})
+                return cur.rowcount
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self._lost(exc)
+                raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+
+    def backlog(self) -> Backlog:
+        """Counts of pending, due, leased, retrying and dead rows, and the oldest age."""
+        row = self._execute(queries.BACKLOG)[0]
+        return Backlog(
+            pending=int(row[0]),
+            due=int(row[1]),
+            leased=int(row[2]),
+            retrying=int(row[3]),
+            dead=int(row[4]),
+            oldest_pending_age_seconds=float(row[5]),
+        )
+
+    def top_events(self, status: str, limit: int = 10) -> list[tuple[str, int]]:
+        """The most frequent event names among rows of ``status``."""
+        return [
+            (r[0], int(r[1]))
+            for r in self._execute(queries.TOP_EVENTS, {"status": status, "limit": limit})
+        ]
+
+    def top_errors(self, limit: int = 10) -> list[dict[str, Any]]:
+        """Rows with an error, grouped by status and error text."""
+        return [
+            {"status": r[0], "error": r[1], "count": int(r[2]), "since": r[3]}
+            for r in self._execute(queries.TOP_ERRORS, {"limit": limit})
+        ]
+
+    def dead(self, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:
+        """Dead rows, oldest first."""
+        with self._lock:
+            conn = self._connection()
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(queries.LIST_DEAD, {"limit": limit, "event": event})
+                return list(cur.fetchall())
+
+    def requeue_dead(self, ids: Sequence[int] | None = None, event: str | None = None) -> int:
+        """Make dead rows pending again with fresh attempts; returns how many."""
+        with self._lock:
+            cur = self._connection().execute(
+                queries.REQUEUE_DEAD, {"ids": list(ids) if ids else None, "event": event}
+            )
+            return cur.rowcount
+
+    def purge_dead(self, older_than_seconds: float) -> int:
+        """Delete dead rows older than the given age; returns how many."""
+        rows = self._execute(queries.PURGE_DEAD, {"older_than": float(older_than_seconds)})
+        return int(rows[0][0])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

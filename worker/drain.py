@@ -69,6 +69,8 @@ class DrainStats:
     retried: int = 0
     dead: int = 0
     deferred: int = 0
+    #: Events that died because a retryable failure used their last attempt.
+    dead_by_retry: int = 0
 
     def add(self, other: DrainStats) -> None:
         """Accumulate another run's totals."""
@@ -77,6 +79,7 @@ class DrainStats:
         self.retried += other.retried
         self.dead += other.dead
         self.deferred += other.deferred
+        self.dead_by_retry += other.dead_by_retry
 
 
 class Drainer:
@@ -108,13 +111,11 @@ class Drainer:
 
     # -- driving ----------------------------------------------------------------------
 
-    def drain(self, *, until_idle: bool = True) -> DrainStats:
-        """Ship batches while full ones keep coming (or, with ``until_idle``, while
-        anything is due) and the sink is not paused. Returns what happened."""
+    def drain(self) -> DrainStats:
+        """Ship batches until nothing is due, the sink fails (the next poll tries again),
+        the sink is paused, or :attr:`stop_event` is set. Returns what happened."""
         stats = DrainStats()
         while not self.stop_event.is_set():
-            if self.pause_remaining() > 0:
-                break
             try:
                 batch = self.drain_once()
             except DatabaseUnavailable:
@@ -122,7 +123,7 @@ class Drainer:
             if batch is None:
                 break
             stats.add(batch)
-            if not until_idle and batch.batches == 0:
+            if batch.retried or batch.deferred or batch.dead_by_retry:
                 break
         return stats
 
@@ -258,10 +259,12 @@ class Drainer:
                     backoff_base=s.backoff_base,
                     backoff_max=s.backoff_max,
                 )
-                stats.retried, stats.dead = retried, dead
+                stats.retried, stats.dead, stats.dead_by_retry = retried, dead, dead
             stats.dead += len(outcome.dead)
             if outcome.defer:
-                self.store.defer(lease.token, outcome.defer, outcome.defer_delay, outcome.defer_error)
+                self.store.defer(
+                    lease.token, outcome.defer, outcome.defer_delay, outcome.defer_error
+                )
                 stats.deferred = len(outcome.defer)
 
         self._write_until_lease_ends(write, lease)
@@ -269,7 +272,11 @@ class Drainer:
             log.info(
                 "shipped %d events",
                 stats.shipped,
-                extra={"action": "batch_shipped", "events": stats.shipped, "requests": outcome.requests},
+                extra={
+                    "action": "batch_shipped",
+                    "events": stats.shipped,
+                    "requests": outcome.requests,
+                },
             )
         if outcome.retry:
             log.warning(
@@ -280,7 +287,9 @@ class Drainer:
             )
         if stats.dead:
             log.error(
-                "%d events are dead", stats.dead, extra={"action": "events_dead", "events": stats.dead}
+                "%d events are dead",
+                stats.dead,
+                extra={"action": "events_dead", "events": stats.dead},
             )
         self.observer.batch_recorded(self, stats)
         return stats

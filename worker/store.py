@@ -6,8 +6,10 @@ away it raises :class:`DatabaseUnavailable`; the next call reconnects.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from outbox.exceptions import OutboxDatabaseError
+from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
 from worker import queries
 from worker.database import check_installed, connect, describe_url
 
@@ -64,9 +66,12 @@ class Backlog:
 class Store:
     """Database operations of the worker, over one reconnecting connection."""
 
-    def __init__(self, url: str, *, worker_id: str = "outbox-worker") -> None:
+    def __init__(
+        self, url: str, *, worker_id: str = "outbox-worker", log_outages: bool = True
+    ) -> None:
         self.url = url
         self.worker_id = worker_id
+        self.log_outages = log_outages
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.RLock()
         self._down_since: float | None = None
@@ -99,6 +104,8 @@ class Store:
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self._lost(exc)
                 raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+            except OutboxNotInstalledError:
+                raise
             except OutboxDatabaseError as exc:
                 if self._conn is None:  # could not connect at all
                     self._lost(exc)
@@ -107,15 +114,13 @@ class Store:
 
     def _lost(self, exc: BaseException) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # the connection is gone either way
                 self._conn.close()
-            except Exception:  # noqa: S110 - the connection is gone either way
-                pass
         self._conn = None
         if self._down_since is None:
-            import time
-
             self._down_since = time.monotonic()
+            if not self.log_outages:
+                return
             log.error(
                 "database unavailable: %s",
                 _first_line(exc),

@@ -42,11 +42,14 @@ SELECT
     status,
     attempts,
     CASE
-        WHEN status = 'dead' THEN 'dead after ' || attempts || ' attempts: ' || coalesce(last_error, '?')
+        WHEN status = 'dead'
+            THEN 'dead after ' || attempts || ' attempts: ' || coalesce(last_error, '?')
         WHEN lease_token IS NOT NULL AND leased_until < now()
-            THEN 'lease of ' || coalesce(leased_by, '?') || ' expired: worker stopped or crashed mid-batch'
+            THEN 'lease of ' || coalesce(leased_by, '?')
+                 || ' expired: worker stopped or crashed mid-batch'
         WHEN lease_token IS NOT NULL THEN 'being shipped by ' || coalesce(leased_by, '?')
-        WHEN attempts > 0 THEN 'retrying after ' || attempts || ' failed attempts: ' || coalesce(last_error, '?')
+        WHEN attempts > 0
+            THEN 'retrying after ' || attempts || ' failed attempts: ' || coalesce(last_error, '?')
         ELSE 'pending for over 5 minutes: is an outbox-worker running against this database?'
     END AS reason,
     last_error,
@@ -89,7 +92,10 @@ def upgrade() -> None:
         ),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column(
-            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.text("now()"),
         ),
         sa.Column("lease_token", postgresql.UUID(as_uuid=True), nullable=True),
         sa.Column("leased_until", sa.DateTime(timezone=True), nullable=True),

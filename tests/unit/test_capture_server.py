@@ -17,7 +17,7 @@ import posthog.request
 import pytest
 import requests
 
-from worker.testing import CaptureServer, ReceivedRequest, Reply  # noqa: TID251
+from worker.testing import CaptureServer, ReceivedRequest, Reply
 
 
 def make_event(i: int = 0, name: str = "page_viewed", **properties: Any) -> dict[str, Any]:
@@ -281,6 +281,27 @@ def test_stop_and_start_again_on_the_same_url() -> None:
     server.stop()  # stopping twice is harmless
 
 
+def test_stop_closes_idle_keep_alive_connections() -> None:
+    server = CaptureServer().start()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5.0)
+    body = json.dumps({"api_key": "k", "batch": [make_event()]})
+
+    def send() -> bytes:
+        conn.request("POST", "/batch/", body=body)
+        return conn.getresponse().read()
+
+    try:
+        assert send() == b'{"status": 1}'
+        server.stop()
+        with pytest.raises((http.client.HTTPException, OSError)):
+            send()
+    finally:
+        conn.close()
+        server.stop()
+    assert server.accepted_count == 1
+    assert len(server.requests) == 1
+
+
 def test_stop_cuts_a_reply_delay_short() -> None:
     server = CaptureServer().start()
     arrived = threading.Event()
@@ -439,7 +460,7 @@ def test_wait_for_events_blocks_until_they_arrive(srv: CaptureServer) -> None:
     thread.join(timeout=5.0)
 
     assert events == batch
-    assert elapsed >= 0.25
+    assert 0.25 <= elapsed < 3.0  # woken by the arrival, not by its own 5 s timeout
 
 
 def test_wait_for_events_times_out(srv: CaptureServer) -> None:
@@ -487,9 +508,13 @@ def test_reject_events_refuses_the_whole_request(srv: CaptureServer) -> None:
 def test_reject_events_with_a_custom_status(srv: CaptureServer) -> None:
     srv.reject_events(lambda e: "$set" in e.get("properties", {}), status=422, detail="no $set")
 
-    res = post(srv, {"api_key": "k", "batch": [make_event(**{"$set": {"a": 1}})]})
+    event = make_event()
+    event["properties"]["$set"] = {"plan": "pro"}
+
+    res = post(srv, {"api_key": "k", "batch": [make_event(), event]})
 
     assert res.status_code == 422
+    assert res.json()["detail"] == "no $set"
     assert srv.events == []
 
 
@@ -625,6 +650,7 @@ def test_urllib_client_works_too(srv: CaptureServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=5.0)
     assert info.value.code == 413
+    info.value.close()
     with urllib.request.urlopen(request, timeout=5.0) as res:
         assert res.status == 200
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -32,7 +33,5 @@ class StdoutSink:
     def close(self) -> None:
         """Flush the stream."""
         stream = self.stream or sys.stdout
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass

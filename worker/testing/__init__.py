@@ -5,6 +5,6 @@
 """
 
 # The project bans importing `worker` (to keep it out of outbox/); inside worker/ it is fine.
-from .capture_server import CaptureServer, ReceivedRequest, Reply  # noqa: TID251
+from .capture_server import CaptureServer, ReceivedRequest, Reply
 
 __all__ = ["CaptureServer", "ReceivedRequest", "Reply"]

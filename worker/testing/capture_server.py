@@ -220,7 +220,7 @@ class CaptureServer:
         self._stopping.clear()
         thread = threading.Thread(
             target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
+            kwargs={"poll_interval": 0.01},
             name=f"CaptureServer:{self._bound_port}",
             daemon=True,
         )

@@ -1,0 +1,252 @@
+"""The real ``outbox-worker`` process: shipping, SIGKILL, SIGTERM, several workers, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import outbox
+from tests.conftest import worker_env
+from worker.testing import CaptureServer, Reply
+
+WORKER = [str(Path(sys.executable).with_name("outbox-worker"))]
+
+
+def enqueue_n(database_url: str, n: int) -> set[str]:
+    with psycopg.connect(database_url) as conn:
+        out = outbox.enqueue_many(
+            conn,
+            [
+                {"event": "page_viewed", "distinct_id": f"user-{i % 97}", "properties": {"i": i}}
+                for i in range(n)
+            ],
+        )
+        conn.commit()
+    return {str(u) for u in out}
+
+
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*WORKER, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*WORKER, "run", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def poll(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def count(db: psycopg.Connection[Any], where: str = "true") -> int:
+    row = db.execute(f"SELECT count(*) FROM outbox_events WHERE {where}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("gzip", ["1", "0"])
+def test_run_until_empty_ships_over_http(
+    gzip: str, database_url: str, db: psycopg.Connection[Any], capture: CaptureServer
+) -> None:
+    uuids = enqueue_n(database_url, 300)
+    env = worker_env(database_url, capture, OUTBOX_GZIP=gzip, OUTBOX_BATCH_SIZE="100")
+    result = run_cli(env, "run", "--until-empty")
+    assert result.returncode == 0, result.stderr
+    assert set(capture.uuids()) == uuids
+    assert len(capture.uuids()) == 300
+    assert all(r.gzip == (gzip == "1") for r in capture.requests)
+    assert all(r.api_key == "phc_test" for r in capture.requests)
+    assert "phc_test" not in result.stderr  # the key is never logged
+    assert "batch_shipped" in result.stderr
+    assert count(db) == 0
+
+
+def test_sigkill_mid_batch_loses_nothing(
+    database_url: str, db: psycopg.Connection[Any], capture: CaptureServer
+) -> None:
+    uuids = enqueue_n(database_url, 500)
+    capture.default_reply = Reply(status=200, delay=30)  # hold the batch on the wire
+    env = worker_env(
+        database_url,
+        capture,
+        OUTBOX_LEASE_SECONDS="2",
+        OUTBOX_BATCH_SIZE="200",
+        OUTBOX_REQUEST_TIMEOUT="60",
+    )
+    proc = start_worker(env)
+    try:
+        poll(lambda: count(db, "lease_token IS NOT NULL") > 0, what="a leased batch")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert count(db) == 500  # nothing delivered, nothing lost
+    capture.default_reply = Reply(status=200)
+    # Once the dead worker's lease expires, another worker ships everything.
+    env2 = worker_env(database_url, capture, OUTBOX_BATCH_SIZE="200")
+    deadline = time.monotonic() + 30
+    while count(db) and time.monotonic() < deadline:
+        assert run_cli(env2, "run", "--until-empty").returncode == 0
+        time.sleep(0.2)
+    assert count(db) == 0
+    assert set(capture.uuids()) == uuids
+
+
+def test_sigterm_finishes_the_in_flight_batch_and_exits_0(
+    database_url: str, db: psycopg.Connection[Any], capture: CaptureServer
+) -> None:
+    enqueue_n(database_url, 300)
+    capture.default_reply = Reply(status=200, delay=1.0)
+    env = worker_env(database_url, capture, OUTBOX_BATCH_SIZE="100", OUTBOX_SHUTDOWN_GRACE="10")
+    proc = start_worker(env)
+    poll(lambda: count(db, "lease_token IS NOT NULL") > 0, what="a leased batch")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    shipped = len(capture.uuids())
+    assert shipped >= 100  # the in-flight batch finished
+    assert count(db) == 300 - shipped
+    assert count(db, "lease_token IS NOT NULL") == 0  # nothing left leased
+    assert "worker_stopped" in err
+
+
+def test_sigterm_past_the_grace_releases_the_batch_at_once(
+    database_url: str, db: psycopg.Connection[Any], capture: CaptureServer
+) -> None:
+    uuids = enqueue_n(database_url, 50)
+    capture.default_reply = Reply(status=200, delay=30)
+    env = worker_env(
+        database_url,
+        capture,
+        OUTBOX_SHUTDOWN_GRACE="0.5",
+        OUTBOX_LEASE_SECONDS="600",
+        OUTBOX_REQUEST_TIMEOUT="60",
+    )
+    proc = start_worker(env)
+    poll(lambda: count(db, "lease_token IS NOT NULL") == 50, what="a leased batch")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - started < 10
+    # Released, not left to a 600 s lease: another worker can take them right away.
+    assert count(db, "lease_token IS NULL AND next_attempt_at <= now()") == 50
+    capture.stop()
+    with CaptureServer() as fresh:
+        result = run_cli(worker_env(database_url, fresh), "run", "--until-empty")
+        assert result.returncode == 0, result.stderr
+        assert set(fresh.uuids()) == uuids
+
+
+def test_two_worker_processes_ship_no_event_twice(
+    database_url: str, db: psycopg.Connection[Any], capture: CaptureServer
+) -> None:
+    uuids = enqueue_n(database_url, 4000)
+    env = worker_env(database_url, capture, OUTBOX_BATCH_SIZE="100")
+    procs = [
+        subprocess.Popen(
+            [*WORKER, "run", "--until-empty"], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    shipped = capture.uuids()
+    assert len(shipped) == len(set(shipped)) == 4000
+    assert set(shipped) == uuids
+    assert count(db) == 0
+
+
+def test_status_dead_retry_purge(
+    database_url: str, db: psycopg.Connection[Any], capture: CaptureServer
+) -> None:
+    enqueue_n(database_url, 10)
+    db.execute(
+        "UPDATE outbox_events SET status = 'dead', attempts = 16, last_error = 'HTTP 400: bad'"
+        " WHERE id IN (SELECT id FROM outbox_events ORDER BY id LIMIT 3)"
+    )
+    env = worker_env(database_url, capture)
+    status = run_cli(env, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert (report["pending"], report["due"], report["leased"], report["dead"]) == (7, 7, 0, 3)
+    assert report["oldest_pending_age_seconds"] >= 0
+    assert report["top_dead"] == [{"event": "page_viewed", "count": 3}]
+    table = run_cli(env, "status")
+    assert table.returncode == 0 and "dead" in table.stdout and "HTTP 400: bad" in table.stdout
+
+    dead = run_cli(env, "dead", "--json")
+    assert [r["last_error"] for r in json.loads(dead.stdout)] == ["HTTP 400: bad"] * 3
+    first_id = json.loads(dead.stdout)[0]["id"]
+
+    assert "requeued 1" in run_cli(env, "retry", "--id", str(first_id)).stdout
+    assert count(db, "status = 'dead'") == 2
+    assert "purged 0" in run_cli(env, "purge", "--dead", "--older-than", "1h").stdout
+    assert "purged 2" in run_cli(env, "purge", "--dead", "--older-than", "0s").stdout
+    assert count(db, "status = 'dead'") == 0
+    assert count(db) == 8
+
+
+def test_migrate_creates_the_tables(empty_database: str) -> None:
+    env = worker_env(empty_database)
+    missing = run_cli(env, "status")
+    assert missing.returncode == 2
+    assert missing.stderr.count("\n") == 1 and "outbox-worker migrate" in missing.stderr
+    assert run_cli(env, "migrate").returncode == 0
+    assert run_cli(env, "status", "--json").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://postgres@127.0.0.1:1/nowhere", "cannot connect"),
+        ("not a url at all ://", "not a valid PostgreSQL URL"),
+    ],
+)
+def test_bad_database_url_is_one_clear_line(url: str, expected: str) -> None:
+    env = worker_env(url)
+    result = run_cli(env, "status")
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "POSTHOG_API_KEY")}
+    env["OUTBOX_DATA_DIR"] = str(tmp_path / "data")
+    result = run_cli(env, "demo", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "embedded PostgreSQL" in result.stderr
+    assert "shipped 5 events" in result.stdout
+    assert "never shipped" in result.stdout
+    again = run_cli(env, "status", "--json", timeout=60)
+    assert json.loads(again.stdout)["pending"] == 0

@@ -1,0 +1,138 @@
+"""Shared fixtures: a real PostgreSQL, one fresh database per test, the capture endpoint.
+
+The server is ``DATABASE_URL`` when set (CI uses the machine's PostgreSQL service),
+else an embedded PostgreSQL started for this test session in a temporary directory.
+A template database is migrated once; each test gets ``CREATE DATABASE … TEMPLATE``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from worker.database import libpq_url, migrate, start_embedded, with_database
+from worker.settings import Settings
+from worker.testing import CaptureServer
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A URL to a database on the test server, used to create and drop test databases."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return libpq_url(url)
+    data_dir: Path = tmp_path_factory.mktemp("embedded-pg")
+    return start_embedded(data_dir, announce=False)
+
+
+def _admin(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(url, autocommit=True)
+
+
+def create_database(server_url: str, name: str, template: str | None = None) -> str:
+    """Create a database on the test server and return its URL."""
+    with _admin(server_url) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        if template:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
+        else:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return with_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop a test database, disconnecting whoever is still on it."""
+    with _admin(server_url) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str) -> Iterator[str]:
+    """A migrated template database for this test session."""
+    name = f"outbox_tmpl_{os.getpid()}"
+    url = create_database(server_url, name)
+    migrate(url)
+    yield name
+    drop_database(server_url, name)
+
+
+@pytest.fixture
+def empty_database(server_url: str) -> Iterator[str]:
+    """A fresh database with no outbox tables (for migration and setup tests)."""
+    name = f"outbox_empty_{uuid.uuid4().hex[:12]}"
+    url = create_database(server_url, name)
+    yield url
+    drop_database(server_url, name)
+
+
+@pytest.fixture
+def database_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"outbox_t_{uuid.uuid4().hex[:12]}"
+    url = create_database(server_url, name, template=template_db)
+    yield url
+    drop_database(server_url, name)
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit psycopg connection to the test database, for looking at tables."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def capture() -> Iterator[CaptureServer]:
+    """The project's PostHog-compatible capture endpoint, over real HTTP."""
+    with CaptureServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def settings_for(database_url: str) -> Callable[..., Settings]:
+    """Worker settings against the test database with fast retries; override as needed."""
+
+    def make(**overrides: Any) -> Settings:
+        base: dict[str, Any] = {
+            "database_url": database_url,
+            "backoff_base": 0.0,
+            "backoff_max": 0.05,
+            "poll_interval": 0.05,
+            "lease_seconds": 30.0,
+            "request_timeout": 5.0,
+            "shutdown_grace": 5.0,
+            "worker_id": f"test-{os.getpid()}",
+        }
+        base.update(overrides)
+        return Settings(**base)
+
+    return make
+
+
+def worker_env(
+    database_url: str, capture: CaptureServer | None = None, **extra: str
+) -> dict[str, str]:
+    """Environment for an ``outbox-worker`` subprocess against the test database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POSTHOG_"))}
+    env["DATABASE_URL"] = database_url
+    env["OUTBOX_LOG_LEVEL"] = "INFO"
+    if capture is not None:
+        env["POSTHOG_API_KEY"] = "phc_test"
+        env["POSTHOG_HOST"] = capture.url
+    env.update(extra)
+    return env

@@ -1,0 +1,300 @@
+"""The drain loop against a real PostgreSQL: ship, fence, retry, bury, split, pause."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+import outbox
+from worker.app import Worker
+from worker.drain import SINK_RATE_LIMITED, SINK_UNAUTHORIZED, Drainer
+from worker.settings import Settings
+from worker.sinks import (
+    MemorySink,
+    PostHogSink,
+    RateLimitedError,
+    RejectedError,
+    RetryableSinkError,
+    UnauthorizedError,
+)
+from worker.store import Store
+from worker.testing import CaptureServer, Reply
+
+
+def enqueue_n(
+    database_url: str, n: int, *, commit: bool = True, prefix: str = "e"
+) -> list[uuid.UUID]:
+    with psycopg.connect(database_url) as conn:
+        out = outbox.enqueue_many(
+            conn,
+            [
+                {"event": f"{prefix}{i}", "distinct_id": f"user-{i}", "properties": {"i": i}}
+                for i in range(n)
+            ],
+        )
+        if commit:
+            conn.commit()
+        else:
+            conn.rollback()
+    return [u for u in out if u is not None]
+
+
+def remaining(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    return db.execute(
+        "SELECT uuid, status, attempts, last_error, lease_token FROM outbox_events ORDER BY id"
+    ).fetchall()
+
+
+def make_drainer(settings: Settings, sink: Any) -> Drainer:
+    assert settings.database_url
+    return Drainer(Store(settings.database_url, worker_id=settings.worker_id), sink, settings)
+
+
+def test_commit_ships_exactly_once_with_the_rows_uuid_and_timestamp(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    settings_for: Callable[..., Settings],
+) -> None:
+    uuids = enqueue_n(database_url, 25)
+    stamps = dict(db.execute("SELECT uuid, timestamp FROM outbox_events").fetchall())
+    enqueue_n(database_url, 5, commit=False, prefix="rolled_back")
+    settings = settings_for(posthog_api_key="phc_test", posthog_host=capture.url, gzip=True)
+    stats = Worker(settings).run_until_empty()
+    assert stats.shipped == 25
+    assert capture.uuids() == [str(u) for u in uuids]
+    for event in capture.events:
+        assert event["properties"]["$ignore_sent_at"] is True
+        assert event["timestamp"] == stamps[uuid.UUID(event["uuid"])].isoformat()
+        assert not event["event"].startswith("rolled_back")
+    assert all(r.gzip for r in capture.requests)
+    assert remaining(db) == []
+    # A second drain finds nothing: nothing is shipped twice.
+    assert Worker(settings).run_until_empty().shipped == 0
+    assert len(capture.events) == 25
+
+
+def test_batches_are_bounded_by_count_and_bytes(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        outbox.enqueue_many(
+            conn, [{"event": "big", "distinct_id": "u", "properties": {"s": "x" * 10_000}}] * 10
+        )
+        conn.commit()
+    enqueue_n(database_url, 7)
+    sink = MemorySink()
+    drainer = make_drainer(settings_for(batch_size=4, max_batch_bytes=25_000), sink)
+    drainer.drain()
+    sizes = [len(b) for b in sink.batches]
+    assert sum(sizes) == 17
+    assert max(sizes) <= 4
+    # Two 10 kB events fit in 25 kB, three do not.
+    assert all(sum(1 for e in b if e["event"] == "big") <= 2 for b in sink.batches)
+
+
+def test_5xx_outage_then_recovery(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    settings_for: Callable[..., Settings],
+) -> None:
+    uuids = enqueue_n(database_url, 10)
+    capture.enqueue_reply(Reply(status=503, times=3))
+    settings = settings_for(posthog_api_key="phc_test", posthog_host=capture.url, gzip=False)
+    drainer = make_drainer(settings, PostHogSink("phc_test", capture.url, gzip=False))
+    drainer.drain()
+    left = remaining(db)
+    assert len(left) == 10 and {r[2] for r in left} == {1}
+    assert "503" in left[0][3]
+    for _ in range(4):
+        db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+        drainer.drain()
+    assert sorted(capture.uuids()) == sorted(str(u) for u in uuids)
+    assert remaining(db) == []
+
+
+def test_max_attempts_makes_events_dead_with_the_error(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    enqueue_n(database_url, 3)
+    sink = MemorySink()
+    sink.fail_with(*[RetryableSinkError("HTTP 502: bad gateway", status=502)] * 3)
+    drainer = make_drainer(settings_for(max_attempts=3), sink)
+    for _ in range(3):
+        db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+        drainer.drain()
+    left = remaining(db)
+    assert [(r[1], r[2]) for r in left] == [("dead", 3)] * 3
+    assert all("502" in r[3] for r in left)
+    assert sink.events == []
+    stuck = db.execute("SELECT status, reason FROM outbox_stuck").fetchall()
+    assert len(stuck) == 3 and all(s == "dead" and "502" in reason for s, reason in stuck)
+
+
+def test_backoff_grows_with_attempts(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    enqueue_n(database_url, 1)
+    sink = MemorySink()
+    sink.fail_with(*[RetryableSinkError("down")] * 3)
+    drainer = make_drainer(settings_for(backoff_base=10.0, backoff_max=1000.0), sink)
+    delays = []
+    for _ in range(3):
+        db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+        drainer.drain()
+        row = db.execute(
+            "SELECT extract(epoch FROM next_attempt_at - now()) FROM outbox_events"
+        ).fetchone()
+        assert row is not None
+        delays.append(float(row[0]))
+    # base * 2^(attempt-1), times a jitter between 0.5 and 1.
+    for attempt, delay in enumerate(delays):
+        assert 10.0 * 2**attempt * 0.5 - 1 <= delay <= 10.0 * 2**attempt + 1
+
+
+def test_a_poison_event_is_isolated_by_splitting(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    settings_for: Callable[..., Settings],
+) -> None:
+    uuids = enqueue_n(database_url, 20)
+    poison = str(uuids[13])
+    capture.reject_events(lambda e: e.get("uuid") == poison, status=400, detail="invalid event")
+    settings = settings_for()
+    drainer = make_drainer(settings, PostHogSink("phc_test", capture.url, gzip=False))
+    drainer.drain()
+    assert sorted(capture.uuids()) == sorted(str(u) for u in uuids if str(u) != poison)
+    left = remaining(db)
+    assert [(str(r[0]), r[1]) for r in left] == [(poison, "dead")]
+    assert "400" in left[0][3] and "invalid event" in left[0][3]
+
+
+def test_rate_limit_pauses_without_counting_an_attempt(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    enqueue_n(database_url, 5)
+    sink = MemorySink()
+    sink.fail_with(RateLimitedError("HTTP 429", retry_after=30.0))
+    drainer = make_drainer(settings_for(), sink)
+    drainer.drain()
+    assert drainer.sink_state == SINK_RATE_LIMITED
+    assert 29 < drainer.pause_remaining() <= 30
+    left = remaining(db)
+    assert [(r[1], r[2], r[4]) for r in left] == [("pending", 0, None)] * 5
+    # No request goes out during the pause, even for due rows.
+    db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+    drainer.drain()
+    assert sink.calls == 1
+
+
+def test_unauthorized_keeps_everything_pending(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    enqueue_n(database_url, 5)
+    sink = MemorySink()
+    sink.fail_with(UnauthorizedError("HTTP 401: invalid key", status=401))
+    drainer = make_drainer(settings_for(), sink)
+    drainer.drain()
+    assert drainer.sink_state == SINK_UNAUTHORIZED
+    assert [(r[1], r[2]) for r in remaining(db)] == [("pending", 0)] * 5
+    # The key is fixed: once the pause is over, everything ships.
+    drainer.paused_until = 0
+    db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+    drainer.drain()
+    assert len(sink.events) == 5 and remaining(db) == []
+
+
+def test_a_worker_that_lost_its_lease_changes_nothing(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    enqueue_n(database_url, 3)
+    slow = Store(database_url, worker_id="slow")
+    fast = Store(database_url, worker_id="fast")
+    lost = slow.claim(10, 10_000_000, lease_seconds=0.0)  # expires at once
+    assert lost is not None and len(lost.events) == 3
+    taken = fast.claim(10, 10_000_000, lease_seconds=60.0)
+    assert taken is not None and {e.id for e in taken.events} == {e.id for e in lost.events}
+    ids = [e.id for e in lost.events]
+    assert slow.ack(lost.token, ids, 60.0) == 0
+    assert slow.retry(lost.token, ids, "late", max_attempts=1, backoff_base=1, backoff_max=1) == (
+        0,
+        0,
+    )
+    slow.bury(lost.token, ids, "late")
+    slow.defer(lost.token, ids, 0, "late")
+    assert [(r[1], r[2], r[4]) for r in remaining(db)] == [("pending", 0, taken.token)] * 3
+    assert fast.ack(taken.token, ids, 60.0) == 3
+    assert remaining(db) == []
+
+
+def test_a_crashed_workers_rows_are_claimed_again_after_the_lease(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    uuids = enqueue_n(database_url, 4)
+    crashed = Store(database_url, worker_id="crashed")
+    assert crashed.claim(10, 10_000_000, lease_seconds=3600) is not None
+    sink = MemorySink()
+    drainer = make_drainer(settings_for(), sink)
+    drainer.drain()
+    assert sink.events == []  # still leased
+    db.execute("UPDATE outbox_events SET next_attempt_at = now() - interval '1 second'")
+    drainer.drain()
+    assert sink.uuids() == [str(u) for u in uuids]
+
+
+def test_two_drainers_racing_ship_no_event_twice(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    settings_for: Callable[..., Settings],
+) -> None:
+    uuids = enqueue_n(database_url, 2000)
+    settings = settings_for(batch_size=50)
+    drainers = [make_drainer(settings, PostHogSink("k", capture.url, gzip=False)) for _ in range(2)]
+    threads = [threading.Thread(target=d.drain) for d in drainers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    shipped = capture.uuids()
+    assert len(shipped) == len(set(shipped)) == 2000
+    assert set(shipped) == {str(u) for u in uuids}
+    assert remaining(db) == []
+
+
+def test_dedup_window_starts_at_delivery(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        outbox.enqueue(conn, "e", "u", dedup_key="once")
+        conn.commit()
+    make_drainer(settings_for(dedup_window=3600), MemorySink()).drain()
+    row = db.execute(
+        "SELECT extract(epoch FROM expires_at - now()) FROM outbox_dedup_keys"
+    ).fetchone()
+    assert row is not None and 3590 < float(row[0]) <= 3600
+    with psycopg.connect(database_url) as conn:
+        assert outbox.enqueue(conn, "e", "u", dedup_key="once") is None
+
+
+@pytest.mark.parametrize("error", [RejectedError("HTTP 413: too large", status=413)])
+def test_a_single_refused_event_dies_and_the_rest_ship(
+    error: Exception,
+    database_url: str,
+    db: psycopg.Connection[Any],
+    settings_for: Callable[..., Settings],
+) -> None:
+    uuids = enqueue_n(database_url, 1)
+    sink = MemorySink()
+    sink.reject = lambda e: error if e["uuid"] == str(uuids[0]) else None  # type: ignore[assignment]
+    enqueue_n(database_url, 3, prefix="ok")
+    make_drainer(settings_for(), sink).drain()
+    assert len(sink.events) == 3
+    assert [(str(r[0]), r[1]) for r in remaining(db)] == [(str(uuids[0]), "dead")]

@@ -1,0 +1,356 @@
+"""enqueue() writes in the caller's transaction, with every supported connection kind."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import outbox
+from worker.database import sqlalchemy_url
+
+
+def rows(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    return db.execute(
+        "SELECT uuid, event, distinct_id, properties, status, dedup_key"
+        " FROM outbox_events ORDER BY id"
+    ).fetchall()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = create_engine(sqlalchemy_url(database_url))
+    with eng.begin() as conn:
+        conn.execute(text("CREATE TABLE domain (id int PRIMARY KEY, note text)"))
+    yield eng
+    eng.dispose()
+
+
+# -- the sync connection kinds -----------------------------------------------------------
+
+
+def _session_commit(engine: Engine, database_url: str, commit: bool) -> uuid.UUID | None:
+    with Session(engine) as session:
+        session.execute(text("INSERT INTO domain VALUES (1, 'x')"))
+        result = outbox.enqueue(session, "signup", "user-1", {"plan": "free"})
+        session.commit() if commit else session.rollback()
+    return result
+
+
+def _connection_commit(engine: Engine, database_url: str, commit: bool) -> uuid.UUID | None:
+    with engine.connect() as conn:
+        conn.execute(text("INSERT INTO domain VALUES (1, 'x')"))
+        result = outbox.enqueue(conn, "signup", "user-1", {"plan": "free"})
+        conn.commit() if commit else conn.rollback()
+    return result
+
+
+def _psycopg_commit(engine: Engine, database_url: str, commit: bool) -> uuid.UUID | None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO domain VALUES (1, 'x')")
+        result = outbox.enqueue(conn, "signup", "user-1", {"plan": "free"})
+        conn.commit() if commit else conn.rollback()
+    return result
+
+
+SYNC_KINDS = {
+    "sqlalchemy-session": _session_commit,
+    "sqlalchemy-connection": _connection_commit,
+    "psycopg-connection": _psycopg_commit,
+}
+
+
+@pytest.mark.parametrize("kind", SYNC_KINDS)
+@pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
+def test_event_commits_and_rolls_back_with_the_caller(
+    kind: str, commit: bool, engine: Engine, database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    result = SYNC_KINDS[kind](engine, database_url, commit)
+    assert isinstance(result, uuid.UUID)
+    domain = db.execute("SELECT count(*) FROM domain").fetchone()
+    found = rows(db)
+    if commit:
+        assert domain == (1,)
+        assert [(r[0], r[1], r[2], r[3], r[4]) for r in found] == [
+            (result, "signup", "user-1", {"plan": "free"}, "pending")
+        ]
+    else:
+        assert domain == (0,)
+        assert found == []
+
+
+# -- the async connection kinds ----------------------------------------------------------
+
+
+async def _async_session(database_url: str, commit: bool) -> uuid.UUID | None:
+    eng = create_async_engine(sqlalchemy_url(database_url))
+    try:
+        async with AsyncSession(eng) as session:
+            await session.execute(text("INSERT INTO domain VALUES (1, 'x')"))
+            result = await outbox.aenqueue(session, "signup", "user-1", {"plan": "free"})
+            await (session.commit() if commit else session.rollback())
+    finally:
+        await eng.dispose()
+    return result
+
+
+async def _async_connection(database_url: str, commit: bool) -> uuid.UUID | None:
+    eng = create_async_engine(sqlalchemy_url(database_url))
+    try:
+        async with eng.connect() as conn:
+            await conn.execute(text("INSERT INTO domain VALUES (1, 'x')"))
+            result = await outbox.aenqueue(conn, "signup", "user-1", {"plan": "free"})
+            await (conn.commit() if commit else conn.rollback())
+    finally:
+        await eng.dispose()
+    return result
+
+
+async def _async_psycopg(database_url: str, commit: bool) -> uuid.UUID | None:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await conn.execute("INSERT INTO domain VALUES (1, 'x')")
+        result = await outbox.aenqueue(conn, "signup", "user-1", {"plan": "free"})
+        await (conn.commit() if commit else conn.rollback())
+    return result
+
+
+ASYNC_KINDS: dict[str, Callable[[str, bool], Awaitable[uuid.UUID | None]]] = {
+    "sqlalchemy-async-session": _async_session,
+    "sqlalchemy-async-connection": _async_connection,
+    "psycopg-async-connection": _async_psycopg,
+}
+
+
+@pytest.mark.parametrize("kind", ASYNC_KINDS)
+@pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
+async def test_async_event_commits_and_rolls_back_with_the_caller(
+    kind: str, commit: bool, engine: Engine, database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    result = await ASYNC_KINDS[kind](database_url, commit)
+    assert isinstance(result, uuid.UUID)
+    assert db.execute("SELECT count(*) FROM domain").fetchone() == ((1,) if commit else (0,))
+    assert [r[0] for r in rows(db)] == ([result] if commit else [])
+
+
+async def test_aenqueue_many_async(
+    database_url: str, engine: Engine, db: psycopg.Connection[Any]
+) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        out = await outbox.aenqueue_many(
+            conn, [{"event": "a", "distinct_id": "u"}, {"event": "b", "distinct_id": "u"}]
+        )
+        await conn.commit()
+    assert [r[0] for r in rows(db)] == out
+
+
+def test_sync_enqueue_refuses_an_async_connection_and_other_objects() -> None:
+    with pytest.raises(outbox.UnsupportedConnectionError, match="aenqueue"):
+        outbox.enqueue(object(), "e", "u")
+
+
+# -- what is written ----------------------------------------------------------------------
+
+
+def test_uuid_timestamp_and_defaults(database_url: str, db: psycopg.Connection[Any]) -> None:
+    given = uuid.uuid4()
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    with psycopg.connect(database_url) as conn:
+        got = outbox.enqueue(conn, "e", "u", uuid=given, timestamp=when)
+        default = outbox.enqueue(conn, "e", "u")
+        tx_now = conn.execute("SELECT now()").fetchone()
+        conn.commit()
+    assert got == given
+    stored = dict(db.execute("SELECT uuid, timestamp FROM outbox_events").fetchall())
+    assert stored[given] == when
+    # The default timestamp is the transaction's now(), not the moment of the INSERT.
+    assert tx_now is not None and stored[default] == tx_now[0]
+
+
+def test_enqueue_many_is_one_statement(engine: Engine, db: psycopg.Connection[Any]) -> None:
+    statements: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    items = [
+        {"event": "issue_created", "distinct_id": f"user-{i}", "properties": {"i": i}}
+        for i in range(50)
+    ]
+    with Session(engine) as session, session.begin():
+        statements.clear()
+        result = outbox.enqueue_many(session, items)
+        assert len(statements) == 1
+    stored = rows(db)
+    assert [r[0] for r in stored] == result
+    assert [r[3]["i"] for r in stored] == list(range(50))
+
+
+def test_enqueue_many_with_one_bad_item_writes_nothing(
+    engine: Engine, db: psycopg.Connection[Any]
+) -> None:
+    items: list[dict[str, Any]] = [
+        {"event": "ok", "distinct_id": "u"},
+        {"event": "ok", "distinct_id": "null"},
+    ]
+    with (
+        Session(engine) as session,
+        session.begin(),
+        pytest.raises(outbox.OutboxValidationError) as info,
+    ):
+        outbox.enqueue_many(session, items)
+    assert info.value.field == "events[1].distinct_id"
+    assert rows(db) == []
+
+
+# -- dedup ---------------------------------------------------------------------------------
+
+
+def test_dedup_key_refuses_while_undelivered(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        first = outbox.enqueue(conn, "e", "u", dedup_key="k1")
+        conn.commit()
+    with psycopg.connect(database_url) as conn:
+        second = outbox.enqueue(conn, "e", "u", dedup_key="k1")
+        other = outbox.enqueue(conn, "e", "u", dedup_key="k2")
+        conn.commit()
+    assert first is not None and second is None and other is not None
+    assert len(rows(db)) == 2
+
+
+def test_dedup_key_is_free_again_when_the_holder_rolled_back(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        assert outbox.enqueue(conn, "e", "u", dedup_key="k") is not None
+        conn.rollback()
+        assert outbox.enqueue(conn, "e", "u", dedup_key="k") is not None
+        conn.commit()
+    assert len(rows(db)) == 1
+
+
+def test_dedup_key_repeated_within_one_call(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        out = outbox.enqueue_many(
+            conn,
+            [
+                {"event": "e", "distinct_id": "u", "dedup_key": "same"},
+                {"event": "e", "distinct_id": "u", "dedup_key": "same"},
+                {"event": "e", "distinct_id": "u"},
+            ],
+        )
+        conn.commit()
+    assert out[0] is not None and out[1] is None and out[2] is not None
+
+
+def test_dedup_window_after_delivery(database_url: str, db: psycopg.Connection[Any]) -> None:
+    """Delivered within the window: refused. Window over: accepted again."""
+    with psycopg.connect(database_url) as conn:
+        outbox.enqueue(conn, "e", "u", dedup_key="k")
+        conn.commit()
+    # What the worker does at delivery: delete the row, start the key's window.
+    db.execute("DELETE FROM outbox_events")
+    db.execute("UPDATE outbox_dedup_keys SET expires_at = now() + interval '1 hour'")
+    with psycopg.connect(database_url) as conn:
+        assert outbox.enqueue(conn, "e", "u", dedup_key="k") is None
+        conn.commit()
+    db.execute("UPDATE outbox_dedup_keys SET expires_at = now() - interval '1 second'")
+    with psycopg.connect(database_url) as conn:
+        assert outbox.enqueue(conn, "e", "u", dedup_key="k") is not None
+        conn.commit()
+    assert db.execute("SELECT expires_at = 'infinity' FROM outbox_dedup_keys").fetchone() == (True,)
+
+
+# -- bad input never breaks the caller's transaction --------------------------------------
+
+BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
+    ("empty event", {"event": "", "distinct_id": "u"}, "event"),
+    ("long event", {"event": "x" * 201, "distinct_id": "u"}, "event"),
+    ("empty distinct_id", {"event": "e", "distinct_id": "  "}, "distinct_id"),
+    ("long distinct_id", {"event": "e", "distinct_id": "u" * 201}, "distinct_id"),
+    ("reserved distinct_id", {"event": "e", "distinct_id": "anonymous"}, "distinct_id"),
+    ("reserved null", {"event": "e", "distinct_id": "null"}, "distinct_id"),
+    (
+        "bytes property",
+        {"event": "e", "distinct_id": "u", "properties": {"b": b"x"}},
+        "properties.b",
+    ),
+    (
+        "object property",
+        {"event": "e", "distinct_id": "u", "properties": {"o": object()}},
+        "properties.o",
+    ),
+    (
+        "too big",
+        {"event": "e", "distinct_id": "u", "properties": {"s": "x" * 950_000}},
+        "properties",
+    ),
+    ("bad timestamp", {"event": "e", "distinct_id": "u", "timestamp": "yesterday"}, "timestamp"),
+    ("bad uuid", {"event": "e", "distinct_id": "u", "uuid": "not-a-uuid"}, "uuid"),
+]
+
+
+@pytest.mark.parametrize(("case", "kwargs", "field"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize("kind", ["sqlalchemy", "psycopg"])
+def test_bad_input_names_the_field_and_the_transaction_still_commits(
+    case: str,
+    kwargs: dict[str, Any],
+    field: str,
+    kind: str,
+    engine: Engine,
+    database_url: str,
+    db: psycopg.Connection[Any],
+) -> None:
+    kwargs = dict(kwargs)
+    event_name = kwargs.pop("event")
+    distinct_id = kwargs.pop("distinct_id")
+    if kind == "sqlalchemy":
+        with Session(engine) as session:
+            session.execute(text("INSERT INTO domain VALUES (1, 'before')"))
+            with pytest.raises(outbox.OutboxValidationError) as info:
+                outbox.enqueue(session, event_name, distinct_id, **kwargs)
+            session.execute(text("INSERT INTO domain VALUES (2, 'after')"))
+            session.commit()
+    else:
+        with psycopg.connect(database_url) as conn:
+            conn.execute("INSERT INTO domain VALUES (1, 'before')")
+            with pytest.raises(outbox.OutboxValidationError) as info:
+                outbox.enqueue(conn, event_name, distinct_id, **kwargs)
+            conn.execute("INSERT INTO domain VALUES (2, 'after')")
+            conn.commit()
+    assert info.value.field == field
+    assert isinstance(info.value, outbox.OutboxError)
+    assert db.execute("SELECT count(*) FROM domain").fetchone() == (2,)
+    assert rows(db) == []
+
+
+def test_nul_and_non_finite_values_are_normalised_not_sent_to_the_server(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        outbox.enqueue(
+            conn, "e\x00vt", "u\x00", {"k\x00": "v\x00", "nan": float("nan"), "inf": float("inf")}
+        )
+        conn.commit()
+    (_, event_name, distinct_id, props, _, _) = rows(db)[0]
+    assert "\x00" not in event_name and "\x00" not in distinct_id
+    assert props == {"k\ufffd": "v\ufffd", "nan": None, "inf": None}
+
+
+def test_missing_table_is_a_clear_error(empty_database: str) -> None:
+    with (
+        psycopg.connect(empty_database) as conn,
+        pytest.raises(outbox.OutboxNotInstalledError) as info,
+    ):
+        outbox.enqueue(conn, "e", "u")
+    assert "outbox-worker migrate" in str(info.value)

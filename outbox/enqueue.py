@@ -34,31 +34,54 @@ from outbox.validation import PreparedEvent, prepare_event
 __all__ = ["aenqueue", "aenqueue_many", "enqueue", "enqueue_many"]
 
 # One statement for one event or many: the events travel as a single JSON parameter
-# (driver-neutral, one round trip), dedup keys are claimed in the same statement, and
-# only events whose key was free (or that have none) are inserted. A key is free when
-# it is new, or when the event that held it was delivered longer ago than the window
-# (the worker sets expires_at at delivery; undelivered events hold 'infinity').
-_INSERT_SQL = """
-WITH input AS (
+# (driver-neutral, one round trip). Nothing is read back from outbox_events, so the
+# application's role needs only INSERT on it (the uuids are made in Python).
+_INPUT = """
     SELECT * FROM jsonb_to_recordset(CAST({rows} AS jsonb))
         AS r(uuid uuid, event text, distinct_id text, properties jsonb,
              "timestamp" timestamptz, dedup_key text, n bigint)
-), claimed_keys AS (
+"""
+_COLUMNS = """
+INSERT INTO outbox_events (uuid, event, distinct_id, properties, "timestamp", dedup_key)
+SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()), dedup_key
+"""
+_PLAIN_SQL = _COLUMNS + "FROM (" + _INPUT + ") AS input ORDER BY n"
+
+# With dedup keys, the keys are claimed in the same statement and only events whose
+# key was free (or that have none) are inserted; the claimed keys come back, which
+# tells which events were written. A key is free when it is new, or when the event
+# that held it was delivered longer ago than the window (the worker sets expires_at
+# at delivery; an undelivered event holds 'infinity').
+_DEDUP_SQL = (
+    "WITH input AS ("
+    + _INPUT
+    + """), claimed_keys AS (
     INSERT INTO outbox_dedup_keys (dedup_key, expires_at)
     SELECT dedup_key, 'infinity' FROM input WHERE dedup_key IS NOT NULL
     ON CONFLICT (dedup_key) DO UPDATE SET expires_at = 'infinity'
         WHERE outbox_dedup_keys.expires_at <= now()
     RETURNING dedup_key
+), inserted AS ("""
+    + _COLUMNS
+    + """    FROM input
+    WHERE dedup_key IS NULL OR dedup_key IN (SELECT dedup_key FROM claimed_keys)
+    ORDER BY n
 )
-INSERT INTO outbox_events (uuid, event, distinct_id, properties, "timestamp", dedup_key)
-SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()), dedup_key
-FROM input
-WHERE dedup_key IS NULL OR dedup_key IN (SELECT dedup_key FROM claimed_keys)
-ORDER BY n
-RETURNING uuid
+SELECT dedup_key FROM claimed_keys
 """
-_PSYCOPG_SQL = _INSERT_SQL.format(rows="%(rows)s")
-_SQLALCHEMY_SQL = text(_INSERT_SQL.format(rows=":rows"))
+)
+
+
+class _Statements:
+    """One SQL text in the two placeholder styles: psycopg's and SQLAlchemy's."""
+
+    def __init__(self, sql: str) -> None:
+        self.psycopg = sql.format(rows="%(rows)s")
+        self.sqlalchemy = text(sql.format(rows=":rows"))
+
+
+_PLAIN = _Statements(_PLAIN_SQL)
+_DEDUP = _Statements(_DEDUP_SQL)
 
 
 def enqueue(
@@ -184,10 +207,19 @@ def _unique_keys(events: Sequence[PreparedEvent]) -> list[PreparedEvent]:
     return kept
 
 
+def _plan(events: Sequence[PreparedEvent]) -> tuple[list[PreparedEvent], _Statements]:
+    """The events to send (first of each dedup key) and the statement to send them with."""
+    unique = _unique_keys(events)
+    has_keys = any(e.dedup_key is not None for e in unique)
+    return unique, (_DEDUP if has_keys else _PLAIN)
+
+
 def _results(
-    events: Sequence[PreparedEvent], inserted: Iterable[Any]
+    events: Sequence[PreparedEvent], sent: Sequence[PreparedEvent], claimed: Iterable[str]
 ) -> list[uuid_module.UUID | None]:
-    written = {u if isinstance(u, uuid_module.UUID) else uuid_module.UUID(str(u)) for u in inserted}
+    """Each event's uuid if it was written, else None."""
+    keys = set(claimed)
+    written = {e.uuid for e in sent if e.dedup_key is None or e.dedup_key in keys}
     return [e.uuid if e.uuid in written else None for e in events]
 
 
@@ -208,13 +240,15 @@ def enqueue_prepared(conn: Any, events: Sequence[PreparedEvent]) -> list[uuid_mo
     """Insert already validated events on ``conn`` (see :func:`enqueue_many`)."""
     if not events:
         return []
-    unique = _unique_keys(events)
-    rows = _rows_param(unique)
+    unique, statements = _plan(events)
+    params = {"rows": _rows_param(unique)}
     try:
         if isinstance(conn, psycopg.Connection | psycopg.Cursor):
-            inserted = [r[0] for r in conn.execute(_PSYCOPG_SQL, {"rows": rows}).fetchall()]
+            cursor = conn.execute(statements.psycopg, params)
+            claimed = [r[0] for r in cursor.fetchall()] if statements is _DEDUP else []
         elif isinstance(conn, Session | SAConnection | scoped_session):
-            inserted = list(conn.execute(_SQLALCHEMY_SQL, {"rows": rows}).scalars())
+            result = conn.execute(statements.sqlalchemy, params)
+            claimed = list(result.scalars()) if statements is _DEDUP else []
         else:
             raise UnsupportedConnectionError(
                 f"enqueue() got {type(conn).__module__}.{type(conn).__qualname__}; it needs a "
@@ -223,7 +257,7 @@ def enqueue_prepared(conn: Any, events: Sequence[PreparedEvent]) -> list[uuid_mo
             )
     except (sa_exc.DBAPIError, psycopg.Error) as exc:
         raise _translate(exc) from exc
-    return _results(events, inserted)
+    return _results(events, unique, claimed)
 
 
 async def aenqueue_prepared(
@@ -232,15 +266,15 @@ async def aenqueue_prepared(
     """The async twin of :func:`enqueue_prepared`."""
     if not events:
         return []
-    unique = _unique_keys(events)
-    rows = _rows_param(unique)
+    unique, statements = _plan(events)
+    params = {"rows": _rows_param(unique)}
     try:
         if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
-            cursor = await conn.execute(_PSYCOPG_SQL, {"rows": rows})
-            inserted = [r[0] for r in await cursor.fetchall()]
+            cursor = await conn.execute(statements.psycopg, params)
+            claimed = [r[0] for r in await cursor.fetchall()] if statements is _DEDUP else []
         elif isinstance(conn, AsyncSession | SAAsyncConnection):
-            result = await conn.execute(_SQLALCHEMY_SQL, {"rows": rows})
-            inserted = list(result.scalars())
+            result = await conn.execute(statements.sqlalchemy, params)
+            claimed = list(result.scalars()) if statements is _DEDUP else []
         else:
             raise UnsupportedConnectionError(
                 f"aenqueue() got {type(conn).__module__}.{type(conn).__qualname__}; it needs a "
@@ -249,4 +283,4 @@ async def aenqueue_prepared(
             )
     except (sa_exc.DBAPIError, psycopg.Error) as exc:
         raise _translate(exc) from exc
-    return _results(events, inserted)
+    return _results(events, unique, claimed)

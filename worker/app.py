@@ -143,7 +143,7 @@ class Worker:
     def refresh_metrics(self) -> None:
         """Publish the backlog and the sink state (the ``refresh_metrics`` job)."""
         try:
-            self.metrics.set_backlog(self.housekeeping_store.backlog())
+            self.metrics.set_backlog(self.housekeeping_store.backlog_capped())
         except DatabaseUnavailable:
             self.metrics.set_backlog(None)
         self.metrics.set_sink_state(self.drainer.sink_state)

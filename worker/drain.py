@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.settings import DEFAULT_RATE_LIMIT_PAUSE, DEFAULT_UNAUTHORIZED_PAUSE, Settings
+from worker.settings import Settings
 from worker.sinks.base import (
     RateLimitedError,
     RejectedError,
@@ -195,23 +195,27 @@ class Drainer:
                     )
                 continue
             except RateLimitedError as exc:
-                delay = exc.retry_after if exc.retry_after is not None else DEFAULT_RATE_LIMIT_PAUSE
+                delay = (
+                    exc.retry_after
+                    if exc.retry_after is not None
+                    else self.settings.rate_limit_pause
+                )
                 self._pause(delay, SINK_RATE_LIMITED, str(exc))
                 outcome.defer.extend(rest)
                 outcome.defer_delay = delay
                 outcome.defer_error = str(exc)
                 break
             except UnauthorizedError as exc:
-                self._pause(DEFAULT_UNAUTHORIZED_PAUSE, SINK_UNAUTHORIZED, str(exc))
+                self._pause(self.settings.unauthorized_pause, SINK_UNAUTHORIZED, str(exc))
                 log.error(
                     "the sink refused the API key (%s): check POSTHOG_API_KEY; every event "
                     "stays pending and sending resumes in %.0fs",
                     exc,
-                    DEFAULT_UNAUTHORIZED_PAUSE,
+                    self.settings.unauthorized_pause,
                     extra={"action": "sink_unauthorized"},
                 )
                 outcome.defer.extend(rest)
-                outcome.defer_delay = DEFAULT_UNAUTHORIZED_PAUSE
+                outcome.defer_delay = self.settings.unauthorized_pause
                 outcome.defer_error = str(exc)
                 break
             except RetryableSinkError as exc:

@@ -156,3 +156,26 @@ WITH gone AS (
 )
 SELECT count(*) FROM gone
 """
+
+# The backlog for metrics, refreshed every few seconds: every count is capped, so its
+# cost does not grow with the backlog (past the cap, pending is the planner's estimate
+# of the due index's size). The oldest pending row is the first in id order, found by
+# the primary key (only dead rows older than it are stepped over).
+BACKLOG_CAPPED = """
+SELECT
+    (SELECT count(*) FROM (SELECT 1 FROM outbox_events
+        WHERE status = 'pending' LIMIT %(cap)s) s) AS pending,
+    (SELECT count(*) FROM (SELECT 1 FROM outbox_events
+        WHERE status = 'pending' AND next_attempt_at <= now() LIMIT %(cap)s) s) AS due,
+    (SELECT count(*) FROM (SELECT 1 FROM outbox_events
+        WHERE status = 'pending' AND next_attempt_at > now() AND lease_token IS NOT NULL
+        LIMIT %(cap)s) s) AS leased,
+    (SELECT count(*) FROM (SELECT 1 FROM outbox_events
+        WHERE status = 'pending' AND attempts > 0 LIMIT %(cap)s) s) AS retrying,
+    (SELECT count(*) FROM (SELECT 1 FROM outbox_events
+        WHERE status = 'dead' LIMIT %(cap)s) s) AS dead,
+    coalesce((SELECT extract(epoch FROM now() - created_at) FROM outbox_events
+        WHERE status = 'pending' ORDER BY id LIMIT 1), 0) AS oldest_pending_age_seconds,
+    (SELECT greatest(reltuples, 0)::bigint FROM pg_class
+        WHERE oid = to_regclass('outbox_events_due_idx')) AS pending_estimate
+"""

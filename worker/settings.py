@@ -78,6 +78,10 @@ class Settings:
     dedup_window: float = DEFAULT_DEDUP_WINDOW
     #: Seconds to finish the in-flight batch after SIGTERM/SIGINT before abandoning it.
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    #: Seconds to pause sending after a 429 that names no Retry-After.
+    rate_limit_pause: float = DEFAULT_RATE_LIMIT_PAUSE
+    #: Seconds to pause sending after a 401/403 before trying the key again.
+    unauthorized_pause: float = DEFAULT_UNAUTHORIZED_PAUSE
     #: Port for ``/metrics``, ``/healthz`` and ``/readyz``; None: no HTTP server.
     metrics_port: int | None = None
     #: This worker's name in ``leased_by`` and logs.
@@ -127,6 +131,9 @@ class Settings:
         for name, value in positive.items():
             if value <= 0:
                 raise SettingsError(f"{_var_for(name)} must be positive, got {value}")
+        for name in ("rate_limit_pause", "unauthorized_pause", "shutdown_grace", "dedup_window"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{_var_for(name)} must not be negative")
         if self.backoff_base < 0:
             raise SettingsError(f"{_var_for('backoff_base')} must not be negative")
         if self.sink not in ("auto", "posthog", "stdout"):
@@ -196,6 +203,13 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar("OUTBOX_REQUEST_TIMEOUT", "request_timeout", float, "HTTP timeout (seconds)."),
     EnvVar("OUTBOX_DEDUP_WINDOW", "dedup_window", float, "Seconds a delivered dedup key holds."),
     EnvVar("OUTBOX_SHUTDOWN_GRACE", "shutdown_grace", float, "Seconds to finish after SIGTERM."),
+    EnvVar(
+        "OUTBOX_RATE_LIMIT_PAUSE",
+        "rate_limit_pause",
+        float,
+        "Pause after a 429 with no Retry-After.",
+    ),
+    EnvVar("OUTBOX_UNAUTHORIZED_PAUSE", "unauthorized_pause", float, "Pause after a 401/403."),
     EnvVar("OUTBOX_METRICS_PORT", "metrics_port", _port, "Port for /metrics and probes."),
     EnvVar("OUTBOX_WORKER_ID", "worker_id", str, "Name in leased_by and logs."),
     EnvVar("OUTBOX_LOG_LEVEL", "log_level", str, "DEBUG, INFO, WARNING or ERROR."),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 import uuid
@@ -23,6 +24,10 @@ from worker import queries
 from worker.database import check_installed, connect, describe_url
 
 log = logging.getLogger("outbox.worker")
+
+#: Reconnection attempts during an outage start this far apart and double up to the max.
+RECONNECT_DELAY_MIN = 0.25
+RECONNECT_DELAY_MAX = 15.0
 
 
 class DatabaseUnavailable(OutboxDatabaseError):
@@ -74,12 +79,17 @@ class Store:
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.RLock()
         self._down_since: float | None = None
+        self._reconnect_delay = RECONNECT_DELAY_MIN
+        self._retry_at = 0.0
 
     # -- connection -------------------------------------------------------------------
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            conn = connect(self.url, autocommit=True)
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:  # back off between reconnection attempts during an outage
+                raise DatabaseUnavailable(f"database unavailable; next reconnect in {wait:.1f}s")
+            conn = connect(self.url, autocommit=True, connect_timeout=10)
             try:
                 check_installed(conn)
             except BaseException:
@@ -92,6 +102,7 @@ class Store:
                     extra={"action": "db_reconnected", "database": describe_url(self.url)},
                 )
                 self._down_since = None
+            self._reconnect_delay = RECONNECT_DELAY_MIN
         return self._conn
 
     def _execute(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:
@@ -113,7 +124,7 @@ class Store:
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self._lost(exc)
                 raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
-            except OutboxNotInstalledError:
+            except (OutboxNotInstalledError, DatabaseUnavailable):
                 raise
             except OutboxDatabaseError as exc:
                 if self._conn is None:  # could not connect at all
@@ -126,6 +137,8 @@ class Store:
             with contextlib.suppress(Exception):  # the connection is gone either way
                 self._conn.close()
         self._conn = None
+        self._retry_at = time.monotonic() + self._reconnect_delay * random.uniform(0.5, 1.0)
+        self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_DELAY_MAX)
         if self._down_since is None:
             self._down_since = time.monotonic()
             if not self.log_outages:
@@ -231,6 +244,22 @@ class Store:
         row = self._execute(queries.BACKLOG)[0]
         return Backlog(
             pending=int(row[0]),
+            due=int(row[1]),
+            leased=int(row[2]),
+            retrying=int(row[3]),
+            dead=int(row[4]),
+            oldest_pending_age_seconds=float(row[5]),
+        )
+
+    def backlog_capped(self, cap: int = 100_000) -> Backlog:
+        """Like :meth:`backlog`, at a cost that does not grow with the backlog: counts
+        are exact up to ``cap``; past it, pending is the planner's estimate."""
+        row = self._execute(queries.BACKLOG_CAPPED, {"cap": cap})[0]
+        pending = int(row[0])
+        if pending >= cap:
+            pending = max(pending, int(row[6] or 0))
+        return Backlog(
+            pending=pending,
             due=int(row[1]),
             leased=int(row[2]),
             retrying=int(row[3]),

@@ -313,3 +313,32 @@ def test_expired_dedup_keys_are_removed_and_held_ones_kept(
     assert Store(database_url).expire_dedup_keys() == 1
     keys = {r[0] for r in db.execute("SELECT dedup_key FROM outbox_dedup_keys").fetchall()}
     assert keys == {"held", "recent"}
+
+
+def test_capped_backlog_matches_the_exact_one_below_the_cap(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    enqueue_n(database_url, 30)
+    db.execute(
+        "UPDATE outbox_events SET status = 'dead', last_error = 'x'"
+        " WHERE id IN (SELECT id FROM outbox_events ORDER BY id LIMIT 5)"
+    )
+    db.execute(
+        "UPDATE outbox_events SET attempts = 2, next_attempt_at = now() + interval '1 hour'"
+        " WHERE id IN (SELECT id FROM outbox_events WHERE status = 'pending' ORDER BY id LIMIT 4)"
+    )
+    store = Store(database_url)
+    assert store.claim(3, 10_000_000, 60) is not None
+    exact = store.backlog()
+    assert (exact.pending, exact.due, exact.leased, exact.retrying, exact.dead) == (25, 18, 3, 4, 5)
+    capped = store.backlog_capped()
+    assert (capped.pending, capped.due, capped.leased, capped.retrying, capped.dead) == (
+        25,
+        18,
+        3,
+        4,
+        5,
+    )
+    assert abs(capped.oldest_pending_age_seconds - exact.oldest_pending_age_seconds) < 1
+    small_cap = store.backlog_capped(cap=10)
+    assert small_cap.due == 10 and small_cap.dead == 5

@@ -8,6 +8,7 @@ A template database is migrated once; each test gets ``CREATE DATABASE … TEMPL
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,13 +24,14 @@ from worker.testing import CaptureServer
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def server_url() -> str:
     """A URL to a database on the test server, used to create and drop test databases."""
     url = os.environ.get("DATABASE_URL")
     if url:
         return libpq_url(url)
-    data_dir: Path = tmp_path_factory.mktemp("embedded-pg")
-    return start_embedded(data_dir, announce=False)
+    # Not under pytest's basetemp: a concurrent pytest run may prune that.
+    data_dir = Path(tempfile.mkdtemp(prefix="outbox-test-pg-"))
+    return start_embedded(data_dir, announce=False, delete_at_exit=True)
 
 
 def _admin(url: str) -> psycopg.Connection[Any]:

@@ -50,11 +50,12 @@ def describe_url(url: str) -> str:
     return f"{info.get('user') or ''}@{host}:{port}/{info.get('dbname') or ''}"
 
 
-def start_embedded(data_dir: Path, *, announce: bool = True) -> str:
+def start_embedded(data_dir: Path, *, announce: bool = True, delete_at_exit: bool = False) -> str:
     """Start (or reuse) the embedded PostgreSQL in ``data_dir`` and return its URL.
 
     The server keeps its data in ``data_dir/pgdata`` and is reused by the next run.
-    It stops when the last process that started it exits.
+    It stops when the last process that started it exits (and, with
+    ``delete_at_exit``, its data is deleted then: for tests).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -74,7 +75,7 @@ def start_embedded(data_dir: Path, *, announce: bool = True) -> str:
                 file=sys.stderr,
             )
         try:
-            server = get_server(pgdata, cleanup_mode="stop")
+            server = get_server(pgdata, cleanup_mode="delete" if delete_at_exit else "stop")
         except Exception as exc:
             raise OutboxDatabaseError(
                 f"could not start the embedded PostgreSQL in {pgdata}: {exc}; "

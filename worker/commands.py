@@ -82,7 +82,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
     if report["errors"]:
         print("\nlast errors (grouped)")
         _table(
-            ["status", "count", "since", "error"],
+            ["status", "count", "oldest event", "error"],
             [
                 (r["status"], str(r["count"]), (r["since"] or "")[:19], r["error"])
                 for r in report["errors"]

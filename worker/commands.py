@@ -49,7 +49,12 @@ def status_report(store: Store) -> dict[str, Any]:
         "top_pending": [{"event": e, "count": n} for e, n in store.top_events(STATUS_PENDING)],
         "top_dead": [{"event": e, "count": n} for e, n in store.top_events(STATUS_DEAD)],
         "errors": [
-            {**row, "since": row["since"].isoformat() if row["since"] else None}
+            {
+                "status": row["status"],
+                "error": row["error"],
+                "count": row["count"],
+                "oldest_created_at": row["since"].isoformat() if row["since"] else None,
+            }
             for row in store.top_errors()
         ],
     }
@@ -84,7 +89,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
         _table(
             ["status", "count", "oldest event", "error"],
             [
-                (r["status"], str(r["count"]), (r["since"] or "")[:19], r["error"])
+                (r["status"], str(r["count"]), (r["oldest_created_at"] or "")[:19], r["error"])
                 for r in report["errors"]
             ],
         )
@@ -99,7 +104,7 @@ def dead(settings: Settings, *, event: str | None, limit: int, as_json: bool) ->
     finally:
         store.close()
     if as_json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps(rows, indent=2, default=_json_value))
         return 0
     if not rows:
         print("no dead events")
@@ -148,6 +153,10 @@ def demo(settings: Settings) -> int:
     from worker.demo import run_demo
 
     return run_demo(settings)
+
+
+def _json_value(value: Any) -> str:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

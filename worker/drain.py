@@ -71,6 +71,13 @@ class DrainStats:
     deferred: int = 0
     #: Events that died because a retryable failure used their last attempt.
     dead_by_retry: int = 0
+    #: The run stopped early because the database went away.
+    interrupted: bool = False
+
+    @property
+    def clean(self) -> bool:
+        """Everything claimed was shipped and the run was not cut short."""
+        return not (self.retried or self.deferred or self.dead or self.interrupted)
 
     def add(self, other: DrainStats) -> None:
         """Accumulate another run's totals."""
@@ -119,6 +126,7 @@ class Drainer:
             try:
                 batch = self.drain_once()
             except DatabaseUnavailable:
+                stats.interrupted = True
                 break
             if batch is None:
                 break
@@ -142,36 +150,49 @@ class Drainer:
             )
             if lease is None:
                 return None
+            started = self.clock()
             with self._lock:
                 self._inflight = lease
-            started = self.clock()
-            outcome = self._ship(lease)
+            outcome = self._ship(lease, started)
             self.observer.batch_sent(self, lease, outcome, self.clock() - started)
             with self._lock:
                 abandoned = lease.token in self._abandoned
                 self._inflight = None
             if abandoned:
                 log.warning(
-                    "batch finished after shutdown abandoned it; its rows were released",
-                    extra={"action": "batch_abandoned", "events": len(lease.events)},
+                    "a batch released at shutdown finished its requests; its outcome is not "
+                    "recorded and its events will be sent again with the same uuids",
+                    extra={"action": "abandoned_batch_finished", "events": len(lease.events)},
                 )
                 return None
-            return self._record(lease, outcome)
+            return self._record(lease, outcome, started)
         finally:
             self.idle.set()
 
     # -- shipping ---------------------------------------------------------------------
 
-    def _ship(self, lease: Lease) -> Outcome:
+    def _ship(self, lease: Lease, claimed_at: float) -> Outcome:
         payloads = {e.id: to_payload(e) for e in lease.events}
         outcome = Outcome()
         chunks: list[list[ClaimedEvent]] = [lease.events]
+        # Splitting a refused batch takes many requests; stop at half the lease so the
+        # outcome is written while the rows are still ours, and release the rest.
+        budget = claimed_at + self.settings.lease_seconds / 2
         while chunks:
             chunk = chunks.pop(0)
             rest = [e.id for c in [chunk, *chunks] for e in c]
             if self.pause_remaining() > 0:  # a 429 earlier in this batch: no more requests
                 outcome.defer.extend(rest)
                 outcome.defer_delay = self.pause_remaining()
+                break
+            if outcome.requests and self.clock() > budget:
+                outcome.defer.extend(rest)
+                outcome.defer_delay = 0.0
+                log.info(
+                    "batch took half its lease; releasing %d unsent events",
+                    len(rest),
+                    extra={"action": "batch_released", "events": len(rest)},
+                )
                 break
             outcome.requests += 1
             try:
@@ -201,6 +222,12 @@ class Drainer:
                     else self.settings.rate_limit_pause
                 )
                 self._pause(delay, SINK_RATE_LIMITED, str(exc))
+                log.warning(
+                    "rate limited by the sink (%s); pausing all sends for %.1fs",
+                    exc,
+                    delay,
+                    extra={"action": "sink_rate_limited", "pause_seconds": delay},
+                )
                 outcome.defer.extend(rest)
                 outcome.defer_delay = delay
                 outcome.defer_error = str(exc)
@@ -246,7 +273,7 @@ class Drainer:
 
     # -- recording --------------------------------------------------------------------
 
-    def _record(self, lease: Lease, outcome: Outcome) -> DrainStats:
+    def _record(self, lease: Lease, outcome: Outcome, claimed_at: float) -> DrainStats:
         s = self.settings
         stats = DrainStats(batches=1)
 
@@ -271,7 +298,7 @@ class Drainer:
                 )
                 stats.deferred = len(outcome.defer)
 
-        self._write_until_lease_ends(write, lease)
+        self._write_until_lease_ends(write, lease, claimed_at)
         if outcome.shipped:
             log.info(
                 "shipped %d events",
@@ -284,9 +311,10 @@ class Drainer:
             )
         if outcome.retry:
             log.warning(
-                "batch failed, %d events will be retried: %s",
-                len(outcome.retry),
+                "batch failed: %s (%d events will be retried, %d used their last attempt)",
                 outcome.retry_error,
+                stats.retried,
+                stats.dead_by_retry,
                 extra={"action": "batch_failed", "events": len(outcome.retry)},
             )
         if stats.dead:
@@ -298,13 +326,15 @@ class Drainer:
         self.observer.batch_recorded(self, stats)
         return stats
 
-    def _write_until_lease_ends(self, write: Callable[[], None], lease: Lease) -> None:
+    def _write_until_lease_ends(
+        self, write: Callable[[], None], lease: Lease, claimed_at: float
+    ) -> None:
         """Run ``write``, retrying while the database is away and the lease still holds.
 
         Past the lease another worker may own the rows; the fenced writes would change
         nothing, and the rows will be shipped again with the same uuids.
         """
-        deadline = self.clock() + self.settings.lease_seconds
+        deadline = claimed_at + self.settings.lease_seconds
         delay = 0.2
         while True:
             try:

@@ -44,7 +44,9 @@ class WorkerMetrics(DrainObserver):
         )
         self.events_failed = Counter(
             "outbox_events_failed",
-            "Events whose send failed, by reason (transient, rate_limited, unauthorized).",
+            "Events whose send failed, by reason: transient (network, timeout, 5xx), "
+            "rate_limited (429), unauthorized (401/403), rejected (400/413, the event died), "
+            "released (a slow batch handed back unsent).",
             ["reason"],
             registry=r,
         )
@@ -74,7 +76,9 @@ class WorkerMetrics(DrainObserver):
             registry=r,
         )
         self.database_up = Gauge(
-            "outbox_database_up", "1 when the last database call succeeded.", registry=r
+            "outbox_database_up",
+            "1 when the last backlog refresh (every 15 s) could read the outbox table.",
+            registry=r,
         )
         self.set_sink_state(SINK_OK)
 
@@ -86,7 +90,7 @@ class WorkerMetrics(DrainObserver):
         if outcome.retry:
             self.events_failed.labels("transient").inc(len(outcome.retry))
         if outcome.defer:
-            reason = drainer.sink_state if drainer.sink_state != SINK_OK else "deferred"
+            reason = drainer.sink_state if drainer.sink_state != SINK_OK else "released"
             self.events_failed.labels(reason).inc(len(outcome.defer))
         if outcome.dead:
             self.events_failed.labels("rejected").inc(len(outcome.dead))
@@ -96,10 +100,12 @@ class WorkerMetrics(DrainObserver):
         """Count what the batch's outcome wrote."""
         self.events_shipped.labels(drainer.sink.name).inc(stats.shipped)
         self.events_dead.inc(stats.dead)
-        if stats.retried or stats.deferred:
-            self.batches.labels("failed" if not stats.shipped else "partial").inc()
-        else:
+        if not (stats.retried or stats.deferred or stats.dead):
             self.batches.labels("ok").inc()
+        elif stats.shipped:
+            self.batches.labels("partial").inc()
+        else:
+            self.batches.labels("failed").inc()
 
     # -- refreshed by the housekeeping job -------------------------------------------
 

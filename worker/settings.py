@@ -24,9 +24,9 @@ DEFAULT_BATCH_SIZE = 1000
 DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_LEASE_SECONDS = 60.0
-DEFAULT_MAX_ATTEMPTS = 16
+DEFAULT_MAX_ATTEMPTS = 24
 DEFAULT_BACKOFF_BASE = 2.0
-DEFAULT_BACKOFF_MAX = 1800.0
+DEFAULT_BACKOFF_MAX = 3600.0
 DEFAULT_REQUEST_TIMEOUT = 15.0
 DEFAULT_DEDUP_WINDOW = 24 * 3600.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
@@ -136,6 +136,8 @@ class Settings:
                 raise SettingsError(f"{_var_for(name)} must not be negative")
         if self.backoff_base < 0:
             raise SettingsError(f"{_var_for('backoff_base')} must not be negative")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"OUTBOX_METRICS_PORT must be 0 to 65535, got {self.metrics_port}")
         if self.sink not in ("auto", "posthog", "stdout"):
             raise SettingsError(f"OUTBOX_SINK must be auto, posthog or stdout, got {self.sink!r}")
         if self.sink == "posthog" and not self.posthog_api_key:

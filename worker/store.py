@@ -156,6 +156,10 @@ class Store:
                 self._conn.close()
                 self._conn = None
 
+    def ping_or_raise(self) -> None:
+        """Run a trivial query; raise what went wrong (connection, missing tables)."""
+        self._execute("SELECT 1")
+
     def ping(self) -> bool:
         """True when a trivial query succeeds."""
         try:

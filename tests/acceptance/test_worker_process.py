@@ -250,3 +250,46 @@ def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     assert "never shipped" in result.stdout
     again = run_cli(env, "status", "--json", timeout=60)
     assert json.loads(again.stdout)["pending"] == 0
+
+
+def test_until_empty_exit_codes_tell_cron_what_happened(
+    database_url: str, db: psycopg.Connection[Any], capture: CaptureServer
+) -> None:
+    enqueue_n(database_url, 5)
+    capture.default_reply = Reply(status=503)
+    env = worker_env(database_url, capture)
+    failed = run_cli(env, "run", "--until-empty")
+    assert failed.returncode == 1, failed.stderr
+    assert "batch_failed" in failed.stderr
+    assert count(db, "attempts = 1") == 5
+    capture.default_reply = Reply(status=200)
+    db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+    assert run_cli(env, "run", "--until-empty").returncode == 0
+    assert count(db) == 0
+
+
+def test_run_without_tables_fails_fast_with_one_line(empty_database: str) -> None:
+    result = run_cli(worker_env(empty_database), "run")
+    assert result.returncode == 2
+    assert "outbox-worker migrate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_options_work_after_the_command_name(database_url: str) -> None:
+    env = worker_env("postgresql://postgres@127.0.0.1:1/nowhere")
+    result = run_cli(env, "status", "--json", "--database-url", database_url)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pending"] == 0
+
+
+def test_log_lines_keep_their_fields(
+    database_url: str, db: psycopg.Connection[Any], capture: CaptureServer
+) -> None:
+    uuids = sorted(enqueue_n(database_url, 4))
+    capture.reject_events(lambda e: e["uuid"] == uuids[2], status=400, detail="bad")
+    result = run_cli(worker_env(database_url, capture), "run", "--until-empty")
+    assert result.returncode == 1
+    rejected = [line for line in result.stderr.splitlines() if "[event_rejected]" in line]
+    assert len(rejected) == 1 and f"uuid={uuids[2]}" in rejected[0]
+    shipped = [line for line in result.stderr.splitlines() if "[batch_shipped]" in line]
+    assert shipped and "events=" in shipped[0]

@@ -207,20 +207,22 @@ def _unique_keys(events: Sequence[PreparedEvent]) -> list[PreparedEvent]:
     return kept
 
 
-def _plan(events: Sequence[PreparedEvent]) -> tuple[list[PreparedEvent], _Statements]:
-    """The events to send (first of each dedup key) and the statement to send them with."""
-    unique = _unique_keys(events)
-    has_keys = any(e.dedup_key is not None for e in unique)
-    return unique, (_DEDUP if has_keys else _PLAIN)
+class _Call:
+    """One enqueue call: the events to send (the first of each dedup key), the
+    statement and its parameter, and how to read the outcome."""
 
+    def __init__(self, events: Sequence[PreparedEvent]) -> None:
+        self.events = events
+        self.sent = _unique_keys(events)
+        self.reads_keys = any(e.dedup_key is not None for e in self.sent)
+        self.statements = _DEDUP if self.reads_keys else _PLAIN
+        self.params = {"rows": _rows_param(self.sent)}
 
-def _results(
-    events: Sequence[PreparedEvent], sent: Sequence[PreparedEvent], claimed: Iterable[str]
-) -> list[uuid_module.UUID | None]:
-    """Each event's uuid if it was written, else None."""
-    keys = set(claimed)
-    written = {e.uuid for e in sent if e.dedup_key is None or e.dedup_key in keys}
-    return [e.uuid if e.uuid in written else None for e in events]
+    def results(self, claimed: Iterable[str]) -> list[uuid_module.UUID | None]:
+        """Each event's uuid if it was written, else None."""
+        keys = set(claimed)
+        written = {e.uuid for e in self.sent if e.dedup_key is None or e.dedup_key in keys}
+        return [e.uuid if e.uuid in written else None for e in self.events]
 
 
 def _translate(exc: Exception) -> Exception:
@@ -240,24 +242,19 @@ def enqueue_prepared(conn: Any, events: Sequence[PreparedEvent]) -> list[uuid_mo
     """Insert already validated events on ``conn`` (see :func:`enqueue_many`)."""
     if not events:
         return []
-    unique, statements = _plan(events)
-    params = {"rows": _rows_param(unique)}
+    call = _Call(events)
     try:
         if isinstance(conn, psycopg.Connection | psycopg.Cursor):
-            cursor = conn.execute(statements.psycopg, params)
-            claimed = [r[0] for r in cursor.fetchall()] if statements is _DEDUP else []
+            cursor = conn.execute(call.statements.psycopg, call.params)
+            claimed = [r[0] for r in cursor.fetchall()] if call.reads_keys else []
         elif isinstance(conn, Session | SAConnection | scoped_session):
-            result = conn.execute(statements.sqlalchemy, params)
-            claimed = list(result.scalars()) if statements is _DEDUP else []
+            result = conn.execute(call.statements.sqlalchemy, call.params)
+            claimed = list(result.scalars()) if call.reads_keys else []
         else:
-            raise UnsupportedConnectionError(
-                f"enqueue() got {type(conn).__module__}.{type(conn).__qualname__}; it needs a "
-                "SQLAlchemy Session or Connection, or a psycopg Connection "
-                "(use aenqueue() for async connections)"
-            )
+            raise _unsupported(conn, sync=True)
     except (sa_exc.DBAPIError, psycopg.Error) as exc:
         raise _translate(exc) from exc
-    return _results(events, unique, claimed)
+    return call.results(claimed)
 
 
 async def aenqueue_prepared(
@@ -266,21 +263,29 @@ async def aenqueue_prepared(
     """The async twin of :func:`enqueue_prepared`."""
     if not events:
         return []
-    unique, statements = _plan(events)
-    params = {"rows": _rows_param(unique)}
+    call = _Call(events)
     try:
         if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
-            cursor = await conn.execute(statements.psycopg, params)
-            claimed = [r[0] for r in await cursor.fetchall()] if statements is _DEDUP else []
+            cursor = await conn.execute(call.statements.psycopg, call.params)
+            claimed = [r[0] for r in await cursor.fetchall()] if call.reads_keys else []
         elif isinstance(conn, AsyncSession | SAAsyncConnection):
-            result = await conn.execute(statements.sqlalchemy, params)
-            claimed = list(result.scalars()) if statements is _DEDUP else []
+            result = await conn.execute(call.statements.sqlalchemy, call.params)
+            claimed = list(result.scalars()) if call.reads_keys else []
         else:
-            raise UnsupportedConnectionError(
-                f"aenqueue() got {type(conn).__module__}.{type(conn).__qualname__}; it needs a "
-                "SQLAlchemy AsyncSession or AsyncConnection, or a psycopg AsyncConnection "
-                "(use enqueue() for sync connections)"
-            )
+            raise _unsupported(conn, sync=False)
     except (sa_exc.DBAPIError, psycopg.Error) as exc:
         raise _translate(exc) from exc
-    return _results(events, unique, claimed)
+    return call.results(claimed)
+
+
+def _unsupported(conn: Any, *, sync: bool) -> UnsupportedConnectionError:
+    name = f"{type(conn).__module__}.{type(conn).__qualname__}"
+    if sync:
+        return UnsupportedConnectionError(
+            f"enqueue() got {name}; it needs a SQLAlchemy Session or Connection, or a "
+            "psycopg Connection (use aenqueue() for async connections)"
+        )
+    return UnsupportedConnectionError(
+        f"aenqueue() got {name}; it needs a SQLAlchemy AsyncSession or AsyncConnection, "
+        "or a psycopg AsyncConnection (use enqueue() for sync connections)"
+    )

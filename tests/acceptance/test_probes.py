@@ -11,8 +11,8 @@ from typing import Any
 
 import psycopg
 
-from tests.acceptance.test_worker_process import enqueue_n, poll, start_worker
-from tests.conftest import worker_env
+from tests.acceptance.test_worker_process import enqueue_n, start_worker
+from tests.conftest import wait_for, worker_env
 from worker.testing import CaptureServer, Reply
 
 
@@ -45,7 +45,7 @@ def test_probes_and_metrics_of_a_running_worker(
     env = worker_env(database_url, capture, OUTBOX_METRICS_PORT=str(port))
     proc = start_worker(env)
     try:
-        poll(lambda: get(base + "/healthz")[0] == 200, what="/healthz")
+        wait_for(lambda: get(base + "/healthz")[0] == 200, what="/healthz")
         assert get(base + "/readyz")[0] == 200
         # Events committed while the worker runs are picked up by polling.
         uuids = enqueue_n(database_url, 40)
@@ -55,7 +55,7 @@ def test_probes_and_metrics_of_a_running_worker(
         def shipped() -> float | None:
             return metric(get(base + "/metrics")[1], 'outbox_events_shipped_total{sink="posthog"}')
 
-        assert poll(lambda: shipped() == 40, what="the shipped counter")
+        assert wait_for(lambda: shipped() == 40, what="the shipped counter")
         text = get(base + "/metrics")[1]
         assert metric(text, 'outbox_sink_state{state="ok"}') == 1
         assert "outbox_backlog_events" in text
@@ -64,7 +64,7 @@ def test_probes_and_metrics_of_a_running_worker(
         # A refused key: everything stays pending and /readyz says why.
         capture.default_reply = Reply(status=401)
         enqueue_n(database_url, 5)
-        poll(lambda: get(base + "/readyz")[0] == 503, what="/readyz to fail")
+        wait_for(lambda: get(base + "/readyz")[0] == 503, what="/readyz to fail")
         assert "API key" in get(base + "/readyz")[1]
         row = db.execute("SELECT count(*), max(attempts) FROM outbox_events").fetchone()
         assert row == (5, 0)

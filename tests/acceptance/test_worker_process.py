@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import psycopg
 import pytest
 
 import outbox
-from tests.conftest import worker_env
+from tests.conftest import wait_for, worker_env
 from worker.testing import CaptureServer, Reply
 
 WORKER = [str(Path(sys.executable).with_name("outbox-worker"))]
@@ -51,16 +50,6 @@ def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def poll(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def count(db: psycopg.Connection[Any], where: str = "true") -> int:
@@ -100,7 +89,7 @@ def test_sigkill_mid_batch_loses_nothing(
     )
     proc = start_worker(env)
     try:
-        poll(lambda: count(db, "lease_token IS NOT NULL") > 0, what="a leased batch")
+        wait_for(lambda: count(db, "lease_token IS NOT NULL") > 0, what="a leased batch")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -126,7 +115,7 @@ def test_sigterm_finishes_the_in_flight_batch_and_exits_0(
     capture.default_reply = Reply(status=200, delay=1.0)
     env = worker_env(database_url, capture, OUTBOX_BATCH_SIZE="100", OUTBOX_SHUTDOWN_GRACE="10")
     proc = start_worker(env)
-    poll(lambda: count(db, "lease_token IS NOT NULL") > 0, what="a leased batch")
+    wait_for(lambda: count(db, "lease_token IS NOT NULL") > 0, what="a leased batch")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
@@ -150,7 +139,7 @@ def test_sigterm_past_the_grace_releases_the_batch_at_once(
         OUTBOX_REQUEST_TIMEOUT="60",
     )
     proc = start_worker(env)
-    poll(lambda: count(db, "lease_token IS NOT NULL") == 50, what="a leased batch")
+    wait_for(lambda: count(db, "lease_token IS NOT NULL") == 50, what="a leased batch")
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 import outbox
+from tests.conftest import wait_for
 from worker.app import Worker
 from worker.settings import Settings
 from worker.testing import CaptureServer, Reply
@@ -57,16 +58,6 @@ def running(
         w.stop()
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 def test_413_on_one_big_event_buries_it_and_ships_the_rest(
     database_url: str,
     db: psycopg.Connection[Any],
@@ -78,7 +69,7 @@ def test_413_on_one_big_event_buries_it_and_ships_the_rest(
     big = enqueue(database_url, 1, size=100_000)
     running()
     capture.wait_for_events(12)
-    wait_until(lambda: [r[1] for r in left(db)] == ["dead"])
+    wait_for(lambda: [r[1] for r in left(db)] == ["dead"])
     assert set(capture.uuids()) == small
     (uuid, status, _, error) = left(db)[0]
     assert {uuid} == big and status == "dead" and "413" in error
@@ -97,7 +88,7 @@ def test_413_on_a_big_body_splits_it_and_ships_everything(
     assert set(capture.uuids()) == uuids
     assert any(r.status == 413 for r in capture.requests)
     assert all(r.status == 200 or r.status == 413 for r in capture.requests)
-    wait_until(lambda: left(db) == [])
+    wait_for(lambda: left(db) == [])
 
 
 def test_400_poison_event_among_many(
@@ -111,7 +102,7 @@ def test_400_poison_event_among_many(
     capture.reject_events(lambda e: e["uuid"] == poison, status=400, detail="bad property type")
     running()
     capture.wait_for_events(63)
-    wait_until(lambda: [r[1] for r in left(db)] == ["dead"])
+    wait_for(lambda: [r[1] for r in left(db)] == ["dead"])
     assert set(capture.uuids()) == set(uuids) - {poison}
     assert left(db)[0][0] == poison and "bad property type" in left(db)[0][3]
 
@@ -150,7 +141,7 @@ def test_429_counts_no_attempt(
     enqueue(database_url, 5)
     running()
     capture.wait_for_requests(1)
-    wait_until(lambda: all(r[3] and "429" in r[3] for r in left(db)))
+    wait_for(lambda: all(r[3] and "429" in r[3] for r in left(db)))
     assert [(r[1], r[2]) for r in left(db)] == [("pending", 0)] * 5
     time.sleep(0.3)  # the pause holds: nothing else goes out meanwhile
     assert len(capture.requests) == 1
@@ -171,8 +162,8 @@ def test_401_keeps_events_pending_until_the_key_is_fixed(
     capture.default_reply = Reply(status=200)  # the key is fixed
     capture.wait_for_events(8)
     assert set(capture.uuids()) == uuids
-    wait_until(lambda: left(db) == [])
-    wait_until(lambda: worker.readiness()[0])
+    wait_for(lambda: left(db) == [])
+    wait_for(lambda: worker.readiness()[0])
 
 
 def test_5xx_storm_then_recovery(
@@ -187,7 +178,7 @@ def test_5xx_storm_then_recovery(
     capture.wait_for_events(30)
     assert set(capture.uuids()) == uuids
     assert [r.status for r in capture.requests[:7]] == [502] * 3 + [503] * 3 + [500]
-    wait_until(lambda: left(db) == [])
+    wait_for(lambda: left(db) == [])
 
 
 def test_5xx_forever_makes_events_dead_with_the_reason(
@@ -199,7 +190,7 @@ def test_5xx_forever_makes_events_dead_with_the_reason(
     capture.default_reply = Reply(status=503)
     enqueue(database_url, 4)
     running(backoff_base=0.01, backoff_max=0.02, max_attempts=3)
-    wait_until(lambda: [r[1] for r in left(db)] == ["dead"] * 4)
+    wait_for(lambda: [r[1] for r in left(db)] == ["dead"] * 4)
     assert all(r[2] == 3 and "503" in r[3] for r in left(db))
     assert capture.uuids() == []
 
@@ -213,7 +204,7 @@ def test_timeouts_are_retried_and_nothing_is_lost(
     capture.enqueue_reply(Reply(status=200, delay=1.0, times=2))
     uuids = enqueue(database_url, 10)
     running(request_timeout=0.3, backoff_base=0.01, backoff_max=0.05)
-    wait_until(lambda: left(db) == [])
+    wait_for(lambda: left(db) == [])
     # A timed-out request may still have been accepted: re-sends carry the same uuids,
     # so at worst PostHog sees a duplicate it can drop; nothing is missing.
     assert set(capture.uuids()) == uuids

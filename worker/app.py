@@ -39,6 +39,7 @@ def build_sink(settings: Settings) -> Sink:
             settings.posthog_host,
             gzip=settings.gzip,
             timeout=settings.request_timeout,
+            transport=settings.posthog_transport,
         )
     log.warning(
         "POSTHOG_API_KEY is not set: events are printed to stdout as JSON lines, "
@@ -66,7 +67,10 @@ class Worker:
         self.housekeeping_store = Store(url, worker_id=settings.worker_id, log_outages=False)
         self.sink = sink if sink is not None else build_sink(settings)
         self.metrics = WorkerMetrics()
-        self.drainer = Drainer(self.store, self.sink, settings, observer=self.metrics)
+        self.claim_store = Store(url, worker_id=settings.worker_id, log_outages=False)
+        self.drainer = Drainer(
+            self.store, self.sink, settings, claim_store=self.claim_store, observer=self.metrics
+        )
         self.stopped = threading.Event()
         self._scheduler: BackgroundScheduler | None = None
         self._probes: ProbeServer | None = None
@@ -201,4 +205,5 @@ class Worker:
         self.stopped.set()
         self.sink.close()
         self.store.close()
+        self.claim_store.close()
         self.housekeeping_store.close()

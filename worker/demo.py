@@ -19,7 +19,7 @@ import outbox
 from worker.app import Worker, build_sink
 from worker.database import migrate, resolve_database_url, sqlalchemy_url
 from worker.settings import Settings
-from worker.sinks.base import Event, Sink
+from worker.sinks.base import Event, Outbound, Sink
 
 
 class Base(DeclarativeBase):
@@ -60,10 +60,10 @@ class RecordingSink:
         self.name = inner.name
         self.events: list[Event] = []
 
-    def send(self, events: Sequence[Event]) -> None:
+    def send(self, events: Sequence[Outbound]) -> None:
         """Send through the inner sink; record on success."""
         self.inner.send(events)
-        self.events.extend(events)
+        self.events.extend(e.data for e in events)
 
     def close(self) -> None:
         """Close the inner sink."""

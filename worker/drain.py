@@ -7,15 +7,18 @@ worker that lost its lease changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 from worker.settings import Settings
 from worker.sinks.base import (
+    Outbound,
     RateLimitedError,
     RejectedError,
     RetryableSinkError,
@@ -31,19 +34,6 @@ SINK_OK = "ok"
 SINK_BACKING_OFF = "backing_off"
 SINK_RATE_LIMITED = "rate_limited"
 SINK_UNAUTHORIZED = "unauthorized"
-
-
-def to_payload(event: ClaimedEvent) -> dict[str, Any]:
-    """The PostHog capture event for an outbox row (same uuid and timestamp on every send)."""
-    properties = event.properties
-    properties["$ignore_sent_at"] = True
-    return {
-        "event": event.event,
-        "distinct_id": event.distinct_id,
-        "properties": properties,
-        "uuid": str(event.uuid),
-        "timestamp": event.timestamp.isoformat(),
-    }
 
 
 @dataclass
@@ -75,6 +65,11 @@ class DrainStats:
     interrupted: bool = False
 
     @property
+    def sink_failed(self) -> bool:
+        """The sink failed for some events: stop draining until the next poll."""
+        return bool(self.retried or self.deferred or self.dead_by_retry)
+
+    @property
     def clean(self) -> bool:
         """Everything claimed was shipped and the run was not cut short."""
         return not (self.retried or self.deferred or self.dead or self.interrupted)
@@ -98,10 +93,14 @@ class Drainer:
         sink: Sink,
         settings: Settings,
         *,
+        claim_store: Store | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: DrainObserver | None = None,
     ) -> None:
         self.store = store
+        #: With a second connection for claims, the next batch is claimed while the
+        #: current one is on the wire.
+        self.claim_store = claim_store or store
         self.sink = sink
         self.settings = settings
         self.clock = clock
@@ -112,8 +111,8 @@ class Drainer:
         self.paused_until = 0.0
         self.sink_state = SINK_OK
         self.last_error: str | None = None
-        self._inflight: Lease | None = None
-        self._abandoned: set[Any] = set()
+        self._held: dict[uuid.UUID, Lease] = {}
+        self._abandoned: set[uuid.UUID] = set()
         self._lock = threading.Lock()
 
     # -- driving ----------------------------------------------------------------------
@@ -122,59 +121,95 @@ class Drainer:
         """Ship batches until nothing is due, the sink fails (the next poll tries again),
         the sink is paused, or :attr:`stop_event` is set. Returns what happened."""
         stats = DrainStats()
-        while not self.stop_event.is_set():
-            try:
-                batch = self.drain_once()
-            except DatabaseUnavailable:
-                stats.interrupted = True
-                break
-            if batch is None:
-                break
-            stats.add(batch)
-            if batch.retried or batch.deferred or batch.dead_by_retry:
-                break
+        self.idle.clear()
+        pool: ThreadPoolExecutor | None = None
+        ahead: Future[Lease | None] | None = None
+        try:
+            lease = self._claim()
+            while lease is not None:
+                full = len(lease.events) >= self.settings.batch_size
+                if full and self.claim_store is not self.store:
+                    pool = pool or ThreadPoolExecutor(1, thread_name_prefix="outbox-claim")
+                    ahead = pool.submit(self._claim)
+                batch = self._process(lease)
+                if batch is not None:
+                    stats.add(batch)
+                claimed_ahead = ahead is not None
+                lease = None
+                if ahead is not None:
+                    future, ahead = ahead, None
+                    lease = future.result()
+                if batch is None or batch.sink_failed or not self._may_send():
+                    if lease is not None:
+                        self._release(lease)
+                    break
+                if not claimed_ahead:
+                    lease = self._claim()
+        except DatabaseUnavailable:
+            stats.interrupted = True
+        finally:
+            if ahead is not None:
+                with contextlib.suppress(DatabaseUnavailable):
+                    late = ahead.result()
+                    if late is not None:
+                        self._release(late)
+            if pool is not None:
+                pool.shutdown(wait=True)
+            self.idle.set()
         return stats
 
     def pause_remaining(self) -> float:
         """Seconds until the sink may be called again (0 when not paused)."""
         return max(0.0, self.paused_until - self.clock())
 
-    def drain_once(self) -> DrainStats | None:
-        """Claim and ship one batch; None when nothing is due."""
-        if self.stop_event.is_set() or self.pause_remaining() > 0:
+    def _may_send(self) -> bool:
+        return not self.stop_event.is_set() and self.pause_remaining() <= 0
+
+    def _claim(self) -> Lease | None:
+        """Lease the next batch, unless stopping or paused; None when nothing is due."""
+        if not self._may_send():
             return None
-        self.idle.clear()
-        try:
-            lease = self.store.claim(
-                self.settings.batch_size, self.settings.max_batch_bytes, self.settings.lease_seconds
+        started = self.clock()  # the lease runs from (a little after) this moment
+        lease = self.claim_store.claim(
+            self.settings.batch_size, self.settings.max_batch_bytes, self.settings.lease_seconds
+        )
+        if lease is None:
+            return None
+        lease = replace(lease, claimed_at=started)
+        with self._lock:
+            self._held[lease.token] = lease
+        return lease
+
+    def _release(self, lease: Lease) -> None:
+        """Hand a claimed but unsent batch back at once, counting no attempt."""
+        with self._lock:
+            self._held.pop(lease.token, None)
+        with contextlib.suppress(DatabaseUnavailable):  # else the lease expires by itself
+            self.store.defer(lease.token, [e.id for e in lease.events], 0.0, None)
+
+    def _process(self, lease: Lease) -> DrainStats | None:
+        """Ship one leased batch and record its outcome; None if shutdown abandoned it."""
+        started = self.clock()
+        outcome = self._ship(lease, lease.claimed_at)
+        self.observer.batch_sent(self, lease, outcome, self.clock() - started)
+        with self._lock:
+            abandoned = lease.token in self._abandoned
+            self._held.pop(lease.token, None)
+        if abandoned:
+            log.warning(
+                "a batch released at shutdown finished its requests; its outcome is not "
+                "recorded and its events will be sent again with the same uuids",
+                extra={"action": "abandoned_batch_finished", "events": len(lease.events)},
             )
-            if lease is None:
-                return None
-            started = self.clock()
-            with self._lock:
-                self._inflight = lease
-            outcome = self._ship(lease, started)
-            self.observer.batch_sent(self, lease, outcome, self.clock() - started)
-            with self._lock:
-                abandoned = lease.token in self._abandoned
-                self._inflight = None
-            if abandoned:
-                log.warning(
-                    "a batch released at shutdown finished its requests; its outcome is not "
-                    "recorded and its events will be sent again with the same uuids",
-                    extra={"action": "abandoned_batch_finished", "events": len(lease.events)},
-                )
-                return None
-            return self._record(lease, outcome, started)
-        finally:
-            self.idle.set()
+            return None
+        return self._record(lease, outcome, lease.claimed_at)
 
     # -- shipping ---------------------------------------------------------------------
 
     def _ship(self, lease: Lease, claimed_at: float) -> Outcome:
-        payloads = {e.id: to_payload(e) for e in lease.events}
+        payloads = {e.id: e.outbound() for e in lease.events}
         outcome = Outcome()
-        chunks: list[list[ClaimedEvent]] = [lease.events]
+        chunks = self._by_size(lease.events, payloads)
         # Splitting a refused batch takes many requests; stop at half the lease so the
         # outcome is written while the rows are still ours, and release the rest.
         budget = claimed_at + self.settings.lease_seconds / 2
@@ -261,6 +296,25 @@ class Drainer:
         if outcome.shipped and not outcome.retry and not outcome.defer:
             self.sink_state = SINK_OK
         return outcome
+
+    def _by_size(
+        self, events: list[ClaimedEvent], payloads: dict[int, Outbound]
+    ) -> list[list[ClaimedEvent]]:
+        """Split a batch into requests of at most ``max_batch_bytes`` of event JSON."""
+        limit = self.settings.max_batch_bytes
+        chunks: list[list[ClaimedEvent]] = []
+        current: list[ClaimedEvent] = []
+        size = 0
+        for event in events:
+            n = len(payloads[event.id].json) + 1
+            if current and size + n > limit:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(event)
+            size += n
+        if current:
+            chunks.append(current)
+        return chunks
 
     def _pause(self, seconds: float, state: str, error: str) -> None:
         self.paused_until = max(self.paused_until, self.clock() + max(0.0, seconds))
@@ -354,18 +408,22 @@ class Drainer:
     # -- shutdown ---------------------------------------------------------------------
 
     def abandon_inflight(self) -> int:
-        """Release the in-flight batch's rows at once (for shutdown); returns how many."""
+        """Release every batch this drainer holds, at once (for shutdown); returns how
+        many events were released. A send still in flight is fenced off: its outcome
+        is not written."""
         with self._lock:
-            lease = self._inflight
-            if lease is None:
-                return 0
-            self._abandoned.add(lease.token)
-        ids = [e.id for e in lease.events]
-        try:
-            self.store.defer(lease.token, ids, 0.0, None)
-        except DatabaseUnavailable:
-            return 0  # the lease will expire by itself
-        return len(ids)
+            leases = list(self._held.values())
+            self._abandoned.update(self._held)
+            self._held.clear()
+        released = 0
+        for lease in leases:
+            ids = [e.id for e in lease.events]
+            try:
+                self.store.defer(lease.token, ids, 0.0, None)
+            except DatabaseUnavailable:
+                continue  # the lease will expire by itself
+            released += len(ids)
+        return released
 
 
 class DrainObserver:

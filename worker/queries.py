@@ -7,16 +7,19 @@ ever open while a batch is on the wire to the sink.
 
 from __future__ import annotations
 
-# Lock up to :limit due rows (skipping rows another worker holds), keep the longest
-# prefix whose JSON fits in :max_bytes (always at least one row), and lease it: a new
-# token, and next_attempt_at pushed to the lease's end so that a crashed worker's rows
-# come due again exactly when its lease expires. Rows locked but not kept are released
-# when the statement ends.
+# Lock up to :limit due rows that no live lease holds (skipping rows another worker has
+# locked this instant), keep the longest prefix whose stored size fits in :max_bytes
+# (always at least one row; the drainer splits requests by the exact JSON size), and
+# lease it with a new token. Only columns outside every index change, so the update
+# can stay on its heap page (HOT) and the claim writes no index entries. A crashed
+# worker's rows are due again as soon as their lease expires. Rows locked but not
+# kept are released when the statement ends.
 CLAIM = """
 WITH locked AS (
-    SELECT id, next_attempt_at, octet_length(properties::text) + 256 AS size
+    SELECT id, next_attempt_at, pg_column_size(properties) + 200 AS size
     FROM outbox_events
     WHERE status = 'pending' AND next_attempt_at <= now()
+      AND (lease_token IS NULL OR leased_until <= now())
     ORDER BY next_attempt_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -30,11 +33,10 @@ WITH locked AS (
 UPDATE outbox_events AS e
 SET lease_token = %(token)s,
     leased_until = now() + %(lease)s * interval '1 second',
-    next_attempt_at = now() + %(lease)s * interval '1 second',
     leased_by = %(worker)s
 FROM chosen
 WHERE e.id = chosen.id
-RETURNING e.id, e.uuid, e.event, e.distinct_id, e.properties, e."timestamp", e.attempts
+RETURNING e.id, e.uuid, e.event, e.distinct_id, e.properties::text, e."timestamp", e.attempts
 """
 
 # Delivered: delete the rows this lease still holds (a worker whose lease was taken
@@ -97,7 +99,8 @@ WHERE dedup_key IN (
 BACKLOG = """
 SELECT
     count(*) FILTER (WHERE status = 'pending') AS pending,
-    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= now()) AS due,
+    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= now()
+                     AND (lease_token IS NULL OR leased_until <= now())) AS due,
     count(*) FILTER (WHERE status = 'pending' AND lease_token IS NOT NULL
                      AND leased_until > now()) AS leased,
     count(*) FILTER (WHERE status = 'pending' AND attempts > 0) AS retrying,
@@ -166,9 +169,10 @@ SELECT
     (SELECT count(*) FROM (SELECT 1 FROM outbox_events
         WHERE status = 'pending' LIMIT %(cap)s) s) AS pending,
     (SELECT count(*) FROM (SELECT 1 FROM outbox_events
-        WHERE status = 'pending' AND next_attempt_at <= now() LIMIT %(cap)s) s) AS due,
+        WHERE status = 'pending' AND next_attempt_at <= now()
+          AND (lease_token IS NULL OR leased_until <= now()) LIMIT %(cap)s) s) AS due,
     (SELECT count(*) FROM (SELECT 1 FROM outbox_events
-        WHERE status = 'pending' AND next_attempt_at > now() AND lease_token IS NOT NULL
+        WHERE status = 'pending' AND lease_token IS NOT NULL AND leased_until > now()
         LIMIT %(cap)s) s) AS leased,
     (SELECT count(*) FROM (SELECT 1 FROM outbox_events
         WHERE status = 'pending' AND attempts > 0 LIMIT %(cap)s) s) AS retrying,

@@ -56,6 +56,8 @@ class Settings:
     posthog_host: str = DEFAULT_POSTHOG_HOST
     #: ``posthog``, ``stdout`` or ``auto`` (posthog when a key is set, else stdout).
     sink: str = "auto"
+    #: ``direct`` (the stored JSON, posted as is) or ``posthog`` (posthog.request.batch_post).
+    posthog_transport: str = "direct"
     #: Gzip request bodies.
     gzip: bool = True
     #: Most events claimed and sent in one batch.
@@ -138,6 +140,11 @@ class Settings:
             raise SettingsError(f"{_var_for('backoff_base')} must not be negative")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise SettingsError(f"OUTBOX_METRICS_PORT must be 0 to 65535, got {self.metrics_port}")
+        if self.posthog_transport not in ("direct", "posthog"):
+            raise SettingsError(
+                "OUTBOX_POSTHOG_TRANSPORT must be direct or posthog, "
+                f"got {self.posthog_transport!r}"
+            )
         if self.sink not in ("auto", "posthog", "stdout"):
             raise SettingsError(f"OUTBOX_SINK must be auto, posthog or stdout, got {self.sink!r}")
         if self.sink == "posthog" and not self.posthog_api_key:
@@ -194,6 +201,12 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar("POSTHOG_API_KEY", "posthog_api_key", str, "PostHog project API key."),
     EnvVar("POSTHOG_HOST", "posthog_host", str, "PostHog ingestion host."),
     EnvVar("OUTBOX_SINK", "sink", str, "auto, posthog or stdout."),
+    EnvVar(
+        "OUTBOX_POSTHOG_TRANSPORT",
+        "posthog_transport",
+        str,
+        "direct, or posthog for posthog.request.batch_post.",
+    ),
     EnvVar("OUTBOX_GZIP", "gzip", _bool, "Gzip request bodies (0 to turn off)."),
     EnvVar("OUTBOX_BATCH_SIZE", "batch_size", int, "Most events per batch."),
     EnvVar("OUTBOX_MAX_BATCH_BYTES", "max_batch_bytes", int, "Most bytes of events per request."),

@@ -7,6 +7,7 @@ away it raises :class:`DatabaseUnavailable`; the next call reconnects.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import threading
@@ -22,8 +23,10 @@ import psycopg
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
 from worker import queries
 from worker.database import check_installed, connect, describe_url
+from worker.sinks.base import Outbound
 
 log = logging.getLogger("outbox.worker")
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 #: Reconnection attempts during an outage start this far apart and double up to the max.
 RECONNECT_DELAY_MIN = 0.25
@@ -42,9 +45,32 @@ class ClaimedEvent:
     uuid: uuid.UUID
     event: str
     distinct_id: str
-    properties: dict[str, Any]
+    #: The stored properties as PostgreSQL renders jsonb (never decoded here).
+    properties_json: str
     timestamp: datetime
     attempts: int
+
+    def outbound(self) -> Outbound:
+        """The PostHog capture event, as JSON text: the row's uuid and timestamp, and
+        ``$ignore_sent_at`` so PostHog keeps the timestamp on every re-send."""
+        props = self.properties_json
+        if props == "{}":
+            props = '{"$ignore_sent_at": true}'
+        else:
+            props = props[:-1] + ', "$ignore_sent_at": true}'
+        return Outbound(
+            '{"event": '
+            + _dumps(self.event)
+            + ', "distinct_id": '
+            + _dumps(self.distinct_id)
+            + ', "properties": '
+            + props
+            + ', "uuid": "'
+            + str(self.uuid)
+            + '", "timestamp": "'
+            + self.timestamp.isoformat()
+            + '"}'
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +79,8 @@ class Lease:
 
     token: uuid.UUID
     events: list[ClaimedEvent]
+    #: When the drainer asked for it (its clock): the lease runs from about then.
+    claimed_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import pytest
 
 from worker.sinks import (
     MemorySink,
+    Outbound,
     PostHogSink,
     RateLimitedError,
     RejectedError,
@@ -62,11 +63,11 @@ class MemoryHarness:
 
 
 class PostHogHarness:
-    """The real posthog request layer against the project's capture endpoint."""
+    """The PostHog sink (either transport) against the project's capture endpoint."""
 
-    def __init__(self, server: CaptureServer) -> None:
+    def __init__(self, server: CaptureServer, transport: str = "direct") -> None:
         self.server = server
-        self.sink = PostHogSink("phc_key", server.url, gzip=True, timeout=2.0)
+        self.sink = PostHogSink("phc_key", server.url, gzip=True, timeout=2.0, transport=transport)
 
     def delivered(self) -> list[str]:
         return self.server.uuids()
@@ -97,16 +98,21 @@ class StdoutHarness:
 
 ALL = (TRANSIENT, RATE_LIMITED, UNAUTHORIZED, REJECTED)
 #: The failures each sink can meet; the suite runs each case where it applies.
-CAPABILITIES = {"memory": ALL, "posthog": ALL, "stdout": (TRANSIENT,)}
+CAPABILITIES = {
+    "memory": ALL,
+    "posthog": ALL,
+    "posthog-batch_post": ALL,
+    "stdout": (TRANSIENT,),
+}
 
 
 @contextlib.contextmanager
 def make_harness(kind: str) -> Iterator[Any]:
     if kind == "memory":
         yield MemoryHarness()
-    elif kind == "posthog":
+    elif kind.startswith("posthog"):
         with CaptureServer() as server:
-            yield PostHogHarness(server)
+            yield PostHogHarness(server, "posthog" if kind.endswith("batch_post") else "direct")
     else:
         yield StdoutHarness()
 
@@ -126,15 +132,17 @@ ERRORS: dict[str, type[SinkError]] = {
 FAILURE_CASES = [(kind, f) for kind, fs in CAPABILITIES.items() for f in fs]
 
 
-def events(n: int) -> list[dict[str, Any]]:
+def events(n: int) -> list[Outbound]:
     return [
-        {
-            "event": "e",
-            "distinct_id": f"user-{i}",
-            "properties": {"i": i, "$ignore_sent_at": True},
-            "uuid": str(uuid.uuid4()),
-            "timestamp": "2026-01-01T00:00:00+00:00",
-        }
+        Outbound.from_data(
+            {
+                "event": "e",
+                "distinct_id": f"user-{i}",
+                "properties": {"i": i, "$ignore_sent_at": True},
+                "uuid": str(uuid.uuid4()),
+                "timestamp": "2026-01-01T00:00:00+00:00",
+            }
+        )
         for i in range(n)
     ]
 
@@ -147,7 +155,7 @@ def test_is_a_sink_with_a_name(harness: Any) -> None:
 def test_delivers_every_event_in_order_with_its_uuid(harness: Any) -> None:
     batch = events(25)
     harness.sink.send(batch)
-    assert harness.delivered() == [e["uuid"] for e in batch]
+    assert harness.delivered() == [e.data["uuid"] for e in batch]
 
 
 @pytest.mark.parametrize(("kind", "failure"), FAILURE_CASES)
@@ -169,7 +177,7 @@ def test_a_failed_batch_can_be_sent_again(harness: Any) -> None:
     if isinstance(harness, StdoutHarness):
         harness.heal()
     harness.sink.send(batch)
-    assert harness.delivered() == [e["uuid"] for e in batch]
+    assert harness.delivered() == [e.data["uuid"] for e in batch]
 
 
 @pytest.mark.parametrize("kind", [k for k, fs in CAPABILITIES.items() if RATE_LIMITED in fs])

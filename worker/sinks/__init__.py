@@ -2,6 +2,7 @@
 
 from worker.sinks.base import (
     Event,
+    Outbound,
     RateLimitedError,
     RejectedError,
     RetryableSinkError,
@@ -16,6 +17,7 @@ from worker.sinks.stdout import StdoutSink
 __all__ = [
     "Event",
     "MemorySink",
+    "Outbound",
     "PostHogSink",
     "RateLimitedError",
     "RejectedError",

@@ -15,14 +15,40 @@ bookkeeping, so a sink never touches the database:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from outbox.exceptions import OutboxError
 
-#: What a sink receives: PostHog capture events (event, distinct_id, properties,
-#: uuid, timestamp), JSON-ready.
+#: A PostHog capture event as a mapping: event, distinct_id, properties, uuid, timestamp.
 Event = Mapping[str, Any]
+
+
+class Outbound:
+    """One event on its way to a sink, as JSON text (what goes on the wire) with the
+    decoded mapping made only when a sink asks for it."""
+
+    __slots__ = ("_data", "json")
+
+    def __init__(self, json_text: str, data: Event | None = None) -> None:
+        self.json = json_text
+        self._data = data
+
+    @classmethod
+    def from_data(cls, data: Event) -> Outbound:
+        """Wrap a mapping (tests, other producers)."""
+        return cls(json.dumps(data, separators=(",", ":"), default=str), data)
+
+    @property
+    def data(self) -> Event:
+        """The event as a mapping (decoded on first use)."""
+        if self._data is None:
+            self._data = json.loads(self.json)
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Outbound({self.json[:80]!r})"
 
 
 class SinkError(OutboxError):
@@ -79,7 +105,7 @@ class Sink(Protocol):
     #: Name in logs and metrics (``posthog``, ``stdout``, ``memory``).
     name: str
 
-    def send(self, events: Sequence[Event]) -> None:
+    def send(self, events: Sequence[Outbound]) -> None:
         """Deliver every event, or raise a :class:`SinkError` subclass."""
         ...
 

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from worker.sinks.base import Event, SinkError
+from worker.sinks.base import Event, Outbound, SinkError
 
 
 class MemorySink:
@@ -32,7 +32,7 @@ class MemorySink:
         with self._lock:
             self._failures.extend(errors)
 
-    def send(self, events: Sequence[Event]) -> None:
+    def send(self, events: Sequence[Outbound]) -> None:
         """Record the batch, or raise the next scripted or predicate failure."""
         with self._lock:
             self.calls += 1
@@ -40,10 +40,10 @@ class MemorySink:
                 raise self._failures.pop(0)
             if self.reject is not None:
                 for event in events:
-                    error = self.reject(event)
+                    error = self.reject(event.data)
                     if error is not None:
                         raise error
-            batch = [dict(e) for e in events]
+            batch = [dict(e.data) for e in events]
             self.batches.append(batch)
             self.events.extend(batch)
 

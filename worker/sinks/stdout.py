@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from worker.sinks.base import Event, RetryableSinkError
+from worker.sinks.base import Outbound, RetryableSinkError
 
 
 class StdoutSink:
@@ -19,13 +18,11 @@ class StdoutSink:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
 
-    def send(self, events: Sequence[Event]) -> None:
+    def send(self, events: Sequence[Outbound]) -> None:
         """Write one line per event; a closed or broken stream is a retryable failure."""
         stream = self.stream or sys.stdout
         try:
-            stream.write(
-                "".join(json.dumps(e, default=str, ensure_ascii=False) + "\n" for e in events)
-            )
+            stream.write("".join(e.json + "\n" for e in events))
             stream.flush()
         except (OSError, ValueError) as exc:
             raise RetryableSinkError(f"cannot write to stdout: {exc}") from exc

@@ -13,6 +13,9 @@ Operators query these tables by hand, so the column names are part of the interf
     A claimed row carries ``lease_token`` and ``leased_until``; its
     ``next_attempt_at`` is pushed to the lease's end, so a crashed worker's rows
     become due again exactly when the lease expires.
+    ``destination`` is ``posthog`` for an ordinary event and ``metrics`` for a
+    metrics-only one, which the worker counts in Prometheus and never sends to
+    PostHog (see :mod:`outbox.contract`).
 ``outbox_dedup_keys``
     Dedup keys of events that are undelivered (``expires_at`` is ``infinity``) or
     were delivered within the dedup window (``expires_at`` is delivery + window).

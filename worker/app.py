@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from datetime import UTC, datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -17,11 +18,18 @@ from worker.metrics import ProbeServer, WorkerMetrics
 from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
 from worker.store import DatabaseUnavailable, Store
+from worker.wakeup import Listener
 
 log = logging.getLogger("outbox.worker")
 
 DEDUP_EXPIRY_INTERVAL = 300.0
 METRICS_REFRESH_INTERVAL = 15.0
+#: While events keep arriving the drain job looks again this often (seconds)...
+HOT_POLL = 0.02
+#: ...until nothing has turned up for this long; then it falls back to the poll
+#: interval and NOTIFY wake-ups. Longer than the producers' notify throttle, so an
+#: event whose NOTIFY was throttled away is still found within HOT_POLL.
+HOT_LINGER = 0.5
 
 
 def build_sink(settings: Settings) -> Sink:
@@ -74,6 +82,8 @@ class Worker:
         self.stopped = threading.Event()
         self._scheduler: BackgroundScheduler | None = None
         self._probes: ProbeServer | None = None
+        self._woken = threading.Event()
+        self._listener = Listener(url, self.wake) if settings.notify else None
 
     def run_until_empty(self) -> DrainStats:
         """Ship everything due now, then return (``outbox-worker run --until-empty``).
@@ -89,7 +99,7 @@ class Worker:
     def start(self) -> None:
         """Start the scheduler: the drain job now and every poll interval, and housekeeping."""
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=2)},
+            executors={"default": ThreadPoolExecutor(max_workers=3)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
@@ -118,6 +128,8 @@ class Worker:
             self._probes.start()
         scheduler.start()
         self._scheduler = scheduler
+        if self._listener is not None:
+            self._listener.start()
         log.info(
             "worker %s started (batch %d, poll %.2fs, lease %.0fs)",
             self.settings.worker_id,
@@ -128,13 +140,32 @@ class Worker:
         )
 
     def wake(self) -> None:
-        """Run the drain job now instead of at the next poll."""
-        if self._scheduler is not None:
-            self._scheduler.modify_job("drain", next_run_time=datetime.now(UTC))
+        """Drain now instead of at the next poll (a NOTIFY arrived)."""
+        self._woken.set()
+        scheduler = self._scheduler
+        if scheduler is not None and not self.drainer.stop_event.is_set():
+            with contextlib.suppress(Exception):  # shutting down, or the job is gone
+                scheduler.modify_job("drain", next_run_time=datetime.now(UTC))
 
     def _drain_job(self) -> None:
+        """Drain; while events keep coming, look again every few milliseconds (or at
+        once when woken) until a quiet spell of HOT_LINGER seconds."""
+        last_found = time.monotonic()
         try:
-            self.drainer.drain()
+            while not self.drainer.stop_event.is_set():
+                self._woken.clear()
+                stats = self.drainer.drain()
+                now = time.monotonic()
+                if stats.batches:
+                    last_found = now
+                if (
+                    stats.sink_failed
+                    or stats.interrupted
+                    or self.drainer.pause_remaining() > 0
+                    or now - last_found > HOT_LINGER
+                ):
+                    return
+                self._woken.wait(HOT_POLL)
         except OutboxNotInstalledError as exc:
             log.error("%s", exc, extra={"action": "drain_error"})
         except Exception:
@@ -195,6 +226,8 @@ class Worker:
                 released,
                 extra={"action": "batch_abandoned", "events": released},
             )
+        if self._listener is not None:
+            self._listener.stop()
         if self._probes is not None:
             self._probes.stop()
         self.close()

@@ -64,6 +64,8 @@ class Settings:
     batch_size: int = DEFAULT_BATCH_SIZE
     #: Most bytes of event JSON in one request.
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    #: LISTEN for the producers' NOTIFY to drain at once; off: poll only (PgBouncer).
+    notify: bool = True
     #: Seconds between polls for due events when idle.
     poll_interval: float = DEFAULT_POLL_INTERVAL
     #: Seconds a claimed batch stays leased to this worker before others may take it.
@@ -210,6 +212,7 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar("OUTBOX_GZIP", "gzip", _bool, "Gzip request bodies (0 to turn off)."),
     EnvVar("OUTBOX_BATCH_SIZE", "batch_size", int, "Most events per batch."),
     EnvVar("OUTBOX_MAX_BATCH_BYTES", "max_batch_bytes", int, "Most bytes of events per request."),
+    EnvVar("OUTBOX_NOTIFY", "notify", _bool, "LISTEN for commits (0: poll only)."),
     EnvVar("OUTBOX_POLL_INTERVAL", "poll_interval", float, "Seconds between polls when idle."),
     EnvVar("OUTBOX_LEASE_SECONDS", "lease_seconds", float, "Seconds a claimed batch is leased."),
     EnvVar("OUTBOX_MAX_ATTEMPTS", "max_attempts", int, "Failed attempts before an event is dead."),

@@ -3,8 +3,45 @@
 Call :func:`enqueue` inside your own SQLAlchemy or psycopg transaction; the
 ``outbox-worker`` process ships committed events to PostHog. This package is what
 applications import; it never imports the worker.
+
+Beyond :func:`enqueue`:
+
+* :func:`configure` and :class:`AnalyticsConfig`: environment, release and super
+  properties stamped on every event, the off switch, the event contract.
+* :class:`EventRegistry`, :class:`EventSpec`, :class:`Prop` and
+  :func:`render_markdown`: the event contract, declared in code.
+* :func:`identify`, :func:`set_person_properties`, :func:`group_identify`,
+  :func:`alias`, and actors for users, automations, agents and workspaces.
+* :func:`upsert_first`, :func:`mark_first` and :func:`emit_if_first`: events that
+  are emitted exactly once, however many transactions race.
+* Builders for ``$exception``, ``$ai_generation`` and ``$pageview`` events, signup
+  attribution and keyed IP hashing.
 """
 
+from outbox._errors import OutboxConfigError
+from outbox._version import __version__
+from outbox.actors import (
+    Actor,
+    agent_actor,
+    automation_actor,
+    email_domain,
+    user_actor,
+    workspace_actor,
+)
+from outbox.builders import (
+    EventArgs,
+    PageviewDeduper,
+    ai_generation_event,
+    attribution_cookie,
+    exception_event,
+    hash_ip,
+    normalise_path,
+    pageview_event,
+    signup_attribution,
+    truncate_payload,
+)
+from outbox.config import AnalyticsConfig, configure, get_config, normalise_environment
+from outbox.contract import EventRegistry, EventSpec, Prop, render_markdown
 from outbox.enqueue import aenqueue, aenqueue_many, enqueue, enqueue_many
 from outbox.exceptions import (
     OutboxDatabaseError,
@@ -13,18 +50,58 @@ from outbox.exceptions import (
     OutboxValidationError,
     UnsupportedConnectionError,
 )
-
-__version__ = "0.1.0"
+from outbox.guards import FirstTime, emit_if_first, mark_first, upsert_first
+from outbox.identity import (
+    alias,
+    group_identify,
+    identify,
+    identify_actor,
+    set_person_properties,
+)
 
 __all__ = [
+    "Actor",
+    "AnalyticsConfig",
+    "EventArgs",
+    "EventRegistry",
+    "EventSpec",
+    "FirstTime",
+    "OutboxConfigError",
     "OutboxDatabaseError",
     "OutboxError",
     "OutboxNotInstalledError",
     "OutboxValidationError",
+    "PageviewDeduper",
+    "Prop",
     "UnsupportedConnectionError",
     "__version__",
     "aenqueue",
     "aenqueue_many",
+    "agent_actor",
+    "ai_generation_event",
+    "alias",
+    "attribution_cookie",
+    "automation_actor",
+    "configure",
+    "email_domain",
+    "emit_if_first",
     "enqueue",
     "enqueue_many",
+    "exception_event",
+    "get_config",
+    "group_identify",
+    "hash_ip",
+    "identify",
+    "identify_actor",
+    "mark_first",
+    "normalise_environment",
+    "normalise_path",
+    "pageview_event",
+    "render_markdown",
+    "set_person_properties",
+    "signup_attribution",
+    "truncate_payload",
+    "upsert_first",
+    "user_actor",
+    "workspace_actor",
 ]

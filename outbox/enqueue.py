@@ -5,6 +5,13 @@ connection or session they are given, so the event commits or rolls back with
 whatever else that transaction writes. Input is validated in Python first, so bad
 input raises :class:`~outbox.exceptions.OutboxValidationError` before anything
 reaches the database and the caller's transaction stays usable.
+
+Before validation each event is stamped (:func:`prepare_enqueue`): the
+configuration's standard and super properties go under the event's own, an
+:class:`~outbox.actors.Actor`'s properties likewise, ``set=``/``set_once=``/``groups=``
+become ``$set``/``$set_once``/``$groups``, and the event contract decides whether
+the event is person-less or metrics-only, and in strict mode whether it is allowed.
+What is validated is exactly what is stored.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import json
 import uuid as uuid_module
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from sqlalchemy import exc as sa_exc
@@ -23,15 +30,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, scoped_session
 
+from outbox.actors import Actor
+from outbox.config import AnalyticsConfig, get_config
 from outbox.exceptions import (
     OutboxDatabaseError,
     OutboxNotInstalledError,
     OutboxValidationError,
     UnsupportedConnectionError,
 )
-from outbox.validation import PreparedEvent, prepare_event
+from outbox.validation import (
+    DESTINATION_METRICS,
+    DESTINATION_POSTHOG,
+    Destination,
+    PreparedEvent,
+    prepare_event,
+)
 
-__all__ = ["aenqueue", "aenqueue_many", "enqueue", "enqueue_many"]
+__all__ = ["aenqueue", "aenqueue_many", "enqueue", "enqueue_many", "prepare_enqueue"]
+
+DistinctId = str | int | uuid_module.UUID | Actor
+"""What ``enqueue()`` takes as ``distinct_id``: an id, or an :class:`~outbox.actors.Actor`."""
 
 # One statement for one event or many: the events travel as a single JSON parameter
 # (driver-neutral, one round trip). Nothing is read back from outbox_events, so the
@@ -39,11 +57,13 @@ __all__ = ["aenqueue", "aenqueue_many", "enqueue", "enqueue_many"]
 _INPUT = """
     SELECT * FROM jsonb_to_recordset(CAST({rows} AS jsonb))
         AS r(uuid uuid, event text, distinct_id text, properties jsonb,
-             "timestamp" timestamptz, dedup_key text, n bigint)
+             "timestamp" timestamptz, dedup_key text, destination text, n bigint)
 """
 _COLUMNS = """
-INSERT INTO outbox_events (uuid, event, distinct_id, properties, "timestamp", dedup_key)
-SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()), dedup_key
+INSERT INTO outbox_events
+    (uuid, event, distinct_id, properties, "timestamp", dedup_key, destination)
+SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()), dedup_key,
+       destination
 """
 _PLAIN_SQL = _COLUMNS + "FROM (" + _INPUT + ") AS input ORDER BY n"
 
@@ -87,12 +107,16 @@ _DEDUP = _Statements(_DEDUP_SQL)
 def enqueue(
     conn: Any,
     event: str,
-    distinct_id: str | int | uuid_module.UUID,
+    distinct_id: DistinctId,
     properties: Mapping[str, Any] | None = None,
     *,
+    set: Mapping[str, Any] | None = None,
+    set_once: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Any] | None = None,
     timestamp: datetime | str | None = None,
     dedup_key: str | None = None,
     uuid: uuid_module.UUID | str | None = None,
+    config: AnalyticsConfig | None = None,
 ) -> uuid_module.UUID | None:
     """Add one event to the outbox in the caller's transaction.
 
@@ -102,57 +126,141 @@ def enqueue(
     transaction's ``now()``; ``uuid`` to a new UUIDv7, which PostHog uses as the
     event's identity (a re-send is dropped as a duplicate).
 
-    Returns the event's uuid, or ``None`` when ``dedup_key`` is already held by an
-    undelivered event or by one delivered within the worker's dedup window.
+    ``distinct_id`` may be an :class:`~outbox.actors.Actor` (see
+    :func:`outbox.user_actor` and friends): its id is used and its properties are
+    added under the event's own. ``set`` and ``set_once`` update the person's
+    properties (shipped as ``$set`` and ``$set_once``: ``set_once`` never overwrites
+    a value the person already has); ``groups`` maps group types to keys, e.g.
+    ``{"organization": org_id}`` (shipped as ``$groups``). Every event is stamped
+    with the configuration's standard and super properties; a property whose value
+    is ``None`` is left out. ``config`` replaces the process-wide configuration
+    (:func:`outbox.configure`) for this call.
 
-    Raises :class:`OutboxValidationError` (naming the field) before touching the
-    database when the input cannot become a PostHog event.
+    Returns the event's uuid, or ``None`` when ``dedup_key`` is already held by an
+    undelivered event or by one delivered within the worker's dedup window, or when
+    analytics is disabled (then nothing is validated or written, and ``conn`` is not
+    used).
+
+    Raises :class:`OutboxValidationError` (naming the field, e.g. ``set.email``)
+    before touching the database when the input cannot become a PostHog event or,
+    in strict mode, breaks the event contract.
     """
-    prepared = prepare_event(
-        event, distinct_id, properties, timestamp=timestamp, dedup_key=dedup_key, uuid=uuid
+    cfg = config or get_config()
+    if cfg.disabled:
+        return None
+    prepared = _prepare(
+        cfg, event, distinct_id, properties, set, set_once, groups, timestamp, dedup_key, uuid, ""
     )
     return enqueue_prepared(conn, [prepared])[0]
 
 
-def enqueue_many(conn: Any, events: Iterable[Mapping[str, Any]]) -> list[uuid_module.UUID | None]:
+def enqueue_many(
+    conn: Any, events: Iterable[Mapping[str, Any]], *, config: AnalyticsConfig | None = None
+) -> list[uuid_module.UUID | None]:
     """Add several events with one statement; each item has ``enqueue``'s parameter names.
 
+    Items take ``event``, ``distinct_id``, ``properties``, ``set``, ``set_once``,
+    ``groups``, ``timestamp``, ``dedup_key`` and ``uuid``; ``config`` applies to all.
     Returns one entry per item, in order: the uuid, or ``None`` for a duplicate
-    dedup key (including a key repeated within ``events``). Nothing is written when
-    any item is invalid; the error names it, e.g. ``events[3].distinct_id``.
+    dedup key (including a key repeated within ``events``), or ``None`` for every
+    item when analytics is disabled. Nothing is written when any item is invalid;
+    the error names it, e.g. ``events[3].distinct_id``.
     """
-    return enqueue_prepared(conn, _prepare_all(events))
+    cfg = config or get_config()
+    if cfg.disabled:
+        return [None for _ in events]
+    return enqueue_prepared(conn, _prepare_all(cfg, events))
 
 
 async def aenqueue(
     conn: Any,
     event: str,
-    distinct_id: str | int | uuid_module.UUID,
+    distinct_id: DistinctId,
     properties: Mapping[str, Any] | None = None,
     *,
+    set: Mapping[str, Any] | None = None,
+    set_once: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Any] | None = None,
     timestamp: datetime | str | None = None,
     dedup_key: str | None = None,
     uuid: uuid_module.UUID | str | None = None,
+    config: AnalyticsConfig | None = None,
 ) -> uuid_module.UUID | None:
     """The async twin of :func:`enqueue`, for ``AsyncSession``, ``AsyncConnection``
     (SQLAlchemy) and psycopg's ``AsyncConnection``."""
-    prepared = prepare_event(
-        event, distinct_id, properties, timestamp=timestamp, dedup_key=dedup_key, uuid=uuid
+    cfg = config or get_config()
+    if cfg.disabled:
+        return None
+    prepared = _prepare(
+        cfg, event, distinct_id, properties, set, set_once, groups, timestamp, dedup_key, uuid, ""
     )
     return (await aenqueue_prepared(conn, [prepared]))[0]
 
 
 async def aenqueue_many(
-    conn: Any, events: Iterable[Mapping[str, Any]]
+    conn: Any, events: Iterable[Mapping[str, Any]], *, config: AnalyticsConfig | None = None
 ) -> list[uuid_module.UUID | None]:
     """The async twin of :func:`enqueue_many`."""
-    return await aenqueue_prepared(conn, _prepare_all(events))
+    cfg = config or get_config()
+    if cfg.disabled:
+        return [None for _ in events]
+    return await aenqueue_prepared(conn, _prepare_all(cfg, events))
 
 
-_ENQUEUE_KEYS = frozenset({"event", "distinct_id", "properties", "timestamp", "dedup_key", "uuid"})
+def prepare_enqueue(
+    event: object,
+    distinct_id: object,
+    properties: Mapping[str, Any] | None = None,
+    *,
+    set: Mapping[str, Any] | None = None,
+    set_once: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Any] | None = None,
+    timestamp: datetime | str | None = None,
+    dedup_key: object = None,
+    uuid: uuid_module.UUID | str | None = None,
+    config: AnalyticsConfig | None = None,
+    field_prefix: str = "",
+) -> PreparedEvent | None:
+    """Stamp and validate one event exactly as :func:`enqueue` would, without writing it.
+
+    Returns ``None`` when analytics is disabled. Used by helpers that must validate
+    an event before they run their own statement (the first-time guards); the
+    result goes to :func:`enqueue_prepared`.
+    """
+    cfg = config or get_config()
+    if cfg.disabled:
+        return None
+    return _prepare(
+        cfg,
+        event,
+        distinct_id,
+        properties,
+        set,
+        set_once,
+        groups,
+        timestamp,
+        dedup_key,
+        uuid,
+        field_prefix,
+    )
 
 
-def _prepare_all(events: Iterable[Mapping[str, Any]]) -> list[PreparedEvent]:
+_ENQUEUE_KEYS = frozenset(
+    {
+        "event",
+        "distinct_id",
+        "properties",
+        "set",
+        "set_once",
+        "groups",
+        "timestamp",
+        "dedup_key",
+        "uuid",
+    }
+)
+
+
+def _prepare_all(cfg: AnalyticsConfig, events: Iterable[Mapping[str, Any]]) -> list[PreparedEvent]:
     prepared: list[PreparedEvent] = []
     for index, item in enumerate(events):
         prefix = f"events[{index}]."
@@ -160,24 +268,222 @@ def _prepare_all(events: Iterable[Mapping[str, Any]]) -> list[PreparedEvent]:
             raise OutboxValidationError(
                 f"events[{index}]", "must be a mapping of enqueue arguments"
             )
-        unknown = set(item) - _ENQUEUE_KEYS
-        if unknown:
-            raise OutboxValidationError(prefix + sorted(unknown)[0], "is not an enqueue argument")
+        if not _ENQUEUE_KEYS.issuperset(item):
+            unknown = sorted(str(k) for k in item if k not in _ENQUEUE_KEYS)
+            raise OutboxValidationError(prefix + unknown[0], "is not an enqueue argument")
         for required in ("event", "distinct_id"):
             if required not in item:
                 raise OutboxValidationError(prefix + required, "is required")
+        get = item.get
         prepared.append(
-            prepare_event(
+            _prepare(
+                cfg,
                 item["event"],
                 item["distinct_id"],
-                item.get("properties"),
-                timestamp=item.get("timestamp"),
-                dedup_key=item.get("dedup_key"),
-                uuid=item.get("uuid"),
-                field_prefix=prefix,
+                get("properties"),
+                get("set"),
+                get("set_once"),
+                get("groups"),
+                get("timestamp"),
+                get("dedup_key"),
+                get("uuid"),
+                prefix,
             )
         )
     return prepared
+
+
+# --------------------------------------------------------------------------- stamping
+
+
+def _has_none(values: Mapping[str, Any]) -> bool:
+    try:
+        return None in values.values()
+    except Exception:  # a value whose __eq__ misbehaves; validation will name it
+        return any(v is None for v in values.values())
+
+
+def _restore_none(
+    merged: dict[Any, Any],
+    properties: Mapping[Any, Any],
+    actor: Mapping[str, Any] | None,
+    standard: Mapping[str, Any],
+) -> None:
+    """A property passed as ``None`` counts as not passed: the actor's, super or
+    standard value stays if there is one, else the key goes."""
+    for key, value in properties.items():
+        if value is not None:
+            continue
+        replacement = actor.get(key) if actor is not None else None
+        if replacement is None:
+            replacement = standard.get(key)
+        if replacement is None:
+            del merged[key]
+        else:
+            merged[key] = replacement
+
+
+def _add_person_updates(
+    merged: dict[Any, Any],
+    set_: object,
+    set_once: object,
+    renames: list[tuple[str, str]],
+    prefix: str,
+) -> None:
+    for keyword, key, value in (("set", "$set", set_), ("set_once", "$set_once", set_once)):
+        if value is None:
+            continue
+        if key in merged:
+            raise OutboxValidationError(
+                prefix + keyword, f"is given both as {keyword}= and as properties[{key!r}]"
+            )
+        if not isinstance(value, Mapping):
+            raise OutboxValidationError(
+                prefix + keyword,
+                f"must be a mapping of person property names to values, got {type(value).__name__}",
+            )
+        if value:
+            merged[key] = value
+            renames.append((key, keyword))
+
+
+def _group_keys(groups: object, field: str) -> dict[str, str]:
+    if not isinstance(groups, Mapping):
+        raise OutboxValidationError(
+            field, f"must be a mapping of group type to group key, got {type(groups).__name__}"
+        )
+    result: dict[str, str] = {}
+    for group_type, key in groups.items():
+        if not isinstance(group_type, str) or not group_type.strip():
+            raise OutboxValidationError(field, f"group type {group_type!r} must be a non-empty str")
+        where = f"{field}.{group_type}"
+        if isinstance(key, str):
+            text = key.strip()
+        elif isinstance(key, int | uuid_module.UUID) and not isinstance(key, bool):
+            text = str(key)
+        else:
+            raise OutboxValidationError(
+                where, f"must be a str, int or uuid.UUID group key, got {type(key).__name__}"
+            )
+        if not text:
+            raise OutboxValidationError(where, "must not be empty")
+        result[group_type.strip()] = text
+    return result
+
+
+def _renamed(
+    exc: OutboxValidationError, renames: list[tuple[str, str]], prefix: str
+) -> OutboxValidationError:
+    """Name a problem inside ``set=`` by the keyword (``set.email``), not ``properties.$set``."""
+    for key, keyword in renames:
+        inside = f"{prefix}properties.{key}"
+        if exc.field == inside or exc.field.startswith((inside + ".", inside + "[")):
+            return OutboxValidationError(prefix + keyword + exc.field[len(inside) :], exc.problem)
+    return exc
+
+
+def _prepare(
+    cfg: AnalyticsConfig,
+    event: object,
+    distinct_id: object,
+    properties: object,
+    set_: object,
+    set_once: object,
+    groups: object,
+    timestamp: Any,
+    dedup_key: object,
+    uuid: Any,
+    prefix: str,
+) -> PreparedEvent:
+    """Stamp the event with everything the configuration adds, then validate it."""
+    # The common case (a plain dict of properties, an id, no keywords, no contract)
+    # costs one dict merge and one scan for None on top of validation.
+    actor: Mapping[str, Any] | None = None
+    if type(distinct_id) is not str and isinstance(distinct_id, Actor):
+        actor = distinct_id.properties
+        distinct_id = distinct_id.distinct_id
+    standard = cfg._standard
+    if type(properties) is dict:
+        if actor:
+            merged: dict[Any, Any] = {**standard, **actor, **properties}
+        else:
+            merged = {**standard, **properties}
+        if properties and _has_none(properties):
+            _restore_none(merged, properties, actor, standard)
+    elif properties is None:
+        merged = {**standard, **actor} if actor else {**standard}
+    elif isinstance(properties, Mapping):
+        merged = {**standard, **actor} if actor else {**standard}
+        merged.update(properties)
+        if _has_none(properties):
+            _restore_none(merged, properties, actor, standard)
+    else:  # let validation report it exactly as it always has
+        return prepare_event(event, distinct_id, cast(Any, properties), field_prefix=prefix)
+    renames: list[tuple[str, str]] = []
+    if set_ is not None or set_once is not None:
+        _add_person_updates(merged, set_, set_once, renames, prefix)
+    if groups is not None:
+        if "$groups" in merged:
+            raise OutboxValidationError(
+                prefix + "groups", "is given both as groups= and as properties['$groups']"
+            )
+        group_keys = _group_keys(groups, prefix + "groups")
+        if group_keys:
+            merged["$groups"] = group_keys
+    destination: Destination = DESTINATION_POSTHOG
+    registry = cfg.registry
+    if registry is not None:
+        name = event.strip() if isinstance(event, str) else ""
+        spec = registry.get(name)
+        if spec is None:
+            if cfg.strict and name and not name.startswith("$"):
+                raise OutboxValidationError(
+                    prefix + "event",
+                    f"{name!r} is not declared in the event contract, and strict mode "
+                    "refuses undeclared events",
+                )
+        else:
+            if cfg.strict:
+                spec.check(merged, prefix)
+            if spec.metrics_only:
+                extra = next((k for k in ("$set", "$set_once", "$groups") if k in merged), None)
+                if extra is not None:
+                    keyword = {"$set": "set", "$set_once": "set_once", "$groups": "groups"}[extra]
+                    raise OutboxValidationError(
+                        prefix + keyword,
+                        f"{name!r} is a metrics-only event: it never reaches PostHog, so it "
+                        "cannot update persons or groups",
+                    )
+                keep = spec.metric_keys
+                merged = {k: v for k, v in merged.items() if k in keep}
+                if not cfg.strict:
+                    # Labels and durations feed Prometheus: their types and allowed
+                    # values are checked even outside strict mode.
+                    spec.check_metric_values(merged, prefix)
+                destination = DESTINATION_METRICS
+            elif not spec.person_profiles:
+                if "$set" in merged or "$set_once" in merged:
+                    raise OutboxValidationError(
+                        prefix + ("set" if "$set" in merged else "set_once"),
+                        f"{name!r} is person-less in the event contract, so it cannot "
+                        "update person properties",
+                    )
+                merged["$process_person_profile"] = False
+    try:
+        return prepare_event(
+            event,
+            distinct_id,
+            merged,
+            timestamp=timestamp,
+            dedup_key=dedup_key,
+            uuid=uuid,
+            field_prefix=prefix,
+            destination=destination,
+        )
+    except OutboxValidationError as exc:
+        if renames:
+            raise _renamed(exc, renames, prefix) from None
+        raise
 
 
 def _rows_param(events: Sequence[PreparedEvent]) -> str:
@@ -189,7 +495,8 @@ def _rows_param(events: Sequence[PreparedEvent]) -> str:
         parts.append(
             f'{{"n":{n},"uuid":"{e.uuid}","event":{dumps(e.event, ensure_ascii=False)},'
             f'"distinct_id":{dumps(e.distinct_id, ensure_ascii=False)},'
-            f'"properties":{e.properties_json},"timestamp":{timestamp},"dedup_key":{dedup_key}}}'
+            f'"properties":{e.properties_json},"timestamp":{timestamp},"dedup_key":{dedup_key},'
+            f'"destination":"{e.destination}"}}'
         )
     return "[" + ",".join(parts) + "]"
 

@@ -38,14 +38,32 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
+from outbox.validation import DESTINATION_METRICS, DESTINATION_POSTHOG
+
 EVENTS_TABLE = "outbox_events"
 DEDUP_TABLE = "outbox_dedup_keys"
 STUCK_VIEW = "outbox_stuck"
 #: Alembic's version table for the outbox migrations; separate from the application's own.
 VERSION_TABLE = "outbox_alembic_version"
+#: The channel producers NOTIFY (throttled) on commit and workers LISTEN to.
+NOTIFY_CHANNEL = "outbox_events"
 
 STATUS_PENDING = "pending"
 STATUS_DEAD = "dead"
+
+__all__ = [
+    "DEDUP_TABLE",
+    "DESTINATION_METRICS",
+    "DESTINATION_POSTHOG",
+    "EVENTS_TABLE",
+    "STATUS_DEAD",
+    "STATUS_PENDING",
+    "STUCK_VIEW",
+    "VERSION_TABLE",
+    "metadata",
+    "outbox_dedup_keys",
+    "outbox_events",
+]
 
 metadata = MetaData()
 
@@ -69,8 +87,12 @@ outbox_events = Table(
     Column("lease_token", UUID(as_uuid=True), nullable=True),
     Column("leased_until", DateTime(timezone=True), nullable=True),
     Column("leased_by", Text, nullable=True),
+    Column("destination", Text, nullable=False, server_default=text("'posthog'")),
     CheckConstraint("status IN ('pending', 'dead')", name="outbox_events_status_check"),
     CheckConstraint("attempts >= 0", name="outbox_events_attempts_check"),
+    CheckConstraint(
+        "destination IN ('posthog', 'metrics')", name="outbox_events_destination_check"
+    ),
 )
 
 # The claim query walks this partial index in due order and stops at the first

@@ -30,20 +30,34 @@ from datetime import UTC, date, datetime
 from datetime import time as dt_time
 from decimal import Decimal
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, Literal
 from uuid import UUID
 
 from outbox.exceptions import OutboxValidationError
 
 __all__ = [
+    "DESTINATION_METRICS",
+    "DESTINATION_POSTHOG",
     "MAX_EVENT_BYTES",
     "MAX_NAME_LENGTH",
     "MAX_NESTING_DEPTH",
     "RESERVED_DISTINCT_IDS",
+    "Destination",
     "PreparedEvent",
+    "check_distinct_id",
     "new_event_uuid",
+    "normalise_properties",
     "prepare_event",
 ]
+
+Destination = Literal["posthog", "metrics"]
+"""Where the worker sends an event: to PostHog, or into its Prometheus metrics."""
+
+DESTINATION_POSTHOG: Final = "posthog"
+"""An ordinary event, shipped to PostHog."""
+
+DESTINATION_METRICS: Final = "metrics"
+"""A metrics-only event: counted in the worker's Prometheus metrics, never sent to PostHog."""
 
 MAX_NAME_LENGTH: Final = 200
 """Longest accepted event name, distinct_id and dedup_key, in characters (after stripping)."""
@@ -179,7 +193,9 @@ class PreparedEvent:
     accepts: no NUL, no lone surrogates, no NaN or Infinity, string keys only.
     ``timestamp`` is timezone-aware UTC, or ``None`` meaning "use the database's
     ``now()``" (the time of the caller's transaction). ``uuid`` is the event's id,
-    either the caller's or a fresh UUIDv7.
+    either the caller's or a fresh UUIDv7. ``destination`` is ``"posthog"`` for an
+    ordinary event and ``"metrics"`` for one the event contract marks metrics-only
+    (see :mod:`outbox.contract`); it is stored in the row's ``destination`` column.
     """
 
     uuid: UUID
@@ -188,6 +204,7 @@ class PreparedEvent:
     properties_json: str
     timestamp: datetime | None
     dedup_key: str | None
+    destination: Destination = "posthog"
 
 
 # --------------------------------------------------------------------------- strings
@@ -603,6 +620,7 @@ def prepare_event(
     dedup_key: object = None,
     uuid: UUID | str | None = None,
     field_prefix: str = "",
+    destination: Destination = "posthog",
 ) -> PreparedEvent:
     """Validate and normalise one event; raise before anything reaches the database.
 
@@ -638,6 +656,7 @@ def prepare_event(
     * ``uuid``: ``None`` for a fresh :func:`new_event_uuid`, a UUID, or a str UUID.
     * ``dedup_key``: ``None``, a str (stripped, 1 to ``MAX_NAME_LENGTH`` characters)
       or an int turned into a str.
+    * ``destination`` is copied as it is (the caller, not the user, chooses it).
 
     The caller's objects are never modified. When properties need no change they are
     not copied either; they are encoded directly.
@@ -662,4 +681,29 @@ def prepare_event(
         properties_json=properties_json,
         timestamp=when,
         dedup_key=dedup,
+        destination=destination,
     )
+
+
+def check_distinct_id(distinct_id: object, field: str = "distinct_id") -> str:
+    """Validate a distinct_id as :func:`prepare_event` does and return its stored form.
+
+    Raises :class:`~outbox.exceptions.OutboxValidationError` naming ``field``.
+    """
+    return _check_distinct_id(distinct_id, field)
+
+
+def normalise_properties(properties: object, field: str) -> dict[str, object]:
+    """Return a JSON-ready copy of a properties mapping, or raise naming ``field``.
+
+    The same rules as :func:`prepare_event`'s ``properties`` (conversions, depth,
+    str keys), for values that are checked once and reused, such as super
+    properties. ``field`` is the name errors start with, e.g. ``super_properties``
+    gives ``super_properties.plan``. ``None`` is refused: pass ``{}``.
+    """
+    if not isinstance(properties, Mapping):
+        raise OutboxValidationError(
+            field,
+            f"must be a mapping of property names to values (a dict), got {_type_name(properties)}",
+        )
+    return _normalise_mapping(properties, field, 1, set())

@@ -12,11 +12,13 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
+from worker.contract_command import load_registry
 from worker.database import resolve_database_url
 from worker.drain import SINK_UNAUTHORIZED, Drainer, DrainStats
 from worker.metrics import ProbeServer, WorkerMetrics
 from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
+from worker.sinks.metrics import MetricsSink
 from worker.store import DatabaseUnavailable, Store
 from worker.wakeup import Listener
 
@@ -75,9 +77,18 @@ class Worker:
         self.housekeeping_store = Store(url, worker_id=settings.worker_id, log_outages=False)
         self.sink = sink if sink is not None else build_sink(settings)
         self.metrics = WorkerMetrics()
+        contract = load_registry(settings.contract) if settings.contract else None
+        self.metrics_sink = MetricsSink(
+            self.metrics.registry, contract, namespace=settings.metrics_namespace
+        )
         self.claim_store = Store(url, worker_id=settings.worker_id, log_outages=False)
         self.drainer = Drainer(
-            self.store, self.sink, settings, claim_store=self.claim_store, observer=self.metrics
+            self.store,
+            self.sink,
+            settings,
+            claim_store=self.claim_store,
+            metrics_sink=self.metrics_sink,
+            observer=self.metrics,
         )
         self.stopped = threading.Event()
         self._scheduler: BackgroundScheduler | None = None

@@ -130,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--id", type=int, action="append", dest="ids", help="this row id (repeat)")
     group.add_argument("--event", help="every dead event with this name")
 
+    contract = sub.add_parser(
+        "contract",
+        parents=[common],
+        help="print the event contract (Markdown) generated from your event registry",
+    )
+    contract.add_argument(
+        "--registry",
+        required=True,
+        metavar="MODULE:ATTR",
+        help="your outbox.EventRegistry, e.g. myapp.analytics:EVENTS",
+    )
+    contract_target = contract.add_mutually_exclusive_group()
+    contract_target.add_argument("--output", metavar="FILE", help="write the document to FILE")
+    contract_target.add_argument(
+        "--check", metavar="FILE", help="exit 1 if FILE is not the current document"
+    )
+
     purge = sub.add_parser("purge", parents=[common], help="delete dead events")
     purge.add_argument("--dead", action="store_true", required=True, help="purge dead events")
     purge.add_argument("--older-than", type=parse_duration, required=True, help="e.g. 7d, 12h, 30m")
@@ -189,6 +206,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return commands.retry(settings, all_=args.all, ids=args.ids, event=args.event)
     if command == "purge":
         return commands.purge(settings, older_than=args.older_than)
+    if command == "contract":
+        from worker.contract_command import contract
+
+        return contract(registry=args.registry, output=args.output, check=args.check)
     raise AssertionError(command)  # pragma: no cover - argparse refuses unknown commands
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from prometheus_client import CollectorRegistry
+
 from worker.settings import Settings
 from worker.sinks.base import (
     Outbound,
@@ -25,9 +27,12 @@ from worker.sinks.base import (
     Sink,
     UnauthorizedError,
 )
+from worker.sinks.metrics import MetricsSink
 from worker.store import ClaimedEvent, DatabaseUnavailable, Lease, Store
 
 log = logging.getLogger("outbox.worker")
+
+DESTINATION_METRICS = "metrics"
 
 #: Sink states, as shown by ``status``, ``/readyz`` and the ``outbox_sink_state`` metric.
 SINK_OK = "ok"
@@ -94,6 +99,7 @@ class Drainer:
         settings: Settings,
         *,
         claim_store: Store | None = None,
+        metrics_sink: Sink | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: DrainObserver | None = None,
     ) -> None:
@@ -102,6 +108,8 @@ class Drainer:
         #: current one is on the wire.
         self.claim_store = claim_store or store
         self.sink = sink
+        #: Where metrics-only events go (never to ``sink``).
+        self.metrics_sink = metrics_sink or MetricsSink(CollectorRegistry())
         self.settings = settings
         self.clock = clock
         self.observer = observer or DrainObserver()
@@ -209,7 +217,12 @@ class Drainer:
     def _ship(self, lease: Lease, claimed_at: float) -> Outcome:
         payloads = {e.id: e.outbound() for e in lease.events}
         outcome = Outcome()
-        chunks = self._by_size(lease.events, payloads)
+        metrics_only = [e for e in lease.events if e.destination == DESTINATION_METRICS]
+        if metrics_only:
+            self.metrics_sink.send([payloads[e.id] for e in metrics_only])
+            outcome.shipped.extend(e.id for e in metrics_only)
+        to_sink = [e for e in lease.events if e.destination != DESTINATION_METRICS]
+        chunks = self._by_size(to_sink, payloads) if to_sink else []
         # Splitting a refused batch takes many requests; stop at half the lease so the
         # outcome is written while the rows are still ours, and release the rest.
         budget = claimed_at + self.settings.lease_seconds / 2

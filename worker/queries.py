@@ -36,7 +36,8 @@ SET lease_token = %(token)s,
     leased_by = %(worker)s
 FROM chosen
 WHERE e.id = chosen.id
-RETURNING e.id, e.uuid, e.event, e.distinct_id, e.properties::text, e."timestamp", e.attempts
+RETURNING e.id, e.uuid, e.event, e.distinct_id, e.properties::text, e."timestamp", e.attempts,
+          e.destination
 """
 
 # Delivered: delete the rows this lease still holds (a worker whose lease was taken

@@ -86,6 +86,10 @@ class Settings:
     rate_limit_pause: float = DEFAULT_RATE_LIMIT_PAUSE
     #: Seconds to pause sending after a 401/403 before trying the key again.
     unauthorized_pause: float = DEFAULT_UNAUTHORIZED_PAUSE
+    #: ``module:attr`` of the application's outbox.EventRegistry, for metrics-only events.
+    contract: str | None = None
+    #: Prefix of the Prometheus metrics made from metrics-only events.
+    metrics_namespace: str = "app"
     #: Port for ``/metrics``, ``/healthz`` and ``/readyz``; None: no HTTP server.
     metrics_port: int | None = None
     #: This worker's name in ``leased_by`` and logs.
@@ -228,6 +232,8 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "Pause after a 429 with no Retry-After.",
     ),
     EnvVar("OUTBOX_UNAUTHORIZED_PAUSE", "unauthorized_pause", float, "Pause after a 401/403."),
+    EnvVar("OUTBOX_CONTRACT", "contract", str, "module:attr of the app's EventRegistry."),
+    EnvVar("OUTBOX_METRICS_NAMESPACE", "metrics_namespace", str, "Prefix of metrics-only metrics."),
     EnvVar("OUTBOX_METRICS_PORT", "metrics_port", _port, "Port for /metrics and probes."),
     EnvVar("OUTBOX_WORKER_ID", "worker_id", str, "Name in leased_by and logs."),
     EnvVar("OUTBOX_LOG_LEVEL", "log_level", str, "DEBUG, INFO, WARNING or ERROR."),

@@ -49,15 +49,20 @@ class ClaimedEvent:
     properties_json: str
     timestamp: datetime
     attempts: int
+    #: ``posthog``, or ``metrics`` for a metrics-only event (counted, never sent).
+    destination: str = "posthog"
 
     def outbound(self) -> Outbound:
         """The PostHog capture event, as JSON text: the row's uuid and timestamp, and
-        ``$ignore_sent_at`` so PostHog keeps the timestamp on every re-send."""
+        ``$ignore_sent_at`` so PostHog keeps the timestamp on every re-send.
+
+        ``$geoip_disable`` is added too (as posthog-python does), because the request
+        comes from the worker, whose address says nothing about the user; an event
+        that carries the user's ``$ip`` keeps GeoIP.
+        """
         props = self.properties_json
-        if props == "{}":
-            props = '{"$ignore_sent_at": true}'
-        else:
-            props = props[:-1] + ', "$ignore_sent_at": true}'
+        extra = _EXTRA_WITH_IP if '"$ip":' in props else _EXTRA
+        props = "{" + extra[2:] + "}" if props == "{}" else props[:-1] + extra + "}"
         return Outbound(
             '{"event": '
             + _dumps(self.event)
@@ -71,6 +76,10 @@ class ClaimedEvent:
             + self.timestamp.isoformat()
             + '"}'
         )
+
+
+_EXTRA_WITH_IP = ', "$ignore_sent_at": true'
+_EXTRA = _EXTRA_WITH_IP + ', "$geoip_disable": true'
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,23 @@ from sqlalchemy.orm import Session
 import outbox
 from worker.database import sqlalchemy_url
 
+# What every event is stamped with under the default configuration (pinned below, so
+# the machine's APP_ENV or ANALYTICS_* variables cannot change these tests).
+STAMP = {
+    "environment": "dev",
+    "event_schema_version": 1,
+    "$lib": "posthog-outbox",
+    "$lib_version": outbox.__version__,
+}
+
+
+@pytest.fixture(autouse=True)
+def default_config() -> Iterator[None]:
+    previous = outbox.get_config()
+    outbox.configure(outbox.AnalyticsConfig())
+    yield
+    outbox.configure(previous)
+
 
 def rows(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
     return db.execute(
@@ -80,7 +97,7 @@ def test_event_commits_and_rolls_back_with_the_caller(
     if commit:
         assert domain == (1,)
         assert [(r[0], r[1], r[2], r[3], r[4]) for r in found] == [
-            (result, "signup", "user-1", {"plan": "free"}, "pending")
+            (result, "signup", "user-1", {**STAMP, "plan": "free"}, "pending")
         ]
     else:
         assert domain == (0,)
@@ -344,7 +361,7 @@ def test_nul_and_non_finite_values_are_normalised_not_sent_to_the_server(
         conn.commit()
     (_, event_name, distinct_id, props, _, _) = rows(db)[0]
     assert "\x00" not in event_name and "\x00" not in distinct_id
-    assert props == {"k\ufffd": "v\ufffd", "nan": None, "inf": None}
+    assert props == {**STAMP, "k\ufffd": "v\ufffd", "nan": None, "inf": None}
 
 
 def test_missing_table_is_a_clear_error(empty_database: str) -> None:

@@ -28,6 +28,7 @@ from outbox.actors import (
     user_actor,
     workspace_actor,
 )
+from outbox.batching import Batch, batch
 from outbox.builders import (
     EventArgs,
     PageviewDeduper,
@@ -62,6 +63,7 @@ from outbox.identity import (
 __all__ = [
     "Actor",
     "AnalyticsConfig",
+    "Batch",
     "EventArgs",
     "EventRegistry",
     "EventSpec",
@@ -82,6 +84,7 @@ __all__ = [
     "alias",
     "attribution_cookie",
     "automation_actor",
+    "batch",
     "configure",
     "email_domain",
     "emit_if_first",

@@ -17,6 +17,7 @@ What is validated is exactly what is stored.
 from __future__ import annotations
 
 import json
+import time
 import uuid as uuid_module
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -38,6 +39,7 @@ from outbox.exceptions import (
     OutboxValidationError,
     UnsupportedConnectionError,
 )
+from outbox.schema import NOTIFY_CHANNEL
 from outbox.validation import (
     DESTINATION_METRICS,
     DESTINATION_POSTHOG,
@@ -65,7 +67,7 @@ INSERT INTO outbox_events
 SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()), dedup_key,
        destination
 """
-_PLAIN_SQL = _COLUMNS + "FROM (" + _INPUT + ") AS input ORDER BY n"
+_PLAIN_SQL = _COLUMNS + "FROM (" + _INPUT + ") AS input{wake} ORDER BY n"
 
 # With dedup keys, the keys are claimed in the same statement and only events whose
 # key was free (or that have none) are inserted; the claimed keys come back, which
@@ -87,21 +89,43 @@ _DEDUP_SQL = (
     WHERE dedup_key IS NULL OR dedup_key IN (SELECT dedup_key FROM claimed_keys)
     ORDER BY n
 )
-SELECT dedup_key FROM claimed_keys
+SELECT k.dedup_key FROM (SELECT 1{wake}) AS one LEFT JOIN claimed_keys AS k ON true
 """
 )
+
+# Waking the workers: the statement also calls pg_notify, which PostgreSQL delivers
+# only if the transaction commits. Every notifying commit takes a cluster-wide lock,
+# so each process notifies at most once per NOTIFY_INTERVAL; a worker that was woken
+# keeps looking for longer than that (worker.app.HOT_LINGER), so an event whose
+# notification was throttled away is still found at once. Polling stays the fallback.
+NOTIFY_INTERVAL = 0.05
+_WAKE_PLAIN = f", (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS wake"
+_WAKE_DEDUP = f" FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS wake"
+_last_notify = 0.0
 
 
 class _Statements:
     """One SQL text in the two placeholder styles: psycopg's and SQLAlchemy's."""
 
-    def __init__(self, sql: str) -> None:
-        self.psycopg = sql.format(rows="%(rows)s")
-        self.sqlalchemy = text(sql.format(rows=":rows"))
+    def __init__(self, sql: str, wake: str = "") -> None:
+        self.psycopg = sql.format(rows="%(rows)s", wake=wake)
+        self.sqlalchemy = text(sql.format(rows=":rows", wake=wake))
 
 
 _PLAIN = _Statements(_PLAIN_SQL)
+_PLAIN_WAKE = _Statements(_PLAIN_SQL, _WAKE_PLAIN)
 _DEDUP = _Statements(_DEDUP_SQL)
+_DEDUP_WAKE = _Statements(_DEDUP_SQL, _WAKE_DEDUP)
+
+
+def _wake_now() -> bool:
+    """Whether this statement should NOTIFY (at most once per NOTIFY_INTERVAL)."""
+    global _last_notify
+    now = time.monotonic()
+    if now - _last_notify < NOTIFY_INTERVAL:
+        return False
+    _last_notify = now
+    return True
 
 
 def enqueue(
@@ -522,12 +546,16 @@ class _Call:
         self.events = events
         self.sent = _unique_keys(events)
         self.reads_keys = any(e.dedup_key is not None for e in self.sent)
-        self.statements = _DEDUP if self.reads_keys else _PLAIN
+        wake = _wake_now()
+        if self.reads_keys:
+            self.statements = _DEDUP_WAKE if wake else _DEDUP
+        else:
+            self.statements = _PLAIN_WAKE if wake else _PLAIN
         self.params = {"rows": _rows_param(self.sent)}
 
-    def results(self, claimed: Iterable[str]) -> list[uuid_module.UUID | None]:
+    def results(self, claimed: Iterable[str | None]) -> list[uuid_module.UUID | None]:
         """Each event's uuid if it was written, else None."""
-        keys = set(claimed)
+        keys = {k for k in claimed if k is not None}
         written = {e.uuid for e in self.sent if e.dedup_key is None or e.dedup_key in keys}
         return [e.uuid if e.uuid in written else None for e in self.events]
 

@@ -1,0 +1,107 @@
+"""Several events, one statement: collect them as you go, write them at the end.
+
+``enqueue()`` costs one round trip per call. When one transaction records several
+events in different places, collect them in a :class:`Batch` instead: each call
+validates at once (a bad event raises where it is made, naming its field), and the
+whole batch is written with one ``enqueue_many`` statement when the ``with`` block
+ends without an exception.
+"""
+
+from __future__ import annotations
+
+import uuid as uuid_module
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from outbox.config import AnalyticsConfig, get_config
+from outbox.enqueue import DistinctId, aenqueue_prepared, enqueue_prepared, prepare_enqueue
+from outbox.validation import PreparedEvent
+
+__all__ = ["Batch", "batch"]
+
+
+class Batch:
+    """Events collected for one ``enqueue_many`` statement on ``conn``.
+
+    Use :func:`batch` (``with``) for sync connections and ``async with batch(...)``
+    for async ones. :meth:`enqueue` takes exactly what :func:`outbox.enqueue` takes
+    (without ``conn``) and returns the uuid the event will have; :attr:`results`
+    holds, after the block, each event's uuid or ``None`` (a duplicate dedup key,
+    or analytics disabled). If the block raises, nothing is written.
+    """
+
+    def __init__(self, conn: Any, *, config: AnalyticsConfig | None = None) -> None:
+        self.conn = conn
+        self.config = config
+        self._events: list[PreparedEvent] = []
+        self._order: list[int | None] = []
+        self.results: list[uuid_module.UUID | None] = []
+        self._done = False
+
+    def enqueue(
+        self,
+        event: str,
+        distinct_id: DistinctId,
+        properties: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> uuid_module.UUID | None:
+        """Validate one event now and hold it for the batch's statement."""
+        if self._done:
+            raise RuntimeError("this batch was already written; start a new one")
+        cfg = self.config or get_config()
+        prepared = prepare_enqueue(event, distinct_id, properties, config=cfg, **options)
+        if prepared is None:  # analytics is disabled
+            self._order.append(None)
+            return None
+        self._order.append(len(self._events))
+        self._events.append(prepared)
+        return prepared.uuid
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def flush(self) -> list[uuid_module.UUID | None]:
+        """Write the collected events now (one statement); returns :attr:`results`."""
+        written = enqueue_prepared(self.conn, self._events) if self._events else []
+        return self._finish(written)
+
+    async def aflush(self) -> list[uuid_module.UUID | None]:
+        """The async twin of :meth:`flush`."""
+        written = await aenqueue_prepared(self.conn, self._events) if self._events else []
+        return self._finish(written)
+
+    def _finish(self, written: list[uuid_module.UUID | None]) -> list[uuid_module.UUID | None]:
+        self._done = True
+        self.results = [None if i is None else written[i] for i in self._order]
+        return self.results
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None and not self._done:
+            self.flush()
+
+    async def __aenter__(self) -> Batch:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None and not self._done:
+            await self.aflush()
+
+
+def batch(conn: Any, *, config: AnalyticsConfig | None = None) -> Batch:
+    """Collect events for ``conn`` and write them with one statement at the end of the
+    ``with`` (or ``async with``) block. See :class:`Batch`."""
+    return Batch(conn, config=config)

@@ -1,0 +1,75 @@
+"""outbox.batch(): many events from one transaction, one statement."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+import outbox
+from worker.database import sqlalchemy_url
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = create_engine(sqlalchemy_url(database_url))
+    yield eng
+    eng.dispose()
+
+
+def test_ten_events_one_statement(engine: Engine, db: psycopg.Connection[Any]) -> None:
+    statements: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    with Session(engine) as session, session.begin():
+        statements.clear()
+        with outbox.batch(session) as events:
+            uuids = [events.enqueue("step", "user-1", {"i": i}) for i in range(9)]
+            uuids.append(events.enqueue("step", "user-1", {"i": 9}, dedup_key="once"))
+            assert statements == []  # nothing written yet
+        assert len(statements) == 1
+    assert events.results == uuids
+    rows = db.execute("SELECT uuid, properties->>'i' FROM outbox_events ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == uuids
+    assert [r[1] for r in rows] == [str(i) for i in range(10)]
+
+
+def test_a_bad_event_raises_where_it_is_made_and_nothing_is_written(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        with (  # noqa: PT012 - the error comes from the second call inside the batch
+            pytest.raises(outbox.OutboxValidationError) as info,
+            outbox.batch(conn) as events,
+        ):
+            events.enqueue("ok", "u")
+            events.enqueue("bad", "anonymous")
+        conn.commit()
+    assert info.value.field == "distinct_id"
+    assert db.execute("SELECT count(*) FROM outbox_events").fetchone() == (0,)
+
+
+def test_duplicate_keys_in_a_batch(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        with outbox.batch(conn) as events:
+            events.enqueue("e", "u", dedup_key="k")
+            events.enqueue("e", "u", dedup_key="k")
+        conn.commit()
+    assert events.results[0] is not None and events.results[1] is None
+
+
+async def test_async_batch(database_url: str, db: psycopg.Connection[Any]) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        async with outbox.batch(conn) as events:
+            events.enqueue("a", "u")
+            events.enqueue("b", "u")
+        await conn.commit()
+    assert db.execute("SELECT count(*) FROM outbox_events").fetchone() == (2,)

@@ -244,7 +244,10 @@ def test_a_crashed_workers_rows_are_claimed_again_after_the_lease(
     drainer = make_drainer(settings_for(), sink)
     drainer.drain()
     assert sink.events == []  # still leased
-    db.execute("UPDATE outbox_events SET leased_until = now() - interval '1 second'")
+    db.execute(  # the lease runs out (it set both to the same moment)
+        "UPDATE outbox_events SET leased_until = now() - interval '1 second',"
+        " next_attempt_at = now() - interval '1 second'"
+    )
     drainer.drain()
     assert sink.uuids() == [str(u) for u in uuids]
 

@@ -249,3 +249,16 @@ class PostgresCpu:
         except Exception:
             return None
         return float(total)
+
+
+# The application's own table: the benchmarks' transactions write a row here beside
+# their events, as a real application would.
+APP_TABLE = """
+CREATE TABLE IF NOT EXISTS bench_orders (
+    id bigserial PRIMARY KEY,
+    user_id text NOT NULL,
+    total numeric NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+APP_INSERT = "INSERT INTO bench_orders (user_id, total) VALUES (%s, %s)"

@@ -301,8 +301,25 @@ def run_pgqueuer(
     filler.wait(60)
     filler.close()
     prepare_for_drain(url)
+    argv = _queue_argv("pgqueuer", endpoint, url, events, batch_size, gzip=gzip)
+
+    def describe(done: dict[str, float]) -> str:
+        return (
+            f"fill {filled.get('fill_seconds', 0.0):.1f}s; QueueManager batch_size "
+            f"{batch_size}; each job done once its event is in the Client's queue"
+        )
+
+    return run_line_contender(
+        ctx, group, PGQUEUER, argv, endpoint, meter, events, describe, terminate=True
+    )
+
+
+def _queue_argv(
+    name: str, endpoint: Endpoint, url: str, events: int, batch_size: int, *, gzip: bool
+) -> list[str]:
+    """The command line of a contender that drains the database to the endpoint."""
     argv = contender_argv(
-        "pgqueuer",
+        name,
         "--host",
         endpoint.url,
         "--database-url",
@@ -314,16 +331,7 @@ def run_pgqueuer(
     )
     if gzip:
         argv.append("--gzip")
-
-    def describe(done: dict[str, float]) -> str:
-        return (
-            f"fill {filled.get('fill_seconds', 0.0):.1f}s; QueueManager batch_size "
-            f"{batch_size}; each job done once its event is in the Client's queue"
-        )
-
-    return run_line_contender(
-        ctx, group, PGQUEUER, argv, endpoint, meter, events, describe, terminate=True
-    )
+    return argv
 
 
 def run_floor(
@@ -341,19 +349,7 @@ def run_floor(
     ctx.out.progress(f"filling the outbox with {events:,} events")
     _, fill_seconds = fill_outbox(url, iter_events(events))
     prepare_for_drain(url)
-    argv = contender_argv(
-        "floor",
-        "--host",
-        endpoint.url,
-        "--database-url",
-        url,
-        "--events",
-        str(events),
-        "--batch-size",
-        str(FLOOR_BATCH),
-    )
-    if gzip:
-        argv.append("--gzip")
+    argv = _queue_argv("floor", endpoint, url, events, FLOOR_BATCH, gzip=gzip)
 
     def describe(done: dict[str, float]) -> str:
         return (

@@ -28,7 +28,7 @@ from psycopg.pq import Trace
 from sqlalchemy import create_engine, text
 
 import outbox
-from bench.db import execute
+from bench.db import APP_INSERT, APP_TABLE, execute
 from bench.endpoint import Endpoint
 from bench.events import BenchEvent, event_pool
 from bench.harness import Context
@@ -44,15 +44,6 @@ TRACED = 10
 TARGET_EXTRA_ROUND_TRIPS = 1
 TARGET_TEN_VS_ONE = 1.2
 
-APP_TABLE = """
-CREATE TABLE IF NOT EXISTS bench_orders (
-    id bigserial PRIMARY KEY,
-    user_id text NOT NULL,
-    total numeric NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-)
-"""
-APP_INSERT = "INSERT INTO bench_orders (user_id, total) VALUES (%s, %s)"
 APP_INSERT_SA = text("INSERT INTO bench_orders (user_id, total) VALUES (:user_id, :total)")
 
 NONE, ONE, TEN, TEN_CALLS = "no event", "1 event", "10 events", "10 events, 10 calls"

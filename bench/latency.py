@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 
 import outbox
-from bench.db import execute
+from bench.db import APP_INSERT, APP_TABLE, execute
 from bench.endpoint import Endpoint
 from bench.errors import BenchFailed
 from bench.events import event_pool
@@ -44,16 +44,6 @@ QUICK_SECONDS = 1.0
 
 TARGET_P50 = 0.050
 TARGET_P99 = 0.250
-
-APP_TABLE = """
-CREATE TABLE IF NOT EXISTS bench_orders (
-    id bigserial PRIMARY KEY,
-    user_id text NOT NULL,
-    total numeric NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-)
-"""
-APP_INSERT = "INSERT INTO bench_orders (user_id, total) VALUES (%s, %s)"
 
 
 @dataclass

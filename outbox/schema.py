@@ -9,10 +9,10 @@ Operators query these tables by hand, so the column names are part of the interf
 
 ``outbox_events``
     One row per undelivered event. A delivered event is deleted.
-    ``status`` is ``pending`` (waiting, backing off or leased) or ``dead``.
-    A claimed row carries ``lease_token`` and ``leased_until``; its
-    ``next_attempt_at`` is pushed to the lease's end, so a crashed worker's rows
-    become due again exactly when the lease expires.
+    ``status`` is ``pending`` (waiting, backing off or being shipped) or ``dead``.
+    A worker claims rows by locking them (``FOR UPDATE SKIP LOCKED``) in a
+    transaction that lasts while the batch is on the wire; nothing in the row
+    changes until the outcome (deleted, rescheduled or dead) commits.
     ``destination`` is ``posthog`` for an ordinary event and ``metrics`` for a
     metrics-only one, which the worker counts in Prometheus and never sends to
     PostHog (see :mod:`outbox.contract`).
@@ -84,9 +84,6 @@ outbox_events = Table(
     ),
     Column("last_error", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
-    Column("lease_token", UUID(as_uuid=True), nullable=True),
-    Column("leased_until", DateTime(timezone=True), nullable=True),
-    Column("leased_by", Text, nullable=True),
     Column("destination", Text, nullable=False, server_default=text("'posthog'")),
     CheckConstraint("status IN ('pending', 'dead')", name="outbox_events_status_check"),
     CheckConstraint("attempts >= 0", name="outbox_events_attempts_check"),

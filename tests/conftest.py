@@ -150,3 +150,27 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def batches_in_flight(url: str) -> int:
+    """Worker batch transactions open on ``url``'s database now (each holds a claimed
+    batch's rows), as ``outbox-worker status`` counts them."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name LIKE 'outbox-worker batches %%'"
+            " AND state = 'idle in transaction'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def claimable(url: str) -> int:
+    """Rows no transaction holds right now (locks them for an instant, then lets go)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM outbox_events FOR UPDATE SKIP LOCKED) s"
+        ).fetchone()
+        conn.rollback()
+    assert row is not None
+    return int(row[0])

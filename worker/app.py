@@ -71,7 +71,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         url = database_url or resolve_database_url(settings.database_url, settings.data_dir)
-        self.store = Store(url, worker_id=settings.worker_id)
+        self.store = Store(url, worker_id=settings.worker_id, for_batches=True)
         # Housekeeping and probes get their own connection, so a slow count never
         # holds up the drain loop.
         self.housekeeping_store = Store(url, worker_id=settings.worker_id, log_outages=False)
@@ -81,7 +81,9 @@ class Worker:
         self.metrics_sink = MetricsSink(
             self.metrics.registry, contract, namespace=settings.metrics_namespace
         )
-        self.claim_store = Store(url, worker_id=settings.worker_id, log_outages=False)
+        self.claim_store = Store(
+            url, worker_id=settings.worker_id, log_outages=False, for_batches=True
+        )
         self.drainer = Drainer(
             self.store,
             self.sink,

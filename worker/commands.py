@@ -42,10 +42,13 @@ def status_report(store: Store) -> dict[str, Any]:
     return {
         "pending": backlog.pending,
         "due": backlog.due,
-        "leased": backlog.leased,
         "retrying": backlog.retrying,
         "dead": backlog.dead,
         "oldest_pending_age_seconds": round(backlog.oldest_pending_age_seconds, 3),
+        "in_flight": [
+            {"worker": b["worker"], "held_seconds": round(b["held_seconds"], 3)}
+            for b in store.in_flight()
+        ],
         "top_pending": [{"event": e, "count": n} for e, n in store.top_events(STATUS_PENDING)],
         "top_dead": [{"event": e, "count": n} for e, n in store.top_events(STATUS_DEAD)],
         "errors": [
@@ -73,13 +76,19 @@ def status(settings: Settings, *, as_json: bool) -> int:
     print("outbox backlog")
     rows = [
         ("pending", str(report["pending"]), "waiting, backing off or being shipped"),
-        ("due now", str(report["due"]), "a worker may claim these right away"),
-        ("leased", str(report["leased"]), "being shipped by a worker"),
+        ("due now", str(report["due"]), "time to send (includes batches in flight)"),
+        ("in flight", str(len(report["in_flight"])), "batches a worker is shipping now"),
         ("retrying", str(report["retrying"]), "failed at least once, will retry"),
         ("dead", str(report["dead"]), "gave up: see `outbox-worker dead`"),
         ("oldest pending", _age(report["oldest_pending_age_seconds"]), ""),
     ]
     _table(["", "count", ""], rows)
+    if report["in_flight"]:
+        print("\nbatches in flight")
+        _table(
+            ["worker", "held for"],
+            [(b["worker"], f"{b['held_seconds']:.1f}s") for b in report["in_flight"]],
+        )
     for title, key in (("top pending events", "top_pending"), ("top dead events", "top_dead")):
         if report[key]:
             print(f"\n{title}")

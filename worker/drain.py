@@ -1,8 +1,12 @@
-"""The drain loop: claim a leased batch, ship it to the sink, record the outcome.
+"""The drain loop: claim a batch, ship it to the sink, record the outcome.
 
-No database transaction is open while a batch is on the wire: the claim commits
-before the send, and the outcome is written after it, fenced by the lease token so a
-worker that lost its lease changes nothing.
+A batch is a database transaction: the claim locks its rows, and they stay locked
+(so no other worker can take them) while the batch is on the wire; the outcome is
+written and committed in one round trip. If the worker dies, hangs past its lease or
+loses the database, the transaction ends without the outcome and the rows are
+claimed again, to be sent with the same uuids (PostHog de-duplicates them).
+
+With two connections the next batch is claimed while the current one is on the wire.
 """
 
 from __future__ import annotations
@@ -11,10 +15,9 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
@@ -28,7 +31,14 @@ from worker.sinks.base import (
     UnauthorizedError,
 )
 from worker.sinks.metrics import MetricsSink
-from worker.store import ClaimedEvent, DatabaseUnavailable, Lease, Store
+from worker.store import (
+    Batch,
+    BatchLostError,
+    BatchOutcome,
+    ClaimedEvent,
+    DatabaseUnavailable,
+    Store,
+)
 
 log = logging.getLogger("outbox.worker")
 
@@ -43,7 +53,7 @@ SINK_UNAUTHORIZED = "unauthorized"
 
 @dataclass
 class Outcome:
-    """What happened to each event of one leased batch."""
+    """What happened to each event of one claimed batch."""
 
     shipped: list[int] = field(default_factory=list)
     dead: list[tuple[int, str]] = field(default_factory=list)
@@ -87,10 +97,11 @@ class DrainStats:
         self.dead += other.dead
         self.deferred += other.deferred
         self.dead_by_retry += other.dead_by_retry
+        self.interrupted = self.interrupted or other.interrupted
 
 
 class Drainer:
-    """Moves events from the outbox table to a sink, one leased batch at a time."""
+    """Moves events from the outbox table to a sink, one claimed batch at a time."""
 
     def __init__(
         self,
@@ -105,7 +116,7 @@ class Drainer:
     ) -> None:
         self.store = store
         #: With a second connection for claims, the next batch is claimed while the
-        #: current one is on the wire.
+        #: current one is on the wire; the two connections take turns.
         self.claim_store = claim_store or store
         self.sink = sink
         #: Where metrics-only events go (never to ``sink``).
@@ -119,8 +130,8 @@ class Drainer:
         self.paused_until = 0.0
         self.sink_state = SINK_OK
         self.last_error: str | None = None
-        self._held: dict[uuid.UUID, Lease] = {}
-        self._abandoned: set[uuid.UUID] = set()
+        self._held: set[Batch] = set()
+        self._abandoned: set[Batch] = set()
         self._lock = threading.Lock()
 
     # -- driving ----------------------------------------------------------------------
@@ -131,28 +142,28 @@ class Drainer:
         stats = DrainStats()
         self.idle.clear()
         pool: ThreadPoolExecutor | None = None
-        ahead: Future[Lease | None] | None = None
+        ahead: Future[Batch | None] | None = None
         try:
-            lease = self._claim()
-            while lease is not None:
-                full = len(lease.events) >= self.settings.batch_size
-                if full and self.claim_store is not self.store:
+            batch = self._claim(self.store)
+            while batch is not None:
+                full = len(batch.events) >= self.settings.batch_size
+                other = self.claim_store if batch.store is self.store else self.store
+                if full and other is not batch.store:
                     pool = pool or ThreadPoolExecutor(1, thread_name_prefix="outbox-claim")
-                    ahead = pool.submit(self._claim)
-                batch = self._process(lease)
-                if batch is not None:
-                    stats.add(batch)
+                    ahead = pool.submit(self._claim, other)
+                done = self._process(batch)
+                if done is not None:
+                    stats.add(done)
                 claimed_ahead = ahead is not None
-                lease = None
+                next_batch: Batch | None = None
                 if ahead is not None:
                     future, ahead = ahead, None
-                    lease = future.result()
-                if batch is None or batch.sink_failed or not self._may_send():
-                    if lease is not None:
-                        self._release(lease)
+                    next_batch = future.result()
+                if done is None or done.sink_failed or not self._may_send():
+                    if next_batch is not None:
+                        self._release(next_batch)
                     break
-                if not claimed_ahead:
-                    lease = self._claim()
+                batch = next_batch if claimed_ahead else self._claim(batch.store)
         except DatabaseUnavailable:
             stats.interrupted = True
         finally:
@@ -173,58 +184,60 @@ class Drainer:
     def _may_send(self) -> bool:
         return not self.stop_event.is_set() and self.pause_remaining() <= 0
 
-    def _claim(self) -> Lease | None:
-        """Lease the next batch, unless stopping or paused; None when nothing is due."""
+    def _claim(self, store: Store) -> Batch | None:
+        """Claim the next batch on ``store``, unless stopping or paused; None when
+        nothing is due."""
         if not self._may_send():
             return None
         started = self.clock()  # the lease runs from (a little after) this moment
-        lease = self.claim_store.claim(
+        batch = store.claim(
             self.settings.batch_size, self.settings.max_batch_bytes, self.settings.lease_seconds
         )
-        if lease is None:
+        if batch is None:
             return None
-        lease = replace(lease, claimed_at=started)
+        batch.claimed_at = started
         with self._lock:
-            self._held[lease.token] = lease
-        return lease
+            self._held.add(batch)
+        return batch
 
-    def _release(self, lease: Lease) -> None:
+    def _release(self, batch: Batch) -> None:
         """Hand a claimed but unsent batch back at once, counting no attempt."""
         with self._lock:
-            self._held.pop(lease.token, None)
-        with contextlib.suppress(DatabaseUnavailable):  # else the lease expires by itself
-            self.store.defer(lease.token, [e.id for e in lease.events], 0.0, None)
+            self._held.discard(batch)
+        batch.store.release(batch)
 
-    def _process(self, lease: Lease) -> DrainStats | None:
-        """Ship one leased batch and record its outcome; None if shutdown abandoned it."""
+    def _process(self, batch: Batch) -> DrainStats | None:
+        """Ship one batch and record its outcome; None if shutdown abandoned it."""
         started = self.clock()
-        outcome = self._ship(lease, lease.claimed_at)
-        self.observer.batch_sent(self, lease, outcome, self.clock() - started)
+        outcome = self._ship(batch, batch.claimed_at)
+        self.observer.batch_sent(self, batch, outcome, self.clock() - started)
         with self._lock:
-            abandoned = lease.token in self._abandoned
-            self._held.pop(lease.token, None)
+            abandoned = batch in self._abandoned
+            self._abandoned.discard(batch)
+            self._held.discard(batch)
         if abandoned:
             log.warning(
                 "a batch released at shutdown finished its requests; its outcome is not "
                 "recorded and its events will be sent again with the same uuids",
-                extra={"action": "abandoned_batch_finished", "events": len(lease.events)},
+                extra={"action": "abandoned_batch_finished", "events": len(batch.events)},
             )
             return None
-        return self._record(lease, outcome, lease.claimed_at)
+        return self._record(batch, outcome)
 
     # -- shipping ---------------------------------------------------------------------
 
-    def _ship(self, lease: Lease, claimed_at: float) -> Outcome:
-        payloads = {e.id: e.outbound() for e in lease.events}
+    def _ship(self, batch: Batch, claimed_at: float) -> Outcome:
+        payloads = {e.id: e.outbound() for e in batch.events}
         outcome = Outcome()
-        metrics_only = [e for e in lease.events if e.destination == DESTINATION_METRICS]
+        metrics_only = [e for e in batch.events if e.destination == DESTINATION_METRICS]
         if metrics_only:
             self.metrics_sink.send([payloads[e.id] for e in metrics_only])
             outcome.shipped.extend(e.id for e in metrics_only)
-        to_sink = [e for e in lease.events if e.destination != DESTINATION_METRICS]
+        to_sink = [e for e in batch.events if e.destination != DESTINATION_METRICS]
         chunks = self._by_size(to_sink, payloads) if to_sink else []
         # Splitting a refused batch takes many requests; stop at half the lease so the
-        # outcome is written while the rows are still ours, and release the rest.
+        # outcome is written while the transaction still holds the rows, and release
+        # the rest.
         budget = claimed_at + self.settings.lease_seconds / 2
         while chunks:
             chunk = chunks.pop(0)
@@ -340,32 +353,41 @@ class Drainer:
 
     # -- recording --------------------------------------------------------------------
 
-    def _record(self, lease: Lease, outcome: Outcome, claimed_at: float) -> DrainStats:
+    def _record(self, batch: Batch, outcome: Outcome) -> DrainStats:
         s = self.settings
         stats = DrainStats(batches=1)
-
-        def write() -> None:
-            stats.shipped = self.store.ack(lease.token, outcome.shipped, s.dedup_window)
-            for event_id, error in outcome.dead:
-                self.store.bury(lease.token, [event_id], error)
-            if outcome.retry:
-                retried, dead = self.store.retry(
-                    lease.token,
-                    outcome.retry,
-                    outcome.retry_error,
-                    max_attempts=s.max_attempts,
-                    backoff_base=s.backoff_base,
-                    backoff_max=s.backoff_max,
-                )
-                stats.retried, stats.dead, stats.dead_by_retry = retried, dead, dead
-            stats.dead += len(outcome.dead)
-            if outcome.defer:
-                self.store.defer(
-                    lease.token, outcome.defer, outcome.defer_delay, outcome.defer_error
-                )
-                stats.deferred = len(outcome.defer)
-
-        self._write_until_lease_ends(write, lease, claimed_at)
+        try:
+            finished = batch.store.finish(
+                batch,
+                BatchOutcome(
+                    shipped=outcome.shipped,
+                    dead=outcome.dead,
+                    retry=outcome.retry,
+                    retry_error=outcome.retry_error,
+                    defer=outcome.defer,
+                    defer_delay=outcome.defer_delay,
+                    defer_error=outcome.defer_error,
+                ),
+                dedup_window=s.dedup_window,
+                max_attempts=s.max_attempts,
+                backoff_base=s.backoff_base,
+                backoff_max=s.backoff_max,
+            )
+        except BatchLostError as exc:
+            log.error(
+                "could not record a batch's outcome (%s); its events will be shipped again "
+                "with the same uuids",
+                exc,
+                extra={"action": "outcome_lost", "events": len(batch.events)},
+            )
+            stats.interrupted = True
+            self.observer.batch_recorded(self, stats)
+            return stats
+        stats.shipped = finished.shipped
+        stats.retried = finished.retried
+        stats.dead = finished.dead_by_retry + len(outcome.dead)
+        stats.dead_by_retry = finished.dead_by_retry
+        stats.deferred = len(outcome.defer)
         if outcome.shipped:
             log.info(
                 "shipped %d events",
@@ -393,31 +415,6 @@ class Drainer:
         self.observer.batch_recorded(self, stats)
         return stats
 
-    def _write_until_lease_ends(
-        self, write: Callable[[], None], lease: Lease, claimed_at: float
-    ) -> None:
-        """Run ``write``, retrying while the database is away and the lease still holds.
-
-        Past the lease another worker may own the rows; the fenced writes would change
-        nothing, and the rows will be shipped again with the same uuids.
-        """
-        deadline = claimed_at + self.settings.lease_seconds
-        delay = 0.2
-        while True:
-            try:
-                write()
-                return
-            except DatabaseUnavailable:
-                if self.clock() + delay >= deadline:
-                    log.error(
-                        "could not record a batch's outcome before its lease ended; "
-                        "its events will be shipped again with the same uuids",
-                        extra={"action": "outcome_lost", "events": len(lease.events)},
-                    )
-                    return
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
     # -- shutdown ---------------------------------------------------------------------
 
     def abandon_inflight(self) -> int:
@@ -425,24 +422,20 @@ class Drainer:
         many events were released. A send still in flight is fenced off: its outcome
         is not written."""
         with self._lock:
-            leases = list(self._held.values())
-            self._abandoned.update(self._held)
+            batches = list(self._held)
+            self._abandoned.update(batches)
             self._held.clear()
         released = 0
-        for lease in leases:
-            ids = [e.id for e in lease.events]
-            try:
-                self.store.defer(lease.token, ids, 0.0, None)
-            except DatabaseUnavailable:
-                continue  # the lease will expire by itself
-            released += len(ids)
+        for batch in batches:
+            if batch.store.release(batch):
+                released += len(batch.events)
         return released
 
 
 class DrainObserver:
     """Hooks for metrics; the default does nothing."""
 
-    def batch_sent(self, drainer: Drainer, lease: Lease, outcome: Outcome, seconds: float) -> None:
+    def batch_sent(self, drainer: Drainer, batch: Batch, outcome: Outcome, seconds: float) -> None:
         """A batch's requests are done (before its outcome is written)."""
 
     def batch_recorded(self, drainer: Drainer, stats: DrainStats) -> None:

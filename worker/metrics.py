@@ -25,12 +25,12 @@ from worker.drain import (
     DrainStats,
     Outcome,
 )
-from worker.store import Backlog, Lease
+from worker.store import Backlog, Batch
 
 log = logging.getLogger("outbox.worker")
 
 SINK_STATES = (SINK_OK, SINK_BACKING_OFF, SINK_RATE_LIMITED, SINK_UNAUTHORIZED)
-BACKLOG_STATES = ("pending", "due", "leased", "retrying", "dead")
+BACKLOG_STATES = ("pending", "due", "retrying", "dead")
 
 
 class WorkerMetrics(DrainObserver):
@@ -84,7 +84,7 @@ class WorkerMetrics(DrainObserver):
 
     # -- DrainObserver ---------------------------------------------------------------
 
-    def batch_sent(self, drainer: Drainer, lease: Lease, outcome: Outcome, seconds: float) -> None:
+    def batch_sent(self, drainer: Drainer, batch: Batch, outcome: Outcome, seconds: float) -> None:
         """Observe the batch's send time and failure reasons."""
         self.batch_seconds.observe(seconds)
         if outcome.retry:

@@ -1,26 +1,27 @@
 """Every SQL statement the worker runs, named, in one place to read and review.
 
-Parameters are psycopg named placeholders. Each statement runs in its own short
-transaction (the worker's connection is in autocommit mode): no transaction is
-ever open while a batch is on the wire to the sink.
+Parameters are psycopg named placeholders. A batch's statements share one
+transaction, open from its CLAIM until its outcome commits (its row locks are the
+batch's lease); every other statement runs in a transaction of its own.
 """
 
 from __future__ import annotations
 
-# Lock up to :limit due rows that no live lease holds (skipping rows another worker has
-# locked this instant), keep the longest prefix whose stored size fits in :max_bytes
-# (always at least one row; the drainer splits requests by the exact JSON size), and
-# lease it with a new token. next_attempt_at moves to the lease's end, so the due index
-# no longer holds leased rows at its head: other workers' claims never step over them
-# (measured: two workers scale 1.9x this way, 1.3x when leased rows stay in place), and
-# a crashed worker's rows come due again exactly when its lease expires. Rows locked
-# but not kept are released when the statement ends.
+# Lock up to :limit due rows (skipping rows another worker holds this instant) and
+# return the longest prefix whose stored size fits in :max_bytes (always at least one
+# row; the drainer splits requests by the exact JSON size). Runs as the first statement
+# of the batch's transaction, which stays open while the batch is on the wire: the row
+# locks ARE the lease. Nothing is written to claim a row, so a claim costs a fraction
+# of an UPDATE (no new row version, no index entries); the transaction ends with the
+# outcome (ACK/RETRY/DEFER/BURY, then COMMIT), and a worker that dies or hangs loses
+# its locks with its session (idle_in_transaction_session_timeout is the lease length).
+# Rows locked but past the byte budget stay locked, unsent and untouched, until the
+# transaction ends.
 CLAIM = """
 WITH locked AS (
     SELECT id, next_attempt_at, pg_column_size(properties) + 200 AS size
     FROM outbox_events
     WHERE status = 'pending' AND next_attempt_at <= now()
-      AND (lease_token IS NULL OR leased_until <= now())
     ORDER BY next_attempt_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -28,26 +29,23 @@ WITH locked AS (
     SELECT id, sum(size) OVER (ORDER BY next_attempt_at, id) AS running,
            row_number() OVER (ORDER BY next_attempt_at, id) AS n
     FROM locked
-), chosen AS (
-    SELECT id FROM sized WHERE running <= %(max_bytes)s OR n = 1
 )
-UPDATE outbox_events AS e
-SET lease_token = %(token)s,
-    leased_until = now() + %(lease)s * interval '1 second',
-    leased_by = %(worker)s,
-    next_attempt_at = now() + %(lease)s * interval '1 second'
-FROM chosen
-WHERE e.id = chosen.id
-RETURNING e.id, e.uuid, e.event, e.distinct_id, e.properties::text, e."timestamp", e.attempts,
-          e.destination
+SELECT e.id, e.uuid, e.event, e.distinct_id, e.properties::text, e."timestamp", e.attempts,
+       e.destination
+FROM sized JOIN outbox_events AS e USING (id)
+WHERE sized.running <= %(max_bytes)s OR sized.n = 1
 """
 
-# Delivered: delete the rows this lease still holds (a worker whose lease was taken
-# over deletes nothing), and start the dedup window of their keys.
+# Set in the claim's transaction: the server ends the session (and so the transaction
+# and its row locks) when it sits idle this long, as a hung or partitioned worker's does.
+LEASE = "SELECT set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true)"
+
+# Delivered: delete the rows (locked by this transaction) and start the dedup window
+# of their keys.
 ACK = """
 WITH done AS (
     DELETE FROM outbox_events
-    WHERE id = ANY(%(ids)s) AND lease_token = %(token)s
+    WHERE id = ANY(%(ids)s)
     RETURNING dedup_key
 ), keys AS (
     UPDATE outbox_dedup_keys AS k
@@ -65,31 +63,29 @@ RETRY = """
 UPDATE outbox_events
 SET attempts = attempts + 1,
     status = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'dead' ELSE 'pending' END,
-    next_attempt_at = now() + least(
+    next_attempt_at = clock_timestamp() + least(
         %(backoff_max)s, %(backoff_base)s * power(2, least(attempts, 40))
     ) * (0.5 + random() / 2) * interval '1 second',
-    last_error = %(error)s,
-    lease_token = NULL, leased_until = NULL, leased_by = NULL
-WHERE id = ANY(%(ids)s) AND lease_token = %(token)s
+    last_error = %(error)s
+WHERE id = ANY(%(ids)s)
 RETURNING id, status
 """
 
-# Not the events' fault (rate limited, unauthorised, shutting down): try again after
-# :delay seconds without counting an attempt.
+# Not the events' fault (rate limited, unauthorised): try again after :delay seconds
+# without counting an attempt. (Events merely handed back unsent need no statement:
+# they are still due when the transaction releases them.)
 DEFER = """
 UPDATE outbox_events
-SET next_attempt_at = now() + %(delay)s * interval '1 second',
-    last_error = coalesce(%(error)s, last_error),
-    lease_token = NULL, leased_until = NULL, leased_by = NULL
-WHERE id = ANY(%(ids)s) AND lease_token = %(token)s
+SET next_attempt_at = clock_timestamp() + %(delay)s * interval '1 second',
+    last_error = coalesce(%(error)s, last_error)
+WHERE id = ANY(%(ids)s)
 """
 
 # The sink refused these events themselves: no retry will help.
 BURY = """
 UPDATE outbox_events
-SET status = 'dead', attempts = attempts + 1, last_error = %(error)s,
-    lease_token = NULL, leased_until = NULL, leased_by = NULL
-WHERE id = ANY(%(ids)s) AND lease_token = %(token)s
+SET status = 'dead', attempts = attempts + 1, last_error = %(error)s
+WHERE id = ANY(%(ids)s)
 """
 
 EXPIRE_DEDUP_KEYS = """
@@ -102,10 +98,7 @@ WHERE dedup_key IN (
 BACKLOG = """
 SELECT
     count(*) FILTER (WHERE status = 'pending') AS pending,
-    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= now()
-                     AND (lease_token IS NULL OR leased_until <= now())) AS due,
-    count(*) FILTER (WHERE status = 'pending' AND lease_token IS NOT NULL
-                     AND leased_until > now()) AS leased,
+    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= now()) AS due,
     count(*) FILTER (WHERE status = 'pending' AND attempts > 0) AS retrying,
     count(*) FILTER (WHERE status = 'dead') AS dead,
     coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')), 0)
@@ -172,11 +165,7 @@ SELECT
     (SELECT count(*) FROM (SELECT 1 FROM outbox_events
         WHERE status = 'pending' LIMIT %(cap)s) s) AS pending,
     (SELECT count(*) FROM (SELECT 1 FROM outbox_events
-        WHERE status = 'pending' AND next_attempt_at <= now()
-          AND (lease_token IS NULL OR leased_until <= now()) LIMIT %(cap)s) s) AS due,
-    (SELECT count(*) FROM (SELECT 1 FROM outbox_events
-        WHERE status = 'pending' AND lease_token IS NOT NULL AND leased_until > now()
-        LIMIT %(cap)s) s) AS leased,
+        WHERE status = 'pending' AND next_attempt_at <= now() LIMIT %(cap)s) s) AS due,
     (SELECT count(*) FROM (SELECT 1 FROM outbox_events
         WHERE status = 'pending' AND attempts > 0 LIMIT %(cap)s) s) AS retrying,
     (SELECT count(*) FROM (SELECT 1 FROM outbox_events
@@ -185,4 +174,18 @@ SELECT
         WHERE status = 'pending' ORDER BY id LIMIT 1), 0) AS oldest_pending_age_seconds,
     (SELECT greatest(reltuples, 0)::bigint FROM pg_class
         WHERE oid = to_regclass('outbox_events_due_idx')) AS pending_estimate
+"""
+
+# Batches in flight right now, across all workers on this database: each is a worker's
+# batch connection inside its claim's transaction (see CLAIM). Sessions of other roles
+# show only to members of pg_read_all_stats.
+IN_FLIGHT = """
+SELECT substr(application_name, length(%(prefix)s) + 1) AS worker,
+       extract(epoch FROM now() - xact_start) AS held_seconds,
+       state
+FROM pg_stat_activity
+WHERE datname = current_database()
+  AND application_name LIKE %(prefix)s || '%%'
+  AND xact_start IS NOT NULL
+ORDER BY xact_start
 """

@@ -2,6 +2,10 @@
 
 One :class:`Store` owns one autocommit psycopg connection. When the database goes
 away it raises :class:`DatabaseUnavailable`; the next call reconnects.
+
+A claimed :class:`Batch` is a transaction on its store's connection: its rows stay
+locked by it until :meth:`Store.finish` writes the outcome and commits, or
+:meth:`Store.release` rolls back. A store holds at most one batch at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,7 +43,7 @@ class DatabaseUnavailable(OutboxDatabaseError):
 
 @dataclass(frozen=True, slots=True)
 class ClaimedEvent:
-    """A leased outbox row, as the drainer ships it."""
+    """A claimed outbox row, as the drainer ships it."""
 
     id: int
     uuid: uuid.UUID
@@ -82,14 +86,57 @@ _EXTRA_WITH_IP = ', "$ignore_sent_at": true'
 _EXTRA = _EXTRA_WITH_IP + ', "$geoip_disable": true'
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A claimed batch: its token fences every later write to its rows."""
+#: Worker connections that claim batches are named ``<prefix><worker id>`` in
+#: pg_stat_activity, so ``outbox-worker status`` can list the batches in flight.
+BATCH_APPLICATION_PREFIX = "outbox-worker batches "
+#: Every other worker connection (housekeeping, probes, commands).
+APPLICATION_PREFIX = "outbox-worker "
+_APPLICATION_NAME_MAX = 63  # PostgreSQL's NAMEDATALEN - 1
 
-    token: uuid.UUID
+
+@dataclass(eq=False, slots=True)
+class Batch:
+    """A claimed batch: its rows stay locked by an open transaction on ``store``'s
+    connection until :meth:`Store.finish` or :meth:`Store.release` ends it."""
+
+    store: Store
     events: list[ClaimedEvent]
+    #: The connection whose transaction holds the rows.
+    connection: psycopg.Connection[Any]
     #: When the drainer asked for it (its clock): the lease runs from about then.
     claimed_at: float = 0.0
+    #: Set once the transaction is over (committed, rolled back or lost).
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What to write for a batch when it finishes."""
+
+    shipped: Sequence[int] = ()
+    dead: Sequence[tuple[int, str]] = ()
+    retry: Sequence[int] = ()
+    retry_error: str = ""
+    #: Rows to try again after ``defer_delay`` seconds, counting no attempt.
+    defer: Sequence[int] = ()
+    defer_delay: float = 0.0
+    defer_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What :meth:`Store.finish` wrote."""
+
+    shipped: int = 0
+    retried: int = 0
+    #: Rows that used their last attempt in this retry.
+    dead_by_retry: int = 0
+
+
+class BatchLostError(OutboxDatabaseError):
+    """The batch's transaction ended before its outcome was written (the connection
+    was lost, its lease ran out, or it was released): nothing of it was written, and
+    its rows will be claimed and shipped again with the same uuids."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +144,8 @@ class Backlog:
     """Counts of the outbox table."""
 
     pending: int
+    #: Pending rows whose time has come, including those in a batch in flight.
     due: int
-    leased: int
     retrying: int
     dead: int
     oldest_pending_age_seconds: float
@@ -108,12 +155,20 @@ class Store:
     """Database operations of the worker, over one reconnecting connection."""
 
     def __init__(
-        self, url: str, *, worker_id: str = "outbox-worker", log_outages: bool = True
+        self,
+        url: str,
+        *,
+        worker_id: str = "outbox-worker",
+        log_outages: bool = True,
+        for_batches: bool = False,
     ) -> None:
         self.url = url
         self.worker_id = worker_id
         self.log_outages = log_outages
+        prefix = BATCH_APPLICATION_PREFIX if for_batches else APPLICATION_PREFIX
+        self.application_name = (prefix + worker_id)[:_APPLICATION_NAME_MAX]
         self._conn: psycopg.Connection[Any] | None = None
+        self._batch: Batch | None = None
         self._lock = threading.RLock()
         self._down_since: float | None = None
         self._reconnect_delay = RECONNECT_DELAY_MIN
@@ -126,7 +181,12 @@ class Store:
             wait = self._retry_at - time.monotonic()
             if wait > 0:  # back off between reconnection attempts during an outage
                 raise DatabaseUnavailable(f"database unavailable; next reconnect in {wait:.1f}s")
-            conn = connect(self.url, autocommit=True, connect_timeout=10)
+            conn = connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=10,
+                application_name=self.application_name,
+            )
             try:
                 check_installed(conn)
             except BaseException:
@@ -152,28 +212,41 @@ class Store:
         A lost connection becomes :class:`DatabaseUnavailable` (logged once per outage)
         and the next call reconnects.
         """
-        with self._lock:
-            try:
-                conn = self._connection()
-                cur = conn.execute(query, params)
-                rows = cur.fetchall() if cur.description is not None else []
-                return rows, cur.rowcount
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                self._lost(exc)
-                raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
-            except (OutboxNotInstalledError, DatabaseUnavailable):
-                raise
-            except OutboxDatabaseError as exc:
-                if self._conn is None:  # could not connect at all
-                    self._lost(exc)
-                    raise DatabaseUnavailable(str(exc)) from exc
-                raise
+        with self._lock, self._outage_guard():
+            cur = self._connection().execute(query, params)
+            rows = cur.fetchall() if cur.description is not None else []
+            return rows, cur.rowcount
 
-    def _lost(self, exc: BaseException) -> None:
+    @contextlib.contextmanager
+    def _outage_guard(self) -> Iterator[None]:
+        """Turn a lost or unreachable database into :class:`DatabaseUnavailable`
+        (logged once per outage); the next call reconnects."""
+        try:
+            yield
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._lost(exc)
+            raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+        except (OutboxNotInstalledError, DatabaseUnavailable):
+            raise
+        except OutboxDatabaseError as exc:
+            if self._conn is None:  # could not connect at all
+                self._lost(exc)
+                raise DatabaseUnavailable(str(exc)) from exc
+            raise
+
+    def _drop_connection(self) -> None:
+        """Close and forget the connection (and the batch whose transaction it held);
+        the next call connects again."""
+        if self._batch is not None:  # its transaction died with the connection
+            self._batch.closed = True
+            self._batch = None
         if self._conn is not None:
             with contextlib.suppress(Exception):  # the connection is gone either way
                 self._conn.close()
         self._conn = None
+
+    def _lost(self, exc: BaseException) -> None:
+        self._drop_connection()
         self._retry_at = time.monotonic() + self._reconnect_delay * random.uniform(0.5, 1.0)
         self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_DELAY_MAX)
         if self._down_since is None:
@@ -187,8 +260,11 @@ class Store:
             )
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (a batch still open is rolled back by the server)."""
         with self._lock:
+            if self._batch is not None:
+                self._batch.closed = True
+                self._batch = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -207,72 +283,143 @@ class Store:
 
     # -- the batch life cycle ---------------------------------------------------------
 
-    def claim(self, limit: int, max_bytes: int, lease_seconds: float) -> Lease | None:
-        """Lease up to ``limit`` due events (at most ``max_bytes`` of JSON); None if none."""
-        token = uuid.uuid4()
-        rows = self._execute(
-            queries.CLAIM,
-            {
-                "limit": limit,
-                "max_bytes": max_bytes,
-                "token": token,
-                "lease": lease_seconds,
-                "worker": self.worker_id,
-            },
-        )
-        if not rows:
-            return None
-        events = sorted((ClaimedEvent(*row) for row in rows), key=lambda e: e.id)
-        return Lease(token=token, events=events)
+    def claim(self, limit: int, max_bytes: int, lease_seconds: float) -> Batch | None:
+        """Lock up to ``limit`` due events (at most ``max_bytes`` of JSON) in a new
+        transaction and return them as a :class:`Batch`; None (and no transaction) if
+        none are due. The server ends the transaction, releasing the rows, if this
+        connection then sits idle for ``lease_seconds``."""
+        with self._lock, self._outage_guard():
+            if self._batch is not None:
+                raise RuntimeError("this store already holds a batch; finish or release it")
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN")
+                conn.execute(queries.LEASE, {"lease_ms": str(max(1, int(lease_seconds * 1000)))})
+                rows = conn.execute(
+                    queries.CLAIM, {"limit": limit, "max_bytes": max_bytes}
+                ).fetchall()
+                if not rows:
+                    conn.execute("ROLLBACK")
+                    return None
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except psycopg.Error as exc:
+                self._abort()
+                raise OutboxDatabaseError(f"claiming a batch failed: {_first_line(exc)}") from exc
+            events = sorted((ClaimedEvent(*row) for row in rows), key=lambda e: e.id)
+            self._batch = Batch(store=self, events=events, connection=conn)
+            return self._batch
 
-    def ack(self, token: uuid.UUID, ids: Sequence[int], dedup_window: float) -> int:
-        """Delete delivered rows still held by ``token``; returns how many."""
-        if not ids:
-            return 0
-        rows = self._execute(
-            queries.ACK, {"ids": list(ids), "token": token, "window": dedup_window}
-        )
-        return int(rows[0][0])
-
-    def retry(
+    def finish(
         self,
-        token: uuid.UUID,
-        ids: Sequence[int],
-        error: str,
+        batch: Batch,
+        outcome: BatchOutcome,
         *,
+        dedup_window: float,
         max_attempts: int,
         backoff_base: float,
         backoff_max: float,
-    ) -> tuple[int, int]:
-        """Count a failed attempt; returns (rows rescheduled, rows now dead)."""
-        if not ids:
-            return (0, 0)
-        rows = self._execute(
-            queries.RETRY,
-            {
-                "ids": list(ids),
-                "token": token,
-                "error": error[:2000],
-                "max_attempts": max_attempts,
-                "backoff_base": float(backoff_base),
-                "backoff_max": float(backoff_max),
-            },
-        )
-        dead = sum(1 for _, status in rows if status == "dead")
-        return (len(rows) - dead, dead)
+    ) -> Finished:
+        """Write ``outcome`` in the batch's transaction and commit.
 
-    def defer(self, token: uuid.UUID, ids: Sequence[int], delay: float, error: str | None) -> None:
-        """Release rows to be retried after ``delay`` seconds, not counting an attempt."""
-        if ids:
-            self._execute(
-                queries.DEFER,
-                {"ids": list(ids), "token": token, "delay": float(delay), "error": error},
-            )
+        Rows the outcome does not name are released unchanged (still due). Raises
+        :class:`BatchLostError` when the transaction is already over; then nothing
+        was written.
+        """
+        with self._lock:
+            conn = self._own(batch)
+            try:
+                shipped = 0
+                if outcome.shipped:
+                    ack = conn.execute(
+                        queries.ACK, {"ids": list(outcome.shipped), "window": dedup_window}
+                    ).fetchone()
+                    shipped = int(ack[0]) if ack else 0
+                for event_id, error in outcome.dead:
+                    conn.execute(queries.BURY, {"ids": [event_id], "error": error[:2000]})
+                statuses: list[str] = []
+                if outcome.retry:
+                    retried = conn.execute(
+                        queries.RETRY,
+                        {
+                            "ids": list(outcome.retry),
+                            "error": outcome.retry_error[:2000],
+                            "max_attempts": max_attempts,
+                            "backoff_base": float(backoff_base),
+                            "backoff_max": float(backoff_max),
+                        },
+                    )
+                    statuses = [row[1] for row in retried.fetchall()]
+                if outcome.defer and (outcome.defer_delay > 0 or outcome.defer_error):
+                    conn.execute(
+                        queries.DEFER,
+                        {
+                            "ids": list(outcome.defer),
+                            "delay": float(outcome.defer_delay),
+                            "error": outcome.defer_error,
+                        },
+                    )
+                conn.execute("COMMIT")
+            except psycopg.Error as exc:
+                if _connection_gone(conn, exc):
+                    # Often the server ended an idle transaction (the lease ran out):
+                    # not an outage. If the database is down, the next claim finds out.
+                    self._drop_connection()
+                    raise BatchLostError(
+                        f"the batch's transaction was lost: {_first_line(exc)}"
+                    ) from exc
+                self._abort()
+                raise OutboxDatabaseError(
+                    f"writing a batch's outcome failed: {_first_line(exc)}"
+                ) from exc
+            finally:
+                batch.closed = True
+                if self._batch is batch:
+                    self._batch = None
+        dead = statuses.count("dead")
+        return Finished(shipped=shipped, retried=len(statuses) - dead, dead_by_retry=dead)
 
-    def bury(self, token: uuid.UUID, ids: Sequence[int], error: str) -> None:
-        """Mark rows dead with ``error``: the sink refused the events themselves."""
-        if ids:
-            self._execute(queries.BURY, {"ids": list(ids), "token": token, "error": error[:2000]})
+    def release(self, batch: Batch) -> bool:
+        """Roll the batch's transaction back: its rows are due again at once, with no
+        attempt counted. Returns False if it was already over."""
+        with self._lock:
+            if batch.closed or self._batch is not batch:
+                return False
+            batch.closed = True
+            self._batch = None
+            try:
+                batch.connection.execute("ROLLBACK")
+            except psycopg.Error:  # the rows are released with the session anyway
+                self._drop_connection()
+                return False
+            return True
+
+    def _own(self, batch: Batch) -> psycopg.Connection[Any]:
+        """The batch's connection, if its transaction is still open on this store."""
+        if batch.store is not self or batch.closed or self._batch is not batch:
+            raise BatchLostError("the batch's transaction is already over")
+        conn = batch.connection
+        if conn is not self._conn or conn.closed:
+            batch.closed = True
+            self._batch = None
+            raise BatchLostError("the batch's connection was lost")
+        return conn
+
+    def _abort(self) -> None:
+        """After an unexpected error inside a batch: roll back, forget the batch."""
+        if self._batch is not None:
+            self._batch.closed = True
+            self._batch = None
+        if self._conn is not None:
+            try:
+                self._conn.execute("ROLLBACK")
+            except psycopg.Error as exc:
+                self._lost(exc)
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        """Batches held by workers on this database now: worker, seconds held, state."""
+        rows = self._execute(queries.IN_FLIGHT, {"prefix": BATCH_APPLICATION_PREFIX})
+        return [{"worker": r[0], "held_seconds": float(r[1] or 0.0), "state": r[2]} for r in rows]
 
     # -- housekeeping and inspection --------------------------------------------------
 
@@ -281,15 +428,14 @@ class Store:
         return self._run(queries.EXPIRE_DEDUP_KEYS, {"limit": limit})[1]
 
     def backlog(self) -> Backlog:
-        """Counts of pending, due, leased, retrying and dead rows, and the oldest age."""
+        """Counts of pending, due, retrying and dead rows, and the oldest age."""
         row = self._execute(queries.BACKLOG)[0]
         return Backlog(
             pending=int(row[0]),
             due=int(row[1]),
-            leased=int(row[2]),
-            retrying=int(row[3]),
-            dead=int(row[4]),
-            oldest_pending_age_seconds=float(row[5]),
+            retrying=int(row[2]),
+            dead=int(row[3]),
+            oldest_pending_age_seconds=float(row[4]),
         )
 
     def backlog_capped(self, cap: int = 100_000) -> Backlog:
@@ -298,14 +444,13 @@ class Store:
         row = self._execute(queries.BACKLOG_CAPPED, {"cap": cap})[0]
         pending = int(row[0])
         if pending >= cap:
-            pending = max(pending, int(row[6] or 0))
+            pending = max(pending, int(row[5] or 0))
         return Backlog(
             pending=pending,
             due=int(row[1]),
-            leased=int(row[2]),
-            retrying=int(row[3]),
-            dead=int(row[4]),
-            oldest_pending_age_seconds=float(row[5]),
+            retrying=int(row[2]),
+            dead=int(row[3]),
+            oldest_pending_age_seconds=float(row[4]),
         )
 
     def top_events(self, status: str, limit: int = 10) -> list[tuple[str, int]]:
@@ -337,6 +482,13 @@ class Store:
         """Delete dead rows older than the given age; returns how many."""
         rows = self._execute(queries.PURGE_DEAD, {"older_than": float(older_than_seconds)})
         return int(rows[0][0])
+
+
+def _connection_gone(conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:
+    """The error ended the session (lost connection, or the server terminated it)."""
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) or bool(
+        conn.closed or conn.broken
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import outbox
-from tests.conftest import wait_for, worker_env
+from tests.conftest import batches_in_flight, claimable, wait_for, worker_env
 from worker.testing import CaptureServer, Reply
 
 WORKER = [str(Path(sys.executable).with_name("outbox-worker"))]
@@ -89,7 +89,7 @@ def test_sigkill_mid_batch_loses_nothing(
     )
     proc = start_worker(env)
     try:
-        wait_for(lambda: count(db, "lease_token IS NOT NULL") > 0, what="a leased batch")
+        wait_for(lambda: batches_in_flight(database_url) > 0, what="a batch in flight")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -98,7 +98,8 @@ def test_sigkill_mid_batch_loses_nothing(
     assert proc.returncode == -signal.SIGKILL
     assert count(db) == 500  # nothing delivered, nothing lost
     capture.default_reply = Reply(status=200)
-    # Once the dead worker's lease expires, another worker ships everything.
+    # The dead worker's session ended with it: its rows can be claimed at once.
+    assert claimable(database_url) == 500
     env2 = worker_env(database_url, capture, OUTBOX_BATCH_SIZE="200")
     deadline = time.monotonic() + 30
     while count(db) and time.monotonic() < deadline:
@@ -115,14 +116,14 @@ def test_sigterm_finishes_the_in_flight_batch_and_exits_0(
     capture.default_reply = Reply(status=200, delay=1.0)
     env = worker_env(database_url, capture, OUTBOX_BATCH_SIZE="100", OUTBOX_SHUTDOWN_GRACE="10")
     proc = start_worker(env)
-    wait_for(lambda: count(db, "lease_token IS NOT NULL") > 0, what="a leased batch")
+    wait_for(lambda: batches_in_flight(database_url) > 0, what="a batch in flight")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     shipped = len(capture.uuids())
     assert shipped >= 100  # the in-flight batch finished
     assert count(db) == 300 - shipped
-    assert count(db, "lease_token IS NOT NULL") == 0  # nothing left leased
+    assert claimable(database_url) == 300 - shipped  # nothing left held
     assert "worker_stopped" in err
 
 
@@ -139,14 +140,15 @@ def test_sigterm_past_the_grace_releases_the_batch_at_once(
         OUTBOX_REQUEST_TIMEOUT="60",
     )
     proc = start_worker(env)
-    wait_for(lambda: count(db, "lease_token IS NOT NULL") == 50, what="a leased batch")
+    wait_for(lambda: batches_in_flight(database_url) == 1, what="a batch in flight")
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert time.monotonic() - started < 10
     # Released, not left to a 600 s lease: another worker can take them right away.
-    assert count(db, "lease_token IS NULL AND next_attempt_at <= now()") == 50
+    assert count(db, "next_attempt_at <= now() AND attempts = 0") == 50
+    assert claimable(database_url) == 50
     capture.stop()
     with CaptureServer() as fresh:
         result = run_cli(worker_env(database_url, fresh), "run", "--until-empty")
@@ -186,7 +188,8 @@ def test_status_dead_retry_purge(
     status = run_cli(env, "status", "--json")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
-    assert (report["pending"], report["due"], report["leased"], report["dead"]) == (7, 7, 0, 3)
+    assert (report["pending"], report["due"], report["dead"]) == (7, 7, 3)
+    assert report["in_flight"] == []
     assert report["oldest_pending_age_seconds"] >= 0
     assert report["top_dead"] == [{"event": "page_viewed", "count": 3}]
     table = run_cli(env, "status")

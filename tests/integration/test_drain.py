@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 import outbox
+from tests.conftest import wait_for
 from worker.app import Worker
 from worker.drain import SINK_RATE_LIMITED, SINK_UNAUTHORIZED, Drainer
 from worker.settings import Settings
@@ -22,8 +23,15 @@ from worker.sinks import (
     RetryableSinkError,
     UnauthorizedError,
 )
-from worker.store import Store
+from worker.store import BatchLostError, BatchOutcome, Store
 from worker.testing import CaptureServer, Reply
+
+POLICY: dict[str, Any] = {
+    "dedup_window": 60.0,
+    "max_attempts": 5,
+    "backoff_base": 1.0,
+    "backoff_max": 10.0,
+}
 
 
 def enqueue_n(
@@ -46,7 +54,7 @@ def enqueue_n(
 
 def remaining(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
     return db.execute(
-        "SELECT uuid, status, attempts, last_error, lease_token FROM outbox_events ORDER BY id"
+        "SELECT uuid, status, attempts, last_error FROM outbox_events ORDER BY id"
     ).fetchall()
 
 
@@ -187,7 +195,7 @@ def test_rate_limit_pauses_without_counting_an_attempt(
     assert drainer.sink_state == SINK_RATE_LIMITED
     assert 29 < drainer.pause_remaining() <= 30
     left = remaining(db)
-    assert [(r[1], r[2], r[4]) for r in left] == [("pending", 0, None)] * 5
+    assert [(r[1], r[2]) for r in left] == [("pending", 0)] * 5
     # No request goes out during the pause, even for due rows.
     db.execute("UPDATE outbox_events SET next_attempt_at = now()")
     drainer.drain()
@@ -211,30 +219,51 @@ def test_unauthorized_keeps_everything_pending(
     assert len(sink.events) == 5 and remaining(db) == []
 
 
-def test_a_worker_that_lost_its_lease_changes_nothing(
+def test_a_worker_whose_lease_ran_out_writes_nothing(
     database_url: str, db: psycopg.Connection[Any]
 ) -> None:
     enqueue_n(database_url, 3)
     slow = Store(database_url, worker_id="slow")
     fast = Store(database_url, worker_id="fast")
-    lost = slow.claim(10, 10_000_000, lease_seconds=0.0)  # expires at once
+    lost = slow.claim(10, 10_000_000, lease_seconds=0.05)  # the server ends it when idle
     assert lost is not None and len(lost.events) == 3
-    taken = fast.claim(10, 10_000_000, lease_seconds=60.0)
-    assert taken is not None and {e.id for e in taken.events} == {e.id for e in lost.events}
+    taken = wait_for(lambda: fast.claim(10, 10_000_000, lease_seconds=60.0), what="a new claim")
+    assert {e.id for e in taken.events} == {e.id for e in lost.events}
     ids = [e.id for e in lost.events]
-    assert slow.ack(lost.token, ids, 60.0) == 0
-    assert slow.retry(lost.token, ids, "late", max_attempts=1, backoff_base=1, backoff_max=1) == (
-        0,
-        0,
-    )
-    slow.bury(lost.token, ids, "late")
-    slow.defer(lost.token, ids, 0, "late")
-    assert [(r[1], r[2], r[4]) for r in remaining(db)] == [("pending", 0, taken.token)] * 3
-    assert fast.ack(taken.token, ids, 60.0) == 3
+    with pytest.raises(BatchLostError):
+        slow.finish(lost, BatchOutcome(shipped=ids), **POLICY)
+    assert [(r[1], r[2]) for r in remaining(db)] == [("pending", 0)] * 3
+    assert fast.finish(taken, BatchOutcome(shipped=ids), **POLICY).shipped == 3
     assert remaining(db) == []
+    # The slow store reconnects and works again.
+    assert slow.claim(10, 10_000_000, lease_seconds=60.0) is None
 
 
-def test_a_crashed_workers_rows_are_claimed_again_after_the_lease(
+def test_a_claimed_batch_is_invisible_to_others_until_it_ends(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    enqueue_n(database_url, 3)
+    holder = Store(database_url)
+    other = Store(database_url)
+    batch = holder.claim(2, 10_000_000, lease_seconds=60.0)
+    assert batch is not None and len(batch.events) == 2
+    rest = other.claim(10, 10_000_000, lease_seconds=60.0)
+    assert rest is not None and len(rest.events) == 1
+    assert other.release(rest) is True
+    assert other.release(rest) is False  # already over
+    # Rows the outcome does not name are handed back unchanged, still due.
+    done = holder.finish(batch, BatchOutcome(shipped=[batch.events[0].id]), **POLICY)
+    assert done.shipped == 1
+    assert [(r[1], r[2]) for r in remaining(db)] == [("pending", 0)] * 2
+    again = other.claim(10, 10_000_000, lease_seconds=60.0)
+    assert again is not None and len(again.events) == 2
+    with pytest.raises(BatchLostError):  # finished once already
+        holder.finish(batch, BatchOutcome(shipped=[batch.events[1].id]), **POLICY)
+    with pytest.raises(RuntimeError, match="already holds a batch"):
+        other.claim(10, 10_000_000, lease_seconds=60.0)
+
+
+def test_a_crashed_workers_rows_are_claimed_again_at_once(
     database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
 ) -> None:
     uuids = enqueue_n(database_url, 4)
@@ -243,12 +272,22 @@ def test_a_crashed_workers_rows_are_claimed_again_after_the_lease(
     sink = MemorySink()
     drainer = make_drainer(settings_for(), sink)
     drainer.drain()
-    assert sink.events == []  # still leased
-    db.execute(  # the lease runs out (it set both to the same moment)
-        "UPDATE outbox_events SET leased_until = now() - interval '1 second',"
-        " next_attempt_at = now() - interval '1 second'"
-    )
-    drainer.drain()
+    assert sink.events == []  # held by the other worker's transaction
+    crashed.close()  # its session ends, as when its process dies
+    wait_for(lambda: drainer.drain().shipped == 4, what="the rows shipped")
+    assert sink.uuids() == [str(u) for u in uuids]
+
+
+def test_a_hung_workers_rows_are_claimed_again_when_its_lease_runs_out(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    uuids = enqueue_n(database_url, 4)
+    hung = Store(database_url, worker_id="hung")
+    assert hung.claim(10, 10_000_000, lease_seconds=0.3) is not None
+    sink = MemorySink()
+    drainer = make_drainer(settings_for(), sink)
+    assert drainer.drain().shipped == 0
+    wait_for(lambda: drainer.drain().shipped == 4, what="the rows shipped")
     assert sink.uuids() == [str(u) for u in uuids]
 
 
@@ -330,18 +369,16 @@ def test_capped_backlog_matches_the_exact_one_below_the_cap(
         "UPDATE outbox_events SET attempts = 2, next_attempt_at = now() + interval '1 hour'"
         " WHERE id IN (SELECT id FROM outbox_events WHERE status = 'pending' ORDER BY id LIMIT 4)"
     )
+    holder = Store(database_url, worker_id="w1", for_batches=True)
+    assert holder.claim(3, 10_000_000, 60) is not None
     store = Store(database_url)
-    assert store.claim(3, 10_000_000, 60) is not None
     exact = store.backlog()
-    assert (exact.pending, exact.due, exact.leased, exact.retrying, exact.dead) == (25, 18, 3, 4, 5)
+    # Rows in a batch in flight are still pending and due: nothing in them changed.
+    assert (exact.pending, exact.due, exact.retrying, exact.dead) == (25, 21, 4, 5)
     capped = store.backlog_capped()
-    assert (capped.pending, capped.due, capped.leased, capped.retrying, capped.dead) == (
-        25,
-        18,
-        3,
-        4,
-        5,
-    )
+    assert (capped.pending, capped.due, capped.retrying, capped.dead) == (25, 21, 4, 5)
+    [flight] = store.in_flight()
+    assert flight["worker"] == "w1" and 0 <= flight["held_seconds"] < 60
     assert abs(capped.oldest_pending_age_seconds - exact.oldest_pending_age_seconds) < 1
     small_cap = store.backlog_capped(cap=10)
     assert small_cap.due == 10 and small_cap.dead == 5

@@ -36,9 +36,19 @@ FROM sized JOIN outbox_events AS e USING (id)
 WHERE sized.running <= %(max_bytes)s OR sized.n = 1
 """
 
-# Set in the claim's transaction: the server ends the session (and so the transaction
-# and its row locks) when it sits idle this long, as a hung or partitioned worker's does.
-LEASE = "SELECT set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true)"
+# Set at the start of a batch's transaction, for that transaction only:
+# - the lease: the server ends the session (and so the transaction and its row locks)
+#   when it sits idle this long, as a hung or partitioned worker's does;
+# - the plan: CLAIM must walk the due index in order and stop after :limit rows. If the
+#   table was analyzed while nearly empty and a backlog built up since (an outage),
+#   the planner would otherwise pick a bitmap scan and sort the whole backlog for every
+#   batch (measured: 75 ms instead of 6 ms per claim at 100,000 rows, growing with the
+#   backlog). The outcome's statements go by primary key either way.
+BATCH_SETTINGS = """
+SELECT set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true),
+       set_config('enable_seqscan', 'off', true),
+       set_config('enable_bitmapscan', 'off', true)
+"""
 
 # Delivered: delete the rows (locked by this transaction) and start the dedup window
 # of their keys.

@@ -68,7 +68,8 @@ class Settings:
     notify: bool = True
     #: Seconds between polls for due events when idle.
     poll_interval: float = DEFAULT_POLL_INTERVAL
-    #: Seconds a claimed batch stays leased to this worker before others may take it.
+    #: Seconds a worker may sit on a claimed batch without talking to the database;
+    #: then the server ends the batch's transaction and other workers may take it.
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     #: Failed attempts after which an event becomes ``dead``.
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -92,7 +93,7 @@ class Settings:
     metrics_namespace: str = "app"
     #: Port for ``/metrics``, ``/healthz`` and ``/readyz``; None: no HTTP server.
     metrics_port: int | None = None
-    #: This worker's name in ``leased_by`` and logs.
+    #: This worker's name in logs and in pg_stat_activity (``outbox-worker status``).
     worker_id: str = field(default_factory=_default_worker_id)
     #: Log level name.
     log_level: str = "INFO"
@@ -218,7 +219,7 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar("OUTBOX_MAX_BATCH_BYTES", "max_batch_bytes", int, "Most bytes of events per request."),
     EnvVar("OUTBOX_NOTIFY", "notify", _bool, "LISTEN for commits (0: poll only)."),
     EnvVar("OUTBOX_POLL_INTERVAL", "poll_interval", float, "Seconds between polls when idle."),
-    EnvVar("OUTBOX_LEASE_SECONDS", "lease_seconds", float, "Seconds a claimed batch is leased."),
+    EnvVar("OUTBOX_LEASE_SECONDS", "lease_seconds", float, "Seconds a claimed batch is held."),
     EnvVar("OUTBOX_MAX_ATTEMPTS", "max_attempts", int, "Failed attempts before an event is dead."),
     EnvVar("OUTBOX_BACKOFF_BASE", "backoff_base", float, "First retry delay (seconds)."),
     EnvVar("OUTBOX_BACKOFF_MAX", "backoff_max", float, "Longest retry delay (seconds)."),
@@ -235,7 +236,7 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar("OUTBOX_CONTRACT", "contract", str, "module:attr of the app's EventRegistry."),
     EnvVar("OUTBOX_METRICS_NAMESPACE", "metrics_namespace", str, "Prefix of metrics-only metrics."),
     EnvVar("OUTBOX_METRICS_PORT", "metrics_port", _port, "Port for /metrics and probes."),
-    EnvVar("OUTBOX_WORKER_ID", "worker_id", str, "Name in leased_by and logs."),
+    EnvVar("OUTBOX_WORKER_ID", "worker_id", str, "Name in logs and pg_stat_activity."),
     EnvVar("OUTBOX_LOG_LEVEL", "log_level", str, "DEBUG, INFO, WARNING or ERROR."),
 )
 

@@ -294,7 +294,8 @@ class Store:
             conn = self._connection()
             try:
                 conn.execute("BEGIN")
-                conn.execute(queries.LEASE, {"lease_ms": str(max(1, int(lease_seconds * 1000)))})
+                lease_ms = str(max(1, int(lease_seconds * 1000)))
+                conn.execute(queries.BATCH_SETTINGS, {"lease_ms": lease_ms})
                 rows = conn.execute(
                     queries.CLAIM, {"limit": limit, "max_bytes": max_bytes}
                 ).fetchall()

@@ -12,6 +12,7 @@ import pytest
 
 import outbox
 from tests.conftest import wait_for
+from worker import queries
 from worker.app import Worker
 from worker.drain import SINK_RATE_LIMITED, SINK_UNAUTHORIZED, Drainer
 from worker.settings import Settings
@@ -382,3 +383,25 @@ def test_capped_backlog_matches_the_exact_one_below_the_cap(
     assert abs(capped.oldest_pending_age_seconds - exact.oldest_pending_age_seconds) < 1
     small_cap = store.backlog_capped(cap=10)
     assert small_cap.due == 10 and small_cap.dead == 5
+
+
+def test_the_claim_walks_the_due_index_even_with_statistics_from_an_empty_table(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    # After an outage: the table was analyzed while empty, then a backlog built up.
+    db.execute("ANALYZE outbox_events")
+    enqueue_n(database_url, 3000)
+
+    def claim_plan(batch_settings: bool) -> str:
+        with db.transaction(force_rollback=True):
+            if batch_settings:
+                db.execute(queries.BATCH_SETTINGS, {"lease_ms": "60000"})
+            rows = db.execute(
+                "EXPLAIN " + queries.CLAIM, {"limit": 100, "max_bytes": 10_000_000}
+            ).fetchall()
+        return "\n".join(r[0] for r in rows)
+
+    assert "Bitmap Heap Scan" in claim_plan(batch_settings=False)  # the hazard is real
+    plan = claim_plan(batch_settings=True)
+    assert "Index Scan using outbox_events_due_idx" in plan
+    assert "Bitmap" not in plan and "Seq Scan" not in plan

@@ -167,24 +167,25 @@ def outbox_count(url: str) -> int:
 class TableSizes:
     """On-disk size of ``outbox_events``, in bytes."""
 
+    #: The main fork of the heap (``pg_relation_size``).
     heap: int
+    #: All its indexes (``pg_indexes_size``).
     indexes: int
+    #: Heap, TOAST, free space and visibility maps, without indexes (``pg_table_size``).
+    table: int
+    #: Everything (``pg_total_relation_size``).
     total: int
-
-    @property
-    def toast(self) -> int:
-        """Everything that is neither heap nor index (TOAST, free space and visibility maps)."""
-        return self.total - self.heap - self.indexes
 
 
 def table_sizes(url: str) -> TableSizes:
-    """``pg_relation_size``, ``pg_indexes_size`` and ``pg_total_relation_size`` of the outbox."""
+    """``pg_relation_size``, ``pg_indexes_size``, ``pg_table_size`` and
+    ``pg_total_relation_size`` of the outbox."""
     row = execute(
         url,
         "SELECT pg_relation_size('outbox_events'), pg_indexes_size('outbox_events'), "
-        "pg_total_relation_size('outbox_events')",
+        "pg_table_size('outbox_events'), pg_total_relation_size('outbox_events')",
     )[0]
-    return TableSizes(int(row[0]), int(row[1]), int(row[2]))
+    return TableSizes(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
 
 def server_info(url: str) -> dict[str, str]:

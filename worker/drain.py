@@ -163,6 +163,11 @@ class Drainer:
                     if next_batch is not None:
                         self._release(next_batch)
                     break
+                if next_batch is not None and self._stale(next_batch):
+                    # It waited through a slow send: sending it now could outlast its
+                    # lease. Hand it back and claim afresh.
+                    self._release(next_batch)
+                    next_batch = self._claim(next_batch.store)
                 batch = next_batch if claimed_ahead else self._claim(batch.store)
         except DatabaseUnavailable:
             stats.interrupted = True
@@ -199,6 +204,10 @@ class Drainer:
         with self._lock:
             self._held.add(batch)
         return batch
+
+    def _stale(self, batch: Batch) -> bool:
+        """A batch claimed ahead has used a quarter of its lease waiting its turn."""
+        return self.clock() - batch.claimed_at > self.settings.lease_seconds / 4
 
     def _release(self, batch: Batch) -> None:
         """Hand a claimed but unsent batch back at once, counting no attempt."""

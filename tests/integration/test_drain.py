@@ -405,3 +405,35 @@ def test_the_claim_walks_the_due_index_even_with_statistics_from_an_empty_table(
     plan = claim_plan(batch_settings=True)
     assert "Index Scan using outbox_events_due_idx" in plan
     assert "Bitmap" not in plan and "Seq Scan" not in plan
+
+
+def test_a_batch_claimed_ahead_that_waited_through_a_slow_send_is_claimed_afresh(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    enqueue_n(database_url, 30)
+    now = [0.0]
+    settings = settings_for(batch_size=10, lease_seconds=40.0)
+
+    class SlowSink(MemorySink):
+        def send(self, batch: Any) -> None:
+            now[0] += 11.0  # each send takes over a quarter of the lease (fake clock)
+            super().send(batch)
+
+    sink = SlowSink()
+    assert settings.database_url
+    drainer = Drainer(
+        Store(settings.database_url),
+        sink,
+        settings,
+        claim_store=Store(settings.database_url),
+        clock=lambda: now[0],
+    )
+    released: list[int] = []
+    original = drainer._release
+    drainer._release = lambda b: (released.append(len(b.events)), original(b))[1]  # type: ignore[method-assign]
+    stats = drainer.drain()
+    assert stats.shipped == 30 and remaining(db) == []
+    # The second batch, claimed while the first was sent, waited too long (so may the
+    # third, depending on when its claim read the clock).
+    assert released and set(released) == {10}
+    assert len(sink.uuids()) == len(set(sink.uuids())) == 30

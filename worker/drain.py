@@ -62,6 +62,9 @@ class Outcome:
     defer: list[int] = field(default_factory=list)
     defer_delay: float = 0.0
     defer_error: str | None = None
+    #: Why the deferred events were not sent: ``rate_limited``, ``unauthorized``, or
+    #: ``released`` (handed back unsent: half the lease used).
+    defer_reason: str = ""
     requests: int = 0
 
 
@@ -254,10 +257,12 @@ class Drainer:
             if self.pause_remaining() > 0:  # a 429 earlier in this batch: no more requests
                 outcome.defer.extend(rest)
                 outcome.defer_delay = self.pause_remaining()
+                outcome.defer_reason = self.sink_state
                 break
             if outcome.requests and self.clock() > budget:
                 outcome.defer.extend(rest)
                 outcome.defer_delay = 0.0
+                outcome.defer_reason = "released"
                 log.info(
                     "batch took half its lease; releasing %d unsent events",
                     len(rest),
@@ -301,6 +306,7 @@ class Drainer:
                 outcome.defer.extend(rest)
                 outcome.defer_delay = delay
                 outcome.defer_error = str(exc)
+                outcome.defer_reason = SINK_RATE_LIMITED
                 break
             except UnauthorizedError as exc:
                 self._pause(self.settings.unauthorized_pause, SINK_UNAUTHORIZED, str(exc))
@@ -314,6 +320,7 @@ class Drainer:
                 outcome.defer.extend(rest)
                 outcome.defer_delay = self.settings.unauthorized_pause
                 outcome.defer_error = str(exc)
+                outcome.defer_reason = SINK_UNAUTHORIZED
                 break
             except RetryableSinkError as exc:
                 self._failed(str(exc))

@@ -90,8 +90,7 @@ class WorkerMetrics(DrainObserver):
         if outcome.retry:
             self.events_failed.labels("transient").inc(len(outcome.retry))
         if outcome.defer:
-            reason = drainer.sink_state if drainer.sink_state != SINK_OK else "released"
-            self.events_failed.labels(reason).inc(len(outcome.defer))
+            self.events_failed.labels(outcome.defer_reason or "released").inc(len(outcome.defer))
         if outcome.dead:
             self.events_failed.labels("rejected").inc(len(outcome.dead))
         self.set_sink_state(drainer.sink_state)

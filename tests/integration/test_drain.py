@@ -437,3 +437,49 @@ def test_a_batch_claimed_ahead_that_waited_through_a_slow_send_is_claimed_afresh
     # third, depending on when its claim read the clock).
     assert released and set(released) == {10}
     assert len(sink.uuids()) == len(set(sink.uuids())) == 30
+
+
+def test_failed_events_are_counted_by_why_they_were_not_sent(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    from worker.metrics import WorkerMetrics
+
+    def failed(metrics: WorkerMetrics, reason: str) -> float:
+        value = metrics.registry.get_sample_value("outbox_events_failed_total", {"reason": reason})
+        return value or 0.0
+
+    enqueue_n(database_url, 4)
+    metrics = WorkerMetrics()
+    sink = MemorySink()
+    sink.fail_with(RateLimitedError("HTTP 429", retry_after=30.0))
+    assert settings_for().database_url
+    drainer = Drainer(Store(database_url), sink, settings_for(), observer=metrics)
+    drainer.drain()
+    assert failed(metrics, "rate_limited") == 4
+    assert failed(metrics, "released") == 0
+
+    # A refused batch is split, but the first request used half the lease: the rest is
+    # released unsent (not rate limited), to be claimed again.
+    db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+    now = [0.0]
+
+    class SlowSink(MemorySink):
+        def send(self, batch: Any) -> None:
+            now[0] += 40.0
+            super().send(batch)
+
+    slow_sink = SlowSink()
+    slow_sink.reject = lambda e: RejectedError("HTTP 400", status=400)  # type: ignore[assignment]
+    metrics = WorkerMetrics()
+    slow = Drainer(
+        Store(database_url),
+        slow_sink,
+        settings_for(lease_seconds=60.0),
+        observer=metrics,
+        clock=lambda: now[0],
+    )
+    slow.drain()
+    assert slow_sink.calls == 1
+    assert failed(metrics, "released") == 4
+    assert failed(metrics, "rate_limited") == 0
+    assert [(r[1], r[2]) for r in remaining(db)] == [("pending", 0)] * 4

@@ -8,7 +8,7 @@ with an overhead that inflates small Python functions; its figures are cumulativ
 times per function).
 
 Samples are sorted into buckets by the frames on their stack, so the result reads as
-"claim SQL, JSON decode, request JSON encode, non-finite float walk, HTTP, ack". The
+"claim SQL, JSON decode, request JSON encode, non-finite float walk, HTTP, outcome". The
 CPU used meanwhile by PostgreSQL and by the endpoint is reported beside it: with two
 cores, their share is the worker's to wait for.
 """
@@ -74,7 +74,10 @@ BUCKETS: tuple[Bucket, ...] = (
         "claim SQL: round trip incl. PostgreSQL's time, row fetch",
         (("claim", "worker/store.py"),),
     ),
-    Bucket("ack SQL: DELETE of the shipped rows", (("ack", "worker/store.py"),)),
+    Bucket(
+        "outcome SQL: DELETE of the shipped rows and COMMIT",
+        (("finish", "worker/store.py"), ("release", "worker/store.py")),
+    ),
     Bucket("posthog request layer, other", (("*", "posthog/"),)),
     Bucket(
         "building the request from rows (worker code)",
@@ -178,7 +181,7 @@ def cprofile_buckets(path: Path) -> dict[str, dict[str, float]]:
     http = cumulative("request", "requests/sessions.py")
     decode = cumulative("loads", "json/__init__.py")
     claim = cumulative("claim", "worker/store.py")
-    ack = cumulative("ack", "worker/store.py")
+    ack = cumulative("finish", "worker/store.py")
     build = cumulative("outbound", "worker/store.py") + cumulative("to_payload", "worker/drain.py")
     drain = cumulative("drain", "worker/drain.py")
     counts: dict[str, float] = defaultdict(float)

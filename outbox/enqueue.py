@@ -16,7 +16,7 @@ What is validated is exactly what is stored.
 
 from __future__ import annotations
 
-import json
+import json.encoder
 import time
 import uuid as uuid_module
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,6 +45,7 @@ from outbox.validation import (
     DESTINATION_POSTHOG,
     Destination,
     PreparedEvent,
+    _prepare_event,
     prepare_event,
 )
 
@@ -53,21 +54,42 @@ __all__ = ["aenqueue", "aenqueue_many", "enqueue", "enqueue_many", "prepare_enqu
 DistinctId = str | int | uuid_module.UUID | Actor
 """What ``enqueue()`` takes as ``distinct_id``: an id, or an :class:`~outbox.actors.Actor`."""
 
-# One statement for one event or many: the events travel as a single JSON parameter
-# (driver-neutral, one round trip). Nothing is read back from outbox_events, so the
-# application's role needs only INSERT on it (the uuids are made in Python).
-_INPUT = """
-    SELECT * FROM jsonb_to_recordset(CAST({rows} AS jsonb))
-        AS r(uuid uuid, event text, distinct_id text, properties jsonb,
-             "timestamp" timestamptz, dedup_key text, destination text, n bigint)
+# One statement per call, whatever the number of events, so one round trip. Nothing
+# is read back from outbox_events, so the application's role needs only INSERT on it
+# (the uuids are made in Python).
+#
+# Several events travel as one JSON parameter (driver-neutral, one statement text for
+# any number of events). Each event is an object with one-letter keys, written in the
+# order jsonb keeps object keys (by length, then bytewise), so the server's key sort
+# finds them already sorted: d distinct_id, e event, k dedup_key, p properties,
+# s destination, t timestamp, u uuid; k, s and t are left out when they are null,
+# 'posthog' and null; uuids are written as 32 hex digits (uuid input takes them, and
+# Python makes them faster than the hyphenated form). WITH ORDINALITY numbers the
+# events in array order, so ORDER BY n inserts them in call order (ascending ids)
+# without a sort step.
+_MANY_INPUT = """
+    SELECT * FROM ROWS FROM (
+        jsonb_to_recordset(CAST({rows} AS jsonb))
+            AS (d text, e text, k text, p jsonb, s text, t timestamptz, u uuid)
+    ) WITH ORDINALITY
+        AS r(distinct_id, event, dedup_key, properties, destination, "timestamp", uuid, n)
+"""
+# A single event (the common enqueue() call) travels as one parameter per column: the
+# server then skips unpacking a JSON array, about 20 us of the ~55 us it spends on a
+# one-row statement.
+_ONE_INPUT = """
+    SELECT CAST({u} AS uuid) AS uuid, CAST({e} AS text) AS event,
+           CAST({d} AS text) AS distinct_id, CAST({p} AS jsonb) AS properties,
+           CAST({s} AS text) AS destination, CAST({t} AS timestamptz) AS "timestamp",
+           CAST({k} AS text) AS dedup_key, 1 AS n
 """
 _COLUMNS = """
 INSERT INTO outbox_events
     (uuid, event, distinct_id, properties, "timestamp", dedup_key, destination)
 SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()), dedup_key,
-       destination
+       coalesce(destination, 'posthog')
 """
-_PLAIN_SQL = _COLUMNS + "FROM (" + _INPUT + ") AS input{wake} ORDER BY n"
+_PLAIN_SQL = _COLUMNS + "FROM ({input}) AS input{wake} ORDER BY n"
 
 # With dedup keys, the keys are claimed in the same statement and only events whose
 # key was free (or that have none) are inserted; the claimed keys come back, which
@@ -75,9 +97,7 @@ _PLAIN_SQL = _COLUMNS + "FROM (" + _INPUT + ") AS input{wake} ORDER BY n"
 # that held it was delivered longer ago than the window (the worker sets expires_at
 # at delivery; an undelivered event holds 'infinity').
 _DEDUP_SQL = (
-    "WITH input AS ("
-    + _INPUT
-    + """), claimed_keys AS (
+    """WITH input AS ({input}), claimed_keys AS (
     INSERT INTO outbox_dedup_keys (dedup_key, expires_at)
     SELECT dedup_key, 'infinity' FROM input WHERE dedup_key IS NOT NULL
     ON CONFLICT (dedup_key) DO UPDATE SET expires_at = 'infinity'
@@ -103,19 +123,33 @@ _WAKE_PLAIN = f", (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS wake"
 _WAKE_DEDUP = f" FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS wake"
 _last_notify = 0.0
 
+_ONE_PARAMS = ("u", "e", "d", "p", "s", "t", "k")
+
 
 class _Statements:
     """One SQL text in the two placeholder styles: psycopg's and SQLAlchemy's."""
 
-    def __init__(self, sql: str, wake: str = "") -> None:
-        self.psycopg = sql.format(rows="%(rows)s", wake=wake)
-        self.sqlalchemy = text(sql.format(rows=":rows", wake=wake))
+    def __init__(self, sql: str, input_sql: str, params: Sequence[str], wake: str) -> None:
+        def render(style: str) -> str:
+            names = {name: style.format(name) for name in params}
+            return sql.format(input=input_sql.format(**names), wake=wake)
+
+        self.psycopg = render("%({})s")
+        self.sqlalchemy = text(render(":{}"))
 
 
-_PLAIN = _Statements(_PLAIN_SQL)
-_PLAIN_WAKE = _Statements(_PLAIN_SQL, _WAKE_PLAIN)
-_DEDUP = _Statements(_DEDUP_SQL)
-_DEDUP_WAKE = _Statements(_DEDUP_SQL, _WAKE_DEDUP)
+def _statements(input_sql: str, params: Sequence[str]) -> dict[tuple[bool, bool], _Statements]:
+    """The four statements for one input shape, by (reads dedup keys, wakes workers)."""
+    return {
+        (False, False): _Statements(_PLAIN_SQL, input_sql, params, ""),
+        (False, True): _Statements(_PLAIN_SQL, input_sql, params, _WAKE_PLAIN),
+        (True, False): _Statements(_DEDUP_SQL, input_sql, params, ""),
+        (True, True): _Statements(_DEDUP_SQL, input_sql, params, _WAKE_DEDUP),
+    }
+
+
+_ONE = _statements(_ONE_INPUT, _ONE_PARAMS)
+_MANY = _statements(_MANY_INPUT, ("rows",))
 
 
 def _wake_now() -> bool:
@@ -288,7 +322,7 @@ def _prepare_all(cfg: AnalyticsConfig, events: Iterable[Mapping[str, Any]]) -> l
     prepared: list[PreparedEvent] = []
     for index, item in enumerate(events):
         prefix = f"events[{index}]."
-        if not isinstance(item, Mapping):
+        if type(item) is not dict and not isinstance(item, Mapping):
             raise OutboxValidationError(
                 f"events[{index}]", "must be a mapping of enqueue arguments"
             )
@@ -494,15 +528,8 @@ def _prepare(
                     )
                 merged["$process_person_profile"] = False
     try:
-        return prepare_event(
-            event,
-            distinct_id,
-            merged,
-            timestamp=timestamp,
-            dedup_key=dedup_key,
-            uuid=uuid,
-            field_prefix=prefix,
-            destination=destination,
+        return _prepare_event(
+            event, distinct_id, merged, timestamp, dedup_key, uuid, prefix, destination, True
         )
     except OutboxValidationError as exc:
         if renames:
@@ -510,19 +537,36 @@ def _prepare(
         raise
 
 
+_quote = json.encoder.encode_basestring  # a str as a JSON string literal, non-ASCII kept
+
+
 def _rows_param(events: Sequence[PreparedEvent]) -> str:
-    dumps = json.dumps
-    parts = []
-    for n, e in enumerate(events):
-        timestamp = "null" if e.timestamp is None else f'"{e.timestamp.isoformat()}"'
-        dedup_key = "null" if e.dedup_key is None else dumps(e.dedup_key, ensure_ascii=False)
-        parts.append(
-            f'{{"n":{n},"uuid":"{e.uuid}","event":{dumps(e.event, ensure_ascii=False)},'
-            f'"distinct_id":{dumps(e.distinct_id, ensure_ascii=False)},'
-            f'"properties":{e.properties_json},"timestamp":{timestamp},"dedup_key":{dedup_key},'
-            f'"destination":"{e.destination}"}}'
+    """The events as the JSON array the statement reads (see ``_MANY_INPUT``)."""
+    quote = _quote
+    rows = []
+    for e in events:
+        k = "" if e.dedup_key is None else ',"k":' + quote(e.dedup_key)
+        s = "" if e.destination == DESTINATION_POSTHOG else ',"s":' + quote(e.destination)
+        t = "" if e.timestamp is None else ',"t":"' + e.timestamp.isoformat() + '"'
+        rows.append(
+            f'{{"d":{quote(e.distinct_id)},"e":{quote(e.event)}{k},"p":{e.properties_json}'
+            f'{s}{t},"u":"{e.uuid.hex}"}}'
         )
-    return "[" + ",".join(parts) + "]"
+    return "[" + ",".join(rows) + "]"
+
+
+def _one_params(e: PreparedEvent) -> dict[str, str | None]:
+    """One event's columns as parameters (see ``_ONE_INPUT``); all text, so the
+    statement is prepared once whatever is null."""
+    return {
+        "u": e.uuid.hex,
+        "e": e.event,
+        "d": e.distinct_id,
+        "p": e.properties_json,
+        "s": None if e.destination == DESTINATION_POSTHOG else e.destination,
+        "t": None if e.timestamp is None else e.timestamp.isoformat(),
+        "k": e.dedup_key,
+    }
 
 
 def _unique_keys(events: Sequence[PreparedEvent]) -> list[PreparedEvent]:
@@ -540,18 +584,19 @@ def _unique_keys(events: Sequence[PreparedEvent]) -> list[PreparedEvent]:
 
 class _Call:
     """One enqueue call: the events to send (the first of each dedup key), the
-    statement and its parameter, and how to read the outcome."""
+    statement and its parameters, and how to read the outcome."""
 
     def __init__(self, events: Sequence[PreparedEvent]) -> None:
         self.events = events
         self.sent = _unique_keys(events)
         self.reads_keys = any(e.dedup_key is not None for e in self.sent)
-        wake = _wake_now()
-        if self.reads_keys:
-            self.statements = _DEDUP_WAKE if wake else _DEDUP
+        self.params: dict[str, str | None]
+        if len(self.sent) == 1:
+            self.statements = _ONE[self.reads_keys, _wake_now()]
+            self.params = _one_params(self.sent[0])
         else:
-            self.statements = _PLAIN_WAKE if wake else _PLAIN
-        self.params = {"rows": _rows_param(self.sent)}
+            self.statements = _MANY[self.reads_keys, _wake_now()]
+            self.params = {"rows": _rows_param(self.sent)}
 
     def results(self, claimed: Iterable[str | None]) -> list[uuid_module.UUID | None]:
         """Each event's uuid if it was written, else None."""

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+import outbox
 from worker.database import libpq_url, migrate, start_embedded, with_database
 from worker.settings import Settings
 from worker.testing import CaptureServer
@@ -174,3 +175,36 @@ def claimable(url: str) -> int:
         conn.rollback()
     assert row is not None
     return int(row[0])
+
+
+# What every event is stamped with under the default configuration (pinned by the
+# ``default_config`` fixture, so the machine's APP_ENV or ANALYTICS_* variables cannot
+# change the tests that use it).
+STAMP = {
+    "environment": "dev",
+    "event_schema_version": 1,
+    "$lib": "posthog-outbox",
+    "$lib_version": outbox.__version__,
+}
+
+
+@pytest.fixture
+def default_config() -> Iterator[None]:
+    """The default analytics configuration for the test, whatever was set before."""
+    previous = outbox.get_config()
+    outbox.configure(outbox.AnalyticsConfig())
+    yield
+    outbox.configure(previous)
+
+
+def record_statements(engine: Any) -> list[str]:
+    """Every SQL statement ``engine`` sends from now on, appended as it goes."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    return statements

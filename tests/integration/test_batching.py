@@ -7,11 +7,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 import outbox
+from tests.conftest import record_statements
 from worker.database import sqlalchemy_url
 
 
@@ -23,11 +24,7 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 def test_ten_events_one_statement(engine: Engine, db: psycopg.Connection[Any]) -> None:
-    statements: list[str] = []
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
+    statements = record_statements(engine)
 
     with Session(engine) as session, session.begin():
         statements.clear()

@@ -9,30 +9,16 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import outbox
+from tests.conftest import STAMP, record_statements
 from worker.database import sqlalchemy_url
 
-# What every event is stamped with under the default configuration (pinned below, so
-# the machine's APP_ENV or ANALYTICS_* variables cannot change these tests).
-STAMP = {
-    "environment": "dev",
-    "event_schema_version": 1,
-    "$lib": "posthog-outbox",
-    "$lib_version": outbox.__version__,
-}
-
-
-@pytest.fixture(autouse=True)
-def default_config() -> Iterator[None]:
-    previous = outbox.get_config()
-    outbox.configure(outbox.AnalyticsConfig())
-    yield
-    outbox.configure(previous)
+pytestmark = pytest.mark.usefixtures("default_config")
 
 
 def rows(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
@@ -192,11 +178,7 @@ def test_uuid_timestamp_and_defaults(database_url: str, db: psycopg.Connection[A
 
 
 def test_enqueue_many_is_one_statement(engine: Engine, db: psycopg.Connection[Any]) -> None:
-    statements: list[str] = []
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
+    statements = record_statements(engine)
 
     items = [
         {"event": "issue_created", "distinct_id": f"user-{i}", "properties": {"i": i}}

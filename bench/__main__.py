@@ -36,6 +36,8 @@ commands:
   enqueue   what enqueue() adds to an application transaction, vs capture()
   scaleout  1, 2 and 4 workers on one backlog: throughput, and no uuid twice
   profile   where a draining worker spends its time (py-spy, else cProfile)
+  claims    the claim forms (row locks, the former written lease, the floor) in
+            PostgreSQL alone: rows/s and server CPU per row
   all       every command above, in that order
 
 Each command has its own --help.
@@ -201,6 +203,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     profile.add_argument("--gzip", action="store_true", help="OUTBOX_GZIP=1 (default 0)")
     profile.add_argument("--profiler", choices=["auto", "py-spy", "cprofile"], default="auto")
 
+    claims = sub.add_parser(
+        "claims",
+        help="claim forms in PostgreSQL alone",
+        description="Claim and delete a backlog in batches of 1,000 with each claim form "
+        "(the worker's row locks, the written lease used before migration 0003, and a "
+        "bare DELETE..RETURNING), with 1 and 2 claiming processes; no HTTP.",
+    )
+    _common(claims)
+    claims.add_argument("--events", type=_positive, help="rows per run (100000)")
+    claims.add_argument("--claimers", type=_sizes, help="claiming processes (1,2)")
+
     everything = sub.add_parser(
         "all", help="every command", description="Run every command, in the order listed."
     )
@@ -212,6 +225,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "enqueue": enqueue,
         "scaleout": scaleout,
         "profile": profile,
+        "claims": claims,
     }
     return parser, commands
 
@@ -285,6 +299,16 @@ def _run_profile(ctx: Context, args: argparse.Namespace) -> None:
     )
 
 
+def _run_claims(ctx: Context, args: argparse.Namespace) -> None:
+    from bench import claims
+
+    claims.run(
+        ctx,
+        events=args.events or (claims.QUICK_EVENTS if ctx.quick else claims.DEFAULT_EVENTS),
+        claimers=args.claimers or list(claims.DEFAULT_CLAIMERS),
+    )
+
+
 COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
     "drain": _run_drain,
     "latency": _run_latency,
@@ -292,6 +316,7 @@ COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
     "enqueue": _run_enqueue,
     "scaleout": _run_scaleout,
     "profile": _run_profile,
+    "claims": _run_claims,
 }
 
 

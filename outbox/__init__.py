@@ -12,7 +12,8 @@ Beyond :func:`enqueue`:
   :func:`render_markdown`: the event contract, declared in code.
 * :func:`identify`, :func:`set_person_properties`, :func:`group_identify`,
   :func:`alias`, and actors for users, automations, agents and workspaces.
-* :func:`upsert_first`, :func:`mark_first` and :func:`emit_if_first`: events that
+* :func:`upsert_first`, :func:`mark_first` and :func:`emit_if_first` (and their
+  async forms ``aupsert_first``, ``amark_first``, ``aemit_if_first``): events that
   are emitted exactly once, however many transactions race.
 * Builders for ``$exception``, ``$ai_generation`` and ``$pageview`` events, signup
   attribution and keyed IP hashing.
@@ -51,7 +52,15 @@ from outbox.exceptions import (
     OutboxValidationError,
     UnsupportedConnectionError,
 )
-from outbox.guards import FirstTime, emit_if_first, mark_first, upsert_first
+from outbox.guards import (
+    FirstTime,
+    aemit_if_first,
+    amark_first,
+    aupsert_first,
+    emit_if_first,
+    mark_first,
+    upsert_first,
+)
 from outbox.identity import (
     alias,
     group_identify,
@@ -77,12 +86,15 @@ __all__ = [
     "Prop",
     "UnsupportedConnectionError",
     "__version__",
+    "aemit_if_first",
     "aenqueue",
     "aenqueue_many",
     "agent_actor",
     "ai_generation_event",
     "alias",
+    "amark_first",
     "attribution_cookie",
+    "aupsert_first",
     "automation_actor",
     "batch",
     "configure",

@@ -27,7 +27,9 @@ the same transaction only when this statement was the first:
 
 All three take SQLAlchemy ``Session`` (ORM) and ``Connection`` (Core) objects, and
 psycopg connections, and never begin, commit or roll back the caller's
-transaction. The event is validated before the statement runs when it can be: when
+transaction. :func:`aupsert_first`, :func:`amark_first` and :func:`aemit_if_first`
+are the same for ``AsyncSession``, ``AsyncConnection`` and
+``psycopg.AsyncConnection``. The event is validated before the statement runs when it can be: when
 ``distinct_id`` or ``properties`` are functions of the returned row, the statement
 and the event run inside a savepoint, so an event refused by validation undoes the
 statement too, and the caller's transaction stays usable and consistent.
@@ -39,7 +41,7 @@ import contextlib
 import dataclasses
 import re
 import uuid as uuid_module
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -48,16 +50,26 @@ import psycopg
 from psycopg import sql as psycopg_sql
 from sqlalchemy import Table, text
 from sqlalchemy.engine import Connection as SAConnection
+from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.sql import Executable
 
 from outbox.actors import Actor
 from outbox.config import AnalyticsConfig, get_config
-from outbox.enqueue import enqueue_prepared, prepare_enqueue
+from outbox.enqueue import aenqueue_prepared, enqueue_prepared, prepare_enqueue
 from outbox.exceptions import OutboxValidationError, UnsupportedConnectionError
 from outbox.validation import PreparedEvent, new_event_uuid
 
-__all__ = ["FirstTime", "emit_if_first", "mark_first", "upsert_first"]
+__all__ = [
+    "FirstTime",
+    "aemit_if_first",
+    "amark_first",
+    "aupsert_first",
+    "emit_if_first",
+    "mark_first",
+    "upsert_first",
+]
 
 Row = Mapping[str, Any]
 DistinctIdArg = str | int | uuid_module.UUID | Actor | Callable[[Row], Any]
@@ -190,11 +202,25 @@ def _mark_sql(table: object, column: object, where: object, returning: object) -
 
 
 # --------------------------------------------------------------------------- running
+#
+# The guard itself (_guard_steps) is a generator that says what to run and gets the
+# results back; _drive runs it on a sync connection and _adrive on an async one, so
+# the logic (validation first, savepoint, which rows are first, undo on error) is
+# written once for both.
+
+_PSYCOPG_SYNC = (psycopg.Connection, psycopg.Cursor)
+_PSYCOPG_ASYNC = (psycopg.AsyncConnection, psycopg.AsyncCursor)
+_SQLALCHEMY_SYNC = (Session, SAConnection, scoped_session)
+_SQLALCHEMY_ASYNC = (AsyncSession, SAAsyncConnection, async_scoped_session)
 
 
-def _check_connection(conn: Any) -> None:
-    if isinstance(conn, psycopg.Connection | psycopg.Cursor):
-        connection = conn if isinstance(conn, psycopg.Connection) else conn.connection
+def _check_connection(conn: Any, *, sync: bool) -> None:
+    if isinstance(conn, _PSYCOPG_SYNC + _PSYCOPG_ASYNC):
+        connection = (
+            conn.connection if isinstance(conn, psycopg.Cursor | psycopg.AsyncCursor) else conn
+        )
+        if isinstance(connection, psycopg.Connection) != sync:
+            raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
         idle = connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         if connection.autocommit and idle:
             raise UnsupportedConnectionError(
@@ -203,34 +229,123 @@ def _check_connection(conn: Any) -> None:
                 "a transaction (use `with conn.transaction():`)"
             )
         return
-    if isinstance(conn, Session | SAConnection | scoped_session):
-        return
+    if isinstance(conn, _SQLALCHEMY_SYNC):
+        if sync:
+            return
+        raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
+    if isinstance(conn, _SQLALCHEMY_ASYNC):
+        if not sync:
+            return
+        raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
     name = f"{type(conn).__module__}.{type(conn).__qualname__}"
     raise UnsupportedConnectionError(
         f"first-time guards got {name}; they need a SQLAlchemy Session or Connection, or "
-        "a psycopg Connection"
+        "a psycopg Connection (AsyncSession, AsyncConnection or psycopg.AsyncConnection "
+        "for the a* functions)"
     )
 
 
-def _execute(conn: Any, statement: Any, params: Mapping[str, Any] | None) -> list[Row]:
-    if isinstance(conn, psycopg.Connection | psycopg.Cursor):
-        cursor = conn.execute(statement, params)
-        if cursor.description is None:
-            return []
-        names = [column.name for column in cursor.description]
-        return [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
-    if isinstance(statement, str):
+def _wrong_kind(conn: Any, *, sync: bool) -> str:
+    name = f"{type(conn).__module__}.{type(conn).__qualname__}"
+    if sync:
+        return f"{name} is asynchronous: use aupsert_first, amark_first or aemit_if_first"
+    return f"{name} is synchronous: use upsert_first, mark_first or emit_if_first"
+
+
+@dataclass(frozen=True)
+class _Exec:
+    """Run a statement; the result is its rows as mappings."""
+
+    statement: Any
+    params: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class _Enqueue:
+    """Enqueue prepared events; the result is their uuids."""
+
+    events: list[PreparedEvent]
+
+
+_Step = _Exec | _Enqueue
+_Steps = Generator[_Step, Any, "FirstTime"]
+
+
+def _statement_for(conn: Any, step: _Exec) -> tuple[Any, Mapping[str, Any] | None]:
+    statement: Any = step.statement
+    params = step.params
+    psycopg_style = isinstance(conn, _PSYCOPG_SYNC + _PSYCOPG_ASYNC)
+    if isinstance(statement, _Statement):
+        params = statement.params
+        statement = statement.psycopg if psycopg_style else statement.sqlalchemy
+    if isinstance(statement, str) and not psycopg_style:
         statement = text(statement)
-    result = conn.execute(statement, params or {})
+    return statement, params
+
+
+def _rows_of_cursor(cursor: Any, rows: list[Any]) -> list[Row]:
+    names = [column.name for column in cursor.description]
+    return [dict(zip(names, values, strict=True)) for values in rows]
+
+
+def _rows_of_result(result: Any) -> list[Row]:
     if not result.returns_rows:
         return []
     return [dict(mapping) for mapping in result.mappings().all()]
 
 
-def _run_statement(conn: Any, statement: _Statement) -> list[Row]:
-    if isinstance(conn, psycopg.Connection | psycopg.Cursor):
-        return _execute(conn, statement.psycopg, statement.params)
-    return _execute(conn, statement.sqlalchemy, statement.params)
+def _perform(conn: Any, step: _Step) -> Any:
+    if isinstance(step, _Enqueue):
+        return enqueue_prepared(conn, step.events)
+    statement, params = _statement_for(conn, step)
+    if isinstance(conn, _PSYCOPG_SYNC):
+        cursor = conn.execute(statement, params)
+        return [] if cursor.description is None else _rows_of_cursor(cursor, cursor.fetchall())
+    return _rows_of_result(conn.execute(statement, params or {}))
+
+
+async def _aperform(conn: Any, step: _Step) -> Any:
+    if isinstance(step, _Enqueue):
+        return await aenqueue_prepared(conn, step.events)
+    statement, params = _statement_for(conn, step)
+    if isinstance(conn, _PSYCOPG_ASYNC):
+        cursor = await conn.execute(statement, params)
+        if cursor.description is None:
+            return []
+        return _rows_of_cursor(cursor, await cursor.fetchall())
+    return _rows_of_result(await conn.execute(statement, params or {}))
+
+
+def _drive(conn: Any, steps: _Steps) -> FirstTime:
+    """Run the guard's steps on a sync connection."""
+    _check_connection(conn, sync=True)
+    try:
+        step = next(steps)
+        while True:
+            try:
+                result = _perform(conn, step)
+            except BaseException as exc:  # the guard undoes its savepoint, then re-raises
+                step = steps.throw(exc)
+            else:
+                step = steps.send(result)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def _adrive(conn: Any, steps: _Steps) -> FirstTime:
+    """Run the guard's steps on an async connection."""
+    _check_connection(conn, sync=False)
+    try:
+        step = next(steps)
+        while True:
+            try:
+                result = await _aperform(conn, step)
+            except BaseException as exc:
+                step = steps.throw(exc)
+            else:
+                step = steps.send(result)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -268,22 +383,16 @@ class _Emit:
         )
 
 
-def _guard(
-    conn: Any,
-    run: Callable[[], list[Row]],
-    is_first: Callable[[Row], bool],
-    emit: _Emit,
-) -> FirstTime:
-    _check_connection(conn)
+def _guard_steps(run: _Exec, is_first: Callable[[Row], bool], emit: _Emit) -> _Steps:
     disabled = emit.config.disabled
     template: PreparedEvent | None = None
     if not disabled and not emit.depends_on_row:
         template = emit.prepare(None)  # refuse a bad event before the statement runs
     savepoint = not disabled and emit.depends_on_row
     if savepoint:
-        _execute(conn, f"SAVEPOINT {_SAVEPOINT}", None)
+        yield _Exec(f"SAVEPOINT {_SAVEPOINT}")
     try:
-        rows = run()
+        rows: list[Row] = yield run
         first_rows = [row for row in rows if is_first(row)]
         uuids: list[uuid_module.UUID | None] = [None] * len(first_rows)
         if not disabled and first_rows:
@@ -297,17 +406,44 @@ def _guard(
                     event = dataclasses.replace(template, uuid=new_event_uuid())
                 if event is not None:
                     prepared.append(event)
-            uuids = enqueue_prepared(conn, prepared)
+            uuids = yield _Enqueue(prepared)
     except BaseException:
         if savepoint:
             # If the connection is gone, the original error says more than this one.
             with contextlib.suppress(Exception):
-                _execute(conn, f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}", None)
-                _execute(conn, f"RELEASE SAVEPOINT {_SAVEPOINT}", None)
+                yield _Exec(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+                yield _Exec(f"RELEASE SAVEPOINT {_SAVEPOINT}")
         raise
     if savepoint:
-        _execute(conn, f"RELEASE SAVEPOINT {_SAVEPOINT}", None)
+        yield _Exec(f"RELEASE SAVEPOINT {_SAVEPOINT}")
     return FirstTime(tuple(rows), tuple(first_rows), tuple(uuids))
+
+
+def _emit(
+    event: str,
+    distinct_id: DistinctIdArg,
+    properties: PropertiesArg,
+    set: Mapping[str, Any] | None,
+    set_once: Mapping[str, Any] | None,
+    groups: Mapping[str, Any] | None,
+    timestamp: datetime | str | None,
+    config: AnalyticsConfig | None,
+) -> _Emit:
+    return _Emit(
+        event, distinct_id, properties, set, set_once, groups, timestamp, config or get_config()
+    )
+
+
+def _is_upserted(row: Row) -> bool:
+    return row[_INSERTED] is True
+
+
+def _is_returned(row: Row) -> bool:
+    return True
+
+
+def _is_first_row(row: Row) -> bool:
+    return bool(row[_INSERTED]) if _INSERTED in row else True
 
 
 def upsert_first(
@@ -346,12 +482,8 @@ def upsert_first(
     event is skipped. Returns a :class:`FirstTime`.
     """
     statement = _upsert_sql(table, values, conflict, update, returning)
-    emit = _Emit(
-        event, distinct_id, properties, set, set_once, groups, timestamp, config or get_config()
-    )
-    return _guard(
-        conn, lambda: _run_statement(conn, statement), lambda row: row[_INSERTED] is True, emit
-    )
+    emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
+    return _drive(conn, _guard_steps(_Exec(statement), _is_upserted, emit))
 
 
 def mark_first(
@@ -384,10 +516,8 @@ def mark_first(
     serialization error and must retry. Returns a :class:`FirstTime`.
     """
     statement = _mark_sql(table, column, where, returning)
-    emit = _Emit(
-        event, distinct_id, properties, set, set_once, groups, timestamp, config or get_config()
-    )
-    return _guard(conn, lambda: _run_statement(conn, statement), lambda row: True, emit)
+    emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
+    return _drive(conn, _guard_steps(_Exec(statement), _is_returned, emit))
 
 
 def emit_if_first(
@@ -414,11 +544,72 @@ def emit_if_first(
     such column, simply because it was returned (an ``UPDATE ... WHERE ... IS NULL
     RETURNING ...``). Returns a :class:`FirstTime`.
     """
-    emit = _Emit(
-        event, distinct_id, properties, set, set_once, groups, timestamp, config or get_config()
-    )
+    emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
+    return _drive(conn, _guard_steps(_Exec(statement, params), _is_first_row, emit))
 
-    def is_first(row: Row) -> bool:
-        return bool(row[_INSERTED]) if _INSERTED in row else True
 
-    return _guard(conn, lambda: _execute(conn, statement, params), is_first, emit)
+async def aupsert_first(
+    conn: Any,
+    table: str | Table | type,
+    values: Mapping[str, Any],
+    *,
+    conflict: Sequence[str],
+    update: Sequence[str] = (),
+    returning: Sequence[str] = (),
+    event: str,
+    distinct_id: DistinctIdArg,
+    properties: PropertiesArg = None,
+    set: Mapping[str, Any] | None = None,
+    set_once: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Any] | None = None,
+    timestamp: datetime | str | None = None,
+    config: AnalyticsConfig | None = None,
+) -> FirstTime:
+    """:func:`upsert_first` on a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``, or
+    a ``psycopg.AsyncConnection``."""
+    statement = _upsert_sql(table, values, conflict, update, returning)
+    emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
+    return await _adrive(conn, _guard_steps(_Exec(statement), _is_upserted, emit))
+
+
+async def amark_first(
+    conn: Any,
+    table: str | Table | type,
+    column: str,
+    *,
+    where: Mapping[str, Any],
+    returning: Sequence[str] = (),
+    event: str,
+    distinct_id: DistinctIdArg,
+    properties: PropertiesArg = None,
+    set: Mapping[str, Any] | None = None,
+    set_once: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Any] | None = None,
+    timestamp: datetime | str | None = None,
+    config: AnalyticsConfig | None = None,
+) -> FirstTime:
+    """:func:`mark_first` on a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``, or a
+    ``psycopg.AsyncConnection``."""
+    statement = _mark_sql(table, column, where, returning)
+    emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
+    return await _adrive(conn, _guard_steps(_Exec(statement), _is_returned, emit))
+
+
+async def aemit_if_first(
+    conn: Any,
+    statement: str | Executable | psycopg_sql.Composable,
+    params: Mapping[str, Any] | None = None,
+    *,
+    event: str,
+    distinct_id: DistinctIdArg,
+    properties: PropertiesArg = None,
+    set: Mapping[str, Any] | None = None,
+    set_once: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Any] | None = None,
+    timestamp: datetime | str | None = None,
+    config: AnalyticsConfig | None = None,
+) -> FirstTime:
+    """:func:`emit_if_first` on a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``, or
+    a ``psycopg.AsyncConnection``."""
+    emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
+    return await _adrive(conn, _guard_steps(_Exec(statement, params), _is_first_row, emit))

@@ -33,22 +33,6 @@ from worker.database import sqlalchemy_url
 CONFIG = AnalyticsConfig()
 RACERS = 20
 
-SCHEMA = """
-CREATE TABLE agent_runtime (
-    id bigserial PRIMARY KEY,
-    workspace_id text NOT NULL,
-    daemon_id text NOT NULL,
-    provider text NOT NULL,
-    last_seen_at timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (workspace_id, daemon_id, provider)
-);
-CREATE TABLE issue (
-    id bigint PRIMARY KEY,
-    workspace_id text NOT NULL,
-    first_executed_at timestamptz
-);
-INSERT INTO issue (id, workspace_id) VALUES (1, 'w1'), (2, 'w1');
-"""
 
 metadata = MetaData()
 runtime_table = Table(
@@ -73,13 +57,6 @@ class Issue(Base):
 
 
 @pytest.fixture
-def schema(database_url: str) -> str:
-    with psycopg.connect(database_url) as conn:
-        conn.execute(SCHEMA)
-    return database_url
-
-
-@pytest.fixture
 def engine(schema: str) -> Iterator[Engine]:
     eng = create_engine(sqlalchemy_url(schema), poolclass=NullPool)
     yield eng
@@ -93,34 +70,51 @@ def events(db: psycopg.Connection[Any], name: str) -> list[tuple[Any, ...]]:
     ).fetchall()
 
 
+# The runtime row the upsert examples write (shared with test_guards_async.py).
+RUNTIME: dict[str, Any] = {
+    "table": "agent_runtime",
+    "values": {"workspace_id": "w1", "daemon_id": "d1", "provider": "claude"},
+    "conflict": ("workspace_id", "daemon_id", "provider"),
+    "returning": ("id",),
+}
+# Its registration event: the first upsert emits it.
+REGISTRATION: dict[str, Any] = {
+    **RUNTIME,
+    "update": ("last_seen_at",),
+    "event": "runtime_registered",
+    "distinct_id": outbox.workspace_actor("w1"),
+    "properties": lambda row: {"runtime_id": row["id"], "provider": "claude"},
+}
+# An event refused only once the row is known: the guard must undo the upsert.
+REFUSED_REGISTRATION: dict[str, Any] = {
+    **RUNTIME,
+    "event": "runtime_registered",
+    "distinct_id": "u",
+    "properties": lambda row: {"raw": b"\x00"},
+    "config": CONFIG,
+}
+
+
+def execution(issue_id: int = 1) -> dict[str, Any]:
+    """mark_first's arguments for the first execution of an issue."""
+    return {
+        "table": "issue",
+        "column": "first_executed_at",
+        "where": {"id": issue_id},
+        "returning": ("id", "workspace_id"),
+        "event": "issue_executed",
+        "distinct_id": "user-1",
+        "properties": {"issue_id": issue_id},
+        "config": CONFIG,
+    }
+
+
 def register(conn: Any, **extra: Any) -> FirstTime:
-    return outbox.upsert_first(
-        conn,
-        "agent_runtime",
-        {"workspace_id": "w1", "daemon_id": "d1", "provider": "claude"},
-        conflict=("workspace_id", "daemon_id", "provider"),
-        update=("last_seen_at",),
-        returning=("id",),
-        event="runtime_registered",
-        distinct_id=outbox.workspace_actor("w1"),
-        properties=lambda row: {"runtime_id": row["id"], "provider": "claude"},
-        config=extra.pop("config", CONFIG),
-        **extra,
-    )
+    return outbox.upsert_first(conn, **{**REGISTRATION, "config": CONFIG, **extra})
 
 
 def execute(conn: Any, issue_id: int = 1) -> FirstTime:
-    return outbox.mark_first(
-        conn,
-        Issue,
-        "first_executed_at",
-        where={"id": issue_id},
-        returning=("id", "workspace_id"),
-        event="issue_executed",
-        distinct_id="user-1",
-        properties={"issue_id": issue_id},
-        config=CONFIG,
-    )
+    return outbox.mark_first(conn, **{**execution(issue_id), "table": Issue})
 
 
 # -- the three connection kinds --------------------------------------------------------
@@ -299,17 +293,7 @@ def test_a_refused_event_undoes_the_guard_and_keeps_the_transaction(
 ) -> None:
     with psycopg.connect(schema) as conn:
         with pytest.raises(OutboxValidationError) as info:
-            outbox.upsert_first(
-                conn,
-                "agent_runtime",
-                {"workspace_id": "w1", "daemon_id": "d1", "provider": "claude"},
-                conflict=("workspace_id", "daemon_id", "provider"),
-                returning=("id",),
-                event="runtime_registered",
-                distinct_id="u",
-                properties=lambda row: {"raw": b"\x00"},
-                config=CONFIG,
-            )
+            outbox.upsert_first(conn, **REFUSED_REGISTRATION)
         assert info.value.field == "properties.raw"
         conn.execute("INSERT INTO issue (id, workspace_id) VALUES (3, 'after')")
         conn.commit()

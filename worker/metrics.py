@@ -99,7 +99,9 @@ class WorkerMetrics(DrainObserver):
         """Count what the batch's outcome wrote."""
         self.events_shipped.labels(drainer.sink.name).inc(stats.shipped)
         self.events_dead.inc(stats.dead)
-        if not (stats.retried or stats.deferred or stats.dead):
+        if stats.interrupted and not stats.shipped:  # the outcome was lost: sent again
+            self.batches.labels("failed").inc()
+        elif not (stats.retried or stats.deferred or stats.dead):
             self.batches.labels("ok").inc()
         elif stats.shipped:
             self.batches.labels("partial").inc()

@@ -1,0 +1,32 @@
+"""How the worker's metrics count batches, without a database."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from worker.drain import DrainStats
+from worker.metrics import WorkerMetrics
+
+
+@pytest.mark.parametrize(
+    ("stats", "result"),
+    [
+        (DrainStats(batches=1, shipped=10), "ok"),
+        (DrainStats(batches=1, shipped=6, retried=4), "partial"),
+        (DrainStats(batches=1, deferred=10), "failed"),
+        # The outcome's transaction was lost: nothing recorded, the batch goes again.
+        (DrainStats(batches=1, interrupted=True), "failed"),
+    ],
+)
+def test_batches_are_counted_by_what_their_outcome_recorded(stats: DrainStats, result: str) -> None:
+    metrics = WorkerMetrics()
+    drainer: Any = SimpleNamespace(sink=SimpleNamespace(name="memory"))
+    metrics.batch_recorded(drainer, stats)
+    samples = {
+        r: metrics.registry.get_sample_value("outbox_batches_total", {"result": r}) or 0.0
+        for r in ("ok", "partial", "failed")
+    }
+    assert samples == {r: (1.0 if r == result else 0.0) for r in samples}

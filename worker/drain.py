@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
@@ -52,16 +52,9 @@ SINK_UNAUTHORIZED = "unauthorized"
 
 
 @dataclass
-class Outcome:
-    """What happened to each event of one claimed batch."""
+class Outcome(BatchOutcome):
+    """What happened to each event of one claimed batch, and how it went."""
 
-    shipped: list[int] = field(default_factory=list)
-    dead: list[tuple[int, str]] = field(default_factory=list)
-    retry: list[int] = field(default_factory=list)
-    retry_error: str = ""
-    defer: list[int] = field(default_factory=list)
-    defer_delay: float = 0.0
-    defer_error: str | None = None
     #: Why the deferred events were not sent: ``rate_limited``, ``unauthorized``, or
     #: ``released`` (handed back unsent: half the lease used).
     defer_reason: str = ""
@@ -375,15 +368,7 @@ class Drainer:
         try:
             finished = batch.store.finish(
                 batch,
-                BatchOutcome(
-                    shipped=outcome.shipped,
-                    dead=outcome.dead,
-                    retry=outcome.retry,
-                    retry_error=outcome.retry_error,
-                    defer=outcome.defer,
-                    defer_delay=outcome.defer_delay,
-                    defer_error=outcome.defer_error,
-                ),
+                outcome,
                 dedup_window=s.dedup_window,
                 max_attempts=s.max_attempts,
                 backoff_base=s.backoff_base,

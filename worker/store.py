@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -109,16 +109,16 @@ class Batch:
     closed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass
 class BatchOutcome:
-    """What to write for a batch when it finishes."""
+    """What happened to the events of a batch, and so what :meth:`Store.finish` writes."""
 
-    shipped: Sequence[int] = ()
-    dead: Sequence[tuple[int, str]] = ()
-    retry: Sequence[int] = ()
+    shipped: list[int] = field(default_factory=list)
+    dead: list[tuple[int, str]] = field(default_factory=list)
+    retry: list[int] = field(default_factory=list)
     retry_error: str = ""
     #: Rows to try again after ``defer_delay`` seconds, counting no attempt.
-    defer: Sequence[int] = ()
+    defer: list[int] = field(default_factory=list)
     defer_delay: float = 0.0
     defer_error: str | None = None
 

@@ -28,7 +28,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Connection as SAConnection
 from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session, scoped_session
 
 from outbox.actors import Actor
@@ -50,6 +50,13 @@ from outbox.validation import (
 )
 
 __all__ = ["aenqueue", "aenqueue_many", "enqueue", "enqueue_many", "prepare_enqueue"]
+
+# The connections the library writes on, by driver and by sync/async (the guards in
+# outbox.guards accept exactly these too).
+PSYCOPG_SYNC = (psycopg.Connection, psycopg.Cursor)
+PSYCOPG_ASYNC = (psycopg.AsyncConnection, psycopg.AsyncCursor)
+SQLALCHEMY_SYNC = (Session, SAConnection, scoped_session)
+SQLALCHEMY_ASYNC = (AsyncSession, SAAsyncConnection, async_scoped_session)
 
 DistinctId = str | int | uuid_module.UUID | Actor
 """What ``enqueue()`` takes as ``distinct_id``: an id, or an :class:`~outbox.actors.Actor`."""
@@ -624,10 +631,10 @@ def enqueue_prepared(conn: Any, events: Sequence[PreparedEvent]) -> list[uuid_mo
         return []
     call = _Call(events)
     try:
-        if isinstance(conn, psycopg.Connection | psycopg.Cursor):
+        if isinstance(conn, PSYCOPG_SYNC):
             cursor = conn.execute(call.statements.psycopg, call.params)
             claimed = [r[0] for r in cursor.fetchall()] if call.reads_keys else []
-        elif isinstance(conn, Session | SAConnection | scoped_session):
+        elif isinstance(conn, SQLALCHEMY_SYNC):
             result = conn.execute(call.statements.sqlalchemy, call.params)
             claimed = list(result.scalars()) if call.reads_keys else []
         else:
@@ -645,10 +652,10 @@ async def aenqueue_prepared(
         return []
     call = _Call(events)
     try:
-        if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
+        if isinstance(conn, PSYCOPG_ASYNC):
             cursor = await conn.execute(call.statements.psycopg, call.params)
             claimed = [r[0] for r in await cursor.fetchall()] if call.reads_keys else []
-        elif isinstance(conn, AsyncSession | SAAsyncConnection):
+        elif isinstance(conn, SQLALCHEMY_ASYNC):
             result = await conn.execute(call.statements.sqlalchemy, call.params)
             claimed = list(result.scalars()) if call.reads_keys else []
         else:

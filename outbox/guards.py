@@ -49,15 +49,19 @@ from typing import Any
 import psycopg
 from psycopg import sql as psycopg_sql
 from sqlalchemy import Table, text
-from sqlalchemy.engine import Connection as SAConnection
-from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
-from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
-from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.sql import Executable
 
 from outbox.actors import Actor
 from outbox.config import AnalyticsConfig, get_config
-from outbox.enqueue import aenqueue_prepared, enqueue_prepared, prepare_enqueue
+from outbox.enqueue import (
+    PSYCOPG_ASYNC,
+    PSYCOPG_SYNC,
+    SQLALCHEMY_ASYNC,
+    SQLALCHEMY_SYNC,
+    aenqueue_prepared,
+    enqueue_prepared,
+    prepare_enqueue,
+)
 from outbox.exceptions import OutboxValidationError, UnsupportedConnectionError
 from outbox.validation import PreparedEvent, new_event_uuid
 
@@ -208,14 +212,9 @@ def _mark_sql(table: object, column: object, where: object, returning: object) -
 # the logic (validation first, savepoint, which rows are first, undo on error) is
 # written once for both.
 
-_PSYCOPG_SYNC = (psycopg.Connection, psycopg.Cursor)
-_PSYCOPG_ASYNC = (psycopg.AsyncConnection, psycopg.AsyncCursor)
-_SQLALCHEMY_SYNC = (Session, SAConnection, scoped_session)
-_SQLALCHEMY_ASYNC = (AsyncSession, SAAsyncConnection, async_scoped_session)
-
 
 def _check_connection(conn: Any, *, sync: bool) -> None:
-    if isinstance(conn, _PSYCOPG_SYNC + _PSYCOPG_ASYNC):
+    if isinstance(conn, PSYCOPG_SYNC + PSYCOPG_ASYNC):
         connection = (
             conn.connection if isinstance(conn, psycopg.Cursor | psycopg.AsyncCursor) else conn
         )
@@ -229,11 +228,11 @@ def _check_connection(conn: Any, *, sync: bool) -> None:
                 "a transaction (use `with conn.transaction():`)"
             )
         return
-    if isinstance(conn, _SQLALCHEMY_SYNC):
+    if isinstance(conn, SQLALCHEMY_SYNC):
         if sync:
             return
         raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
-    if isinstance(conn, _SQLALCHEMY_ASYNC):
+    if isinstance(conn, SQLALCHEMY_ASYNC):
         if not sync:
             return
         raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
@@ -274,7 +273,7 @@ _Steps = Generator[_Step, Any, "FirstTime"]
 def _statement_for(conn: Any, step: _Exec) -> tuple[Any, Mapping[str, Any] | None]:
     statement: Any = step.statement
     params = step.params
-    psycopg_style = isinstance(conn, _PSYCOPG_SYNC + _PSYCOPG_ASYNC)
+    psycopg_style = isinstance(conn, PSYCOPG_SYNC + PSYCOPG_ASYNC)
     if isinstance(statement, _Statement):
         params = statement.params
         statement = statement.psycopg if psycopg_style else statement.sqlalchemy
@@ -298,7 +297,7 @@ def _perform(conn: Any, step: _Step) -> Any:
     if isinstance(step, _Enqueue):
         return enqueue_prepared(conn, step.events)
     statement, params = _statement_for(conn, step)
-    if isinstance(conn, _PSYCOPG_SYNC):
+    if isinstance(conn, PSYCOPG_SYNC):
         cursor = conn.execute(statement, params)
         return [] if cursor.description is None else _rows_of_cursor(cursor, cursor.fetchall())
     return _rows_of_result(conn.execute(statement, params or {}))
@@ -308,7 +307,7 @@ async def _aperform(conn: Any, step: _Step) -> Any:
     if isinstance(step, _Enqueue):
         return await aenqueue_prepared(conn, step.events)
     statement, params = _statement_for(conn, step)
-    if isinstance(conn, _PSYCOPG_ASYNC):
+    if isinstance(conn, PSYCOPG_ASYNC):
         cursor = await conn.execute(statement, params)
         if cursor.description is None:
             return []

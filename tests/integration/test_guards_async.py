@@ -10,7 +10,13 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.pool import NullPool
 
 import outbox
@@ -148,3 +154,18 @@ async def test_sync_and_async_guards_name_the_other_when_given_the_wrong_connect
     async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
         with pytest.raises(UnsupportedConnectionError, match="autocommit"):
             await execute(conn)
+
+
+async def test_an_async_scoped_session_works_like_its_session(
+    engine: AsyncEngine, db: psycopg.Connection[Any]
+) -> None:
+    scoped = async_scoped_session(async_sessionmaker(engine), scopefunc=asyncio.current_task)
+    try:
+        first = await register(scoped)
+        await scoped.commit()
+        again = await register(scoped)
+        await scoped.commit()
+    finally:
+        await scoped.remove()
+    assert first.first and not again.first
+    assert len(events(db, "runtime_registered")) == 1

@@ -1,0 +1,135 @@
+"""What the PostHog sink makes of each answer, and how it cleans what the endpoint says.
+
+The texts are PostHog capture's own (``CaptureError`` in ``rust/capture/src/api.rs``).
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+
+import pytest
+
+from worker.sinks import (
+    RateLimitedError,
+    RedirectError,
+    RejectedError,
+    RequestRejectedError,
+    RetryableSinkError,
+    UnauthorizedError,
+    clean_text,
+)
+from worker.sinks.base import ERROR_TEXT_LIMIT
+from worker.sinks.posthog import classify, request_level
+
+KEY = "phc_Zq8vTs1mKx0bRr2WcYp9LnDf4HgJe6Ua3Oi5Sb7Qw"
+#: A key that does not look like PostHog's, so only the configured-key masking finds it.
+ODD_KEY = "tenant-7f3a9c2e5b1d8f4a6c0e"
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        "request missing data payload",
+        "request holds no event",
+        "failed to decode request: invalid gzip data",
+        "failed to parse request: expected value at line 1 column 1",
+        "batch submitted with inconsistent api_key values",
+        "Failed to parse request: EOF while parsing an object",  # case does not matter
+    ],
+)
+def test_a_400_about_the_request_is_a_request_rejection(detail: str) -> None:
+    error = classify(400, detail)
+    assert isinstance(error, RequestRejectedError)
+    assert error.reason == "request_rejected" and error.detail == detail
+    assert str(error) == f"HTTP 400: {detail}"
+
+
+@pytest.mark.parametrize(
+    "code", ["empty_payload", "empty_batch", "request_decoding_error", "request_parsing_error"]
+)
+def test_newer_captures_machine_readable_code_is_recognised(code: str) -> None:
+    assert request_level("some text", code)
+    assert isinstance(classify(400, "some text", code=code), RequestRejectedError)
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        "event submitted with an empty event name",
+        "event submitted without a distinct_id",
+        "event submitted with invalid timestamp",
+        "invalid event could not be processed",
+        "failed to hydrate events from request: invalid uuid",
+        "bad property type",
+        "",
+    ],
+)
+def test_a_400_about_an_event_is_a_rejection_to_split(detail: str) -> None:
+    error = classify(400, detail)
+    assert type(error) is RejectedError and error.status == 400
+    assert not request_level(detail, "missing_event_name")
+
+
+def test_413_is_always_about_content() -> None:
+    # Even with a request-level text: 413 means "too large", which splitting fixes.
+    assert type(classify(413, "request holds no event")) is RejectedError
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (301, RedirectError),
+        (308, RedirectError),
+        (304, RedirectError),
+        (429, RateLimitedError),
+        (401, UnauthorizedError),
+        (403, UnauthorizedError),
+        (404, RetryableSinkError),
+        (502, RetryableSinkError),
+    ],
+)
+def test_other_statuses(status: int, error: type[Exception]) -> None:
+    assert type(classify(status, "x")) is error
+
+
+def test_the_configured_key_is_masked_in_every_form_it_is_echoed_in() -> None:
+    echoed = json.dumps({"api_key": KEY, "batch": []})
+    text = clean_text(
+        f"echo: {echoed} url={quote(KEY)} again {json.dumps(KEY)[1:-1]}", secrets=(KEY,)
+    )
+    assert KEY not in text
+    assert text.count("***") == 3
+
+
+def test_anything_shaped_like_a_posthog_key_is_masked_even_if_not_ours() -> None:
+    text = clean_text("keys: phc_abcdefghijkl and phx_personal0123 and phs_s3cr3tvalue")
+    assert "abcdefghijkl" not in text and "personal0123" not in text
+    assert "s3cr3tvalue" not in text
+    assert text == "keys: phc_*** and phx_*** and phs_***"
+
+
+def test_a_key_cut_off_at_the_end_of_an_echo_is_masked() -> None:
+    text = clean_text('{"api_key": "' + ODD_KEY[:12], secrets=(ODD_KEY,))
+    assert ODD_KEY[:12] not in text and text.endswith("***")
+    assert clean_text(f"it was {ODD_KEY}!", secrets=(ODD_KEY,)) == "it was ***!"
+
+
+def test_control_characters_are_escaped() -> None:
+    text = clean_text("line1\nline2\r\x1b[31mred\x07\u202etxt\u2028end")
+    assert text == "line1\\nline2\\r\\x1b[31mred\\x07\\u202etxt\\u2028end"
+    assert all(ch.isprintable() for ch in text)
+
+
+def test_text_is_bounded_and_says_how_much_was_cut() -> None:
+    text = clean_text("x" * 10_000)
+    assert text.startswith("x" * ERROR_TEXT_LIMIT)
+    assert text.endswith(f"... ({10_000 - ERROR_TEXT_LIMIT} more characters)")
+    assert len(text) < ERROR_TEXT_LIMIT + 40
+    # Escaping cannot push the text past the bound either.
+    assert len(clean_text("\x00" * 10_000)) < ERROR_TEXT_LIMIT + 40
+
+
+def test_a_key_is_masked_before_the_text_is_cut() -> None:
+    text = clean_text("y" * (ERROR_TEXT_LIMIT - 10) + ODD_KEY, secrets=(ODD_KEY,))
+    assert ODD_KEY[:10] not in text and "***" in text

@@ -967,3 +967,72 @@ def test_posthog_client_capture_is_accepted(srv: CaptureServer, gzip_body: bool)
     assert srv.event_names()[:2] == ["signed_up", "$pageview"]
     assert srv.event_names()[2:] == ["$set", "$groupidentify"]
     assert all(r.api_key == "phc_sdk" and r.gzip is gzip_body for r in srv.requests)
+
+
+# -- partial delivery -----------------------------------------------------------------------------
+
+
+def test_accept_first_keeps_part_of_a_failed_batch(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(status=503, accept_first=2, retry_after=1))
+    events = [make_event(i) for i in range(5)]
+
+    res = post(srv, {"api_key": "phc_any", "batch": events})
+
+    assert res.status_code == 503
+    assert res.text == texts.RETRYABLE
+    assert res.headers["Retry-After"] == "1"
+    assert srv.events == events[:2]
+    assert srv.accepted_count == 2
+    [request] = srv.requests
+    assert (request.accepted, request.delivered, request.event_count) == (False, 2, 5)
+    assert request.events == events
+
+
+def test_accept_first_beyond_the_batch_and_of_a_broken_body(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(status=500, accept_first=10), Reply(status=500, accept_first=10))
+    events = [make_event(i) for i in range(3)]
+
+    post(srv, {"api_key": "phc_any", "batch": events})
+    post_raw(srv, b"{not json", {})
+
+    assert srv.events == events
+    assert [r.delivered for r in srv.requests] == [3, 0]
+
+
+def test_accept_first_of_an_unknown_project_is_dropped(srv: CaptureServer) -> None:
+    srv.project_keys = {"phc_known"}
+    srv.enqueue_reply(Reply(status=413, accept_first=1))
+    events = [make_event(0), make_event(1)]
+
+    res = post(srv, {"api_key": "phc_other", "batch": events})
+
+    assert res.status_code == 413
+    assert srv.events == []
+    assert srv.dropped == events[:1]
+    assert srv.requests[0].dropped
+
+
+@pytest.mark.parametrize("partial", [True, False])
+def test_partial_delivery_before_an_oversized_event(srv: CaptureServer, partial: bool) -> None:
+    srv.max_event_bytes = 400
+    srv.partial_delivery = partial
+    events = [make_event(0), make_event(1), make_event(2, padding="b" * 500), make_event(3)]
+
+    res = post(srv, {"api_key": "phc_any", "batch": events})
+
+    assert res.status_code == 413
+    assert res.text.startswith("maximum event size exceeded: event 2 ")
+    assert srv.events == (events[:2] if partial else [])
+    assert srv.requests[0].delivered == (2 if partial else 0)
+
+
+def test_partial_delivery_needs_a_valid_batch(srv: CaptureServer) -> None:
+    srv.max_event_bytes = 400
+    srv.partial_delivery = True
+    events = [make_event(0), make_event(1, padding="b" * 500), {"event": "no_distinct_id"}]
+
+    res = post(srv, {"api_key": "phc_any", "batch": events})
+
+    # A malformed event refuses the whole batch before anything is stored.
+    assert (res.status_code, res.text) == (400, texts.MISSING_DISTINCT_ID)
+    assert srv.events == []

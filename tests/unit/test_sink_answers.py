@@ -6,11 +6,14 @@ The texts are PostHog capture's own (``CaptureError`` in ``rust/capture/src/api.
 from __future__ import annotations
 
 import json
+import uuid
 from urllib.parse import quote
 
 import pytest
 
 from worker.sinks import (
+    Outbound,
+    PostHogSink,
     RateLimitedError,
     RedirectError,
     RejectedError,
@@ -20,7 +23,9 @@ from worker.sinks import (
     clean_text,
 )
 from worker.sinks.base import ERROR_TEXT_LIMIT
-from worker.sinks.posthog import classify, request_level
+from worker.sinks.posthog import classify, read_answer, request_level
+from worker.testing import CaptureServer, Reply
+from worker.testing import posthog_errors as texts
 
 KEY = "phc_Zq8vTs1mKx0bRr2WcYp9LnDf4HgJe6Ua3Oi5Sb7Qw"
 #: A key that does not look like PostHog's, so only the configured-key masking finds it.
@@ -69,6 +74,13 @@ def test_a_400_about_an_event_is_a_rejection_to_split(detail: str) -> None:
     error = classify(400, detail)
     assert type(error) is RejectedError and error.status == 400
     assert not request_level(detail, "missing_event_name")
+
+
+def test_an_answer_that_is_not_an_object_is_read_as_text() -> None:
+    assert read_answer("[" * 100_000) == ("[" * 100_000, None)  # too deep for json
+    assert read_answer('["a"]') == ('["a"]', None)
+    assert read_answer('{"code": 5, "error": "e"}') == ("e", None)
+    assert read_answer("request holds no event") == ("request holds no event", None)
 
 
 def test_413_is_always_about_content() -> None:
@@ -133,3 +145,46 @@ def test_text_is_bounded_and_says_how_much_was_cut() -> None:
 def test_a_key_is_masked_before_the_text_is_cut() -> None:
     text = clean_text("y" * (ERROR_TEXT_LIMIT - 10) + ODD_KEY, secrets=(ODD_KEY,))
     assert ODD_KEY[:10] not in text and "***" in text
+
+
+def one_event() -> list[Outbound]:
+    return [
+        Outbound.from_data(
+            {"event": "e", "distinct_id": "u", "properties": {}, "uuid": str(uuid.uuid4())}
+        )
+    ]
+
+
+@pytest.mark.parametrize("transport", ["direct", "posthog"])
+def test_a_json_answer_is_read_by_its_error_text_and_code(transport: str) -> None:
+    with CaptureServer() as srv:
+        sink = PostHogSink(KEY, srv.url, timeout=2.0, transport=transport)
+        srv.enqueue_reply(
+            Reply(status=400, body={"status": 400, "code": "empty_batch", "error": "no events"}),
+            Reply(status=400, body={"detail": texts.EMPTY_PAYLOAD}),
+            Reply(status=400, body={"status": 400, "code": "missing_event_name", "error": "x"}),
+        )
+        with pytest.raises(RequestRejectedError) as first:
+            sink.send(one_event())
+        assert first.value.detail == "no events"
+        with pytest.raises(RequestRejectedError) as second:
+            sink.send(one_event())
+        assert second.value.detail == texts.EMPTY_PAYLOAD
+        with pytest.raises(RejectedError) as third:
+            sink.send(one_event())
+        assert third.value.detail == "x"
+        sink.close()
+
+
+@pytest.mark.parametrize("transport", ["direct", "posthog"])
+def test_a_redirects_location_is_cleaned(transport: str) -> None:
+    with CaptureServer() as srv:
+        sink = PostHogSink(KEY, srv.url, timeout=2.0, transport=transport)
+        srv.enqueue_reply(Reply(status=302, location=f"https://proxy.example/{KEY}?" + "q" * 999))
+        with pytest.raises(RedirectError) as info:
+            sink.send(one_event())
+        assert info.value.status == 302
+        location = info.value.location
+        assert location is not None and location.startswith("https://proxy.example/***?")
+        assert KEY not in str(info.value) and len(location) < 350
+        sink.close()

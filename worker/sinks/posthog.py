@@ -65,7 +65,7 @@ GZIP_LEVEL = 5
 #: How PostHog's capture words the 400s that describe the request rather than an
 #: event (``CaptureError`` in ``rust/capture/src/api.rs``): ``EmptyPayload``,
 #: ``EmptyBatch``, ``RequestDecodingError`` (undecodable body), ``RequestParsingError``
-#: (broken envelope), and ``MultipleTokensError`` (400 in current capture). Matched
+#: (broken envelope), and ``MultipleTokensError`` (400 in some capture versions). Matched
 #: at the start of the answer's text, case-insensitively.
 REQUEST_LEVEL_DETAILS = (
     "request missing data payload",
@@ -74,7 +74,7 @@ REQUEST_LEVEL_DETAILS = (
     "failed to parse request",
     "batch submitted with inconsistent api_key values",
 )
-#: The same cases by the machine-readable ``code`` newer capture versions answer with.
+#: The same cases by the ``code`` of the JSON body some capture versions answer with.
 REQUEST_LEVEL_CODES = frozenset(
     {
         "empty_payload",
@@ -161,7 +161,8 @@ class PostHogSink:
             return
         if 300 <= code < 400:
             raise self._redirect(code, response.headers.get("Location"))
-        raise classify(code, self._clean(_detail(response)), retry_after(response), _code(response))
+        detail, answer_code = read_answer(response.text)
+        raise classify(code, self._clean(detail), retry_after(response), answer_code)
 
     def _send_with_posthog(self, events: Sequence[Outbound]) -> None:
         try:
@@ -179,7 +180,9 @@ class PostHogSink:
                 return  # batch_post raises for anything but 200; PostHog may say 204
             if status is not None and 300 <= status < 400:
                 raise self._redirect(status, None) from exc  # a 3xx without a Location
-            raise classify(exc.status, self._clean(str(exc.message)), exc.retry_after) from exc
+            # posthog.request passes on a JSON body's ``detail``, else the body as is.
+            detail, code = read_answer(str(exc.message))
+            raise classify(exc.status, self._clean(detail), exc.retry_after, code) from exc
 
     def _clean(self, text: object) -> str:
         return clean_text(str(text), (self._api_key,))
@@ -198,28 +201,24 @@ class PostHogSink:
         self._session.close()
 
 
-def _detail(response: requests.Response) -> str:
-    """The answer's text: a JSON body's ``detail`` or ``error``, else the body as is."""
-    try:
-        payload = response.json()
-    except ValueError:
-        return response.text
-    if isinstance(payload, dict):
-        for key in ("detail", "error"):
-            if isinstance(payload.get(key), str):
-                return str(payload[key])
-    return response.text
+def read_answer(text: str) -> tuple[str, str | None]:
+    """An error answer's text and machine-readable code.
 
-
-def _code(response: requests.Response) -> str | None:
-    """A JSON body's machine-readable ``code``, if it has one."""
+    PostHog's capture answers in plain text; some versions (and proxies) answer with a
+    JSON object whose ``detail`` or ``error`` holds the text and ``code`` the case.
+    """
     try:
-        payload = response.json()
-    except ValueError:
-        return None
-    if isinstance(payload, dict) and isinstance(payload.get("code"), str):
-        return str(payload["code"])
-    return None
+        payload = json.loads(text)
+    except (ValueError, RecursionError):
+        return text, None
+    if not isinstance(payload, dict):
+        return text, None
+    code = payload.get("code")
+    for key in ("detail", "error"):
+        value = payload.get(key)
+        if isinstance(value, str):
+            return value, code if isinstance(code, str) else None
+    return text, code if isinstance(code, str) else None
 
 
 def _status(status: int | str) -> int | None:

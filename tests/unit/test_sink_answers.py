@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
+from worker.settings import Settings, SettingsError
 from worker.sinks import (
     Outbound,
     PostHogSink,
@@ -188,3 +189,26 @@ def test_a_redirects_location_is_cleaned(transport: str) -> None:
         assert location is not None and location.startswith("https://proxy.example/***?")
         assert KEY not in str(info.value) and len(location) < 350
         sink.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"OUTBOX_RETRY_AFTER_MAX": "0"}, "OUTBOX_RETRY_AFTER_MAX must be positive"),
+        ({"OUTBOX_RETRY_AFTER_MAX": "soon"}, "OUTBOX_RETRY_AFTER_MAX='soon' is not valid"),
+        ({"OUTBOX_REJECTION_BREAKER": "1"}, "OUTBOX_REJECTION_BREAKER must be at least 2"),
+        ({"OUTBOX_REJECTION_BREAKER": "2.5"}, "OUTBOX_REJECTION_BREAKER='2.5' is not valid"),
+    ],
+)
+def test_the_answer_settings_refuse_values_they_cannot_use(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_the_answer_settings_from_the_environment() -> None:
+    s = Settings.from_env({"OUTBOX_RETRY_AFTER_MAX": "90", "OUTBOX_REJECTION_BREAKER": "5"})
+    assert (s.retry_after_max, s.rejection_breaker) == (90.0, 5)
+    assert (Settings().retry_after_max, Settings().rejection_breaker) == (600.0, 3)

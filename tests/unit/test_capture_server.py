@@ -17,7 +17,7 @@ import posthog.request
 import pytest
 import requests
 
-from worker.testing import CaptureServer, ReceivedRequest, Reply
+from worker.testing import AI_EVENT_NAMES, AI_PATHS, CaptureServer, ReceivedRequest, Reply
 from worker.testing import posthog_errors as texts
 
 
@@ -1035,4 +1035,75 @@ def test_partial_delivery_needs_a_valid_batch(srv: CaptureServer) -> None:
 
     # A malformed event refuses the whole batch before anything is stored.
     assert (res.status_code, res.text) == (400, texts.MISSING_DISTINCT_ID)
+    assert srv.events == []
+
+
+# -- the AI endpoint ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync_mode", [True, False])
+def test_posthog_client_ai_events_reach_the_ai_endpoint(
+    srv: CaptureServer, sync_mode: bool
+) -> None:
+    client = posthog.Posthog(
+        "phc_ai", host=srv.url, sync_mode=sync_mode, max_retries=0, enable_full_ai_capture=True
+    )
+    try:
+        generation = client.capture_ai(
+            "$ai_generation",
+            distinct_id="user-1",
+            properties={"$ai_model": "gpt-4o", "$ai_input_tokens": 12, "$ai_trace_id": "t1"},
+        )
+        span = client.capture_ai(
+            "$ai_span", distinct_id="user-1", properties={"$ai_trace_id": "t1"}
+        )
+        pageview = client.capture("$pageview", distinct_id="user-1")
+        client.flush()
+    finally:
+        client.shutdown()
+
+    srv.wait_for_events(3)
+    ai_requests = [r for r in srv.requests if r.path in AI_PATHS]
+    assert [r.path for r in ai_requests] == ["/i/v0/ai/batch/"] * len(ai_requests)
+    assert all(r.status == 200 and r.api_key == "phc_ai" for r in srv.requests)
+    ai_uuids = [e["uuid"] for r in ai_requests for e in r.events]
+    assert ai_uuids == [generation, span]
+    assert [e["uuid"] for r in srv.requests if r.path == "/batch/" for e in r.events] == [pageview]
+    assert sorted(srv.uuids()) == sorted([generation, span, pageview])
+
+
+def test_ai_endpoint_refuses_a_batch_with_other_events(srv: CaptureServer) -> None:
+    ai_event = make_event(0, name="$ai_generation")
+
+    mixed = post(
+        srv, {"api_key": "phc_any", "batch": [ai_event, make_event(1)]}, path="/i/v0/ai/batch/"
+    )
+    pure = post(srv, {"api_key": "phc_any", "batch": [ai_event]}, path="/i/v0/ai/batch")
+    on_batch = post(srv, {"api_key": "phc_any", "batch": [ai_event, make_event(2)]})
+    get = requests.get(srv.url + "/i/v0/ai/batch/", timeout=5.0)
+
+    assert (mixed.status_code, mixed.text) == (400, texts.NON_RETRYABLE)
+    assert pure.status_code == 200
+    assert on_batch.status_code == 200  # /batch/ takes AI events among the others
+    assert get.status_code == 405
+    assert srv.event_names() == ["$ai_generation", "$ai_generation", "page_viewed"]
+    assert {"$ai_generation", "$ai_span", "$ai_trace", "$ai_embedding"} <= AI_EVENT_NAMES
+
+
+def test_ai_endpoint_judges_like_batch(srv: CaptureServer) -> None:
+    srv.project_keys = {"phc_known"}
+    event = make_event(name="$ai_trace")
+
+    bad_key = post(srv, {"api_key": "phx_x", "batch": [event]}, path="/i/v0/ai/batch/")
+    dropped = post(srv, {"api_key": "phc_typo", "batch": [event]}, path="/i/v0/ai/batch/")
+    srv.enqueue_reply(Reply(status=503))
+    scripted = post(srv, {"api_key": "phc_known", "batch": [event]}, path="/i/v0/ai/batch/")
+
+    assert (bad_key.status_code, bad_key.text) == (
+        401,
+        texts.INVALID_KEY.format("personal_api_key"),
+    )
+    assert dropped.status_code == 200
+    assert srv.dropped == [event]
+    assert scripted.status_code == 503
     assert srv.events == []

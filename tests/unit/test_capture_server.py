@@ -5,19 +5,29 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import shutil
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import posthog.request
 import pytest
 import requests
 
-from worker.testing import AI_EVENT_NAMES, AI_PATHS, CaptureServer, ReceivedRequest, Reply
+from worker.testing import (
+    AI_EVENT_NAMES,
+    AI_PATHS,
+    FLAGS_PATHS,
+    CaptureServer,
+    ReceivedRequest,
+    Reply,
+)
 from worker.testing import posthog_errors as texts
 
 
@@ -1107,3 +1117,62 @@ def test_ai_endpoint_judges_like_batch(srv: CaptureServer) -> None:
     assert srv.dropped == [event]
     assert scripted.status_code == 503
     assert srv.events == []
+
+
+# -- posthog-node ---------------------------------------------------------------------------------
+
+POSTHOG_NODE = (
+    Path(__file__).resolve().parents[2] / ".ci" / "node" / "node_modules" / "posthog-node"
+)
+NODE_CLIENT = r"""
+const { PostHog } = require(process.argv[1]);
+const options = { host: process.argv[2], flushAt: 1, flushInterval: 0, fetchRetryCount: 0 };
+(async () => {
+  const known = new PostHog('phc_node', options);
+  known.capture({ distinctId: 'user-1', event: 'signed_up', properties: { plan: 'pro' } });
+  const flags = await known.evaluateFlags('user-1');
+  known.captureAi({ distinctId: 'user-1', event: '$ai_generation', properties: { n: 1 } });
+  await known.shutdown();
+  const typo = new PostHog('phc_typo', options);
+  const lost = await typo.evaluateFlags('user-1');
+  typo.capture({ distinctId: 'user-1', event: 'signed_up' });
+  await typo.shutdown();
+  console.log(JSON.stringify({
+    beta: flags.isEnabled('beta'), checkout: flags.getFlag('checkout'),
+    lost: lost.getFlag('beta') === undefined ? null : lost.getFlag('beta'),
+  }));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_posthog_node_client(srv: CaptureServer) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: install Node.js 20 to run the posthog-node test")
+    if not POSTHOG_NODE.is_dir():
+        pytest.skip("posthog-node is not installed: npm install --prefix .ci/node posthog-node")
+    srv.project_keys = {"phc_node"}
+    srv.feature_flags = {"beta": True, "checkout": "variant-b"}
+
+    done = subprocess.run(
+        [node, "-e", NODE_CLIENT, str(POSTHOG_NODE), srv.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answers == {"beta": True, "checkout": "variant-b", "lost": None}
+    names = srv.event_names()  # with the client's own $feature_flag_called events
+    assert names.count("signed_up") == 1
+    assert names.count("$ai_generation") == 1
+    assert set(names) <= {"signed_up", "$ai_generation", "$feature_flag_called"}
+    assert [r.path for r in srv.requests if r.path in AI_PATHS] == ["/i/v0/ai/batch/"]
+    assert "signed_up" in [e["event"] for e in srv.dropped]
+    assert {r.api_key for r in srv.requests if r.dropped} == {"phc_typo"}
+    flags = srv.flags_requests()
+    assert [(r.api_key, r.status) for r in flags] == [("phc_node", 200), ("phc_typo", 401)]
+    assert all(r.headers["user-agent"].startswith("posthog-node/") for r in srv.requests)
+    assert all(r.status == 200 for r in srv.requests if r.path not in FLAGS_PATHS)

@@ -399,6 +399,26 @@ def test_default_error_body(srv: CaptureServer) -> None:
 
 
 @pytest.mark.parametrize(
+    ("status", "text"),
+    [
+        (400, "invalid event could not be processed"),
+        (401, "api_key does not resolve to a known project"),
+        (413, "maximum event size exceeded: scripted reply"),
+        (429, "rate limited"),
+        (500, "internal server error"),
+        (502, "Bad Gateway"),
+    ],
+)
+def test_scripted_errors_answer_posthogs_text(srv: CaptureServer, status: int, text: str) -> None:
+    srv.enqueue_reply(Reply(status=status))
+
+    res = post(srv, {"api_key": "k", "batch": [make_event()]})
+
+    assert (res.status_code, res.text) == (status, text)
+    assert res.headers["Content-Type"] == texts.TEXT_CONTENT_TYPE
+
+
+@pytest.mark.parametrize(
     ("retry_after", "header"),
     [(30, "30"), (1.5, "1.5"), (2.0, "2"), ("Wed, 21 Oct 2015 07:28:00 GMT", None)],
 )
@@ -916,7 +936,9 @@ def test_redirect_to_moves_every_request(srv: CaptureServer) -> None:
         assert srv.events == [] and new_home.events == []
 
 
-@pytest.mark.parametrize(("status", "followed"), [(302, "GET"), (303, "GET"), (307, "POST")])
+@pytest.mark.parametrize(
+    ("status", "followed"), [(301, "GET"), (302, "GET"), (303, "GET"), (307, "POST"), (308, "POST")]
+)
 def test_scripted_redirects(srv: CaptureServer, status: int, followed: str) -> None:
     with CaptureServer() as new_home:
         srv.enqueue_reply(Reply(status=status, location=new_home.url + "/batch/"))

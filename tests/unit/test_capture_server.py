@@ -5,19 +5,30 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import shutil
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import posthog.request
 import pytest
 import requests
 
-from worker.testing import CaptureServer, ReceivedRequest, Reply
+from worker.testing import (
+    AI_EVENT_NAMES,
+    AI_PATHS,
+    FLAGS_PATHS,
+    CaptureServer,
+    Exchange,
+    ReceivedRequest,
+    Reply,
+)
 from worker.testing import posthog_errors as texts
 
 
@@ -386,6 +397,26 @@ def test_default_error_body(srv: CaptureServer) -> None:
     assert res.text == texts.RETRYABLE == "transient error, please retry"
     assert "Retry-After" not in res.headers
     assert srv.requests[0].detail == texts.RETRYABLE
+
+
+@pytest.mark.parametrize(
+    ("status", "text"),
+    [
+        (400, "invalid event could not be processed"),
+        (401, "api_key does not resolve to a known project"),
+        (413, "maximum event size exceeded: scripted reply"),
+        (429, "rate limited"),
+        (500, "internal server error"),
+        (502, "Bad Gateway"),
+    ],
+)
+def test_scripted_errors_answer_posthogs_text(srv: CaptureServer, status: int, text: str) -> None:
+    srv.enqueue_reply(Reply(status=status))
+
+    res = post(srv, {"api_key": "k", "batch": [make_event()]})
+
+    assert (res.status_code, res.text) == (status, text)
+    assert res.headers["Content-Type"] == texts.TEXT_CONTENT_TYPE
 
 
 @pytest.mark.parametrize(
@@ -906,7 +937,9 @@ def test_redirect_to_moves_every_request(srv: CaptureServer) -> None:
         assert srv.events == [] and new_home.events == []
 
 
-@pytest.mark.parametrize(("status", "followed"), [(302, "GET"), (303, "GET"), (307, "POST")])
+@pytest.mark.parametrize(
+    ("status", "followed"), [(301, "GET"), (302, "GET"), (303, "GET"), (307, "POST"), (308, "POST")]
+)
 def test_scripted_redirects(srv: CaptureServer, status: int, followed: str) -> None:
     with CaptureServer() as new_home:
         srv.enqueue_reply(Reply(status=status, location=new_home.url + "/batch/"))
@@ -1036,3 +1069,169 @@ def test_partial_delivery_needs_a_valid_batch(srv: CaptureServer) -> None:
     # A malformed event refuses the whole batch before anything is stored.
     assert (res.status_code, res.text) == (400, texts.MISSING_DISTINCT_ID)
     assert srv.events == []
+
+
+# -- the AI endpoint ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync_mode", [True, False])
+def test_posthog_client_ai_events_reach_the_ai_endpoint(
+    srv: CaptureServer, sync_mode: bool
+) -> None:
+    client = posthog.Posthog(
+        "phc_ai", host=srv.url, sync_mode=sync_mode, max_retries=0, enable_full_ai_capture=True
+    )
+    try:
+        generation = client.capture_ai(
+            "$ai_generation",
+            distinct_id="user-1",
+            properties={"$ai_model": "gpt-4o", "$ai_input_tokens": 12, "$ai_trace_id": "t1"},
+        )
+        span = client.capture_ai(
+            "$ai_span", distinct_id="user-1", properties={"$ai_trace_id": "t1"}
+        )
+        pageview = client.capture("$pageview", distinct_id="user-1")
+        client.flush()
+    finally:
+        client.shutdown()
+
+    srv.wait_for_events(3)
+    ai_requests = [r for r in srv.requests if r.path in AI_PATHS]
+    assert [r.path for r in ai_requests] == ["/i/v0/ai/batch/"] * len(ai_requests)
+    assert all(r.status == 200 and r.api_key == "phc_ai" for r in srv.requests)
+    ai_uuids = [e["uuid"] for r in ai_requests for e in r.events]
+    assert ai_uuids == [generation, span]
+    assert [e["uuid"] for r in srv.requests if r.path == "/batch/" for e in r.events] == [pageview]
+    assert sorted(srv.uuids()) == sorted([generation, span, pageview])
+
+
+def test_ai_endpoint_refuses_a_batch_with_other_events(srv: CaptureServer) -> None:
+    ai_event = make_event(0, name="$ai_generation")
+
+    mixed = post(
+        srv, {"api_key": "phc_any", "batch": [ai_event, make_event(1)]}, path="/i/v0/ai/batch/"
+    )
+    pure = post(srv, {"api_key": "phc_any", "batch": [ai_event]}, path="/i/v0/ai/batch")
+    on_batch = post(srv, {"api_key": "phc_any", "batch": [ai_event, make_event(2)]})
+    get = requests.get(srv.url + "/i/v0/ai/batch/", timeout=5.0)
+
+    assert (mixed.status_code, mixed.text) == (400, texts.NON_RETRYABLE)
+    assert pure.status_code == 200
+    assert on_batch.status_code == 200  # /batch/ takes AI events among the others
+    assert get.status_code == 405
+    assert srv.event_names() == ["$ai_generation", "$ai_generation", "page_viewed"]
+    assert {"$ai_generation", "$ai_span", "$ai_trace", "$ai_embedding"} <= AI_EVENT_NAMES
+
+
+def test_ai_endpoint_judges_like_batch(srv: CaptureServer) -> None:
+    srv.project_keys = {"phc_known"}
+    event = make_event(name="$ai_trace")
+
+    bad_key = post(srv, {"api_key": "phx_x", "batch": [event]}, path="/i/v0/ai/batch/")
+    dropped = post(srv, {"api_key": "phc_typo", "batch": [event]}, path="/i/v0/ai/batch/")
+    srv.enqueue_reply(Reply(status=503))
+    scripted = post(srv, {"api_key": "phc_known", "batch": [event]}, path="/i/v0/ai/batch/")
+
+    assert (bad_key.status_code, bad_key.text) == (
+        401,
+        texts.INVALID_KEY.format("personal_api_key"),
+    )
+    assert dropped.status_code == 200
+    assert srv.dropped == [event]
+    assert scripted.status_code == 503
+    assert srv.events == []
+
+
+# -- posthog-node ---------------------------------------------------------------------------------
+
+POSTHOG_NODE = (
+    Path(__file__).resolve().parents[2] / ".ci" / "node" / "node_modules" / "posthog-node"
+)
+NODE_CLIENT = r"""
+const { PostHog } = require(process.argv[1]);
+const options = { host: process.argv[2], flushAt: 1, flushInterval: 0, fetchRetryCount: 0 };
+(async () => {
+  const known = new PostHog('phc_node', options);
+  known.capture({ distinctId: 'user-1', event: 'signed_up', properties: { plan: 'pro' } });
+  const flags = await known.evaluateFlags('user-1');
+  known.captureAi({ distinctId: 'user-1', event: '$ai_generation', properties: { n: 1 } });
+  await known.shutdown();
+  const typo = new PostHog('phc_typo', options);
+  const lost = await typo.evaluateFlags('user-1');
+  typo.capture({ distinctId: 'user-1', event: 'signed_up' });
+  await typo.shutdown();
+  console.log(JSON.stringify({
+    beta: flags.isEnabled('beta'), checkout: flags.getFlag('checkout'),
+    lost: lost.getFlag('beta') === undefined ? null : lost.getFlag('beta'),
+  }));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_posthog_node_client(srv: CaptureServer) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: install Node.js 20 to run the posthog-node test")
+    if not POSTHOG_NODE.is_dir():
+        pytest.skip("posthog-node is not installed: npm install --prefix .ci/node posthog-node")
+    srv.project_keys = {"phc_node"}
+    srv.feature_flags = {"beta": True, "checkout": "variant-b"}
+
+    done = subprocess.run(
+        [node, "-e", NODE_CLIENT, str(POSTHOG_NODE), srv.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answers == {"beta": True, "checkout": "variant-b", "lost": None}
+    names = srv.event_names()  # with the client's own $feature_flag_called events
+    assert names.count("signed_up") == 1
+    assert names.count("$ai_generation") == 1
+    assert set(names) <= {"signed_up", "$ai_generation", "$feature_flag_called"}
+    assert [r.path for r in srv.requests if r.path in AI_PATHS] == ["/i/v0/ai/batch/"]
+    assert "signed_up" in [e["event"] for e in srv.dropped]
+    assert {r.api_key for r in srv.requests if r.dropped} == {"phc_typo"}
+    flags = srv.flags_requests()
+    assert [(r.api_key, r.status) for r in flags] == [("phc_node", 200), ("phc_typo", 401)]
+    assert all(r.headers["user-agent"].startswith("posthog-node/") for r in srv.requests)
+    assert all(r.status == 200 for r in srv.requests if r.path not in FLAGS_PATHS)
+
+
+# -- extra routes ---------------------------------------------------------------------------------
+
+
+def test_extra_routes_are_served_and_recorded(srv: CaptureServer) -> None:
+    def echo(server: CaptureServer, exchange: Exchange) -> None:
+        body = exchange.read_body() or b""
+        reply = server._next_reply()
+        server._record(
+            ReceivedRequest(
+                exchange.path,
+                exchange.headers,
+                reply.status,
+                None,
+                [],
+                len(body),
+                False,
+                exchange.received_at,
+                method=exchange.method,
+            )
+        )
+        exchange.respond(reply.status, body, "application/octet-stream")
+
+    srv.routes["/echo"] = echo
+    srv.enqueue_reply(Reply(status=202))
+
+    res = requests.post(srv.url + "/echo?x=1", data=b"hello", timeout=5.0)
+
+    assert (res.status_code, res.content) == (202, b"hello")
+    assert [(r.path, r.method, r.status, r.raw_size) for r in srv.requests] == [
+        ("/echo", "POST", 202, 5)
+    ]
+    srv.redirect_to = "http://elsewhere"  # redirect_to wins over every route
+    moved = requests.post(srv.url + "/echo", data=b"x", allow_redirects=False, timeout=5.0)
+    assert moved.status_code == 301

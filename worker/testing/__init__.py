@@ -8,6 +8,8 @@ constants of `worker.testing.posthog_errors`.
 # The project bans importing `worker` (to keep it out of outbox/); inside worker/ it is fine.
 from . import posthog_errors
 from .capture_server import (
+    AI_EVENT_NAMES,
+    AI_PATHS,
     CAPTURE_PATHS,
     FLAGS_PATHS,
     CaptureServer,
@@ -18,6 +20,8 @@ from .capture_server import (
 )
 
 __all__ = [
+    "AI_EVENT_NAMES",
+    "AI_PATHS",
     "CAPTURE_PATHS",
     "FLAGS_PATHS",
     "CaptureServer",

@@ -47,6 +47,8 @@ from .flags import FLAGS_PATHS, FlagValue, flags_document, flags_version
 from .posthog_errors import TEXT_CONTENT_TYPE, key_problem
 
 __all__ = [
+    "AI_EVENT_NAMES",
+    "AI_PATHS",
     "CAPTURE_PATHS",
     "FLAGS_PATHS",
     "REDIRECT_STATUSES",
@@ -69,6 +71,24 @@ CAPTURE_PATHS: Final[frozenset[str]] = frozenset(
 )
 """Request paths answered as capture endpoints (with and without the trailing slash), as
 PostHog's capture routes them (``rust/capture/src/router.rs``)."""
+
+AI_PATHS: Final[frozenset[str]] = frozenset({"/i/v0/ai/batch", "/i/v0/ai/batch/"})
+"""PostHog's AI batch endpoint (``AI_EVENTS_ENDPOINT`` in posthog-python's ``request.py``):
+the body and the judging of ``/batch/``, for AI events only."""
+
+AI_EVENT_NAMES: Final[frozenset[str]] = frozenset(
+    {
+        "$ai_generation",
+        "$ai_span",
+        "$ai_trace",
+        "$ai_embedding",
+        "$ai_metric",
+        "$ai_feedback",
+        "$ai_evaluation",
+    }
+)
+"""The AI events PostHog's AI endpoint takes. A request to `AI_PATHS` carrying any other event
+is refused whole with a 400, as PostHog's capture-ai refuses a mixed batch."""
 
 REDIRECT_STATUSES: Final[frozenset[int]] = frozenset({301, 302, 303, 307, 308})
 """The statuses a `Reply` with a ``location`` may have."""
@@ -283,6 +303,10 @@ class CaptureServer:
       A ``GET`` without a ``data`` query parameter has no payload and is answered 400
       `~worker.testing.posthog_errors.EMPTY_PAYLOAD`, which is what ``requests`` sends after
       following a 301/302/303 answer to a ``POST``. Scripted replies answer ``POST`` only.
+    - `AI_PATHS` (``/i/v0/ai/batch/``, ``/i/v0/ai/batch``): ``POST`` is a capture request
+      judged like one to ``/batch/``, for AI events (`AI_EVENT_NAMES`) only: a request
+      carrying another event is refused whole, 400 `NON_RETRYABLE`. Its events reach
+      ``events`` like any other (``ReceivedRequest.path`` tells them apart).
     - `FLAGS_PATHS` (``/flags/``, ``/flags``): PostHog's feature-flags endpoint, see
       ``feature_flags``. Never counted as capture requests and never given scripted replies.
     - ``routes``: endpoints of sibling modules, consulted first.
@@ -302,7 +326,7 @@ class CaptureServer:
        differs from ``require_api_key`` (`UNKNOWN_KEY`);
     7. 400 `EMPTY_BATCH` when there is no event;
     8. 400 `MISSING_EVENT_NAME` / `MISSING_DISTINCT_ID` for an event without a name or a
-       distinct_id;
+       distinct_id; on `AI_PATHS`, 400 `NON_RETRYABLE` for an event not in `AI_EVENT_NAMES`;
     9. the status of the first `reject_events` rule matching any event (the whole request is
        refused; 500 if a predicate raises);
     10. 413 `EVENT_TOO_BIG` when one event's JSON (``json.dumps(event)``) is larger than
@@ -609,6 +633,16 @@ class CaptureServer:
                 self._answer_plain(
                     exchange, HTTPStatus.METHOD_NOT_ALLOWED, detail, {"Allow": _CAPTURE_METHODS}
                 )
+        elif exchange.path in AI_PATHS:
+            if exchange.method == "POST":
+                self._serve_capture(exchange, ai=True)
+            elif exchange.method == "OPTIONS":
+                self._answer_plain(exchange, HTTPStatus.OK, None, {"Allow": "POST, OPTIONS"})
+            else:
+                detail = f"method {exchange.method} is not allowed"
+                self._answer_plain(
+                    exchange, HTTPStatus.METHOD_NOT_ALLOWED, detail, {"Allow": "POST, OPTIONS"}
+                )
         elif exchange.path in FLAGS_PATHS:
             if exchange.method in ("POST", "GET"):
                 self._serve_flags(exchange)
@@ -755,7 +789,7 @@ class CaptureServer:
         self._record(request)
         exchange.respond(status, body, content_type, headers)
 
-    def _serve_capture(self, exchange: Exchange) -> None:
+    def _serve_capture(self, exchange: Exchange, *, ai: bool = False) -> None:
         raw = exchange.read_body()
         if raw is None:
             detail = texts.DECODING_ERROR.format(
@@ -796,7 +830,7 @@ class CaptureServer:
             )
             self._answer_redirect(exchange, reply.location, reply.status, request, reply)
             return
-        verdict = self._judge(reply, parsed)
+        verdict = self._judge(reply, parsed, ai=ai)
         keep = events[: verdict.keep]
         request = ReceivedRequest(
             path=exchange.path,
@@ -826,7 +860,7 @@ class CaptureServer:
             headers["Retry-After"] = retry_after
         exchange.respond(verdict.status, body, content_type, headers)
 
-    def _judge(self, reply: Reply, parsed: _Parsed) -> _Verdict:
+    def _judge(self, reply: Reply, parsed: _Parsed, *, ai: bool = False) -> _Verdict:
         events = parsed.events or []
         if not reply.is_success:
             keep = min(reply.accept_first or 0, len(events))
@@ -853,6 +887,8 @@ class CaptureServer:
             problem = _event_problem(event)
             if problem is not None:
                 return _Verdict(HTTPStatus.BAD_REQUEST, problem)
+        if ai and any(event["event"] not in AI_EVENT_NAMES for event in events):
+            return _Verdict(HTTPStatus.BAD_REQUEST, texts.NON_RETRYABLE)
         with self._cond:
             rules = list(self._rules)
         for rule in rules:

@@ -376,7 +376,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.app import Worker
+    from worker.metrics import bind_probe_socket
 
+    if settings.metrics_port is not None and not args.until_empty:
+        # A port in use is a bad setting: say so before anything else is logged.
+        bind_probe_socket(settings.metrics_host, settings.metrics_port).close()
     worker = Worker(settings)
     if args.until_empty:
         stats = worker.run_until_empty()

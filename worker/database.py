@@ -105,7 +105,7 @@ def check_database_url(url: str) -> str:
     except psycopg.ProgrammingError as exc:
         reason = printable(redact(_first_line(exc), secrets))
         raise ValueError(
-            f"is not a PostgreSQL URL ({reason}): {shown}; expected e.g. {_URL_EXAMPLE} "
+            f"is not a valid PostgreSQL URL ({reason}): {shown}; expected e.g. {_URL_EXAMPLE} "
             "or key=value pairs such as 'host=db dbname=app'"
         ) from None
     problem = _option_problem(info)

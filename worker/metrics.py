@@ -226,7 +226,7 @@ class ProbeServer:
         self.write_timeout = write_timeout
         self.handler_timeout = handler_timeout
         self.max_connections = max_connections
-        self._socket = _listen(host, port)
+        self._socket = bind_probe_socket(host, port)
         self._loop = asyncio.new_event_loop()
         self._stopping: asyncio.Event | None = None
         #: Connections still sending their request, oldest first (the ones to close
@@ -365,9 +365,10 @@ class ProbeServer:
         return await asyncio.wait_for(future, self.handler_timeout)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def bind_probe_socket(host: str, port: int) -> socket.socket:
     """A listening socket on ``host``:``port``; a :class:`SettingsError` naming the
-    variable at fault when it cannot be had."""
+    variable at fault (``OUTBOX_METRICS_PORT`` or ``OUTBOX_METRICS_HOST``) when it
+    cannot be had."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

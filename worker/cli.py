@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from outbox.exceptions import OutboxError
 from outbox.validation import MAX_NAME_LENGTH
 from worker.redaction import redact, url_secrets
-from worker.settings import ENVIRONMENT, EnvVar, Settings, SettingsError
+from worker.settings import ENVIRONMENT, EnvVar, Number, Settings, SettingsError
 from worker.terminal import printable
 
 log = logging.getLogger("outbox.worker")
@@ -184,6 +184,11 @@ def _env_help() -> str:
     return "\n".join(lines)
 
 
+def _flag_help(var: EnvVar) -> str:
+    accepted = f" {var.accepts.describe()}." if isinstance(var.accepts, Number) else ""
+    return f"{var.help}{accepted} ({var.name})"
+
+
 def _add_setting_flag(parser: argparse.ArgumentParser, var: EnvVar, *, hidden: bool) -> None:
     assert var.flag
     parser.add_argument(
@@ -192,7 +197,7 @@ def _add_setting_flag(parser: argparse.ArgumentParser, var: EnvVar, *, hidden: b
         dest=var.field,
         default=argparse.SUPPRESS if hidden else None,
         metavar=var.field.upper(),
-        help=argparse.SUPPRESS if hidden else f"{var.accepts.describe()} ({var.name})",
+        help=argparse.SUPPRESS if hidden else _flag_help(var),
     )
 
 

@@ -55,7 +55,8 @@ def test_the_probes_listen_on_loopback_unless_opened(
         assert listening_addresses(port) == {address}
     finally:
         err = stop(proc)
-    assert f"[probes_started] serving /metrics, /healthz and /readyz on {host or '127.0.0.1'}" in err
+    where = host or "127.0.0.1"
+    assert f"[probes_started] serving /metrics, /healthz and /readyz on {where}" in err
 
 
 def test_stalled_clients_cost_the_worker_no_threads(database_url: str) -> None:

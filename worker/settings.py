@@ -147,6 +147,11 @@ class Settings:
                 shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 
+    def check(self) -> None:
+        """Raise :class:`SettingsError` naming the first setting out of range (a built
+        :class:`Settings` has passed this already)."""
+        validate({f.name: getattr(self, f.name) for f in fields(self)})
+
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced; ``None`` values are ignored."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

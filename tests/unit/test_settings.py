@@ -381,3 +381,11 @@ def test_the_library_never_imports_the_worker() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_passes_for_built_settings() -> None:
+    settings = Settings.from_env({"OUTBOX_BATCH_SIZE": "10"})
+    settings.check()
+    assert settings.with_overrides(batch_size=20, poll_interval=None).batch_size == 20
+    with pytest.raises(SettingsError, match="OUTBOX_BATCH_SIZE"):
+        settings.with_overrides(batch_size=0)

@@ -27,8 +27,14 @@ from psycopg import sql
 
 import outbox
 from bench.events import BenchEvent
-from worker.database import describe_url, migrate, start_embedded, with_database
-from worker.settings import Settings
+from worker.database import (
+    check_database_url,
+    describe_url,
+    migrate,
+    start_embedded,
+    with_database,
+)
+from worker.settings import Settings, SettingsError
 
 #: Settings that shape the results, shown in every report.
 REPORTED_SETTINGS = (
@@ -59,7 +65,14 @@ class Server:
     @classmethod
     def open(cls, database_url: str | None = None) -> Server:
         """``database_url``, else ``DATABASE_URL``, else a new embedded PostgreSQL."""
-        url = database_url or Settings.from_env().database_url
+        # Checked first: psycopg would echo a malformed URL, password included.
+        try:
+            url = check_database_url(database_url) if database_url else None
+            url = url or Settings.from_env().database_url
+        except ValueError as exc:
+            raise SystemExit(f"bench: --database-url {exc}") from None
+        except SettingsError as exc:
+            raise SystemExit(f"bench: {exc}") from None
         if url:
             return cls(url, f"DATABASE_URL ({describe_url(url)})")
         data_dir = Path(tempfile.mkdtemp(prefix="outbox-bench-pg-"))

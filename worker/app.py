@@ -137,21 +137,17 @@ class Worker:
             next_run_time=datetime.now(UTC),
         )
         if self.settings.metrics_port is not None:
-            self._probes = ProbeServer(self.metrics, self.readiness, self.settings.metrics_port)
+            self._probes = ProbeServer(
+                self.metrics,
+                self.readiness,
+                self.settings.metrics_port,
+                self.settings.metrics_host,
+            )
             self._probes.start()
         scheduler.start()
         self._scheduler = scheduler
         if self._listener is not None:
             self._listener.start()
-        if self.settings.lease_seconds <= 2 * self.settings.request_timeout:
-            log.warning(
-                "OUTBOX_LEASE_SECONDS (%.0fs) is not above twice OUTBOX_REQUEST_TIMEOUT "
-                "(%.0fs): a slow request can outlast a batch's lease, and that batch is "
-                "then sent again",
-                self.settings.lease_seconds,
-                self.settings.request_timeout,
-                extra={"action": "lease_too_short"},
-            )
         log.info(
             "worker %s started (batch %d, poll %.2fs, lease %.0fs)",
             self.settings.worker_id,

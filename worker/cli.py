@@ -10,25 +10,107 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from outbox.exceptions import OutboxError
-from worker.settings import ENVIRONMENT, Settings
+from outbox.validation import MAX_NAME_LENGTH
+from worker.redaction import redact, url_secrets
+from worker.settings import ENVIRONMENT, EnvVar, Number, Settings, SettingsError
+from worker.terminal import printable
 
 log = logging.getLogger("outbox.worker")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: ``purge --older-than`` at most: ``now() - older_than`` is PostgreSQL interval
+#: arithmetic, and no outbox row is a century old.
+MAX_DURATION = 36500 * 86400
+#: ``retry --id``: row ids are PostgreSQL bigint.
+MAX_ROW_ID = 2**63 - 1
+#: ``dead --limit``: the rows are read into memory and printed at once.
+MAX_LIST_LIMIT = 10_000
+#: Longest log line (after escaping); a traceback below it is not cut.
+LOG_LINE_LIMIT = 4000
+#: Longest one-line error.
+ERROR_LINE_LIMIT = 2000
+#: The flags every command takes (the other settings' flags belong to ``run``).
+COMMON_FLAGS = ("--database-url", "--log-level")
 
 
 def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``12h``, ``7d`` or ``2w`` as seconds."""
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d`` or ``2w`` as seconds (at most a century)."""
     match = _DURATION.match(text)
     if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 12h or 7d")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+        raise argparse.ArgumentTypeError(
+            f"{printable(text, 60)!r} is not a duration like 90s, 15m, 12h or 7d"
+        )
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if not seconds <= MAX_DURATION:  # also refuses inf
+        raise argparse.ArgumentTypeError(
+            f"{printable(text, 60)} is longer than {MAX_DURATION // 86400} days "
+            "(no outbox row is that old)"
+        )
+    return seconds
+
+
+def _whole(flag: str, low: int, high: int, why: str) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag}={printable(text, 60)} is not a whole number"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{flag}={printable(text, 60)} must be from {low} to {high} ({why})"
+            )
+        return value
+
+    return convert
+
+
+def _text(flag: str, max_length: int | None = None) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise argparse.ArgumentTypeError(f"{flag} is not valid UTF-8") from None
+        if max_length is not None and len(text) > max_length:
+            raise argparse.ArgumentTypeError(
+                f"{flag} is {len(text)} characters long; names are at most {max_length}"
+            )
+        return text
+
+    return convert
+
+
+def _setting(var: EnvVar) -> Callable[[str], Any]:
+    """The flag's value, read and checked as its variable is, errors naming the flag."""
+    flag = var.flag or var.name
+
+    def convert(text: str) -> Any:
+        try:
+            return var.read(text, flag)
+        except SettingsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (no usage block) and no secret in them."""
+
+    def error(self, message: str) -> NoReturn:
+        match = re.match(r"argument ([^:]+): (.*)", message, re.DOTALL)
+        if match and any(match.group(2).startswith(o) for o in match.group(1).split("/")):
+            message = match.group(2)  # the converter's message already names the flag
+        secrets = url_secrets(os.environ.get("DATABASE_URL"))
+        line = printable(redact(" ".join(message.split()), secrets), ERROR_LINE_LIMIT)
+        self.exit(2, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
 
 
 class _ActionFilter(logging.Filter):
@@ -46,21 +128,43 @@ _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 
 
 class _Formatter(logging.Formatter):
-    """``time LEVEL [action] message key=value ...``: the extras stay on the line."""
+    """``time LEVEL [action] message key=value ...``: the extras stay on the line.
+
+    Every line is one line: control characters (from event data, a server's answer)
+    are escaped, the line is cut at :data:`LOG_LINE_LIMIT`, and passwords, URL
+    credentials and the given secrets are masked, tracebacks included.
+    """
+
+    def __init__(self, fmt: str, secrets: Iterable[str] = ()) -> None:
+        super().__init__(fmt)
+        self.secrets = tuple(s for s in secrets if s)
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
         extras = {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
         if extras:
             text += " " + " ".join(f"{k}={v}" for k, v in sorted(extras.items()))
+        text = printable(redact(text, self.secrets), LOG_LINE_LIMIT)
+        details = []
+        if record.exc_info:
+            details.append(self.formatException(record.exc_info))
+        elif record.exc_text:
+            details.append(record.exc_text)
+        if record.stack_info:
+            details.append(self.formatStack(record.stack_info))
+        for detail in details:
+            text += "\n" + printable(redact(detail, self.secrets), None, newlines=True)
         return text
 
 
-def setup_logging(level: str) -> None:
-    """Plain stdlib logging to stderr, with each line's stable action name."""
+def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
+    """Plain stdlib logging to stderr, with each line's stable action name; no line
+    shows any of ``secrets`` (the API key, the database password)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ActionFilter())
-    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s [%(action)s] %(message)s"))
+    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s [%(action)s] %(message)s", secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -80,32 +184,45 @@ def _env_help() -> str:
     return "\n".join(lines)
 
 
+def _flag_help(var: EnvVar) -> str:
+    accepted = f" {var.accepts.describe()}." if isinstance(var.accepts, Number) else ""
+    return f"{var.help}{accepted} ({var.name})"
+
+
+def _add_setting_flag(parser: argparse.ArgumentParser, var: EnvVar, *, hidden: bool) -> None:
+    assert var.flag
+    parser.add_argument(
+        var.flag,
+        type=_setting(var),
+        dest=var.field,
+        default=argparse.SUPPRESS if hidden else None,
+        metavar=var.field.upper(),
+        help=argparse.SUPPRESS if hidden else _flag_help(var),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to document the CLI)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="outbox-worker",
         description="Ship events from the PostgreSQL outbox to PostHog, and inspect the outbox.",
         epilog=_env_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--database-url", help="PostgreSQL URL (DATABASE_URL)")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (OUTBOX_LOG_LEVEL)")
+    common_vars = [v for v in ENVIRONMENT if v.flag in COMMON_FLAGS]
+    run_vars = [v for v in ENVIRONMENT if v.flag and v.flag not in COMMON_FLAGS]
+    for var in common_vars:
+        _add_setting_flag(parser, var, hidden=False)
     # The same options after the command name (`outbox-worker status --database-url X`).
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--database-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common = _Parser(add_help=False)
+    for var in common_vars:
+        _add_setting_flag(common, var, hidden=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run the worker until SIGTERM/SIGINT")
     run.add_argument("--until-empty", action="store_true", help="ship what is due now, then exit")
-    run.add_argument("--batch-size", type=int, help="events per batch (OUTBOX_BATCH_SIZE)")
-    run.add_argument("--poll-interval", type=float, help="seconds (OUTBOX_POLL_INTERVAL)")
-    run.add_argument("--lease-seconds", type=float, help="seconds (OUTBOX_LEASE_SECONDS)")
-    run.add_argument("--max-attempts", type=int, help="before dead (OUTBOX_MAX_ATTEMPTS)")
-    run.add_argument("--backoff-base", type=float, help="seconds (OUTBOX_BACKOFF_BASE)")
-    run.add_argument("--backoff-max", type=float, help="seconds (OUTBOX_BACKOFF_MAX)")
-    run.add_argument("--metrics-port", type=int, help="port (OUTBOX_METRICS_PORT)")
-    run.add_argument("--sink", choices=["auto", "posthog", "stdout"], help="(OUTBOX_SINK)")
+    for var in run_vars:
+        _add_setting_flag(run, var, hidden=False)
 
     sub.add_parser("migrate", parents=[common], help="create or upgrade the outbox tables")
     sub.add_parser(
@@ -117,9 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    event = _text("--event", MAX_NAME_LENGTH)
     dead = sub.add_parser("dead", parents=[common], help="list dead events with their last error")
-    dead.add_argument("--event", help="only this event name")
-    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--event", type=event, help="only this event name")
+    dead.add_argument(
+        "--limit",
+        type=_whole("--limit", 1, MAX_LIST_LIMIT, "rows are printed at once"),
+        default=50,
+        help=f"at most this many rows, 1 to {MAX_LIST_LIMIT} (default 50)",
+    )
     dead.add_argument("--json", action="store_true")
 
     retry = sub.add_parser(
@@ -127,8 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = retry.add_mutually_exclusive_group(required=True)
     group.add_argument("--all", action="store_true", help="every dead event")
-    group.add_argument("--id", type=int, action="append", dest="ids", help="this row id (repeat)")
-    group.add_argument("--event", help="every dead event with this name")
+    group.add_argument(
+        "--id",
+        type=_whole("--id", 1, MAX_ROW_ID, "row ids are PostgreSQL bigint"),
+        action="append",
+        dest="ids",
+        help="this row id (repeat)",
+    )
+    group.add_argument("--event", type=event, help="every dead event with this name")
 
     contract = sub.add_parser(
         "contract",
@@ -138,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     contract.add_argument(
         "--registry",
         required=True,
+        type=_text("--registry"),
         metavar="MODULE:ATTR",
         help="your outbox.EventRegistry, e.g. myapp.analytics:EVENTS",
     )
@@ -149,43 +279,79 @@ def build_parser() -> argparse.ArgumentParser:
 
     purge = sub.add_parser("purge", parents=[common], help="delete dead events")
     purge.add_argument("--dead", action="store_true", required=True, help="purge dead events")
-    purge.add_argument("--older-than", type=parse_duration, required=True, help="e.g. 7d, 12h, 30m")
+    purge.add_argument(
+        "--older-than",
+        type=parse_duration,
+        required=True,
+        help=f"e.g. 7d, 12h, 30m (at most {MAX_DURATION // 86400}d)",
+    )
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {
-        "database_url": args.database_url,
-        "log_level": args.log_level,
-    }
-    for name in (
-        "batch_size",
-        "poll_interval",
-        "lease_seconds",
-        "max_attempts",
-        "backoff_base",
-        "backoff_max",
-        "metrics_port",
-        "sink",
-    ):
-        overrides[name] = getattr(args, name, None)
-    return Settings.from_env(**overrides)
+    flags = {var.field: getattr(args, var.field, None) for var in ENVIRONMENT if var.flag}
+    return Settings.from_env(flags=flags)
+
+
+def _secrets(args: argparse.Namespace) -> tuple[str, ...]:
+    """What no output may show: the database passwords and the API key, as given."""
+    urls = (os.environ.get("DATABASE_URL"), getattr(args, "database_url", None))
+    found = [s for url in urls for s in url_secrets(url)]
+    key = (os.environ.get("POSTHOG_API_KEY") or "").strip()
+    return (*found, key) if key else tuple(found)
+
+
+def _fail(message: str, secrets: Iterable[str]) -> None:
+    line = printable(redact(" ".join(message.split()), secrets), ERROR_LINE_LIMIT)
+    print(f"outbox-worker: error: {line}", file=sys.stderr)
+
+
+def _database_failure(command: str, exc: BaseException) -> str | None:
+    """One line for a database error that reached the CLI unwrapped (alembic's and
+    SQLAlchemy's during migrate, a refused privilege), else None."""
+    import psycopg
+
+    cause: BaseException = exc
+    orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's
+    if isinstance(orig, BaseException):
+        cause = orig
+    if isinstance(cause, psycopg.Error):
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        hint = ""
+        if isinstance(cause, psycopg.errors.InsufficientPrivilege):
+            hint = (
+                "; the role in DATABASE_URL lacks a privilege this command needs "
+                "(see Database roles in docs/operations.md)"
+            )
+        return f"{command} failed: the database refused it: {first}{hint}"
+    if type(exc).__module__.startswith(("alembic", "sqlalchemy")):
+        return f"{command} failed: {type(exc).__name__}: {exc}"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``outbox-worker`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    secrets = _secrets(args)
     try:
         settings = _settings(args)
-        setup_logging(settings.log_level)
+        setup_logging(settings.log_level, secrets)
         return _dispatch(args, settings)
     except OutboxError as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the driver said
-        print(f"outbox-worker: error: {message}", file=sys.stderr)
+        _fail(str(exc), secrets)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        reason = _database_failure(args.command, exc)
+        if reason is not None:
+            _fail(reason, secrets)
+            return 2
+        # A bug: its traceback, as Python prints it, with no secret in it.
+        text = printable(redact(traceback.format_exc(), secrets), None, newlines=True)
+        sys.stderr.write(text)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -215,7 +381,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.app import Worker
+    from worker.metrics import bind_probe_socket
 
+    if settings.metrics_port is not None and not args.until_empty:
+        # A port in use is a bad setting: say so before anything else is logged.
+        bind_probe_socket(settings.metrics_host, settings.metrics_port).close()
     worker = Worker(settings)
     if args.until_empty:
         stats = worker.run_until_empty()

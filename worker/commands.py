@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from outbox.schema import STATUS_DEAD, STATUS_PENDING
@@ -11,6 +11,10 @@ from worker.database import migrate as apply_migrations
 from worker.database import resolve_database_url
 from worker.settings import Settings
 from worker.store import Store
+from worker.terminal import DEFAULT_LIMIT, printable
+
+#: Longest stored error shown in a table row (``dead``, ``status``).
+ERROR_COLUMN_LIMIT = 120
 
 
 def _store(settings: Settings) -> Store:
@@ -127,10 +131,11 @@ def dead(settings: Settings, *, event: str | None, limit: int, as_json: bool) ->
                 r["distinct_id"],
                 str(r["attempts"]),
                 r["created_at"].isoformat(timespec="seconds"),
-                (r["last_error"] or "")[:120],
+                r["last_error"] or "",
             )
             for r in rows
         ],
+        limits={5: ERROR_COLUMN_LIMIT},
     )
     return 0
 
@@ -168,11 +173,22 @@ def _json_value(value: Any) -> str:
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def _table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    limits: Mapping[int, int] | None = None,
+) -> None:
+    """Print rows under headers in aligned columns. Every cell, raw as the database
+    holds it, goes through :func:`~worker.terminal.printable`: one line, control
+    characters escaped, at most ``limits[column]`` (default 200) characters."""
+    limits = limits or {}
+    cells = [
+        [printable(c, limits.get(i, DEFAULT_LIMIT)) for i, c in enumerate(row)] for row in rows
+    ]
     widths = [len(h) for h in headers]
-    for row in rows:
+    for row in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
     if any(headers):
         print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for row in rows:
+    for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

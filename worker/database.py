@@ -18,6 +18,8 @@ from psycopg import sql
 
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
 from outbox.schema import EVENTS_TABLE
+from worker.redaction import mask_url, redact, url_secrets
+from worker.terminal import printable
 
 log = logging.getLogger("outbox.worker")
 
@@ -47,7 +49,88 @@ def describe_url(url: str) -> str:
         return "<unparsable URL>"
     host = info.get("host") or "localhost"
     port = info.get("port") or "5432"
-    return f"{info.get('user') or ''}@{host}:{port}/{info.get('dbname') or ''}"
+    return printable(f"{info.get('user') or ''}@{host}:{port}/{info.get('dbname') or ''}")
+
+
+#: The connection options whose values libpq checks only when it connects; a bad one
+#: there reads like an unreachable server, so :func:`check_database_url` checks them
+#: first. (Values from libpq's documentation, "Parameter Key Words".)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "sslcertmode": ("disable", "allow", "require"),
+    "sslnegotiation": ("postgres", "direct"),
+    "target_session_attrs": (
+        "any",
+        "read-write",
+        "read-only",
+        "primary",
+        "standby",
+        "prefer-standby",
+    ),
+    "load_balance_hosts": ("disable", "random"),
+    "ssl_min_protocol_version": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"),
+    "ssl_max_protocol_version": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"),
+}
+_INTEGERS = (
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+)
+_URL_EXAMPLE = "postgresql://user@host:5432/dbname"
+
+
+def check_database_url(url: str) -> str:
+    """``url`` (stripped) if libpq can connect with it, else :class:`ValueError` with
+    a one-line reason that shows the URL only with its password masked.
+
+    Accepted: a ``postgresql://`` or ``postgres://`` URL (``postgresql+psycopg://``
+    too), or a libpq ``key=value`` string. Checked before any connection: the syntax,
+    every port, and the options libpq would only refuse when connecting.
+    """
+    url = url.strip()
+    shown = printable(mask_url(url))
+    secrets = url_secrets(url)
+    if url.startswith(("postgresql+", "postgres+")) and not url.startswith(_DRIVER_PREFIXES):
+        raise ValueError(
+            f"is not a PostgreSQL URL the worker can use: {shown}; the worker connects with "
+            f"psycopg 3, so write postgresql://... or postgresql+psycopg://..."
+        )
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(libpq_url(url))
+    except psycopg.ProgrammingError as exc:
+        reason = printable(redact(_first_line(exc), secrets))
+        raise ValueError(
+            f"is not a valid PostgreSQL URL ({reason}): {shown}; expected e.g. {_URL_EXAMPLE} "
+            "or key=value pairs such as 'host=db dbname=app'"
+        ) from None
+    problem = _option_problem(info)
+    if problem:
+        raise ValueError(f"{printable(redact(problem, secrets))}: {shown}")
+    return url
+
+
+def _option_problem(info: dict[str, Any]) -> str | None:
+    ports = [p.strip() for p in str(info.get("port") or "").split(",")]
+    for port in ports:
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"has port {port!r}, not a number from 1 to 65535"
+    hosts = str(info.get("host") or info.get("hostaddr") or "").split(",")
+    if len(ports) > 1 and len(ports) != len(hosts):
+        return f"names {len(hosts)} hosts but {len(ports)} ports"
+    for name in _INTEGERS:
+        value = info.get(name)
+        if value is not None and not str(value).strip().lstrip("-").isdigit():
+            return f"has {name}={value!r}, not a whole number"
+    for name, choices in _CHOICES.items():
+        value = info.get(name)
+        if value is not None and value not in choices:
+            return f"has {name}={value!r}; libpq accepts {', '.join(choices)}"
+    return None
 
 
 def start_embedded(data_dir: Path, *, announce: bool = True, delete_at_exit: bool = False) -> str:
@@ -111,15 +194,25 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(libpq_url(url), **kwargs)
     except psycopg.ProgrammingError as exc:
+        scrub(exc, url)
         raise OutboxDatabaseError(
-            f"DATABASE_URL is not a valid PostgreSQL URL ({_first_line(exc)}); "
-            "expected e.g. postgresql://user:password@host:5432/dbname"
+            f"DATABASE_URL is not a valid PostgreSQL URL ({printable(_first_line(exc))}): "
+            f"{printable(mask_url(url))}; expected e.g. {_URL_EXAMPLE}"
         ) from exc
     except psycopg.OperationalError as exc:
+        scrub(exc, url)
         raise OutboxDatabaseError(
-            f"cannot connect to PostgreSQL at {describe_url(url)}: {_first_line(exc)}; "
-            "check DATABASE_URL and that the server is running"
+            f"cannot connect to PostgreSQL at {describe_url(url)}: "
+            f"{printable(_first_line(exc))}; check DATABASE_URL and that the server is running"
         ) from exc
+
+
+def scrub(exc: BaseException, url: str | None) -> BaseException:
+    """Mask ``url``'s password (and any URL's) in ``exc``'s message, in place, so the
+    driver error kept as ``__cause__`` shows no secret in a traceback either."""
+    secrets = url_secrets(url)
+    exc.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in exc.args)
+    return exc
 
 
 def _first_line(exc: BaseException) -> str:

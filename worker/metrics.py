@@ -6,11 +6,15 @@ listed in ``docs/operations.md``.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import queue
+import socket
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -23,11 +27,14 @@ from worker.drain import (
     DrainStats,
     Outcome,
 )
+from worker.settings import SettingsError
 from worker.store import Backlog, Batch
+from worker.terminal import printable
 
 log = logging.getLogger("outbox.worker")
 
 BACKLOG_STATES = ("pending", "due", "retrying", "dead")
+_T = TypeVar("_T")
 
 
 class WorkerMetrics(DrainObserver):
@@ -130,64 +137,269 @@ class WorkerMetrics(DrainObserver):
         self.oldest_pending.set(backlog.oldest_pending_age_seconds)
 
 
+#: Seconds a client has to send its request line and headers.
+PROBE_READ_TIMEOUT = 5.0
+#: Seconds a client has to take the answer.
+PROBE_WRITE_TIMEOUT = 5.0
+#: Seconds ``/readyz`` (a database ping) or ``/metrics`` may take before a 503.
+PROBE_HANDLER_TIMEOUT = 10.0
+#: Connections open at once; past it, the oldest one still sending its request is closed.
+PROBE_MAX_CONNECTIONS = 64
+#: Threads that answer ``/readyz`` and ``/metrics``; ``/healthz`` needs none.
+PROBE_HANDLER_THREADS = 2
+#: Longest request line and headers accepted.
+PROBE_MAX_REQUEST_BYTES = 8192
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+class _DaemonPool(Executor):
+    """A fixed number of daemon threads: a handler stuck on a database ping can
+    neither grow the pool nor hold the process at exit."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, call = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(call())
+                except BaseException as exc:  # handed to the waiting request
+                    future.set_exception(exc)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn`` on one of the threads."""
+        future: Future[Any] = Future()
+        self._work.put((future, lambda: fn(*args, **kwargs)))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Let the threads end once the work queued before this is done."""
+        for _ in self._threads:
+            self._work.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
 class ProbeServer:
-    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on a background thread."""
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on a background thread.
+
+    It listens on ``host`` (loopback by default: ``OUTBOX_METRICS_HOST`` opens it) and
+    binds when built, so a port in use is a :class:`~worker.settings.SettingsError`
+    naming ``OUTBOX_METRICS_PORT`` at start. One event-loop thread reads every
+    request, with a deadline per connection, and at most ``max_connections`` are
+    open: a client that stalls costs a socket for ``read_timeout`` seconds, never a
+    thread. ``/healthz`` is answered on the loop itself; ``/readyz`` and ``/metrics``
+    run on ``PROBE_HANDLER_THREADS`` threads, so the server never has more than
+    ``1 + PROBE_HANDLER_THREADS`` threads, however many clients connect.
+    """
 
     def __init__(
         self,
         metrics: WorkerMetrics,
         ready: Callable[[], tuple[bool, str]],
         port: int,
-        host: str = "0.0.0.0",  # noqa: S104 - probes come from the orchestrator
+        host: str = "127.0.0.1",
+        *,
+        read_timeout: float = PROBE_READ_TIMEOUT,
+        write_timeout: float = PROBE_WRITE_TIMEOUT,
+        handler_timeout: float = PROBE_HANDLER_TIMEOUT,
+        max_connections: int = PROBE_MAX_CONNECTIONS,
     ) -> None:
         self.metrics = metrics
         self.ready = ready
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, generate_latest(outer.metrics.registry), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain")
-                elif path == "/readyz":
-                    ok, why = outer.ready()
-                    self._send(200 if ok else 503, (why + "\n").encode(), "text/plain")
-                else:
-                    self._send(404, b"not found\n", "text/plain")
-
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="outbox-probes", daemon=True
-        )
+        self.host = host
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.handler_timeout = handler_timeout
+        self.max_connections = max_connections
+        self._socket = bind_probe_socket(host, port)
+        self._loop = asyncio.new_event_loop()
+        self._stopping: asyncio.Event | None = None
+        #: Connections still sending their request, oldest first (the ones to close
+        #: when too many are open).
+        self._reading: dict[asyncio.StreamWriter, None] = {}
+        self._open: set[asyncio.StreamWriter] = set()
+        self._pool: _DaemonPool | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-probes", daemon=True)
 
     @property
     def port(self) -> int:
         """The port actually bound (useful with port 0)."""
-        return int(self._server.server_address[1])
+        return int(self._socket.getsockname()[1])
 
     def start(self) -> None:
         """Start serving."""
+        self._pool = _DaemonPool(PROBE_HANDLER_THREADS, "outbox-probes-handler")
         self._thread.start()
+        self._started.wait(10)
         log.info(
-            "serving /metrics, /healthz and /readyz on port %d",
+            "serving /metrics, /healthz and /readyz on %s port %d",
+            self.host,
             self.port,
-            extra={"action": "probes_started", "port": self.port},
+            extra={"action": "probes_started", "host": self.host, "port": self.port},
         )
 
     def stop(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop serving and close every connection."""
+        if self._thread.is_alive():
+            stopping = self._stopping
+            if stopping is not None:
+                self._loop.call_soon_threadsafe(stopping.set)
+            self._thread.join(10)
+        else:
+            self._socket.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    # -- the event loop ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(
+            self._connection, sock=self._socket, limit=PROBE_MAX_REQUEST_BYTES
+        )
+        self._started.set()
+        async with server:
+            await self._stopping.wait()
+            server.close()
+            for writer in list(self._open):
+                writer.transport.abort()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._admit(writer):
+            return
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout)
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                writer.transport.abort()  # stalled, gone, or too long: no answer
+                return
+            finally:
+                self._reading.pop(writer, None)
+            status, body, content_type, head_only = await self._answer(head)
+            response = (
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+                f"Content-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode("ascii") + (b"" if head_only else body)
+            writer.write(response)
+            try:
+                await asyncio.wait_for(writer.drain(), self.write_timeout)
+            except (TimeoutError, ConnectionError):
+                writer.transport.abort()
+                return
+            writer.close()
+        except ConnectionError:
+            writer.transport.abort()
+        finally:
+            self._open.discard(writer)
+
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Count the connection in. At the limit, close the oldest one still sending
+        its request to make room (a stalled client gives way to a new one); if every
+        open one is being answered, refuse this one."""
+        while len(self._open) >= self.max_connections and self._reading:
+            oldest = next(iter(self._reading))
+            self._reading.pop(oldest)
+            oldest.transport.abort()
+            self._open.discard(oldest)
+        if len(self._open) >= self.max_connections:
+            writer.transport.abort()
+            return False
+        self._open.add(writer)
+        self._reading[writer] = None
+        return True
+
+    async def _answer(self, head: bytes) -> tuple[int, bytes, str, bool]:
+        """(status, body, content type, HEAD) for the request ``head``."""
+        parts = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return 400, b"bad request\n", "text/plain", False
+        method, target = parts[0], parts[1]
+        if method not in (b"GET", b"HEAD"):
+            return 405, b"method not allowed\n", "text/plain", False
+        head_only = method == b"HEAD"
+        path = target.split(b"?", 1)[0]
+        if path == b"/healthz":
+            return 200, b"ok\n", "text/plain", head_only
+        if path == b"/metrics":
+            try:
+                body = await self._off_loop(lambda: generate_latest(self.metrics.registry))
+            except TimeoutError:
+                return 503, b"metrics timed out\n", "text/plain", head_only
+            return 200, body, CONTENT_TYPE_LATEST, head_only
+        if path == b"/readyz":
+            try:
+                ok, why = await self._off_loop(self.ready)
+            except TimeoutError:
+                ok, why = False, "readiness check timed out"
+            body = (printable(why, 500) + "\n").encode()
+            return (200 if ok else 503), body, "text/plain; charset=utf-8", head_only
+        return 404, b"not found\n", "text/plain", head_only
+
+    async def _off_loop(self, call: Callable[[], _T]) -> _T:
+        assert self._pool is not None
+        future = asyncio.wrap_future(self._pool.submit(call))
+        return await asyncio.wait_for(future, self.handler_timeout)
+
+
+def bind_probe_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port``; a :class:`SettingsError` naming the
+    variable at fault (``OUTBOX_METRICS_PORT`` or ``OUTBOX_METRICS_HOST``) when it
+    cannot be had."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise SettingsError(
+            f"OUTBOX_METRICS_HOST={printable(host, 60)} is not an address of this machine "
+            f"({printable(exc, 100)})",
+            setting="OUTBOX_METRICS_HOST",
+        ) from exc
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        reason = printable(exc.strerror or exc, 100)
+        if exc.errno == errno.EADDRINUSE:
+            message = f"OUTBOX_METRICS_PORT={port} is already in use on {host} ({reason})"
+            setting = "OUTBOX_METRICS_PORT"
+        elif exc.errno == errno.EACCES:
+            message = f"OUTBOX_METRICS_PORT={port} may not be bound by this user ({reason})"
+            setting = "OUTBOX_METRICS_PORT"
+        else:
+            message = f"OUTBOX_METRICS_HOST={printable(host, 60)} cannot be bound ({reason})"
+            setting = "OUTBOX_METRICS_HOST"
+        raise SettingsError(message, setting=setting) from exc
+    sock.setblocking(False)
+    return sock

@@ -1,21 +1,35 @@
 """The worker's settings: one object, named defaults, environment read in one place.
 
 Precedence: an explicit argument or CLI flag, then the environment variable, then
-the default below. :data:`ENVIRONMENT` lists every variable, its default and what it
-means; the README's configuration table and ``outbox-worker --help`` are built from
-the same facts (a test keeps the README in step).
+the default below. :data:`ENVIRONMENT` lists every variable once: its field, the
+values it accepts (a :class:`Spec`: for a number, its range and the reason for it),
+its flag and what it means. Parsing, validation, the one-line errors, the CLI flags
+and their help, and the README's configuration tables (kept in step by a test) all
+come from that one declaration.
+
+A new setting is a field on :class:`Settings` plus one :class:`EnvVar` line, e.g.
+``EnvVar("OUTBOX_X", "x", Seconds(0, 60, "why"), "What it does.")``. A
+:class:`Settings` is validated whenever it is built (from the environment, by
+``Settings(...)`` or ``with_overrides``), so a worker never holds a value it cannot
+use: every number finite and in its range, every name one of its choices, every URL
+in a shape its client accepts.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from outbox.exceptions import OutboxError
+from worker.redaction import mask_url
+from worker.terminal import has_control_characters, printable
 
 DEFAULT_POSTHOG_HOST = "https://us.i.posthog.com"
 DEFAULT_DATA_DIR = Path(".outbox")
@@ -36,10 +50,21 @@ DEFAULT_RATE_LIMIT_PAUSE = 10.0
 DEFAULT_RETRY_AFTER_MAX = 600.0
 #: Single-event refusals with the same answer in a row that stop a split batch.
 DEFAULT_REJECTION_BREAKER = 3
+#: Probes answer on the loopback interface unless OUTBOX_METRICS_HOST opens them.
+DEFAULT_METRICS_HOST = "127.0.0.1"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(OutboxError):
-    """A setting has a value the worker cannot use."""
+    """A setting has a value the worker cannot use.
+
+    ``setting`` names it as the operator wrote it: the variable (``OUTBOX_BATCH_SIZE``)
+    or the flag (``--batch-size``). The message is one line and shows no secret.
+    """
+
+    def __init__(self, message: str, *, setting: str) -> None:
+        self.setting = setting
+        super().__init__(message)
 
 
 def _default_worker_id() -> str:
@@ -48,7 +73,12 @@ def _default_worker_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the worker process can be told. Every field has a named default."""
+    """Everything the worker process can be told. Every field has a named default.
+
+    Building one validates every field (see :data:`ENVIRONMENT` for the ranges) and
+    raises :class:`SettingsError` naming the first variable out of range. ``repr``
+    shows the database URL with its password masked and never the API key.
+    """
 
     #: libpq URL of the database (``postgresql+psycopg://`` accepted). None: embedded PostgreSQL.
     database_url: str | None = None
@@ -104,10 +134,34 @@ class Settings:
     metrics_namespace: str = "app"
     #: Port for ``/metrics``, ``/healthz`` and ``/readyz``; None: no HTTP server.
     metrics_port: int | None = None
+    #: Address the probe server listens on (loopback unless opened).
+    metrics_host: str = DEFAULT_METRICS_HOST
     #: This worker's name in logs and in pg_stat_activity (``outbox-worker status``).
     worker_id: str = field(default_factory=_default_worker_id)
     #: Log level name.
     log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in validate(values).items():
+            object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS and value is not None:
+                shown.append(f"{f.name}='***'")
+            elif f.name in _URL_FIELDS and isinstance(value, str):
+                shown.append(f"{f.name}={mask_url(value)!r}")
+            else:
+                shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    def check(self) -> None:
+        """Raise :class:`SettingsError` naming the first setting out of range (a built
+        :class:`Settings` has passed this already)."""
+        validate({f.name: getattr(self, f.name) for f in fields(self)})
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced; ``None`` values are ignored."""
@@ -121,96 +175,361 @@ class Settings:
         return "posthog" if self.posthog_api_key else "stdout"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Settings from the environment, with explicit overrides (CLI flags) on top."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        flags: Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Settings from the environment, with CLI flags and explicit overrides on top.
+
+        ``flags`` (by field name) are values the operator gave as flags: an error about
+        one names the flag instead of the variable. ``None`` values are ignored.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        labels: dict[str, str] = {}
         for var in ENVIRONMENT:
             raw = env.get(var.name)
             if raw is None or raw.strip() == "":
                 continue
-            try:
-                values[var.field] = var.parse(raw.strip())
-            except (TypeError, ValueError) as exc:
-                raise SettingsError(f"{var.name}={raw!r} is not valid: {exc}") from exc
-        settings = cls(**values).with_overrides(**overrides)
-        settings.check()
-        return settings
-
-    def check(self) -> None:
-        """Raise :class:`SettingsError` naming the first setting out of range."""
-        positive = {
-            "batch_size": self.batch_size,
-            "max_batch_bytes": self.max_batch_bytes,
-            "poll_interval": self.poll_interval,
-            "lease_seconds": self.lease_seconds,
-            "max_attempts": self.max_attempts,
-            "backoff_max": self.backoff_max,
-            "request_timeout": self.request_timeout,
-            "retry_after_max": self.retry_after_max,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise SettingsError(f"{_var_for(name)} must be positive, got {value}")
-        for name in ("rate_limit_pause", "unauthorized_pause", "shutdown_grace", "dedup_window"):
-            if getattr(self, name) < 0:
-                raise SettingsError(f"{_var_for(name)} must not be negative")
-        if self.rejection_breaker < 2:
-            raise SettingsError(
-                f"{_var_for('rejection_breaker')} must be at least 2, got {self.rejection_breaker}"
-            )
-        if self.backoff_base < 0:
-            raise SettingsError(f"{_var_for('backoff_base')} must not be negative")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise SettingsError(f"OUTBOX_METRICS_PORT must be 0 to 65535, got {self.metrics_port}")
-        if self.posthog_transport not in ("direct", "posthog"):
-            raise SettingsError(
-                "OUTBOX_POSTHOG_TRANSPORT must be direct or posthog, "
-                f"got {self.posthog_transport!r}"
-            )
-        if self.sink not in ("auto", "posthog", "stdout"):
-            raise SettingsError(f"OUTBOX_SINK must be auto, posthog or stdout, got {self.sink!r}")
-        if self.sink == "posthog" and not self.posthog_api_key:
-            raise SettingsError("OUTBOX_SINK=posthog needs POSTHOG_API_KEY")
+            values[var.field] = var.read(raw)
+        for name, value in (flags or {}).items():
+            if value is not None:
+                values[name] = value
+                flag = _BY_FIELD[name].flag if name in _BY_FIELD else None
+                if flag:
+                    labels[name] = flag
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(values) - set(_DEFAULTS))
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(unknown)}")
+        # Check with the labels the operator used, then build (which checks again).
+        validate({**{k: d() for k, d in _DEFAULTS.items() if k not in values}, **values}, labels)
+        return cls(**values)
 
 
-def _bool(raw: str) -> bool:
-    lowered = raw.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+# -- what a variable accepts ------------------------------------------------------------
 
 
-def _port(raw: str) -> int | None:
-    port = int(raw)
-    if not 0 <= port <= 65535:
-        raise ValueError("expected a port number from 0 to 65535")
-    return port
+class Spec(Protocol):
+    """What one setting accepts: how to read it from text, and how to check a value."""
+
+    @property
+    def why(self) -> str:
+        """Why these values (for a number: why this range). Shown in errors and docs."""
+        ...
+
+    def parse(self, raw: str) -> Any:
+        """The value of the variable's text; ValueError (a reason) if unreadable."""
+        ...
+
+    def check(self, value: Any) -> Any:
+        """``value`` (normalised) if usable, else ValueError with a one-line reason."""
+        ...
+
+    def describe(self) -> str:
+        """The accepted values, as the docs show them (e.g. ``1 to 100000``)."""
+        ...
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    """A finite number from ``low`` to ``high`` inclusive (a whole one with ``whole``)."""
+
+    low: float
+    high: float
+    why: str
+    whole: bool = False
+    unit: str = ""
+
+    def parse(self, raw: str) -> Any:
+        """Read an integer (``whole``) or a decimal number."""
+        try:
+            return int(raw) if self.whole else float(raw)
+        except ValueError:
+            kind = "a whole number" if self.whole else "a number"
+            raise ValueError(f"is not {kind}; expected {self.describe()}") from None
+
+    def check(self, value: Any) -> Any:
+        """Finite, of the right kind, and in range."""
+        ok_kind = isinstance(value, int) if self.whole else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok_kind:
+            kind = "a whole number" if self.whole else "a number"
+            raise ValueError(f"must be {kind}, got {type(value).__name__}")
+        if not self.whole:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"must be a finite number from {self.describe()} ({self.why})")
+        if not self.low <= value <= self.high:
+            raise ValueError(f"must be from {self.describe()} ({self.why})")
+        return value
+
+    def describe(self) -> str:
+        """``low to high unit``."""
+        return f"{_number(self.low)} to {_number(self.high)}{self.unit}"
+
+
+def Seconds(low: float, high: float, why: str) -> Number:
+    """A duration in seconds from ``low`` to ``high``."""
+    return Number(low, high, why, unit=" s")
+
+
+def Count(low: int, high: int, why: str) -> Number:
+    """A whole number from ``low`` to ``high``."""
+    return Number(low, high, why, whole=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One of ``options`` (read case-insensitively)."""
+
+    options: tuple[str, ...]
+    why: str = ""
+
+    def parse(self, raw: str) -> str:
+        """The option this text names, whatever its case."""
+        for option in self.options:
+            if raw.lower() == option.lower():
+                return option
+        raise ValueError(f"is not one of {self.describe()}")
+
+    def check(self, value: Any) -> str:
+        """One of the options, in their own case."""
+        if isinstance(value, str):
+            for option in self.options:
+                if value.lower() == option.lower():
+                    return option
+        raise ValueError(f"must be one of {self.describe()}")
+
+    def describe(self) -> str:
+        """``a, b or c``."""
+        return ", ".join(self.options[:-1]) + " or " + self.options[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """On or off."""
+
+    why: str = ""
+
+    def parse(self, raw: str) -> bool:
+        """1/0, true/false, yes/no or on/off."""
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"is not {self.describe()}")
+
+    def check(self, value: Any) -> bool:
+        """A bool."""
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {type(value).__name__}")
+        return value
+
+    def describe(self) -> str:
+        """The spellings accepted."""
+        return "1/0, true/false, yes/no or on/off"
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """Printable text of at most ``max_length`` characters, matching ``pattern``."""
+
+    why: str
+    max_length: int = 200
+    pattern: str | None = None
+    ascii_only: bool = False
+    #: Never echo the value in an error (an API key).
+    secret: bool = False
+
+    def parse(self, raw: str) -> str:
+        """The text as is (the caller strips it)."""
+        return raw
+
+    def check(self, value: Any) -> str:
+        """Text that is printable, not too long, and matches."""
+        if not isinstance(value, str):
+            raise ValueError(f"must be text, got {type(value).__name__}")
+        if not value:
+            raise ValueError("must not be empty")
+        if len(value) > self.max_length:
+            raise ValueError(f"is {len(value)} characters long, over {self.max_length}")
+        if self.ascii_only and not value.isascii():
+            raise ValueError(f"must be ASCII ({self.why})")
+        if has_control_characters(value):
+            raise ValueError("contains control characters")
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            raise ValueError(f"is not {self.why}")
+        return value
+
+    def describe(self) -> str:
+        """What the text must be."""
+        return self.why
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseUrl:
+    """A URL or key=value string libpq can connect with (checked before connecting)."""
+
+    why: str = "libpq refuses anything else, and would refuse it only when connecting"
+    secret: bool = True
+
+    def parse(self, raw: str) -> str:
+        """The URL as written."""
+        return raw
+
+    def check(self, value: Any) -> str:
+        """See :func:`worker.database.check_database_url`."""
+        from worker.database import check_database_url
+
+        if not isinstance(value, str):
+            raise ValueError(f"must be text, got {type(value).__name__}")
+        return check_database_url(value)
+
+    def describe(self) -> str:
+        """The shapes accepted."""
+        return "postgresql://..., postgres://..., postgresql+psycopg://... or libpq key=value"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpUrl:
+    """An ``http://`` or ``https://`` URL with a host."""
+
+    why: str = "the sink posts to it with requests"
+    secret: bool = True  # it could carry user:password@; shown masked
+
+    def parse(self, raw: str) -> str:
+        """The URL as written."""
+        return raw
+
+    def check(self, value: Any) -> str:
+        """A URL with an http(s) scheme and a host."""
+        if not isinstance(value, str):
+            raise ValueError(f"must be text, got {type(value).__name__}")
+        shown = printable(mask_url(value))
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            raise ValueError(f"is not a URL: {shown}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {shown}")
+        if has_control_characters(value) or " " in value:
+            raise ValueError(f"contains spaces or control characters: {shown}")
+        return value
+
+    def describe(self) -> str:
+        """The shapes accepted."""
+        return "an http:// or https:// URL"
+
+
+@dataclass(frozen=True, slots=True)
+class FilePath:
+    """A file system path."""
+
+    why: str = ""
+
+    def parse(self, raw: str) -> Path:
+        """The path."""
+        return Path(raw)
+
+    def check(self, value: Any) -> Path:
+        """A Path (text is turned into one)."""
+        if isinstance(value, str) and value:
+            value = Path(value)
+        if not isinstance(value, Path):
+            raise ValueError(f"must be a path, got {type(value).__name__}")
+        return value
+
+    def describe(self) -> str:
+        """Any path."""
+        return "a directory"
+
+
+@dataclass(frozen=True, slots=True)
+class _Unchecked:
+    """A variable declared with a bare parser (``float``) instead of a :class:`Spec`.
+    It is still kept finite, but has no range: a test lists such variables."""
+
+    reader: Callable[[str], Any]
+    why: str = "no range declared"
+
+    def parse(self, raw: str) -> Any:
+        return self.reader(raw)
+
+    def check(self, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    def describe(self) -> str:
+        return "(no range declared)"
 
 
 @dataclass(frozen=True, slots=True)
 class EnvVar:
-    """One environment variable the worker reads."""
+    """One environment variable the worker reads (and its flag, if it has one)."""
 
     name: str
     field: str
-    parse: Callable[[str], Any]
+    spec: Spec | Callable[[str], Any]
     help: str
+    #: The command-line flag that sets the same field (``run`` has them, except
+    #: ``--database-url`` and ``--log-level``, which every command takes).
+    flag: str | None = None
+
+    @property
+    def accepts(self) -> Spec:
+        """The :class:`Spec` (a bare parser is wrapped, without a range)."""
+        spec = self.spec
+        if hasattr(spec, "check") and hasattr(spec, "describe"):
+            return spec  # type: ignore[return-value]
+        return _Unchecked(spec)
+
+    @property
+    def secret(self) -> bool:
+        """Whether the value is never echoed as written."""
+        return bool(getattr(self.accepts, "secret", False))
+
+    def read(self, raw: str, label: str | None = None) -> Any:
+        """Parse and check the variable's text; :class:`SettingsError` naming
+        ``label`` (default: the variable) if the worker cannot use it."""
+        label = label or self.name
+        text = raw.strip()
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SettingsError(f"{label} is not valid UTF-8", setting=label) from None
+        spec = self.accepts
+        try:
+            return spec.check(spec.parse(text))
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(self._message(label, text, exc), setting=label) from None
+
+    def _message(self, label: str, value: object, exc: BaseException) -> str:
+        reason = " ".join(str(exc).split())
+        if self.secret:
+            return f"{label} {reason}"
+        shown = value if isinstance(value, str) else repr(value)
+        return f"{label}={printable(shown, 60)} {reason}"
 
     @property
     def default(self) -> str:
         """The default as it reads in the docs."""
-        defaults = {f.name: f for f in fields(Settings)}
-        f = defaults[self.field]
         if self.field == "worker_id":
             return "hostname:pid"
         if self.field == "database_url":
             return "(embedded PostgreSQL in OUTBOX_DATA_DIR)"
         if self.field == "posthog_api_key":
             return "(unset: stdout sink)"
-        value = f.default
+        value = _FIELDS[self.field].default
         if value is None:
             return "(unset)"
         if isinstance(value, bool):
@@ -218,64 +537,286 @@ class EnvVar:
         return str(value)
 
 
+_SECONDS_PAUSE = (
+    "a deferred event's next attempt is now() plus the pause, in PostgreSQL; a day at most"
+)
+
 ENVIRONMENT: tuple[EnvVar, ...] = (
-    EnvVar("DATABASE_URL", "database_url", str, "PostgreSQL URL (libpq or postgresql+psycopg)."),
-    EnvVar("OUTBOX_DATA_DIR", "data_dir", Path, "Data directory of the embedded PostgreSQL."),
-    EnvVar("POSTHOG_API_KEY", "posthog_api_key", str, "PostHog project API key."),
-    EnvVar("POSTHOG_HOST", "posthog_host", str, "PostHog ingestion host."),
-    EnvVar("OUTBOX_SINK", "sink", str, "auto, posthog or stdout."),
+    EnvVar(
+        "DATABASE_URL",
+        "database_url",
+        DatabaseUrl(),
+        "PostgreSQL URL (libpq or postgresql+psycopg).",
+        flag="--database-url",
+    ),
+    EnvVar("OUTBOX_DATA_DIR", "data_dir", FilePath(), "Data directory of the embedded PostgreSQL."),
+    EnvVar(
+        "POSTHOG_API_KEY",
+        "posthog_api_key",
+        Text("a PostHog project API key", max_length=1000, secret=True),
+        "PostHog project API key.",
+    ),
+    EnvVar("POSTHOG_HOST", "posthog_host", HttpUrl(), "PostHog ingestion host."),
+    EnvVar(
+        "OUTBOX_SINK",
+        "sink",
+        Choice(("auto", "posthog", "stdout")),
+        "auto, posthog or stdout.",
+        flag="--sink",
+    ),
     EnvVar(
         "OUTBOX_POSTHOG_TRANSPORT",
         "posthog_transport",
-        str,
+        Choice(("direct", "posthog")),
         "direct, or posthog for posthog.request.batch_post.",
     ),
-    EnvVar("OUTBOX_GZIP", "gzip", _bool, "Gzip request bodies (0 to turn off)."),
-    EnvVar("OUTBOX_BATCH_SIZE", "batch_size", int, "Most events per batch."),
-    EnvVar("OUTBOX_MAX_BATCH_BYTES", "max_batch_bytes", int, "Most bytes of events per request."),
-    EnvVar("OUTBOX_NOTIFY", "notify", _bool, "LISTEN for commits (0: poll only)."),
-    EnvVar("OUTBOX_POLL_INTERVAL", "poll_interval", float, "Seconds between polls when idle."),
-    EnvVar("OUTBOX_LEASE_SECONDS", "lease_seconds", float, "Seconds a claimed batch is held."),
-    EnvVar("OUTBOX_MAX_ATTEMPTS", "max_attempts", int, "Failed attempts before an event is dead."),
-    EnvVar("OUTBOX_BACKOFF_BASE", "backoff_base", float, "First retry delay (seconds)."),
-    EnvVar("OUTBOX_BACKOFF_MAX", "backoff_max", float, "Longest retry delay (seconds)."),
-    EnvVar("OUTBOX_REQUEST_TIMEOUT", "request_timeout", float, "HTTP timeout (seconds)."),
-    EnvVar("OUTBOX_DEDUP_WINDOW", "dedup_window", float, "Seconds a delivered dedup key holds."),
-    EnvVar("OUTBOX_SHUTDOWN_GRACE", "shutdown_grace", float, "Seconds to finish after SIGTERM."),
+    EnvVar("OUTBOX_GZIP", "gzip", Switch(), "Gzip request bodies (0 to turn off)."),
+    EnvVar(
+        "OUTBOX_BATCH_SIZE",
+        "batch_size",
+        Count(1, 100_000, "a batch is read into memory at once and sent within half its lease"),
+        "Most events per batch.",
+        flag="--batch-size",
+    ),
+    EnvVar(
+        "OUTBOX_MAX_BATCH_BYTES",
+        "max_batch_bytes",
+        Count(1024, 20 * 1024 * 1024, "PostHog's capture endpoint refuses bodies over 20 MiB"),
+        "Most bytes of events per request.",
+    ),
+    EnvVar("OUTBOX_NOTIFY", "notify", Switch(), "LISTEN for commits (0: poll only)."),
+    EnvVar(
+        "OUTBOX_POLL_INTERVAL",
+        "poll_interval",
+        Seconds(
+            0.01, 3600, "APScheduler needs a finite, positive interval; under 10 ms is a busy loop"
+        ),
+        "Seconds between polls when idle.",
+        flag="--poll-interval",
+    ),
+    EnvVar(
+        "OUTBOX_LEASE_SECONDS",
+        "lease_seconds",
+        Seconds(
+            1,
+            86400,
+            "the lease is the batch transaction's idle_in_transaction_session_timeout, and an "
+            "open transaction holds back vacuum: a day at most",
+        ),
+        "Seconds a claimed batch is held.",
+        flag="--lease-seconds",
+    ),
+    EnvVar(
+        "OUTBOX_MAX_ATTEMPTS",
+        "max_attempts",
+        Count(
+            1, 1000, "the attempts column is an integer; 1000 tries an hour apart take six weeks"
+        ),
+        "Failed attempts before an event is dead.",
+        flag="--max-attempts",
+    ),
+    EnvVar(
+        "OUTBOX_BACKOFF_BASE",
+        "backoff_base",
+        Seconds(
+            0,
+            86400,
+            "the first retry delay, added to now() as a PostgreSQL interval; a day at most",
+        ),
+        "First retry delay (seconds).",
+        flag="--backoff-base",
+    ),
+    EnvVar(
+        "OUTBOX_BACKOFF_MAX",
+        "backoff_max",
+        Seconds(
+            0.001,
+            604800,
+            "no retry is more than a week away; an event that needs longer is better dead",
+        ),
+        "Longest retry delay (seconds).",
+        flag="--backoff-max",
+    ),
+    EnvVar(
+        "OUTBOX_REQUEST_TIMEOUT",
+        "request_timeout",
+        Seconds(
+            0.1,
+            3600,
+            "the requests library needs a finite, positive timeout; an hour is a hung server",
+        ),
+        "HTTP timeout (seconds).",
+    ),
+    EnvVar(
+        "OUTBOX_DEDUP_WINDOW",
+        "dedup_window",
+        Seconds(
+            0,
+            366 * 86400,
+            "each key is a row kept that long, expiring at now() plus a PostgreSQL interval; "
+            "366 days at most",
+        ),
+        "Seconds a delivered dedup key holds.",
+    ),
+    EnvVar(
+        "OUTBOX_SHUTDOWN_GRACE",
+        "shutdown_grace",
+        Seconds(
+            0,
+            3600,
+            "a finite wait; orchestrators stop waiting far sooner (Kubernetes: 30 s by default)",
+        ),
+        "Seconds to finish after SIGTERM.",
+    ),
     EnvVar(
         "OUTBOX_RATE_LIMIT_PAUSE",
         "rate_limit_pause",
-        float,
+        Seconds(0, 86400, _SECONDS_PAUSE),
         "Pause after a 429 with no Retry-After.",
     ),
     EnvVar(
         "OUTBOX_RETRY_AFTER_MAX",
         "retry_after_max",
-        float,
+        Seconds(0.1, 86400, _SECONDS_PAUSE),
         "Longest pause a 429's Retry-After may ask for.",
     ),
     EnvVar(
         "OUTBOX_UNAUTHORIZED_PAUSE",
         "unauthorized_pause",
-        float,
+        Seconds(0, 86400, _SECONDS_PAUSE),
         "Pause after a 401/403, a redirect or a 400 about the request.",
     ),
     EnvVar(
         "OUTBOX_REJECTION_BREAKER",
         "rejection_breaker",
-        int,
+        Count(
+            2,
+            1000,
+            "one refusal is a poison event, not a pattern; past a thousand the split "
+            "runs out of its half lease first",
+        ),
         "Same-answer single-event refusals in a row that hold a split batch.",
     ),
-    EnvVar("OUTBOX_CONTRACT", "contract", str, "module:attr of the app's EventRegistry."),
-    EnvVar("OUTBOX_METRICS_NAMESPACE", "metrics_namespace", str, "Prefix of metrics-only metrics."),
-    EnvVar("OUTBOX_METRICS_PORT", "metrics_port", _port, "Port for /metrics and probes."),
-    EnvVar("OUTBOX_WORKER_ID", "worker_id", str, "Name in logs and pg_stat_activity."),
-    EnvVar("OUTBOX_LOG_LEVEL", "log_level", str, "DEBUG, INFO, WARNING or ERROR."),
+    EnvVar(
+        "OUTBOX_CONTRACT",
+        "contract",
+        Text("module:attr", pattern=r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*"),
+        "module:attr of the app's EventRegistry.",
+    ),
+    EnvVar(
+        "OUTBOX_METRICS_NAMESPACE",
+        "metrics_namespace",
+        Text("a Prometheus name prefix ([a-zA-Z_][a-zA-Z0-9_]*)", 100, r"[a-zA-Z_][a-zA-Z0-9_]*"),
+        "Prefix of metrics-only metrics.",
+    ),
+    EnvVar(
+        "OUTBOX_METRICS_PORT",
+        "metrics_port",
+        Count(0, 65535, "a TCP port; 0 picks a free one"),
+        "Port for /metrics and probes.",
+        flag="--metrics-port",
+    ),
+    EnvVar(
+        "OUTBOX_METRICS_HOST",
+        "metrics_host",
+        Text("a host name or IP address", 253, r"[A-Za-z0-9._:%-]+"),
+        "Address the probes listen on (0.0.0.0: all).",
+        flag="--metrics-host",
+    ),
+    EnvVar(
+        "OUTBOX_WORKER_ID",
+        "worker_id",
+        Text("printable ASCII, as PostgreSQL keeps in application_name", ascii_only=True),
+        "Name in logs and pg_stat_activity.",
+    ),
+    EnvVar(
+        "OUTBOX_LOG_LEVEL",
+        "log_level",
+        Choice(LOG_LEVELS),
+        "DEBUG, INFO, WARNING, ERROR or CRITICAL.",
+        flag="--log-level",
+    ),
+)
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+_BY_FIELD = {var.field: var for var in ENVIRONMENT}
+_SECRET_FIELDS = frozenset({"posthog_api_key"})
+_URL_FIELDS = frozenset({"database_url", "posthog_host"})
+
+
+def _default_of(f: Any) -> Callable[[], Any]:
+    if f.default_factory is not MISSING:
+        return f.default_factory  # type: ignore[no-any-return]
+    return lambda: f.default
+
+
+_DEFAULTS: dict[str, Callable[[], Any]] = {name: _default_of(f) for name, f in _FIELDS.items()}
+
+
+def variable_for(field_name: str) -> str:
+    """The environment variable of a :class:`Settings` field."""
+    var = _BY_FIELD.get(field_name)
+    return var.name if var is not None else field_name
+
+
+# -- rules between settings -------------------------------------------------------------
+
+
+def _lease_rule(values: Mapping[str, Any], label: Callable[[str], str]) -> str | None:
+    lease, timeout = values["lease_seconds"], values["request_timeout"]
+    if lease > 2 * timeout:
+        return None
+    return (
+        f"{label('lease_seconds')} ({_number(lease)} s) must be more than twice "
+        f"{label('request_timeout')} ({_number(timeout)} s): a request started at half "
+        "the lease must end before the lease does, or the batch is sent again"
+    )
+
+
+def _sink_rule(values: Mapping[str, Any], label: Callable[[str], str]) -> str | None:
+    if values["sink"] == "posthog" and not values["posthog_api_key"]:
+        return f"{label('sink')}=posthog needs POSTHOG_API_KEY"
+    return None
+
+
+#: Checks across settings: (the field an error is reported under, the check).
+RULES: tuple[tuple[str, Callable[[Mapping[str, Any], Callable[[str], str]], str | None]], ...] = (
+    ("lease_seconds", _lease_rule),
+    ("sink", _sink_rule),
 )
 
 
-def _var_for(field_name: str) -> str:
-    for var in ENVIRONMENT:
-        if var.field == field_name:
-            return var.name
-    return field_name
+def validate(values: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Check every field of ``values`` (a complete set of :class:`Settings` fields) and
+    the rules between them; return the fields whose value was normalised (``"debug"``
+    becomes ``"DEBUG"``, ``60`` becomes ``60.0``). Raises :class:`SettingsError`
+    naming the first value the worker cannot use, as ``labels`` (field to flag) or
+    the variable names it."""
+    labels = labels or {}
+
+    def label(name: str) -> str:
+        return labels.get(name) or variable_for(name)
+
+    changed: dict[str, Any] = {}
+    for name, value in values.items():
+        var = _BY_FIELD.get(name)
+        if var is None:
+            continue
+        if value is None:
+            if _FIELDS[name].default is None:
+                continue
+            raise SettingsError(f"{label(name)} must be set", setting=label(name))
+        try:
+            checked = var.accepts.check(value)
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(
+                var._message(label(name), value, exc), setting=label(name)
+            ) from None
+        if type(checked) is not type(value) or checked != value:
+            changed[name] = checked
+    merged = {**values, **changed}
+    for name, rule in RULES:
+        problem = rule(merged, label)
+        if problem:
+            raise SettingsError(problem, setting=label(name))
+    return changed

@@ -83,7 +83,7 @@ def test_sigkill_mid_batch_loses_nothing(
     env = worker_env(
         database_url,
         capture,
-        OUTBOX_LEASE_SECONDS="2",
+        OUTBOX_LEASE_SECONDS="130",  # more than twice the timeout, as the worker requires
         OUTBOX_BATCH_SIZE="200",
         OUTBOX_REQUEST_TIMEOUT="60",
     )

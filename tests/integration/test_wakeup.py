@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 
 import psycopg
-import pytest
 
 import outbox
 from outbox.enqueue import NOTIFY_INTERVAL
@@ -74,21 +72,3 @@ def test_enqueue_notifies_at_commit_only_and_is_throttled(database_url: str) -> 
             assert outbox.enqueue(conn, "e", "u", dedup_key="k") is None  # dedup path notifies
             conn.commit()
         assert len(list(listener.notifies(timeout=0.3))) == 1
-
-
-@pytest.mark.parametrize(("lease", "warned"), [(20.0, True), (31.0, False)])
-def test_a_lease_too_short_for_the_request_timeout_is_announced(
-    lease: float,
-    warned: bool,
-    settings_for: Callable[..., Settings],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.WARNING, logger="outbox.worker")
-    worker = Worker(
-        settings_for(lease_seconds=lease, request_timeout=15.0, poll_interval=30.0),
-        sink=MemorySink(),
-    )
-    worker.start()
-    worker.stop()
-    actions = [getattr(r, "action", None) for r in caplog.records]
-    assert ("lease_too_short" in actions) is warned

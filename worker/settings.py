@@ -56,7 +56,8 @@ class Settings:
     posthog_host: str = DEFAULT_POSTHOG_HOST
     #: ``posthog``, ``stdout`` or ``auto`` (posthog when a key is set, else stdout).
     sink: str = "auto"
-    #: ``direct`` (the stored JSON, posted as is) or ``posthog`` (posthog.request.batch_post).
+    #: ``direct`` (the stored JSON, posted as is), ``posthog`` (posthog.request.batch_post)
+    #: or ``v1`` (capture v1, ``/i/v1/analytics/events``, answered per event).
     posthog_transport: str = "direct"
     #: Gzip request bodies.
     gzip: bool = True
@@ -147,9 +148,9 @@ class Settings:
             raise SettingsError(f"{_var_for('backoff_base')} must not be negative")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise SettingsError(f"OUTBOX_METRICS_PORT must be 0 to 65535, got {self.metrics_port}")
-        if self.posthog_transport not in ("direct", "posthog"):
+        if self.posthog_transport not in ("direct", "posthog", "v1"):
             raise SettingsError(
-                "OUTBOX_POSTHOG_TRANSPORT must be direct or posthog, "
+                "OUTBOX_POSTHOG_TRANSPORT must be direct, posthog or v1, "
                 f"got {self.posthog_transport!r}"
             )
         if self.sink not in ("auto", "posthog", "stdout"):
@@ -212,7 +213,7 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "OUTBOX_POSTHOG_TRANSPORT",
         "posthog_transport",
         str,
-        "direct, or posthog for posthog.request.batch_post.",
+        "direct, posthog for posthog.request.batch_post, or v1 for capture v1.",
     ),
     EnvVar("OUTBOX_GZIP", "gzip", _bool, "Gzip request bodies (0 to turn off)."),
     EnvVar("OUTBOX_BATCH_SIZE", "batch_size", int, "Most events per batch."),

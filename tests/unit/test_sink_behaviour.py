@@ -27,6 +27,7 @@ from worker.sinks import (
     StdoutSink,
     UnauthorizedError,
 )
+from worker.sinks.posthog_v1 import PostHogV1Sink
 from worker.testing import CaptureServer, Reply
 
 TRANSIENT, RATE_LIMITED, UNAUTHORIZED, REJECTED = (
@@ -77,6 +78,22 @@ class PostHogHarness:
         self.server.enqueue_reply(Reply(status=status, retry_after=retry_after))
 
 
+class PostHogV1Harness:
+    """The capture v1 transport against the project's capture endpoint. It never raises
+    RejectedError: PostHog answers a bad event with a drop, and the drainer never splits."""
+
+    def __init__(self, server: CaptureServer) -> None:
+        self.server = server
+        self.sink = PostHogV1Sink("phc_key", server.url, gzip=True, timeout=2.0)
+
+    def delivered(self) -> list[str]:
+        return self.server.uuids()
+
+    def script(self, failure: str, retry_after: float | None = None) -> None:
+        status = {TRANSIENT: 503, RATE_LIMITED: 429, UNAUTHORIZED: 401}[failure]
+        self.server.enqueue_reply(Reply(status=status, retry_after=retry_after))
+
+
 class StdoutHarness:
     def __init__(self) -> None:
         self.stream = io.StringIO()
@@ -102,6 +119,7 @@ CAPABILITIES = {
     "memory": ALL,
     "posthog": ALL,
     "posthog-batch_post": ALL,
+    "posthog-v1": (TRANSIENT, RATE_LIMITED, UNAUTHORIZED),
     "stdout": (TRANSIENT,),
 }
 
@@ -110,6 +128,9 @@ CAPABILITIES = {
 def make_harness(kind: str) -> Iterator[Any]:
     if kind == "memory":
         yield MemoryHarness()
+    elif kind == "posthog-v1":
+        with CaptureServer() as server:
+            yield PostHogV1Harness(server)
     elif kind.startswith("posthog"):
         with CaptureServer() as server:
             yield PostHogHarness(server, "posthog" if kind.endswith("batch_post") else "direct")

@@ -18,8 +18,8 @@ from worker.drain import SINK_UNAUTHORIZED, Drainer, DrainStats
 from worker.metrics import ProbeServer, WorkerMetrics
 from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
-from worker.sinks.posthog_v1 import PostHogV1Sink
 from worker.sinks.metrics import MetricsSink
+from worker.sinks.posthog_v1 import PostHogV1Sink
 from worker.store import DatabaseUnavailable, Store
 from worker.wakeup import Listener
 

@@ -220,7 +220,7 @@ def test_a_bad_key_is_unauthorized(srv: CaptureServer) -> None:
     [
         (Reply(status=400), "400 invalid_batch"),
         (Reply(status=404), "does not serve capture v1"),
-        (Reply(status=307), "redirected"),
+        (Reply(status=307, location="http://127.0.0.1:1/i/v1/analytics/events"), "redirected"),
         (Reply(status=503), "503 service_unavailable"),
     ],
 )

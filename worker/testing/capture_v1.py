@@ -58,11 +58,11 @@ its per-event results, is in `CaptureV1.answers`.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
 import threading
-import time
 import uuid as uuid_module
 import zlib
 from collections.abc import Callable, Mapping
@@ -71,8 +71,10 @@ from datetime import datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
+from .posthog_errors import key_problem
+
 if TYPE_CHECKING:
-    from worker.testing.capture_server import CaptureServer, Event, Reply, _Handler
+    from .capture_server import CaptureServer, Event, Exchange, Reply, Route
 
 __all__ = [
     "BILLING_LIMIT_DESCRIPTION",
@@ -80,14 +82,18 @@ __all__ = [
     "RESULTS",
     "V1_PATH",
     "V1_PATHS",
+    "V1_ROUTES",
     "CaptureV1",
     "EventVerdict",
     "V1Answer",
+    "serve_v1",
 ]
 
 V1_PATH: Final = "/i/v1/analytics/events"
 V1_PATHS: Final[frozenset[str]] = frozenset({V1_PATH, V1_PATH + "/"})
 """The paths answered as capture v1 (PostHog registers both forms)."""
+
+_JSON: Final = "application/json"
 
 RESULTS: Final = ("ok", "warning", "drop", "retry")
 """The per-event results of a 200 answer (``EventResult`` in ``analytics/types.rs``)."""
@@ -315,35 +321,38 @@ class CaptureV1:
 
     # -- handling (on the server's handler threads) --------------------------------------------
 
-    def handle(self, handler: _Handler, path: str) -> None:
-        """Answer one ``POST`` to a `V1_PATHS` path."""
+    def serve(self, exchange: Exchange) -> None:
+        """Answer one request to a `V1_PATHS` path (the server's route for them)."""
         server = self._server
-        received_at = time.monotonic()
-        headers = {name.lower(): value for name, value in handler.headers.items()}
-        raw = handler.read_body()
+        if exchange.method != "POST":
+            detail = f"method {exchange.method} is not allowed"
+            server._answer_plain(exchange, HTTPStatus.METHOD_NOT_ALLOWED, detail, {"Allow": "POST"})
+            return
+        raw = exchange.read_body()
         if raw is None:
-            handler.close_connection = True
             refusal = _Refusal(
                 400,
                 "request_decoding_error",
                 DECODING_DESCRIPTION,
                 detail="the body's Content-Length or chunked framing is unreadable",
             )
-            self._finish(handler, path, _Request(headers, b""), received_at, refusal, None)
+            self._finish(exchange, _Request(exchange.headers, b""), refusal, None)
             return
-        request = _Request(headers, raw)
+        request = _Request(exchange.headers, raw)
         reply = server._next_reply()
-        if not 200 <= reply.status < 300:
-            refusal = _scripted(reply.status)
-            self._finish(handler, path, request, received_at, refusal, None, reply)
+        if reply.is_redirect:
+            self._redirect(exchange, request, reply)
+            return
+        if not reply.is_success:
+            self._finish(exchange, request, _scripted(reply.status), None, reply)
             return
         try:
             self._read(request)
             results = self._judge(request)
         except _Refusal as refusal:
-            self._finish(handler, path, request, received_at, refusal, None, reply)
+            self._finish(exchange, request, refusal, None, reply)
             return
-        self._finish(handler, path, request, received_at, None, results, reply)
+        self._finish(exchange, request, None, results, reply)
 
     def _read(self, request: _Request) -> None:
         """Check the headers and decode the body into ``request.events``."""
@@ -365,8 +374,7 @@ class CaptureV1:
             raise _invalid_header("Authorization must use Bearer scheme")
         token = authorization[7:].strip()
         request.api_key = token
-        problem = _token_problem(token)
-        if problem is not None:
+        if key_problem(token) is not None:
             raise _Refusal(401, "invalid_api_token", INVALID_TOKEN_DESCRIPTION)
         content_type = headers["content-type"]
         if content_type.split(";", 1)[0].strip().lower() != "application/json":
@@ -393,7 +401,7 @@ class CaptureV1:
         if _rfc3339(stamp) is None:
             raise _invalid_header(f"PostHog-Request-Timestamp is not valid RFC 3339: {stamp}")
         request.sdk_info = headers["posthog-sdk-info"]
-        if server.require_api_key is not None and token != server.require_api_key:
+        if server.require_api_key is not None and token != server.require_api_key.strip():
             raise _Refusal(401, "invalid_api_token", INVALID_TOKEN_DESCRIPTION)
 
         if not request.raw:
@@ -461,78 +469,104 @@ class CaptureV1:
 
     def _finish(
         self,
-        handler: _Handler,
-        path: str,
+        exchange: Exchange,
         request: _Request,
-        received_at: float,
         refusal: _Refusal | None,
         results: dict[str, EventVerdict] | None,
         reply: Reply | None = None,
     ) -> None:
         """Record the request and send the answer."""
-        from worker.testing.capture_server import ReceivedRequest, _retry_after
+        from .capture_server import ReceivedRequest, _retry_after
 
         server = self._server
+        kept: list[Event] = []
         if refusal is not None:
             status = refusal.status
-            body = refusal.body()
-            content_type = "application/json"
+            body, content_type = refusal.body(), _JSON
             retry_after = refusal.retry_after
+            if reply is not None and reply.accept_first:  # stored in part, then failed
+                with contextlib.suppress(_Refusal):
+                    self._read(request)
+                kept = [
+                    _ingested(e, request.sdk_info) for e in request.events[: reply.accept_first]
+                ]
         else:
             assert results is not None
             status = reply.status if reply is not None else HTTPStatus.OK
             body = json.dumps({"results": {k: v.to_json() for k, v in results.items()}}).encode()
-            content_type = "application/json"
+            content_type = _JSON
             retry_after = "1" if any(v.result == "retry" for v in results.values()) else None
-        if reply is not None:
-            if reply.body is not None and reply.status == status:
-                if isinstance(reply.body, bytes | str):
-                    body = reply.body if isinstance(reply.body, bytes) else reply.body.encode()
-                    content_type = "text/plain; charset=utf-8"
-                else:
-                    body = json.dumps(reply.body).encode()
-            scripted = _retry_after(reply.retry_after)
-            if scripted is not None:
-                retry_after = scripted
-            if reply.delay > 0:
-                server._stopping.wait(reply.delay)
-        kept: list[Event] = []
-        if results is not None:
             by_uuid = {str(uuid_module.UUID(e["uuid"])): e for e in request.events}
             kept = [
                 _ingested(by_uuid[uid], request.sdk_info)
                 for uid, verdict in results.items()
                 if verdict.result in ("ok", "warning")
             ]
+        if reply is not None:
+            if reply.body is not None and reply.status == status:
+                body, content_type = server._scripted_answer(reply)
+            scripted = _retry_after(reply.retry_after)
+            if scripted is not None:
+                retry_after = scripted
+            if reply.delay > 0:
+                server._stopping.wait(reply.delay)
         answer = V1Answer(
             status=status,
             error=refusal.tag if refusal is not None else None,
             results=results or {},
             request_id=request.headers.get("posthog-request-id"),
             attempt=request.headers.get("posthog-attempt"),
-            received_at=received_at,
+            received_at=exchange.received_at,
         )
         received = ReceivedRequest(
-            path=path,
+            path=exchange.path,
             headers=request.headers,
             status=status,
             api_key=request.api_key,
             events=request.events if server.record_events else [],
             raw_size=len(request.raw),
             gzip=request.encoding == "gzip",
-            received_at=received_at,
+            received_at=exchange.received_at,
             event_count=len(request.events),
             detail=refusal.detail if refusal is not None else None,
+            method=exchange.method,
+            delivered=len(kept),
+            dropped=bool(kept) and server._is_dropped(request.api_key),
         )
         with self._lock:
             self._answers.append(answer)
-        with server._cond:
-            server._requests.append(received)
-            server._accepted_count += len(kept)
-            if server.record_events:
-                server._events.extend(kept)
-            server._cond.notify_all()
-        handler.respond(status, body, content_type, retry_after)
+        server._record(received, kept)
+        exchange.respond(
+            status, body, content_type, {"Retry-After": retry_after} if retry_after else None
+        )
+
+    def _redirect(self, exchange: Exchange, request: _Request, reply: Reply) -> None:
+        """Answer with a scripted redirect, as the server does on its own paths."""
+        from .capture_server import ReceivedRequest
+
+        assert reply.location is not None
+        received = ReceivedRequest(
+            path=exchange.path,
+            headers=request.headers,
+            status=reply.status,
+            api_key=None,
+            events=[],
+            raw_size=len(request.raw),
+            gzip=False,
+            received_at=exchange.received_at,
+            method=exchange.method,
+            location=reply.location,
+        )
+        self._server._answer_redirect(exchange, reply.location, reply.status, received, reply)
+
+
+def serve_v1(server: CaptureServer, exchange: Exchange) -> None:
+    """The `Route` of `V1_PATHS`: ``srv.v1`` answers."""
+    server.v1.serve(exchange)
+
+
+V1_ROUTES: Final[dict[str, Route]] = dict.fromkeys(sorted(V1_PATHS), serve_v1)
+"""The routes the server takes from this module (its ROUTING POINT, ``_extra_routes``)."""
 
 
 def _scripted(status: int) -> _Refusal:
@@ -559,21 +593,6 @@ def _scripted(status: int) -> _Refusal:
 
 def _invalid_header(message: str) -> _Refusal:
     return _Refusal(400, "invalid_header_value", f"invalid header value: {message}")
-
-
-def _token_problem(token: str) -> str | None:
-    """Why ``validate_token`` (``rust/capture/src/token.rs``) refuses a key, or None."""
-    if not token:
-        return "empty"
-    if len(token.encode()) > 64:
-        return "too_long"
-    if not token.isascii():
-        return "not_ascii"
-    if token.startswith("phx_"):
-        return "personal_api_key"
-    if "\0" in token:
-        return "null_byte"
-    return None
 
 
 def _rfc3339(value: str) -> datetime | None:

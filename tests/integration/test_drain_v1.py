@@ -86,8 +86,10 @@ def test_a_retry_event_is_sent_again_alone_with_an_attempt_counted(
     capture.v1.verdict(lambda e: n_of(e) == 7, "retry", times=1)
     settings = v1_settings(settings_for, capture.url)
     drainer = make_drainer(settings, PostHogV1Sink("phc_test", capture.url))
+    drainer.observer = metrics = WorkerMetrics()
     first = drainer.drain()
     assert first.shipped == 9 and first.retried == 1
+    assert metrics.events_failed.labels("transient")._value.get() == 1
     assert drainer.sink_state == SINK_BACKING_OFF
     [(uid, status, attempts, error)] = remaining(db)
     assert (str(uid), status, attempts) == (str(uuids[7]), "pending", 1)
@@ -112,8 +114,10 @@ def test_the_billing_limit_pauses_and_counts_attempts_until_the_events_die(
         settings_for, capture.url, max_attempts=2, rate_limit_pause=30.0, backoff_max=60.0
     )
     drainer = make_drainer(settings, PostHogV1Sink("phc_test", capture.url))
+    drainer.observer = metrics = WorkerMetrics()
     stats = drainer.drain()
     assert stats.retried == 5 and stats.shipped == 0
+    assert metrics.events_failed.labels("transient")._value.get() == 5
     assert drainer.sink_state == SINK_RATE_LIMITED
     assert 29 < drainer.pause_remaining() <= 30
     assert "billing_limit_exceeded" in (drainer.last_error or "")

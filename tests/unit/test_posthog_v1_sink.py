@@ -3,17 +3,26 @@ answers, and each refusal of a whole request."""
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from worker.sinks import Outbound, RateLimitedError, RetryableSinkError, UnauthorizedError
 from worker.sinks.base import BillingLimitedError, EventResultsError
-from worker.sinks.posthog_v1 import SDK_INFO, V1_PATH, PostHogV1Sink, to_v1_event
+from worker.sinks.posthog_v1 import (
+    SDK_INFO,
+    V1_PATH,
+    PostHogV1Sink,
+    _prepare,
+    _splice,
+    to_v1_event,
+)
+from worker.store import ClaimedEvent
 from worker.testing import CaptureServer, Reply
 
 KEY = "phc_v1_secret_key"
@@ -280,3 +289,36 @@ def test_timeouts_and_refused_connections_are_retryable(srv: CaptureServer) -> N
     with pytest.raises(RetryableSinkError, match="connection error") as info:
         closed.send(stored(1))
     assert KEY not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("event", "distinct_id", "properties"),
+    [
+        ("e", "user-1", "{}"),
+        ("signed up", "user-2", '{"plan": "pro", "n": 3}'),
+        ("$ip-event", "u", '{"$ip": "1.2.3.4"}'),  # the store adds no $geoip_disable
+        ('quote " and \\ back', 'd "1"', '{"s": "x\\", \\"uuid\\": \\"1\\"}", "é": "ü"}'),
+        ("nested", "u", '{"a": {"uuid": "x", "timestamp": "y"}, "b": [1, {"c": null}]}'),
+        ("lifted", "u", '{"$session_id": "s-1", "$window_id": "w-1", "$lib": "web"}'),
+        ("opted", "u", '{"$process_person_profile": false, "$product_tour_id": "t"}'),
+    ],
+)
+def test_stored_events_are_spliced_as_to_v1_event_builds_them(
+    event: str, distinct_id: str, properties: str
+) -> None:
+    row = ClaimedEvent(
+        id=1,
+        uuid=uuid.uuid4(),
+        event=event,
+        distinct_id=distinct_id,
+        properties_json=properties,
+        timestamp=datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC),
+        attempts=0,
+    )
+    outbound = row.outbound()
+    uid, wire = _prepare(outbound)
+    assert uid == str(row.uuid)
+    assert json.loads(wire) == to_v1_event(json.loads(outbound.json))
+    sentinel = "$session_id" in properties or "$process_person_profile" in properties
+    assert (_splice(outbound.json) is None) == sentinel  # those take the decoding path
+    assert json.loads(wire)["options"]["disable_skew_correction"] is True

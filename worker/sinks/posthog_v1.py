@@ -42,6 +42,10 @@ any other status, a redirect    :class:`RetryableSinkError`: a 400 here means th
 Events PostHog would refuse the whole request for are dropped here, one by one, before
 sending: a missing or malformed ``uuid``, an event name that is not a string. Two events
 with the same ``uuid`` go in separate requests.
+
+Like the ``direct`` transport, the request is pasted together from the JSON text the
+store made (`_splice`); only an event in another form, or carrying a property v1 moves
+(``$session_id``, ``$lib``, ...), is decoded and rebuilt by `to_v1_event`.
 """
 
 from __future__ import annotations
@@ -122,36 +126,35 @@ class PostHogV1Sink:
         retry: list[int] = []
         retry_details: Counter[str] = Counter()
         dropped: list[tuple[int, str]] = []
-        rounds: list[list[tuple[int, dict[str, Any]]]] = []
+        rounds: list[list[tuple[int, str, str]]] = []  # (index, uuid, wire JSON)
         seen: Counter[str] = Counter()
         for index, outbound in enumerate(events):
-            wire, problem = _prepare(outbound)
-            if problem is not None:
+            uid, wire = _prepare(outbound)
+            if uid is None:
                 dropped.append(
-                    (index, f"not sent: capture v1 refuses a whole request for it ({problem})")
+                    (index, f"not sent: capture v1 refuses a whole request for it ({wire})")
                 )
                 continue
-            uid = str(wire["uuid"])
             turn = seen[uid]
             seen[uid] += 1
             if turn == len(rounds):
                 rounds.append([])
-            rounds[turn].append((index, wire))
+            rounds[turn].append((index, uid, wire))
 
         for number, batch in enumerate(rounds):
             try:
-                results = self._post([wire for _, wire in batch])
+                results = self._post([wire for _, _, wire in batch])
             except SinkError as exc:
                 if number == 0:
                     raise  # nothing was delivered (events dropped here are dropped again)
                 # A later round (the same uuid twice in one send): what went before
                 # stands, what this request carried is sent again later.
-                retry.extend(index for index, _ in batch)
+                retry.extend(index for index, _, _ in batch)
                 retry_details[_bounded(str(exc))] += len(batch)
                 continue
             warnings: Counter[str] = Counter()
-            for index, wire in batch:
-                verdict = results.get(str(wire["uuid"]))
+            for index, uid, _ in batch:
+                verdict = results.get(uid)
                 result = verdict.get("result") if isinstance(verdict, Mapping) else None
                 details = verdict.get("details") if isinstance(verdict, Mapping) else None
                 detail = _bounded(str(details)) if details is not None else None
@@ -187,12 +190,11 @@ class PostHogV1Sink:
             message, accepted=accepted, retry=retry, retry_error=retry_error, dropped=dropped
         )
 
-    def _post(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        """One request; the ``results`` map of a 2xx answer, else a SinkError."""
+    def _post(self, batch: list[str]) -> dict[str, Any]:
+        """One request of events (their wire JSON); the ``results`` map of a 2xx answer,
+        else a SinkError."""
         now = datetime.now(UTC).isoformat()
-        body = json.dumps(
-            {"created_at": now, "batch": batch}, separators=(",", ":"), ensure_ascii=False
-        ).encode()
+        body = ('{"created_at":"' + now + '","batch":[' + ",".join(batch) + "]}").encode()
         headers = {
             "Authorization": f"Bearer {self._api_key}",
             "Content-Type": "application/json",
@@ -317,20 +319,87 @@ def to_v1_event(data: Mapping[str, Any]) -> dict[str, Any]:
     return event
 
 
-def _prepare(outbound: Outbound) -> tuple[dict[str, Any], str | None]:
-    """The wire event, or why PostHog would refuse the whole request for it."""
-    data = outbound.data
-    wire = to_v1_event(data)
+def _prepare(outbound: Outbound) -> tuple[str | None, str]:
+    """``(uuid, wire JSON)`` of an event, or ``(None, why)`` when PostHog would refuse the
+    whole request for it."""
+    fast = _splice(outbound.json)
+    if fast is not None:
+        return fast
+    wire = to_v1_event(outbound.data)
     uid = wire["uuid"]
     if uid is None or (isinstance(uid, str) and not uid.strip()):
-        return wire, "missing_event_uuid"
+        return None, "missing_event_uuid"
     try:
         wire["uuid"] = str(uuid_module.UUID(str(uid).strip()))
     except ValueError:
-        return wire, "invalid_event_uuid"
+        return None, "invalid_event_uuid"
     if not isinstance(wire["event"], str):
-        return wire, "missing_event_name"
-    return wire, None
+        return None, "missing_event_name"
+    return wire["uuid"], json.dumps(wire, separators=(",", ":"), ensure_ascii=False)
+
+
+#: What ``ClaimedEvent.outbound()`` appends to the stored properties, and what of it stays.
+_STORE_SUFFIXES: Final = (
+    (', "$ignore_sent_at": true, "$geoip_disable": true}', ', "$geoip_disable": true}'),
+    (', "$ignore_sent_at": true}', "}"),
+)
+_STORE_EMPTY: Final = {
+    '{"$ignore_sent_at": true, "$geoip_disable": true}': '{"$geoip_disable": true}',
+    '{"$ignore_sent_at": true}': "{}",
+}
+_STORE_TAIL: Final = re.compile(
+    r', "uuid": "([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})", '
+    r'"timestamp": "(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?[+-]\d\d:\d\d)"\}\Z'
+)
+#: Properties whose presence sends an event down the decoding path (``to_v1_event``).
+_SENTINEL: Final = re.compile(
+    r'"\$(?:ignore_sent_at|cookieless_mode|process_person_profile|product_tour_id'
+    r'|session_id|window_id|lib|lib_version)"'
+)
+_JSON_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _splice(text: str) -> tuple[str, str] | None:
+    """The v1 wire JSON of an event in the store's form (``ClaimedEvent.outbound()``), cut
+    and pasted without decoding the properties; None for any other form, which then goes
+    through `to_v1_event`. A sentinel property anywhere in the text also gives None."""
+    if not text.startswith('{"event": "'):
+        return None
+    cut = text.rfind(', "uuid": "')
+    tail = _STORE_TAIL.match(text, cut) if cut > 0 else None
+    if tail is None:
+        return None
+    name = _JSON_STRING.match(text, 10)
+    if name is None or not text.startswith(', "distinct_id": "', name.end()):
+        return None
+    distinct_id = _JSON_STRING.match(text, name.end() + 17)
+    if distinct_id is None or not text.startswith(', "properties": {', distinct_id.end()):
+        return None
+    props = text[distinct_id.end() + 16 : cut]
+    kept = _STORE_EMPTY.get(props)
+    if kept is None:
+        for suffix, rest in _STORE_SUFFIXES:
+            if props.endswith(suffix):
+                kept = props[: -len(suffix)] + rest
+                break
+        else:
+            return None
+    if _SENTINEL.search(kept):
+        return None
+    uid, stamp = tail.group(1), tail.group(2)
+    return uid, (
+        '{"event":'
+        + name.group()
+        + ',"uuid":"'
+        + uid
+        + '","distinct_id":'
+        + distinct_id.group()
+        + ',"timestamp":"'
+        + stamp
+        + '","options":{"disable_skew_correction":true},"properties":'
+        + kept
+        + "}"
+    )
 
 
 def _timestamp(value: object) -> str:

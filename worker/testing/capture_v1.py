@@ -758,6 +758,14 @@ def _coerce_bool(value: object) -> bool | None:
     return None
 
 
+def _canonical(uid: str) -> str:
+    """A uuid as PostHog writes it (lower case, hyphens); as sent when it does not parse."""
+    try:
+        return str(uuid_module.UUID(uid.strip()))
+    except (ValueError, AttributeError):
+        return uid
+
+
 def _ingested(event: Mapping[str, Any], sdk_info: str) -> Event:
     """An accepted event as PostHog stores it: the server's additions in its properties."""
     properties = dict(event.get("properties") or {})
@@ -776,6 +784,6 @@ def _ingested(event: Mapping[str, Any], sdk_info: str) -> Event:
         "event": event["event"],
         "distinct_id": event["distinct_id"].strip(),
         "properties": properties,
-        "uuid": str(uuid_module.UUID(event["uuid"])),
+        "uuid": _canonical(event["uuid"]),
         "timestamp": event["timestamp"],
     }

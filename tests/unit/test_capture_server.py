@@ -25,6 +25,7 @@ from worker.testing import (
     AI_PATHS,
     FLAGS_PATHS,
     CaptureServer,
+    Exchange,
     ReceivedRequest,
     Reply,
 )
@@ -1198,3 +1199,39 @@ def test_posthog_node_client(srv: CaptureServer) -> None:
     assert [(r.api_key, r.status) for r in flags] == [("phc_node", 200), ("phc_typo", 401)]
     assert all(r.headers["user-agent"].startswith("posthog-node/") for r in srv.requests)
     assert all(r.status == 200 for r in srv.requests if r.path not in FLAGS_PATHS)
+
+
+# -- extra routes ---------------------------------------------------------------------------------
+
+
+def test_extra_routes_are_served_and_recorded(srv: CaptureServer) -> None:
+    def echo(server: CaptureServer, exchange: Exchange) -> None:
+        body = exchange.read_body() or b""
+        reply = server._next_reply()
+        server._record(
+            ReceivedRequest(
+                exchange.path,
+                exchange.headers,
+                reply.status,
+                None,
+                [],
+                len(body),
+                False,
+                exchange.received_at,
+                method=exchange.method,
+            )
+        )
+        exchange.respond(reply.status, body, "application/octet-stream")
+
+    srv.routes["/echo"] = echo
+    srv.enqueue_reply(Reply(status=202))
+
+    res = requests.post(srv.url + "/echo?x=1", data=b"hello", timeout=5.0)
+
+    assert (res.status_code, res.content) == (202, b"hello")
+    assert [(r.path, r.method, r.status, r.raw_size) for r in srv.requests] == [
+        ("/echo", "POST", 202, 5)
+    ]
+    srv.redirect_to = "http://elsewhere"  # redirect_to wins over every route
+    moved = requests.post(srv.url + "/echo", data=b"x", allow_redirects=False, timeout=5.0)
+    assert moved.status_code == 301

@@ -37,5 +37,6 @@ def test_an_unknown_transport_is_one_clear_line(database_url: str) -> None:
     env = worker_env(database_url, OUTBOX_POSTHOG_TRANSPORT="v2")
     result = run_cli(env, "run", "--until-empty")
     assert result.returncode != 0
-    assert "OUTBOX_POSTHOG_TRANSPORT must be direct, posthog or v1, got 'v2'" in result.stderr
+    assert "OUTBOX_POSTHOG_TRANSPORT" in result.stderr and "v2" in result.stderr
+    assert "direct, posthog or v1" in result.stderr
     assert "Traceback" not in result.stderr

@@ -14,7 +14,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
 from worker.contract_command import load_registry
 from worker.database import resolve_database_url
-from worker.drain import SINK_UNAUTHORIZED, Drainer, DrainStats
+from worker.drain import SINK_NOT_READY, Drainer, DrainStats
 from worker.metrics import ProbeServer, WorkerMetrics
 from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
@@ -228,15 +228,16 @@ class Worker:
             self.store.ping_or_raise()
 
     def readiness(self) -> tuple[bool, str]:
-        """``/readyz``: the database answers and the sink is not refusing our key."""
+        """``/readyz``: the database answers, and the sink is not in a state only a
+        configuration change ends (key refused, redirected, requests refused)."""
         try:
             self.housekeeping_store.ping_or_raise()
         except OutboxNotInstalledError:
             return False, "the outbox tables are missing: run `outbox-worker migrate`"
         except OutboxDatabaseError:
             return False, "database unreachable"
-        if self.drainer.sink_state == SINK_UNAUTHORIZED:
-            return False, f"sink refuses the API key: {self.drainer.last_error}"
+        if self.drainer.sink_state in SINK_NOT_READY:
+            return False, f"{SINK_NOT_READY[self.drainer.sink_state]}: {self.drainer.last_error}"
         return True, f"ok (sink {self.drainer.sink_state})"
 
     def stop(self) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration.test_drain import enqueue_n, make_drainer, remaining
 from worker.app import Worker, build_sink
-from worker.drain import SINK_BACKING_OFF, SINK_OK, SINK_RATE_LIMITED
+from worker.drain import SINK_BACKING_OFF, SINK_OK, SINK_RATE_LIMITED, SINK_REQUEST_REJECTED
 from worker.metrics import WorkerMetrics
 from worker.settings import Settings, SettingsError
 from worker.sinks.posthog_v1 import V1_PATH, PostHogV1Sink
@@ -110,9 +110,7 @@ def test_the_billing_limit_pauses_and_counts_attempts_until_the_events_die(
 ) -> None:
     enqueue_n(database_url, 5)
     capture.v1.billing_limit = 402
-    settings = v1_settings(
-        settings_for, capture.url, max_attempts=2, rate_limit_pause=30.0, backoff_max=60.0
-    )
+    settings = v1_settings(settings_for, capture.url, max_attempts=2, rate_limit_pause=30.0)
     drainer = make_drainer(settings, PostHogV1Sink("phc_test", capture.url))
     drainer.observer = metrics = WorkerMetrics()
     stats = drainer.drain()
@@ -147,10 +145,10 @@ def test_the_pause_after_a_billing_limit_is_bounded(
             body={"error": "billing_limit_exceeded", "error_description": "over"},
         )
     )
-    settings = v1_settings(settings_for, capture.url, rate_limit_pause=5.0, backoff_max=60.0)
+    settings = v1_settings(settings_for, capture.url, rate_limit_pause=5.0, retry_after_max=60.0)
     drainer = make_drainer(settings, PostHogV1Sink("phc_test", capture.url))
     assert drainer.drain().retried == 1
-    assert 59 < drainer.pause_remaining() <= 60  # a day's Retry-After, held to backoff_max
+    assert 59 < drainer.pause_remaining() <= 60  # a day's Retry-After, cut to its maximum
 
 
 def test_a_rate_limit_defers_without_an_attempt(
@@ -168,6 +166,29 @@ def test_a_rate_limit_defers_without_an_attempt(
     assert stats.deferred == 3 and stats.retried == 0
     assert drainer.sink_state == SINK_RATE_LIMITED
     assert [(r[1], r[2]) for r in remaining(db)] == [("pending", 0)] * 3
+
+
+def test_a_400_for_the_whole_request_keeps_every_event_pending(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    settings_for: Callable[..., Settings],
+) -> None:
+    enqueue_n(database_url, 6)
+    capture.enqueue_reply(
+        Reply(
+            status=400,
+            body={"error": "missing_required_headers", "error_description": "PostHog-Attempt"},
+        )
+    )
+    drainer = make_drainer(
+        v1_settings(settings_for, capture.url), PostHogV1Sink("phc_test", capture.url)
+    )
+    stats = drainer.drain()
+    assert stats.deferred == 6 and stats.dead == 0 and stats.retried == 0
+    assert len(capture.requests) == 1  # not split: the request's form is at fault
+    assert drainer.sink_state == SINK_REQUEST_REJECTED
+    assert [(r[1], r[2]) for r in remaining(db)] == [("pending", 0)] * 6
 
 
 def test_the_transport_setting_builds_the_v1_sink() -> None:

@@ -12,7 +12,16 @@ from typing import Any
 
 import pytest
 
-from worker.sinks import Outbound, RateLimitedError, RetryableSinkError, UnauthorizedError
+from worker.sinks import (
+    Outbound,
+    RateLimitedError,
+    RedirectError,
+    RejectedError,
+    RequestRejectedError,
+    RetryableSinkError,
+    SinkError,
+    UnauthorizedError,
+)
 from worker.sinks.base import BillingLimitedError, EventResultsError
 from worker.sinks.posthog_v1 import (
     SDK_INFO,
@@ -225,33 +234,46 @@ def test_a_bad_key_is_unauthorized(srv: CaptureServer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("reply", "words"),
+    ("reply", "error", "words"),
     [
-        (Reply(status=400), "400 invalid_batch"),
-        (Reply(status=404), "does not serve capture v1"),
-        (Reply(status=307, location="http://127.0.0.1:1/i/v1/analytics/events"), "redirected"),
-        (Reply(status=503), "503 service_unavailable"),
+        (Reply(status=400), RequestRejectedError, "400 invalid_batch"),
+        (Reply(status=415), RequestRejectedError, "415 unsupported_encoding"),
+        (Reply(status=413), RejectedError, "413 payload_too_large"),
+        (Reply(status=404), RetryableSinkError, "may not serve capture v1"),
+        (Reply(status=503), RetryableSinkError, "503 service_unavailable"),
     ],
 )
-def test_other_refusals_are_retried_never_split(
-    srv: CaptureServer, sink: PostHogV1Sink, reply: Reply, words: str
+def test_refusals_of_the_whole_request(
+    srv: CaptureServer, sink: PostHogV1Sink, reply: Reply, error: type[SinkError], words: str
 ) -> None:
     srv.enqueue_reply(reply)
-    with pytest.raises(RetryableSinkError, match=words) as info:
+    with pytest.raises(error, match=words) as info:
         sink.send(stored(2))
-    assert type(info.value) is RetryableSinkError
-    assert info.value.status == reply.status
+    assert type(info.value) is error
+    assert info.value.status == reply.status  # type: ignore[attr-defined]
     assert len(srv.requests) == 1 and srv.events == []
 
 
-def test_a_duplicate_uuid_refusal_from_posthog_is_retried(
+def test_a_redirect_is_not_followed_and_names_its_location(
+    srv: CaptureServer, sink: PostHogV1Sink
+) -> None:
+    moved = "https://eu.example/i/v1/analytics/events"
+    srv.enqueue_reply(Reply(status=307, location=moved))
+    with pytest.raises(RedirectError) as info:
+        sink.send(stored(1))
+    assert info.value.location == moved and info.value.status == 307
+    assert len(srv.requests) == 1
+
+
+def test_a_duplicate_uuid_refusal_from_posthog_refuses_the_request(
     srv: CaptureServer, sink: PostHogV1Sink
 ) -> None:
     srv.enqueue_reply(
         Reply(status=400, body={"error": "duplicate_event_uuid", "error_description": "dup"})
     )
-    with pytest.raises(RetryableSinkError, match="HTTP 400 duplicate_event_uuid: dup"):
+    with pytest.raises(RequestRejectedError, match="HTTP 400 duplicate_event_uuid: dup") as info:
         sink.send(stored(1))
+    assert info.value.detail == "duplicate_event_uuid"
 
 
 def test_error_text_is_bounded_escaped_and_never_shows_the_key(
@@ -266,9 +288,9 @@ def test_error_text_is_bounded_escaped_and_never_shows_the_key(
     with pytest.raises(RetryableSinkError) as info:
         sink.send(stored(1))
     text = str(info.value)
-    assert KEY not in text and "<api key>" in text
+    assert KEY not in text and "***" in text
     assert "\x1b" not in text and "\\x1b" in text
-    assert len(text) <= 300
+    assert len(text) < 600 and "more characters" in text
     assert KEY not in repr(sink)
 
 

@@ -24,20 +24,25 @@ What the protocol says, and where it was read:
   ``$lib`` is left to the server), ``ok``/``warning``/absent count as delivered, and only
   the ``retry`` events are sent again.
 
-How the worker maps the answers (the drainer never splits a v1 request):
+How the worker maps the answers (the drainer never splits a request over a bad event):
 
-==============================  ======================================================
+================================  ====================================================
 200, an event ``ok``/``warning``  delivered (warnings are logged: ``v1_event_warnings``)
-200, an event ``drop``          dead at once, ``last_error`` naming PostHog's reason
-200, an event ``retry``         retried with backoff (an attempt counted), alone
-402, or 429 ``billing_limit``   :class:`BillingLimitedError`: a pause, and every event
-                                counts an attempt (dead after ``OUTBOX_MAX_ATTEMPTS``)
-429                             :class:`RateLimitedError` with ``Retry-After``
-401/403                         :class:`UnauthorizedError`
-any other status, a redirect    :class:`RetryableSinkError`: a 400 here means the
-                                request's form, not an event (the bad events are
-                                dropped one by one), so splitting would bury every event
-==============================  ======================================================
+200, an event ``drop``            dead at once, ``last_error`` naming PostHog's reason
+200, an event ``retry``           retried with backoff (an attempt counted), alone
+402, or 429 ``billing_limit``     :class:`BillingLimitedError`: a pause, and every event
+                                  counts an attempt (dead after ``OUTBOX_MAX_ATTEMPTS``)
+429                               :class:`RateLimitedError` with ``Retry-After``
+401/403                           :class:`UnauthorizedError`
+400, 415                          :class:`RequestRejectedError`: about the request's form
+                                  (v1 drops bad events one by one), so everything stays
+                                  pending; splitting would bury every event
+413                               :class:`RejectedError`: too large a request, split by
+                                  the drainer (one event too large dies)
+3xx                               :class:`RedirectError`, never followed
+anything else                     :class:`RetryableSinkError` (a 404 says the host may
+                                  not serve capture v1)
+================================  ====================================================
 
 Events PostHog would refuse the whole request for are dropped here, one by one, before
 sending: a missing or malformed ``uuid``, an event name that is not a string. Two events
@@ -69,9 +74,13 @@ from worker.sinks.base import (
     EventResultsError,
     Outbound,
     RateLimitedError,
+    RedirectError,
+    RejectedError,
+    RequestRejectedError,
     RetryableSinkError,
     SinkError,
     UnauthorizedError,
+    clean_text,
 )
 from worker.sinks.posthog import GZIP_LEVEL, USER_AGENT, retry_after
 
@@ -92,8 +101,10 @@ _BOOL_OPTIONS: Final = (
 _TOP_LEVEL: Final = (("$session_id", "session_id"), ("$window_id", "window_id"))
 #: The server writes these from ``PostHog-Sdk-Info``; both SDKs leave them out.
 _SERVER_SET: Final = ("$lib", "$lib_version")
+#: Longest reason or detail from PostHog kept for one event or one log line.
 _MAX_DETAIL: Final = 300
-_UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Most of an error body read (a proxy's HTML page can be large).
+_MAX_BODY: Final = 64 * 1024
 
 
 class PostHogV1Sink:
@@ -150,14 +161,14 @@ class PostHogV1Sink:
                 # A later round (the same uuid twice in one send): what went before
                 # stands, what this request carried is sent again later.
                 retry.extend(index for index, _, _ in batch)
-                retry_details[_bounded(str(exc))] += len(batch)
+                retry_details[str(exc)] += len(batch)
                 continue
             warnings: Counter[str] = Counter()
             for index, uid, _ in batch:
                 verdict = results.get(uid)
                 result = verdict.get("result") if isinstance(verdict, Mapping) else None
                 details = verdict.get("details") if isinstance(verdict, Mapping) else None
-                detail = _bounded(str(details)) if details is not None else None
+                detail = self._clean(details, _MAX_DETAIL) if details is not None else None
                 if result == "drop":
                     dropped.append((index, f"dropped by PostHog: {detail or 'no reason given'}"))
                 elif result == "retry":
@@ -215,10 +226,10 @@ class PostHogV1Sink:
             )
         except requests.exceptions.Timeout as exc:
             raise RetryableSinkError(
-                f"timed out after {self.timeout}s: {self._mask(str(exc))}"
+                f"timed out after {self.timeout}s: {self._clean(exc)}"
             ) from exc
         except requests.exceptions.RequestException as exc:
-            raise RetryableSinkError(f"connection error: {self._mask(str(exc))}") from exc
+            raise RetryableSinkError(f"connection error: {self._clean(exc)}") from exc
         status = response.status_code
         if 200 <= status < 300:
             try:
@@ -242,8 +253,8 @@ class PostHogV1Sink:
         """The SinkError for a non-2xx answer of the whole request."""
         status = response.status_code
         tag, description = _error_fields(response)
-        text = self._mask(f"HTTP {status} {tag}: {description}" if tag else f"HTTP {status}")
-        text = _bounded(text)
+        text = f"HTTP {status} {tag}: {description}" if tag else f"HTTP {status}: {description}"
+        text = self._clean(text.rstrip(": "))
         if tag == "billing_limit_exceeded" or status == 402:
             return BillingLimitedError(text, status=status, retry_after=retry_after(response))
         if status == 429:
@@ -251,18 +262,27 @@ class PostHogV1Sink:
         if status in (401, 403):
             return UnauthorizedError(text, status=status)
         if 300 <= status < 400:
-            where = _bounded(self._mask(response.headers.get("Location", "")))
-            return RetryableSinkError(
-                f"HTTP {status}: redirected to {where!r}, which the worker does not follow; "
-                "set POSTHOG_HOST to the host that answers",
+            location = response.headers.get("Location")
+            where = self._clean(location, _MAX_DETAIL) if location else None
+            return RedirectError(
+                f"HTTP {status}: redirected to {where or '(no Location header)'}; redirects "
+                "are not followed: set POSTHOG_HOST to the URL the events should go to",
                 status=status,
+                location=where,
             )
+        if status in (400, 415):
+            return RequestRejectedError(text, status=status, detail=tag or text)
+        if status == 413:
+            return RejectedError(text, status=status, detail=tag or text)
         if status == 404:
-            text += f" ({self.host} does not serve capture v1: OUTBOX_POSTHOG_TRANSPORT=direct)"
+            text += f" ({self.host} may not serve capture v1: OUTBOX_POSTHOG_TRANSPORT=direct)"
         return RetryableSinkError(text, status=status)
 
-    def _mask(self, text: str) -> str:
-        return text.replace(self._api_key, "<api key>") if self._api_key else text
+    def _clean(self, text: object, limit: int | None = None) -> str:
+        """Network text made safe to log and store (``clean_text``), the key masked."""
+        if limit is None:
+            return clean_text(str(text), (self._api_key,))
+        return clean_text(str(text), (self._api_key,), limit)
 
     def close(self) -> None:
         """Close the HTTP session."""
@@ -434,22 +454,17 @@ def _coerce_bool(value: object) -> bool | None:
 
 
 def _error_fields(response: requests.Response) -> tuple[str, str]:
-    """``error`` and ``error_description`` of a v1 error body (``error.rs``), bounded."""
+    """``error`` and ``error_description`` of a v1 error body (``error.rs``), not yet clean."""
+    text = response.text[:_MAX_BODY]
     try:
-        payload = response.json()
+        payload = json.loads(text)
     except ValueError:
-        return "", _bounded(response.text)
+        return "", text
     if not isinstance(payload, dict):
-        return "", _bounded(response.text)
+        return "", text
     tag = payload.get("error")
     description = payload.get("error_description") or payload.get("detail") or ""
-    return _bounded(str(tag)) if tag else "", _bounded(str(description))
-
-
-def _bounded(text: str) -> str:
-    """Printable and short enough for a log line or ``last_error``."""
-    text = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+    return (str(tag)[:_MAX_DETAIL] if tag else ""), str(description)
 
 
 def _tally(counts: Counter[str]) -> str:

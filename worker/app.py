@@ -19,6 +19,7 @@ from worker.metrics import ProbeServer, WorkerMetrics
 from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
 from worker.sinks.metrics import MetricsSink
+from worker.sinks.posthog_v1 import PostHogV1Sink
 from worker.store import DatabaseUnavailable, Store
 from worker.wakeup import Listener
 
@@ -44,6 +45,13 @@ def build_sink(settings: Settings) -> Sink:
             "on" if settings.gzip else "off",
             extra={"action": "sink_posthog", "host": settings.posthog_host},
         )
+        if settings.posthog_transport == "v1":
+            return PostHogV1Sink(
+                settings.posthog_api_key,
+                settings.posthog_host,
+                gzip=settings.gzip,
+                timeout=settings.request_timeout,
+            )
         return PostHogSink(
             settings.posthog_api_key,
             settings.posthog_host,

@@ -26,6 +26,8 @@ from prometheus_client import CollectorRegistry
 
 from worker.settings import Settings
 from worker.sinks.base import (
+    BillingLimitedError,
+    EventResultsError,
     Outbound,
     RateLimitedError,
     RedirectError,
@@ -303,6 +305,40 @@ class Drainer:
             outcome.requests += 1
             try:
                 self.sink.send([payloads[e.id] for e in chunk])
+            except EventResultsError as exc:  # an answer per event (capture v1): no split
+                outcome.shipped.extend(chunk[i].id for i in exc.accepted)
+                outcome.dead.extend((chunk[i].id, why) for i, why in exc.dropped)
+                if exc.retry:
+                    outcome.retry.extend(chunk[i].id for i in exc.retry)
+                    outcome.retry_error = exc.retry_error
+                    self._failed(exc.retry_error)
+                log.warning(
+                    "%s",
+                    exc,
+                    extra={
+                        "action": "events_partly_accepted",
+                        "accepted": len(exc.accepted),
+                        "retry": len(exc.retry),
+                        "dropped": len(exc.dropped),
+                    },
+                )
+                continue
+            except BillingLimitedError as exc:  # before RetryableSinkError, its base
+                delay = min(
+                    max(exc.retry_after or 0.0, self.settings.rate_limit_pause),
+                    self.settings.retry_after_max,
+                )
+                self._pause(delay, SINK_RATE_LIMITED, str(exc))
+                log.error(
+                    "PostHog refused the batch: the project is over its billing limit (%s); "
+                    "pausing all sends for %.0fs; each refused event counts an attempt",
+                    exc,
+                    delay,
+                    extra={"action": "sink_billing_limited", "pause_seconds": delay},
+                )
+                outcome.retry.extend(e.id for e in chunk)
+                outcome.retry_error = str(exc)
+                break
             except RejectedError as exc:
                 if len(chunk) > 1:
                     mid = len(chunk) // 2

@@ -90,7 +90,8 @@ class Settings:
     posthog_host: str = DEFAULT_POSTHOG_HOST
     #: ``posthog``, ``stdout`` or ``auto`` (posthog when a key is set, else stdout).
     sink: str = "auto"
-    #: ``direct`` (the stored JSON, posted as is) or ``posthog`` (posthog.request.batch_post).
+    #: ``direct`` (the stored JSON, posted as is), ``posthog`` (posthog.request.batch_post)
+    #: or ``v1`` (capture v1, ``/i/v1/analytics/events``, answered per event).
     posthog_transport: str = "direct"
     #: Gzip request bodies.
     gzip: bool = True
@@ -567,8 +568,8 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(
         "OUTBOX_POSTHOG_TRANSPORT",
         "posthog_transport",
-        Choice(("direct", "posthog")),
-        "direct, or posthog for posthog.request.batch_post.",
+        Choice(("direct", "posthog", "v1")),
+        "direct, posthog for posthog.request.batch_post, or v1 for capture v1.",
     ),
     EnvVar("OUTBOX_GZIP", "gzip", Switch(), "Gzip request bodies (0 to turn off)."),
     EnvVar(

@@ -29,6 +29,7 @@ from worker.sinks import (
     StdoutSink,
     UnauthorizedError,
 )
+from worker.sinks.posthog_v1 import PostHogV1Sink
 from worker.testing import CaptureServer, Reply
 from worker.testing import posthog_errors as texts
 
@@ -95,6 +96,29 @@ class PostHogHarness:
         self.server.enqueue_reply(replies[failure])
 
 
+class PostHogV1Harness:
+    """The capture v1 transport against the project's capture endpoint. A bad event is a
+    per-event drop there, never a refusal of the request; its RejectedError is a 413."""
+
+    def __init__(self, server: CaptureServer) -> None:
+        self.server = server
+        self.sink = PostHogV1Sink("phc_key", server.url, gzip=True, timeout=2.0)
+
+    def delivered(self) -> list[str]:
+        return self.server.uuids()
+
+    def script(self, failure: str, retry_after: float | None = None) -> None:
+        replies = {
+            TRANSIENT: Reply(status=503),
+            RATE_LIMITED: Reply(status=429, retry_after=retry_after),
+            UNAUTHORIZED: Reply(status=401),
+            REJECTED: Reply(status=413),  # a request over PostHog's size limit
+            REDIRECTED: Reply(status=301, location=MOVED_TO),
+            REQUEST_REJECTED: Reply(status=400, body=texts.EMPTY_PAYLOAD),
+        }
+        self.server.enqueue_reply(replies[failure])
+
+
 class StdoutHarness:
     def __init__(self) -> None:
         self.stream = io.StringIO()
@@ -120,6 +144,7 @@ CAPABILITIES = {
     "memory": ALL,
     "posthog": ALL,
     "posthog-batch_post": ALL,
+    "posthog-v1": ALL,
     "stdout": (TRANSIENT,),
 }
 
@@ -128,6 +153,9 @@ CAPABILITIES = {
 def make_harness(kind: str) -> Iterator[Any]:
     if kind == "memory":
         yield MemoryHarness()
+    elif kind == "posthog-v1":
+        with CaptureServer() as server:
+            yield PostHogV1Harness(server)
     elif kind.startswith("posthog"):
         with CaptureServer() as server:
             yield PostHogHarness(server, "posthog" if kind.endswith("batch_post") else "direct")

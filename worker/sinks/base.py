@@ -15,6 +15,10 @@ bookkeeping, so a sink never touches the database:
                             keep everything pending, pause; splitting would not help
 ``RejectedError``           400/413 about the content: the drainer splits the batch
                             to find the event at fault, which dies
+``EventResultsError``       an answer per event (capture v1): the accepted ship, the
+                            ``retry`` ones count an attempt, the dropped die; no split
+``BillingLimitedError``     over the billing limit (capture v1): a pause, and every
+                            event counts an attempt, so none is deferred forever
 ==========================  =========================================================
 
 Whatever a sink puts in an error's message comes from the network: it must pass
@@ -214,6 +218,47 @@ def clean_text(text: str, secrets: Iterable[str | None] = (), limit: int = ERROR
     if cut > 0:
         text += f"... ({cut} more characters)"
     return text
+
+
+class EventResultsError(SinkError):
+    """The sink answered for each event, and not all of them were accepted.
+
+    Every index (into the events given to :meth:`Sink.send`) is in exactly one of
+    ``accepted`` (delivered), ``retry`` (not stored; safe to send again, ``retry_error``
+    says why) and ``dropped`` (refused for good, with the sink's reason). The drainer
+    records each as such and never splits the request.
+    """
+
+    reason = "partial"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        accepted: Sequence[int],
+        retry: Sequence[int] = (),
+        retry_error: str = "",
+        dropped: Sequence[tuple[int, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.accepted = list(accepted)
+        self.retry = list(retry)
+        self.retry_error = retry_error or message
+        self.dropped = list(dropped)
+
+
+class BillingLimitedError(RetryableSinkError):
+    """The project is over its billing limit: the sink refuses every event until the
+    limit is raised or the billing period ends. Unlike a 429 rate limit, the events count
+    an attempt, so a limit that lasts for days does not keep them pending forever."""
+
+    reason = "billing_limited"
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
 
 
 @runtime_checkable

@@ -282,10 +282,10 @@ def _extra_routes() -> dict[str, Route]:
     its built-in paths. Import lazily here (inside the function) so a sibling module may import
     this one.
     """
+    from .capture_v1 import V1_ROUTES
+
     routes: dict[str, Route] = {}
-    # The v1 capture endpoint (worker/testing/capture_v1.py) hooks in here, e.g.:
-    #     from .capture_v1 import V1_ROUTES
-    #     routes.update(V1_ROUTES)
+    routes.update(V1_ROUTES)  # capture v1, /i/v1/analytics/events (capture_v1.py)
     return routes
 
 
@@ -379,6 +379,10 @@ class CaptureServer:
         self.partial_delivery: bool = False
         self.record_events: bool = True
         self.routes: dict[str, Route] = _extra_routes()
+        from .capture_v1 import CaptureV1
+
+        #: The capture v1 endpoint's scripting and answers (see `CaptureV1`).
+        self.v1 = CaptureV1(self)
         self._cond = threading.Condition(threading.Lock())
         self._requests: list[ReceivedRequest] = []
         self._events: list[Event] = []
@@ -521,6 +525,7 @@ class CaptureServer:
             self._accepted_count = 0
             self._replies.clear()
             self.default_reply = Reply()
+        self.v1.reset()
 
     # -- recordings ----------------------------------------------------------------------------
 

@@ -193,7 +193,8 @@ def test_a_400_for_the_whole_request_keeps_every_event_pending(
 
 def test_the_transport_setting_builds_the_v1_sink() -> None:
     settings = Settings.from_env(
-        {"POSTHOG_API_KEY": "phc_k", "OUTBOX_POSTHOG_TRANSPORT": "v1"}, database_url="postgresql://u@h/d"
+        {"POSTHOG_API_KEY": "phc_k", "OUTBOX_POSTHOG_TRANSPORT": "v1"},
+        database_url="postgresql://u@h/d",
     )
     assert settings.posthog_transport == "v1"
     sink = build_sink(settings)

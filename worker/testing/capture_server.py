@@ -1189,7 +1189,7 @@ def _parse_capture(raw: bytes, headers: dict[str, str], query: str) -> _Parsed:
             error=texts.DECODING_ERROR.format("invalid body encoding"),
         )
     try:
-        document = json.loads(text)
+        document = _loads_as_posthog(text)
     except (ValueError, RecursionError) as exc:
         return refuse(f"the body is not valid JSON: {exc}")
 
@@ -1273,6 +1273,40 @@ def _parse_flags(raw: bytes, is_gzip: bool) -> tuple[dict[str, Any] | None, str 
     if not isinstance(document, dict):
         return None, texts.FLAGS_PARSING_ERROR.format("the body must be a JSON object")
     return document, None
+
+
+#: The largest magnitude a JSON number may have for PostHog's parser (serde_json reads
+#: an integer beyond 64 bits as a double, and refuses one beyond a double's range).
+_DOUBLE_MAX: Final = 1.7976931348623157e308
+
+
+def _finite_number(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return number
+
+
+def _double_int(text: str) -> int:
+    number = int(text)
+    if abs(number) > _DOUBLE_MAX:
+        raise ValueError(f"number out of range: {text[:40]}...")
+    return number
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads_as_posthog(text: str) -> Any:
+    """``json.loads``, refusing what serde_json refuses: numbers beyond a double's
+    range, and the NaN/Infinity extensions."""
+    return json.loads(
+        text,
+        parse_float=_finite_number,
+        parse_int=_double_int,
+        parse_constant=_refuse_constant,
+    )
 
 
 def _str_or_none(value: object) -> str | None:

@@ -215,10 +215,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.app import Worker
+    from worker.keycheck import ApiKeyNotVerifiedError
 
     worker = Worker(settings)
     if args.until_empty:
-        stats = worker.run_until_empty()
+        try:
+            stats = worker.run_until_empty()
+        except ApiKeyNotVerifiedError as exc:  # logged (api_key_*); nothing was sent
+            return exc.exit_status
         log.info(
             "done: %d shipped, %d retrying, %d dead, %d deferred%s",
             stats.shipped,

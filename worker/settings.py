@@ -32,6 +32,12 @@ DEFAULT_DEDUP_WINDOW = 24 * 3600.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_UNAUTHORIZED_PAUSE = 60.0
 DEFAULT_RATE_LIMIT_PAUSE = 10.0
+#: Seconds between checks of a verified API key while the worker runs: a key that stops
+#: resolving (reset, project deleted) is answered 200 by capture and its events are
+#: dropped, for at most this long. worker/keycheck.py explains the choice.
+DEFAULT_KEY_CHECK_INTERVAL = 300.0
+#: PostHog's capture refuses longer keys (rust/capture/src/token.rs).
+MAX_API_KEY_BYTES = 64
 
 
 class SettingsError(OutboxError):
@@ -87,6 +93,11 @@ class Settings:
     rate_limit_pause: float = DEFAULT_RATE_LIMIT_PAUSE
     #: Seconds to pause sending after a 401/403 before trying the key again.
     unauthorized_pause: float = DEFAULT_UNAUTHORIZED_PAUSE
+    #: Verify the API key with PostHog's ``/flags/`` before sending, and hold every event
+    #: while it does not verify; off for proxies that forward only the capture paths.
+    verify_api_key: bool = True
+    #: Seconds between checks of a verified key while the worker runs.
+    key_check_interval: float = DEFAULT_KEY_CHECK_INTERVAL
     #: ``module:attr`` of the application's outbox.EventRegistry, for metrics-only events.
     contract: str | None = None
     #: Prefix of the Prometheus metrics made from metrics-only events.
@@ -136,6 +147,7 @@ class Settings:
             "max_attempts": self.max_attempts,
             "backoff_max": self.backoff_max,
             "request_timeout": self.request_timeout,
+            "key_check_interval": self.key_check_interval,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -156,6 +168,33 @@ class Settings:
             raise SettingsError(f"OUTBOX_SINK must be auto, posthog or stdout, got {self.sink!r}")
         if self.sink == "posthog" and not self.posthog_api_key:
             raise SettingsError("OUTBOX_SINK=posthog needs POSTHOG_API_KEY")
+        if self.sink_name == "posthog" and self.posthog_api_key is not None:
+            problem = api_key_problem(self.posthog_api_key)
+            if problem:
+                raise SettingsError(f"POSTHOG_API_KEY {problem}")
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why PostHog's capture would refuse ``key`` by its shape alone, or None.
+
+    The same checks, in the same order, as ``validate_token`` in PostHog's
+    rust/capture/src/token.rs (after its trim); the answer never contains the key.
+    """
+    key = key.strip()
+    if not key:
+        return "is empty"
+    if len(key.encode()) > MAX_API_KEY_BYTES:
+        return f"is longer than {MAX_API_KEY_BYTES} bytes: it is not a project API key"
+    if not key.isascii():
+        return "has characters that are not ASCII: it is not a project API key"
+    if key.startswith("phx_"):
+        return (
+            "is a personal API key (phx_...): the worker needs the project API key "
+            "(phc_...), from your PostHog project's settings"
+        )
+    if "\0" in key:
+        return "contains a NUL character"
+    return None
 
 
 def _bool(raw: str) -> bool:
@@ -233,6 +272,18 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "Pause after a 429 with no Retry-After.",
     ),
     EnvVar("OUTBOX_UNAUTHORIZED_PAUSE", "unauthorized_pause", float, "Pause after a 401/403."),
+    EnvVar(
+        "OUTBOX_VERIFY_API_KEY",
+        "verify_api_key",
+        _bool,
+        "Verify the key with PostHog's /flags/ before sending (0: off).",
+    ),
+    EnvVar(
+        "OUTBOX_KEY_CHECK_INTERVAL",
+        "key_check_interval",
+        float,
+        "Seconds between checks of a verified key.",
+    ),
     EnvVar("OUTBOX_CONTRACT", "contract", str, "module:attr of the app's EventRegistry."),
     EnvVar("OUTBOX_METRICS_NAMESPACE", "metrics_namespace", str, "Prefix of metrics-only metrics."),
     EnvVar("OUTBOX_METRICS_PORT", "metrics_port", _port, "Port for /metrics and probes."),

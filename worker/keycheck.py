@@ -58,7 +58,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -275,6 +275,18 @@ def refused_by_shape(api_key: str) -> KeyVerdict | None:
 # -- the request ------------------------------------------------------------------------
 
 
+class Checker(Protocol):
+    """What :class:`KeyGate` needs of a checker."""
+
+    def check(self) -> KeyVerdict:
+        """Check the key now; never raise for what the network or the host does."""
+        ...
+
+    def close(self) -> None:
+        """Release what the checker holds."""
+        ...
+
+
 class KeyChecker:
     """Asks PostHog's flags service whether it knows the key: one bounded request."""
 
@@ -365,7 +377,7 @@ class KeyGate:
 
     def __init__(
         self,
-        checker: KeyChecker | None,
+        checker: Checker | None,
         *,
         host: str,
         interval: float,

@@ -31,7 +31,7 @@ from worker.keycheck import (
     scrub,
 )
 from worker.settings import Settings, SettingsError, api_key_problem
-from worker.testing import CaptureServer
+from worker.testing import CaptureServer, posthog_errors
 
 KEY = "phc_wrongwrongwrongwrongwrongwrongwrong"
 HOST = "https://us.i.posthog.com"
@@ -291,6 +291,32 @@ def test_a_huge_answer_is_read_only_in_part(scripted: Scripted) -> None:
     verdict = KeyChecker(KEY, scripted.url, timeout=5).check()
     assert verdict.state == KEY_UNVERIFIABLE
     assert len(verdict.reason) < 1000
+
+
+def test_capture_server_flags_verifies_a_known_key(capture: CaptureServer) -> None:
+    capture.project_keys = {KEY}
+    verdict = KeyChecker(KEY, capture.url, timeout=5).check()
+    assert (verdict.state, verdict.status) == (KEY_VERIFIED, 200)
+    (request,) = capture.flags_requests()
+    assert (request.method, request.path, request.api_key) == ("POST", "/flags/", KEY)
+    assert request.document is not None and request.document["disable_flags"] is True
+    assert capture.events == [] and capture.dropped == []
+
+
+def test_capture_server_flags_rejects_an_unknown_key(capture: CaptureServer) -> None:
+    capture.project_keys = {"phc_the_right_one"}
+    verdict = KeyChecker(KEY, capture.url, timeout=5).check()
+    assert (verdict.state, verdict.status) == (KEY_REJECTED, 401)
+    assert posthog_errors.FLAGS_INVALID_KEY in verdict.reason
+    assert KEY not in verdict.reason
+
+
+def test_capture_server_redirect_is_not_followed(capture: CaptureServer) -> None:
+    capture.redirect_to = "https://eu.i.posthog.com"
+    verdict = KeyChecker(KEY, capture.url, timeout=5).check()
+    assert (verdict.state, verdict.status) == (KEY_UNVERIFIABLE, 301)
+    assert "https://eu.i.posthog.com/flags/?v=2" in verdict.reason
+    assert len(capture.requests) == 1  # the redirect was not followed
 
 
 def test_a_host_without_flags_is_unverifiable(capture: CaptureServer) -> None:

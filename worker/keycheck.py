@@ -26,10 +26,10 @@ service. It sends ``POST {host}/flags/?v=2`` with ``{"api_key": ..., "distinct_i
   (rust/feature-flags/src/api/endpoint.rs), which would "verify" anything.
 * 408, 429, 5xx, a timeout or a connection error: **unreachable**, try again later.
 
-What one check costs: one request of about 150 bytes. ``disable_flags: true`` is the
-field web and mobile SDKs send "to save money on flag evaluations"
-(rust/feature-flags/src/flags/flag_request.rs): the service still authenticates the
-key, evaluates no flag, and records no billable usage ("Only record billing if flags
+What one check costs: one request with a JSON body of about 130 bytes.
+``disable_flags: true`` is the field web and mobile SDKs send "to save money on flag
+evaluations" (rust/feature-flags/src/flags/flag_request.rs): the service still
+authenticates the key, evaluates no flag, and records no billable usage ("Only record billing if flags
 are not disabled", rust/feature-flags/src/handler/mod.rs; without it a request with
 flags would count, handler/billing.rs). A distinct id is sent anyway, for flags
 services older than that field, which require one; such an old service evaluates

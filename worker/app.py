@@ -275,7 +275,7 @@ class Worker:
         try:
             gate.check()
         except Exception:  # a bug in the check must not stop the schedule
-            log.exception("API key check failed", extra={"action": "drain_error"})
+            log.exception("API key check failed", extra={"action": "api_key_check_error"})
             return
         self.key_metric.set(gate.state)
         if allowed and not gate.allows_sending():

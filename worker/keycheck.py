@@ -29,11 +29,11 @@ service. It sends ``POST {host}/flags/?v=2`` with ``{"api_key": ..., "distinct_i
 What one check costs: one request with a JSON body of about 130 bytes.
 ``disable_flags: true`` is the field web and mobile SDKs send "to save money on flag
 evaluations" (rust/feature-flags/src/flags/flag_request.rs): the service still
-authenticates the key, evaluates no flag, and records no billable usage ("Only record billing if flags
-are not disabled", rust/feature-flags/src/handler/mod.rs; without it a request with
-flags would count, handler/billing.rs). A distinct id is sent anyway, for flags
-services older than that field, which require one; such an old service evaluates
-(and bills) the request as one flag request.
+authenticates the key, evaluates no flag, and records no billable usage ("Only
+record billing if flags are not disabled", rust/feature-flags/src/handler/mod.rs;
+without it a request with flags would count, handler/billing.rs). A distinct id is
+sent anyway, for flags services older than that field, which require one; such an old
+service evaluates (and bills) the request as one flag request.
 
 When: at start, after any 401/403 from capture (the drainer reports ``unauthorized``),
 and every ``OUTBOX_KEY_CHECK_INTERVAL`` seconds (default 300) while the worker runs.
@@ -532,7 +532,7 @@ def build_key_gate(settings: Settings) -> KeyGate:
         "retry_delay": settings.unauthorized_pause,
     }
     if settings.sink_name != "posthog" or not settings.posthog_api_key:
-        return KeyGate(None, off_reason="not sending to PostHog", **common)
+        return KeyGate(None, **common)  # not sending to PostHog: no key to check
     if not settings.verify_api_key:
         log.warning(
             "POSTHOG_API_KEY is not verified (%s): if PostHog at %s does not know the key, "

@@ -4,6 +4,7 @@ outbox_worker_state."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import outbox
 from tests.conftest import capture_requests, wait_for
 from tests.integration.test_roles import WORKER_GRANTS
+from worker import commands
 from worker.app import Worker
 from worker.commands import status_report
 from worker.keycheck import (
@@ -100,6 +102,9 @@ def test_a_wrong_key_sends_nothing_and_deletes_nothing(
     row = state_row(db)
     assert row is not None and row[1] == capture.url
     assert WRONG not in repr(row)
+    registry = worker.metrics.registry
+    assert registry.get_sample_value("outbox_api_key_state", {"state": "rejected"}) == 1
+    assert registry.get_sample_value("outbox_api_key_state", {"state": "verified"}) == 0
 
 
 def test_a_key_that_becomes_known_ships_every_event_once(
@@ -292,12 +297,26 @@ def test_status_lists_each_worker_and_a_stop_removes_it(
     assert state_row(db) is None
 
 
-def test_old_rows_expire(db: psycopg.Connection[Any], database_url: str) -> None:
+def test_old_rows_are_stale_then_expire(
+    db: psycopg.Connection[Any],
+    database_url: str,
+    settings_for: Callable[..., Settings],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     db.execute(
         "INSERT INTO outbox_worker_state (worker_id, host, state, reason, updated_at) VALUES"
         " ('gone', 'h', 'ok', '', now() - interval '2 days'),"
         " ('here', 'h', 'ok', '', now())"
     )
+    assert commands.status(settings_for(), as_json=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(w["worker"], w["stale"]) for w in report["workers"]] == [
+        ("gone", True),
+        ("here", False),
+    ]
+    assert commands.status(settings_for(), as_json=False) == 0
+    text = capsys.readouterr().out
+    assert "2d00h ago (stale)" in text and "here" in text
     store = Store(database_url, worker_id="x", log_outages=False)
     try:
         assert store.expire_worker_states(86400) == 1

@@ -258,6 +258,9 @@ def interpret(
 
 def unreachable(host: str, error: str, api_key: str | None = None) -> KeyVerdict:
     """The verdict when the check could not be made at all (``error`` says why)."""
+    password = urlsplit(host.strip()).password
+    if password:  # the driver's message may quote the URL it was given
+        error = error.replace(password, "[redacted]")
     return KeyVerdict(
         KEY_UNREACHABLE,
         f"cannot reach {public_host(host)} to verify POSTHOG_API_KEY ({scrub(error, api_key)})",

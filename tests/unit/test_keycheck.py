@@ -338,6 +338,16 @@ def test_a_closed_port_is_unreachable() -> None:
     assert KEY not in verdict.reason
 
 
+def test_an_unreachable_host_with_credentials_does_not_show_them() -> None:
+    srv = CaptureServer().start()
+    port = srv.port
+    srv.stop()
+    verdict = KeyChecker(KEY, f"http://proxyuser:pr0xyS3cret@127.0.0.1:{port}", timeout=2).check()
+    assert verdict.state == KEY_UNREACHABLE
+    assert "pr0xyS3cret" not in verdict.reason
+    assert f"http://127.0.0.1:{port}" in verdict.reason
+
+
 def test_a_malformed_key_is_refused_without_a_request(scripted: Scripted) -> None:
     verdict = KeyChecker("phx_personal", scripted.url, timeout=5).check()
     assert verdict.state == KEY_REJECTED

@@ -19,6 +19,10 @@ Operators query these tables by hand, so the column names are part of the interf
 ``outbox_dedup_keys``
     Dedup keys of events that are undelivered (``expires_at`` is ``infinity``) or
     were delivered within the dedup window (``expires_at`` is delivery + window).
+``outbox_worker_state``
+    One row per worker: the PostHog host it sends to (never the key), its ``state``
+    (``ok``, ``key_rejected``, ...) and why, written when it changes and as a heartbeat
+    (``updated_at``). ``outbox-worker status`` reads it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from outbox.validation import DESTINATION_METRICS, DESTINATION_POSTHOG
 EVENTS_TABLE = "outbox_events"
 DEDUP_TABLE = "outbox_dedup_keys"
 STUCK_VIEW = "outbox_stuck"
+WORKER_STATE_TABLE = "outbox_worker_state"
 #: Alembic's version table for the outbox migrations; separate from the application's own.
 VERSION_TABLE = "outbox_alembic_version"
 #: The channel producers NOTIFY (throttled) on commit and workers LISTEN to.
@@ -60,9 +65,11 @@ __all__ = [
     "STATUS_PENDING",
     "STUCK_VIEW",
     "VERSION_TABLE",
+    "WORKER_STATE_TABLE",
     "metadata",
     "outbox_dedup_keys",
     "outbox_events",
+    "outbox_worker_state",
 ]
 
 metadata = MetaData()
@@ -114,3 +121,13 @@ outbox_dedup_keys = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
 Index("outbox_dedup_keys_expires_idx", outbox_dedup_keys.c.expires_at)
+
+outbox_worker_state = Table(
+    WORKER_STATE_TABLE,
+    metadata,
+    Column("worker_id", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("reason", Text, nullable=False, server_default=text("''")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)

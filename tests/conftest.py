@@ -22,7 +22,7 @@ from psycopg import sql
 import outbox
 from worker.database import libpq_url, migrate, start_embedded, with_database
 from worker.settings import Settings
-from worker.testing import CaptureServer
+from worker.testing import FLAGS_PATHS, CaptureServer, ReceivedRequest
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +140,11 @@ def worker_env(
         env["POSTHOG_HOST"] = capture.url
     env.update(extra)
     return env
+
+
+def capture_requests(srv: CaptureServer) -> list[ReceivedRequest]:
+    """The capture requests ``srv`` received: not the worker's API key checks (``/flags/``)."""
+    return [r for r in srv.requests if r.path not in FLAGS_PATHS]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

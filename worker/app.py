@@ -14,7 +14,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
 from worker.contract_command import load_registry
 from worker.database import resolve_database_url
-from worker.drain import SINK_NOT_READY, Drainer, DrainStats
+from worker.drain import SINK_NOT_READY, SINK_OK, SINK_UNAUTHORIZED, Drainer, DrainStats
+from worker.keycheck import (
+    KEY_UNREACHABLE,
+    ApiKeyNotVerifiedError,
+    KeyStateMetric,
+    build_key_gate,
+    public_host,
+    scrub,
+)
 from worker.metrics import ProbeServer, WorkerMetrics
 from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
@@ -22,6 +30,7 @@ from worker.sinks.metrics import MetricsSink
 from worker.sinks.posthog_v1 import PostHogV1Sink
 from worker.store import DatabaseUnavailable, Store
 from worker.wakeup import Listener
+from worker.worker_state import WorkerStateReporter
 
 log = logging.getLogger("outbox.worker")
 
@@ -33,6 +42,11 @@ HOT_POLL = 0.02
 #: interval and NOTIFY wake-ups. Longer than the producers' notify throttle, so an
 #: event whose NOTIFY was throttled away is still found within HOT_POLL.
 HOT_LINGER = 0.5
+#: How often the key job looks whether a check of the API key is due (seconds).
+KEY_CHECK_TICK = 1.0
+#: When a check withdraws the key while a drain runs, the drainer is paused this long
+#: (seconds) so it claims no further batch; the closed key gate does the rest.
+KEY_HOLD = 1.0
 
 
 def build_sink(settings: Settings) -> Sink:
@@ -100,6 +114,12 @@ class Worker:
             metrics_sink=self.metrics_sink,
             observer=self.metrics,
         )
+        self.key_gate = build_key_gate(settings)
+        self.key_metric = KeyStateMetric(self.metrics.registry)
+        self.key_metric.set(self.key_gate.state)
+        host = public_host(settings.posthog_host) if settings.sink_name == "posthog" else "stdout"
+        self.state_reporter = WorkerStateReporter(self.housekeeping_store, host)
+        self._unauthorized_seen = 0.0
         self.stopped = threading.Event()
         self._scheduler: BackgroundScheduler | None = None
         self._probes: ProbeServer | None = None
@@ -109,18 +129,35 @@ class Worker:
     def run_until_empty(self) -> DrainStats:
         """Ship everything due now, then return (``outbox-worker run --until-empty``).
 
-        Raises :class:`OutboxDatabaseError` when the database cannot be used at all.
+        Raises :class:`OutboxDatabaseError` when the database cannot be used at all, and
+        :class:`ApiKeyNotVerifiedError`, having sent nothing, when the API key does not
+        verify (checked first, and again if capture answers 401/403).
         """
         try:
             self.store.ping_or_raise()
-            return self.drainer.drain()
+            self.state_reporter.expire()
+            self._require_key()
+            stats = self.drainer.drain()
+            if self._capture_refused_key():
+                self._require_key()
+            self.state_reporter.remove()
+            return stats
         finally:
             self.close()
+
+    def _require_key(self) -> None:
+        """Check the key if it is not verified; raise if it still does not verify."""
+        if self.key_gate.enabled and not self.key_gate.allows_sending():
+            self.key_gate.check()
+        self.key_metric.set(self.key_gate.state)
+        if not self.key_gate.allows_sending():
+            self.report_state()
+            raise ApiKeyNotVerifiedError(self.key_gate.state, self.key_gate.reason)
 
     def start(self) -> None:
         """Start the scheduler: the drain job now and every poll interval, and housekeeping."""
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=3)},
+            executors={"default": ThreadPoolExecutor(max_workers=4)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
@@ -131,6 +168,14 @@ class Worker:
             id="drain",
             next_run_time=datetime.now(UTC),
         )
+        if self.key_gate.enabled:
+            scheduler.add_job(
+                self._key_job,
+                "interval",
+                seconds=KEY_CHECK_TICK,
+                id="check_key",
+                next_run_time=datetime.now(UTC),
+            )
         scheduler.add_job(
             self._expire_dedup_keys,
             "interval",
@@ -179,8 +224,13 @@ class Worker:
         last_found = time.monotonic()
         try:
             while not self.drainer.stop_event.is_set():
+                if not self.key_gate.allows_sending():
+                    return  # nothing is sent until the key verifies
                 self._woken.clear()
                 stats = self.drainer.drain()
+                if self._capture_refused_key():
+                    self._check_key_now()
+                self.report_state()
                 now = time.monotonic()
                 if stats.batches:
                     last_found = now
@@ -197,7 +247,73 @@ class Worker:
         except Exception:
             log.exception("drain job failed", extra={"action": "drain_error"})
 
+    def _capture_refused_key(self) -> bool:
+        """True once for each new 401/403 the drainer met; the key is then no longer
+        trusted (it is checked again before anything more is sent)."""
+        drainer = self.drainer
+        if (
+            drainer.sink_state != SINK_UNAUTHORIZED
+            or drainer.paused_until == self._unauthorized_seen
+        ):
+            return False
+        self._unauthorized_seen = drainer.paused_until
+        if not self.key_gate.enabled:
+            return False
+        why = scrub(f"capture refused it ({drainer.last_error})", self.settings.posthog_api_key)
+        self.key_gate.invalidate(why)
+        self.key_metric.set(self.key_gate.state)
+        return True
+
+    def _check_key_now(self) -> None:
+        scheduler = self._scheduler
+        if scheduler is not None and not self.drainer.stop_event.is_set():
+            with contextlib.suppress(Exception):  # shutting down, or the job is gone
+                scheduler.modify_job("check_key", next_run_time=datetime.now(UTC))
+
+    def _key_job(self) -> None:
+        """Check the API key when a check is due; open or close sending on the answer."""
+        gate = self.key_gate
+        if self.drainer.stop_event.is_set() or not gate.due():
+            return
+        allowed = gate.allows_sending()
+        try:
+            gate.check()
+        except Exception:  # a bug in the check must not stop the schedule
+            log.exception("API key check failed", extra={"action": "api_key_check_error"})
+            return
+        self.key_metric.set(gate.state)
+        if allowed and not gate.allows_sending():
+            # A drain in progress claims no further batch; the gate keeps it closed.
+            drainer = self.drainer
+            drainer.paused_until = max(drainer.paused_until, drainer.clock() + KEY_HOLD)
+            if drainer.sink_state == SINK_UNAUTHORIZED:
+                self._unauthorized_seen = drainer.paused_until  # not a new 401
+        self.report_state()
+        if gate.allows_sending() and not allowed:
+            self.wake()
+
+    def reported_state(self) -> tuple[str, str]:
+        """This worker's state and reason, as ``outbox_worker_state`` and ``status``
+        show them: ``key_<state>`` while the key holds sending back, else the sink's."""
+        gate = self.key_gate
+        if not gate.allows_sending():
+            return f"key_{gate.state}", gate.reason
+        state = self.drainer.sink_state
+        if state != SINK_OK:
+            reason = scrub(self.drainer.last_error or "", self.settings.posthog_api_key, 500)
+        elif gate.state == KEY_UNREACHABLE or not gate.enabled:
+            reason = gate.reason
+        else:
+            reason = ""
+        return state, reason
+
+    def report_state(self, *, heartbeat: bool = False) -> None:
+        """Write this worker's row in ``outbox_worker_state`` if its state changed
+        (always, for a heartbeat)."""
+        self.state_reporter.report(*self.reported_state(), heartbeat=heartbeat)
+
     def _expire_dedup_keys(self) -> None:
+        self.state_reporter.expire()
         try:
             removed = self.housekeeping_store.expire_dedup_keys()
         except OutboxDatabaseError:
@@ -216,6 +332,8 @@ class Worker:
         except OutboxDatabaseError:
             self.metrics.set_backlog(None)
         self.metrics.set_sink_state(self.drainer.sink_state)
+        self.key_metric.set(self.key_gate.state)
+        self.report_state(heartbeat=True)
 
     def check_database(self) -> None:
         """Raise :class:`OutboxNotInstalledError` if the tables are missing; an
@@ -232,6 +350,8 @@ class Worker:
             return False, "the outbox tables are missing: run `outbox-worker migrate`"
         except OutboxDatabaseError:
             return False, "database unreachable"
+        if not self.key_gate.allows_sending():
+            return False, f"API key {self.key_gate.state}: {self.key_gate.reason}"
         if self.drainer.sink_state in SINK_NOT_READY:
             return False, f"{SINK_NOT_READY[self.drainer.sink_state]}: {self.drainer.last_error}"
         return True, f"ok (sink {self.drainer.sink_state})"
@@ -257,6 +377,7 @@ class Worker:
             self._listener.stop()
         if self._probes is not None:
             self._probes.stop()
+        self.state_reporter.remove()
         self.close()
         log.info("stopped", extra={"action": "worker_stopped"})
 
@@ -264,6 +385,7 @@ class Worker:
         """Close the sink and the database connection."""
         self.stopped.set()
         self.sink.close()
+        self.key_gate.close()
         self.store.close()
         self.claim_store.close()
         self.housekeeping_store.close()

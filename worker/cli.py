@@ -381,6 +381,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.app import Worker
+    from worker.keycheck import ApiKeyNotVerifiedError
     from worker.metrics import bind_probe_socket
 
     if settings.metrics_port is not None and not args.until_empty:
@@ -388,7 +389,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         bind_probe_socket(settings.metrics_host, settings.metrics_port).close()
     worker = Worker(settings)
     if args.until_empty:
-        stats = worker.run_until_empty()
+        try:
+            stats = worker.run_until_empty()
+        except ApiKeyNotVerifiedError as exc:  # logged (api_key_*); nothing was sent
+            return exc.exit_status
         log.info(
             "done: %d shipped, %d retrying, %d dead, %d deferred%s",
             stats.shipped,

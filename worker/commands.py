@@ -12,6 +12,7 @@ from worker.database import resolve_database_url
 from worker.settings import Settings
 from worker.store import Store
 from worker.terminal import DEFAULT_LIMIT, printable
+from worker.worker_state import STALE_AFTER_SECONDS, WorkerStateUnavailable
 
 #: Longest stored error shown in a table row (``dead``, ``status``).
 ERROR_COLUMN_LIMIT = 120
@@ -64,6 +65,29 @@ def status_report(store: Store) -> dict[str, Any]:
             }
             for row in store.top_errors()
         ],
+        **_workers(store),
+    }
+
+
+def _workers(store: Store) -> dict[str, Any]:
+    """What each worker last reported (``outbox_worker_state``), or why it is unknown."""
+    try:
+        rows = store.worker_states()
+    except WorkerStateUnavailable as exc:
+        return {"workers": None, "workers_unavailable": str(exc)}
+    return {
+        "workers": [
+            {
+                "worker": r["worker"],
+                "host": r["host"],
+                "state": r["state"],
+                "reason": r["reason"],
+                "updated_at": r["updated_at"].isoformat(),
+                "age_seconds": round(r["age_seconds"], 3),
+                "stale": r["age_seconds"] > STALE_AFTER_SECONDS,
+            }
+            for r in rows
+        ]
     }
 
 
@@ -87,6 +111,23 @@ def status(settings: Settings, *, as_json: bool) -> int:
         ("oldest pending", _age(report["oldest_pending_age_seconds"]), ""),
     ]
     _table(["", "count", ""], rows)
+    if report["workers"] is None:
+        print(f"\nworkers: unknown ({report['workers_unavailable']}; run `outbox-worker migrate`)")
+    elif report["workers"]:
+        print("\nworkers (as each last reported)")
+        _table(
+            ["worker", "posthog host", "state", "reported", "reason"],
+            [
+                (
+                    w["worker"],
+                    w["host"],
+                    w["state"],
+                    f"{_age(w['age_seconds'])} ago" + (" (stale)" if w["stale"] else ""),
+                    w["reason"],
+                )
+                for w in report["workers"]
+            ],
+        )
     if report["in_flight"]:
         print("\nbatches in flight")
         _table(

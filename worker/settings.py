@@ -53,6 +53,12 @@ DEFAULT_REJECTION_BREAKER = 3
 #: Probes answer on the loopback interface unless OUTBOX_METRICS_HOST opens them.
 DEFAULT_METRICS_HOST = "127.0.0.1"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Seconds between checks of a verified API key while the worker runs: a key that stops
+#: resolving (reset, project deleted) is answered 200 by capture and its events are
+#: dropped, for at most this long. worker/keycheck.py explains the choice.
+DEFAULT_KEY_CHECK_INTERVAL = 300.0
+#: PostHog's capture refuses longer keys (rust/capture/src/token.rs).
+MAX_API_KEY_BYTES = 64
 
 
 class SettingsError(OutboxError):
@@ -129,6 +135,11 @@ class Settings:
     #: refused batch, that stop the split: the endpoint refuses requests, not events,
     #: so the batch is held instead of buried.
     rejection_breaker: int = DEFAULT_REJECTION_BREAKER
+    #: Verify the API key with PostHog's ``/flags/`` before sending, and hold every event
+    #: while it does not verify; off for proxies that forward only the capture paths.
+    verify_api_key: bool = True
+    #: Seconds between checks of a verified key while the worker runs.
+    key_check_interval: float = DEFAULT_KEY_CHECK_INTERVAL
     #: ``module:attr`` of the application's outbox.EventRegistry, for metrics-only events.
     contract: str | None = None
     #: Prefix of the Prometheus metrics made from metrics-only events.
@@ -209,6 +220,29 @@ class Settings:
         # Check with the labels the operator used, then build (which checks again).
         validate({**{k: d() for k, d in _DEFAULTS.items() if k not in values}, **values}, labels)
         return cls(**values)
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why PostHog's capture would refuse ``key`` by its shape alone, or None.
+
+    The same checks, in the same order, as ``validate_token`` in PostHog's
+    rust/capture/src/token.rs (after its trim); the answer never contains the key.
+    """
+    key = key.strip()
+    if not key:
+        return "is empty"
+    if len(key.encode()) > MAX_API_KEY_BYTES:
+        return f"is longer than {MAX_API_KEY_BYTES} bytes: it is not a project API key"
+    if not key.isascii():
+        return "has characters that are not ASCII: it is not a project API key"
+    if key.startswith("phx_"):
+        return (
+            "is a personal API key (phx_...): the worker needs the project API key "
+            "(phc_...), from your PostHog project's settings"
+        )
+    if "\0" in key:
+        return "contains a NUL character"
+    return None
 
 
 # -- what a variable accepts ------------------------------------------------------------
@@ -688,6 +722,23 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "Pause after a 401/403, a redirect or a 400 about the request.",
     ),
     EnvVar(
+        "OUTBOX_VERIFY_API_KEY",
+        "verify_api_key",
+        Switch(),
+        "Verify the key with PostHog's /flags/ before sending (0: off).",
+    ),
+    EnvVar(
+        "OUTBOX_KEY_CHECK_INTERVAL",
+        "key_check_interval",
+        Seconds(
+            0.1,
+            86400,
+            "a key that stops resolving is answered 200 and its events dropped for up to "
+            "this long; a check is one unbilled request",
+        ),
+        "Seconds between checks of a verified key.",
+    ),
+    EnvVar(
         "OUTBOX_REJECTION_BREAKER",
         "rejection_breaker",
         Count(
@@ -780,10 +831,20 @@ def _sink_rule(values: Mapping[str, Any], label: Callable[[str], str]) -> str | 
     return None
 
 
+def _api_key_rule(values: Mapping[str, Any], label: Callable[[str], str]) -> str | None:
+    key = values["posthog_api_key"]
+    sink = values["sink"]
+    if key is None or sink == "stdout":
+        return None
+    problem = api_key_problem(key)
+    return f"POSTHOG_API_KEY {problem}" if problem else None
+
+
 #: Checks across settings: (the field an error is reported under, the check).
 RULES: tuple[tuple[str, Callable[[Mapping[str, Any], Callable[[str], str]], str | None]], ...] = (
     ("lease_seconds", _lease_rule),
     ("sink", _sink_rule),
+    ("posthog_api_key", _api_key_rule),
 )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
-from worker import queries
+from worker import queries, worker_state
 from worker.database import check_installed, connect, describe_url
 from worker.sinks.base import Outbound
 
@@ -483,6 +483,36 @@ class Store:
         """Delete dead rows older than the given age; returns how many."""
         rows = self._execute(queries.PURGE_DEAD, {"older_than": float(older_than_seconds)})
         return int(rows[0][0])
+
+    # -- worker state (outbox_worker_state; see worker.worker_state) ------------------
+
+    def write_worker_state(self, host: str, state: str, reason: str) -> None:
+        """Write this worker's row: the host it sends to, its state and why."""
+        params = {"worker": self.worker_id, "host": host, "state": state, "reason": reason}
+        self._state_statement(worker_state.WRITE, params)
+
+    def delete_worker_state(self) -> None:
+        """Delete this worker's row."""
+        self._state_statement(worker_state.DELETE, {"worker": self.worker_id})
+
+    def expire_worker_states(self, older_than_seconds: float) -> int:
+        """Delete rows not written for ``older_than_seconds``; returns how many."""
+        params = {"older_than": float(older_than_seconds)}
+        return self._state_statement(worker_state.EXPIRE, params)[1]
+
+    def worker_states(self) -> list[dict[str, Any]]:
+        """Every worker's row: worker, host, state, reason, updated_at, age_seconds."""
+        columns = ("worker", "host", "state", "reason", "updated_at", "age_seconds")
+        rows = self._state_statement(worker_state.LIST, None)[0]
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+    def _state_statement(self, query: str, params: dict[str, Any] | None) -> tuple[list[Any], int]:
+        try:
+            return self._run(query, params)
+        except psycopg.Error as exc:  # no table (migration 0005), no grant
+            raise worker_state.WorkerStateUnavailable(
+                f"outbox_worker_state: {_first_line(exc)}"
+            ) from exc
 
 
 def _connection_gone(conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:

@@ -9,7 +9,7 @@ import psycopg
 
 from tests.acceptance.test_probes import free_port, get
 from tests.acceptance.test_worker_process import enqueue_n, start_worker
-from tests.conftest import wait_for, worker_env
+from tests.conftest import capture_requests, wait_for, worker_env
 from worker.testing import CaptureServer
 
 
@@ -20,7 +20,7 @@ def test_a_redirecting_host_keeps_every_event_and_says_where_it_points(
     base = f"http://127.0.0.1:{port}"
     with CaptureServer() as target:
         capture.redirect_to = target.url
-        location = target.url + "/batch/"
+        location = target.url + "/flags/"
         uuids = enqueue_n(database_url, 30)
         env = worker_env(
             database_url,
@@ -42,9 +42,12 @@ def test_a_redirecting_host_keeps_every_event_and_says_where_it_points(
             ).fetchone()
             assert row == (30, 0, 0)
             assert target.requests == []
-            assert {(r.method, r.status) for r in capture.requests} == {("POST", 301)}
+            # The key check meets the redirect first: it names where it points, and
+            # nothing is sent to capture while the key cannot be verified.
+            assert capture_requests(capture) == []
+            assert {(r.method, r.status) for r in capture.flags_requests()} == {("POST", 301)}
             metrics = get(base + "/metrics")[1]
-            assert 'outbox_sink_state{state="redirected"} 1.0' in metrics
+            assert 'outbox_api_key_state{state="unverifiable"} 1.0' in metrics
 
             capture.redirect_to = None  # the host is fixed
             capture.wait_for_events(30, timeout=30)
@@ -59,6 +62,6 @@ def test_a_redirecting_host_keeps_every_event_and_says_where_it_points(
     assert proc.returncode == 0, err
     assert sorted(capture.uuids()) == sorted(uuids)  # each event exactly once
     assert target.requests == []
-    lines = [line for line in err.splitlines() if "[sink_redirected]" in line]
-    assert lines and location in lines[0] and "ERROR" in lines[0]
+    lines = [line for line in err.splitlines() if "[api_key_unverifiable]" in line]
+    assert lines and target.url + "/flags/" in lines[0] and "ERROR" in lines[0]
     assert "phc_test" not in err

@@ -15,7 +15,13 @@ import psycopg
 import pytest
 
 import outbox
-from tests.conftest import batches_in_flight, claimable, wait_for, worker_env
+from tests.conftest import (
+    batches_in_flight,
+    capture_requests,
+    claimable,
+    wait_for,
+    worker_env,
+)
 from worker.testing import CaptureServer, Reply
 
 WORKER = [str(Path(sys.executable).with_name("outbox-worker"))]
@@ -68,8 +74,9 @@ def test_run_until_empty_ships_over_http(
     assert result.returncode == 0, result.stderr
     assert set(capture.uuids()) == uuids
     assert len(capture.uuids()) == 300
-    assert all(r.gzip == (gzip == "1") for r in capture.requests)
+    assert all(r.gzip == (gzip == "1") for r in capture_requests(capture))
     assert all(r.api_key == "phc_test" for r in capture.requests)
+    assert [r.status for r in capture.flags_requests()] == [200]  # the key, checked once
     assert "phc_test" not in result.stderr  # the key is never logged
     assert "batch_shipped" in result.stderr
     assert count(db) == 0

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 import outbox
-from tests.conftest import wait_for
+from tests.conftest import capture_requests, wait_for
 from worker import queries
 from worker.app import Worker
 from worker.drain import (
@@ -90,7 +90,7 @@ def test_commit_ships_exactly_once_with_the_rows_uuid_and_timestamp(
         assert event["properties"]["$ignore_sent_at"] is True
         assert event["timestamp"] == stamps[uuid.UUID(event["uuid"])].isoformat()
         assert not event["event"].startswith("rolled_back")
-    assert all(r.gzip for r in capture.requests)
+    assert all(r.gzip for r in capture_requests(capture))
     assert remaining(db) == []
     # A second drain finds nothing: nothing is shipped twice.
     assert Worker(settings).run_until_empty().shipped == 0

@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.conftest import capture_requests
 from tests.integration.test_drain import enqueue_n, make_drainer, remaining
 from worker.app import Worker, build_sink
 from worker.drain import SINK_BACKING_OFF, SINK_OK, SINK_RATE_LIMITED, SINK_REQUEST_REJECTED
@@ -41,12 +42,12 @@ def test_the_worker_ships_over_v1_with_the_rows_uuid_and_timestamp(
     stats = Worker(v1_settings(settings_for, capture.url)).run_until_empty()
     assert stats.shipped == 30 and stats.clean
     assert capture.uuids() == [str(u) for u in uuids]
-    assert {r.path for r in capture.requests} == {V1_PATH}
+    assert {r.path for r in capture_requests(capture)} == {V1_PATH}
     for event in capture.events:
         stamp = stamps[uuid.UUID(event["uuid"])]
         assert event["timestamp"] == stamp.isoformat()
         assert event["properties"]["$ignore_sent_at"] is True  # from disable_skew_correction
-    wire = capture.requests[0].events[0]
+    wire = capture_requests(capture)[0].events[0]
     assert wire["options"]["disable_skew_correction"] is True
     assert "$ignore_sent_at" not in wire["properties"]
     assert remaining(db) == []
@@ -65,7 +66,7 @@ def test_a_dropped_event_dies_with_posthogs_reason_and_nothing_is_split(
     drainer = make_drainer(settings, PostHogV1Sink("phc_test", capture.url))
     drainer.observer = metrics
     stats = drainer.drain()
-    assert len(capture.requests) == 1  # the v0 transport would have split the batch
+    assert len(capture_requests(capture)) == 1  # the v0 transport would have split the batch
     assert stats.shipped == 18 and stats.dead == 2 and stats.retried == 0
     dead = {str(uuids[4]), str(uuids[13])}
     assert sorted(capture.uuids()) == sorted(str(u) for u in uuids if str(u) not in dead)
@@ -123,7 +124,7 @@ def test_the_billing_limit_pauses_and_counts_attempts_until_the_events_die(
     # The pause holds every request back, even for due rows.
     db.execute("UPDATE outbox_events SET next_attempt_at = now()")
     drainer.drain()
-    assert len(capture.requests) == 1
+    assert len(capture_requests(capture)) == 1
     # Once it is over, the next refusal uses the last attempt: dead, not pending for ever.
     drainer.paused_until = 0
     stats = drainer.drain()
@@ -186,7 +187,7 @@ def test_a_400_for_the_whole_request_keeps_every_event_pending(
     )
     stats = drainer.drain()
     assert stats.deferred == 6 and stats.dead == 0 and stats.retried == 0
-    assert len(capture.requests) == 1  # not split: the request's form is at fault
+    assert len(capture_requests(capture)) == 1  # not split: the request's form is at fault
     assert drainer.sink_state == SINK_REQUEST_REJECTED
     assert [(r[1], r[2]) for r in remaining(db)] == [("pending", 0)] * 6
 

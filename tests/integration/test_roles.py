@@ -27,6 +27,7 @@ GRANT USAGE ON SCHEMA public TO {worker};
 GRANT SELECT, UPDATE, DELETE ON outbox_events TO {worker};
 GRANT SELECT, UPDATE, DELETE ON outbox_dedup_keys TO {worker};
 GRANT SELECT ON outbox_stuck TO {worker};
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_worker_state TO {worker};
 """
 
 

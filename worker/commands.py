@@ -56,7 +56,7 @@ def status_report(store: Store) -> dict[str, Any]:
                 "status": row["status"],
                 "error": row["error"],
                 "count": row["count"],
-                "oldest_created_at": row["since"].isoformat() if row["since"] else None,
+                "oldest_created_at": row["since"],
             }
             for row in store.top_errors()
         ],
@@ -92,13 +92,18 @@ def status(settings: Settings, *, as_json: bool) -> int:
     for title, key in (("top pending events", "top_pending"), ("top dead events", "top_dead")):
         if report[key]:
             print(f"\n{title}")
-            _table(["event", "count"], [(r["event"], str(r["count"])) for r in report[key]])
+            _table(["event", "count"], [(_cell(r["event"]), str(r["count"])) for r in report[key]])
     if report["errors"]:
         print("\nlast errors (grouped)")
         _table(
             ["status", "count", "oldest event", "error"],
             [
-                (r["status"], str(r["count"]), (r["oldest_created_at"] or "")[:19], r["error"])
+                (
+                    r["status"],
+                    str(r["count"]),
+                    (r["oldest_created_at"] or "")[:19],
+                    _cell(r["error"], 200),
+                )
                 for r in report["errors"]
             ],
         )
@@ -123,11 +128,11 @@ def dead(settings: Settings, *, event: str | None, limit: int, as_json: bool) ->
         [
             (
                 str(r["id"]),
-                r["event"],
-                r["distinct_id"],
+                _cell(r["event"]),
+                _cell(r["distinct_id"]),
                 str(r["attempts"]),
-                r["created_at"].isoformat(timespec="seconds"),
-                (r["last_error"] or "")[:120],
+                (r["created_at"] or "")[:19],
+                _cell(r["last_error"] or "", 120),
             )
             for r in rows
         ],
@@ -139,10 +144,15 @@ def retry(settings: Settings, *, all_: bool, ids: Sequence[int] | None, event: s
     """Requeue dead rows (all, by id, or by event name)."""
     store = _store(settings)
     try:
-        count = store.requeue_dead(ids=None if all_ else ids, event=event)
+        done = store.requeue_dead(ids=None if all_ else ids, event=event)
     finally:
         store.close()
-    print(f"requeued {count} dead events")
+    print(f"requeued {done.requeued} dead events")
+    if done.unsendable:
+        print(
+            f"left {done.unsendable} dead: their stored content cannot be sent "
+            "(see `outbox-worker dead`); remove them with `outbox-worker purge --dead`"
+        )
     return 0
 
 
@@ -162,6 +172,14 @@ def demo(settings: Settings) -> int:
     from worker.demo import run_demo
 
     return run_demo(settings)
+
+
+def _cell(text: str, limit: int = 60) -> str:
+    """Event data as a table cell: control and other unprintable characters escaped
+    (a row written by hand may hold anything), at most ``limit`` characters."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json_value(value: Any) -> str:

@@ -19,13 +19,22 @@ from worker.store import Store
 
 APP_GRANTS = """
 GRANT USAGE ON SCHEMA public TO {app};
-GRANT INSERT ON outbox_events TO {app};
-GRANT SELECT, INSERT, UPDATE ON outbox_dedup_keys TO {app};
+GRANT INSERT (uuid, event, distinct_id, properties, "timestamp", destination)
+    ON outbox_events TO {app};
+GRANT EXECUTE ON FUNCTION
+    outbox_enqueue_keyed(uuid, text, text, jsonb, text, timestamptz, text),
+    outbox_enqueue_keyed_rows(jsonb)
+    TO {app};
 """
 WORKER_GRANTS = """
 GRANT USAGE ON SCHEMA public TO {worker};
-GRANT SELECT, UPDATE, DELETE ON outbox_events TO {worker};
-GRANT SELECT, UPDATE, DELETE ON outbox_dedup_keys TO {worker};
+GRANT SELECT ON outbox_events TO {worker};
+GRANT UPDATE (status, attempts, next_attempt_at, last_error) ON outbox_events TO {worker};
+GRANT EXECUTE ON FUNCTION
+    outbox_ack(bigint[], double precision),
+    outbox_purge_dead(double precision),
+    outbox_expire_dedup_keys(integer)
+    TO {worker};
 GRANT SELECT ON outbox_stuck TO {worker};
 """
 

@@ -511,9 +511,7 @@ class Store:
         rows = self._execute(queries.LIST_DEAD, {"limit": limit, "event": event})
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
-    def requeue_dead(
-        self, ids: Sequence[int] | None = None, event: str | None = None
-    ) -> Requeued:
+    def requeue_dead(self, ids: Sequence[int] | None = None, event: str | None = None) -> Requeued:
         """Make dead rows pending again with fresh attempts, but for those that could
         never be sent as stored (they stay dead); says how many of each."""
         params = {"ids": list(ids) if ids else None, "event": event}

@@ -98,11 +98,11 @@ SET status = 'dead', attempts = attempts + 1,
         WHEN NOT isfinite("timestamp")
             THEN 'timestamp: ' || "timestamp"::text || ' is not a finite time'
         WHEN "timestamp" < '{TIMESTAMP_MIN}'
-            THEN 'timestamp: ' || to_char("timestamp" AT TIME ZONE 'UTC',
-                 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"') || ' is before 1970-01-01T00:00:00Z'
+            THEN 'timestamp: ' || ("timestamp" AT TIME ZONE 'UTC')::text
+                 || ' UTC is before 1970-01-01T00:00:00Z'
         WHEN "timestamp" >= '{TIMESTAMP_BEFORE}'
-            THEN 'timestamp: ' || to_char("timestamp" AT TIME ZONE 'UTC',
-                 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"') || ' is too far in the future'
+            THEN 'timestamp: ' || ("timestamp" AT TIME ZONE 'UTC')::text
+                 || ' UTC is more than 23 hours ahead of the database''s clock'
         {_problem("event")}
         {_problem("distinct_id")}
     END || ' (found by migration 0004)'

@@ -19,7 +19,7 @@ TIMESTAMP_AHEAD_HOURS = 23
 
 # The ASCII whitespace Python's str.strip() strips too (see migration 0004).
 _SPACE = r"E' \t\n\r\f\x0b'"
-_ISO_UTC = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
+_ISO_UTC = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""  # for what commands show
 
 
 def _utc_text(column: str) -> str:
@@ -33,11 +33,16 @@ def _utc_text(column: str) -> str:
 
 
 def _name_problem(column: str) -> str:
+    # Cheap tests first: a name of at most 200 bytes has at most 200 characters, and
+    # one whose first byte is above ' ' is not blank (a C-collation comparison is a
+    # memcmp); only a name that fails them pays for length() or btrim().
     return (
-        f"WHEN length(e.{column}) > {MAX_NAME_LENGTH}"
+        f"WHEN octet_length(e.{column}) > {MAX_NAME_LENGTH}"
+        f" AND length(e.{column}) > {MAX_NAME_LENGTH}"
         f" THEN '{column}: is ' || length(e.{column})"
         f" || ' characters long, over the {MAX_NAME_LENGTH} limit'"
-        f" WHEN btrim(e.{column}, {_SPACE}) = '' THEN '{column}: is empty or only whitespace'"
+        f""" WHEN e.{column} COLLATE "C" < '!' AND btrim(e.{column}, {_SPACE}) = ''"""
+        f" THEN '{column}: is empty or only whitespace'"
     )
 
 
@@ -46,17 +51,22 @@ def _name_problem(column: str) -> str:
 # make the claim itself fail. Migration 0004's constraints refuse all of it in a
 # pending row but the timestamp's distance ahead (a CHECK cannot hold now()); a row
 # written before 0004 (or with the constraints dropped) may still hold any of it.
+# (An infinite timestamp is out of range both ways; the bound ahead is computed once
+# per claim, as an InitPlan.)
 _PROBLEM = f"""CASE
         WHEN jsonb_typeof(e.properties) <> 'object'
             THEN 'properties: is a JSON ' || jsonb_typeof(e.properties) || ', not an object'
-        WHEN NOT isfinite(e."timestamp")
-            THEN 'timestamp: ' || e."timestamp"::text || ' is not a finite time'
         WHEN e."timestamp" < '{TIMESTAMP_MIN}'
-            THEN 'timestamp: ' || (e."timestamp" AT TIME ZONE 'UTC')::text
-                 || ' UTC is before {TIMESTAMP_MIN}'
-        WHEN e."timestamp" > now() + interval '{TIMESTAMP_AHEAD_HOURS} hours'
-            THEN 'timestamp: ' || (e."timestamp" AT TIME ZONE 'UTC')::text
-                 || ' UTC is more than {TIMESTAMP_AHEAD_HOURS} hours ahead of the database''s clock'
+             OR e."timestamp" > (SELECT now() + interval '{TIMESTAMP_AHEAD_HOURS} hours')
+            THEN 'timestamp: ' || CASE
+                WHEN NOT isfinite(e."timestamp")
+                    THEN e."timestamp"::text || ' is not a finite time'
+                WHEN e."timestamp" < '{TIMESTAMP_MIN}'
+                    THEN (e."timestamp" AT TIME ZONE 'UTC')::text
+                         || ' UTC is before {TIMESTAMP_MIN}'
+                ELSE (e."timestamp" AT TIME ZONE 'UTC')::text || ' UTC is more than '
+                     || '{TIMESTAMP_AHEAD_HOURS} hours ahead of the database''s clock'
+            END
         {_name_problem("event")}
         {_name_problem("distinct_id")}
     END"""
@@ -67,9 +77,17 @@ STORABLE = f"""(jsonb_typeof(properties) = 'object'
     AND length(event) <= {MAX_NAME_LENGTH} AND btrim(event, {_SPACE}) <> ''
     AND length(distinct_id) <= {MAX_NAME_LENGTH} AND btrim(distinct_id, {_SPACE}) <> '')"""
 
-# A top-level "$ip" that is a string: PostHog locates the user by it, so the worker
-# leaves GeoIP on (without one, PostHog would locate the worker).
-_HAS_IP = "coalesce(jsonb_typeof(e.properties -> '$ip') = 'string', false)"
+# The keys the worker sets itself, when the row holds one of them (or "$ip", which
+# decides whether it sets $geoip_disable): ARRAY['ip' if the row has a top-level "$ip"
+# string (PostHog locates the user by it, so GeoIP stays on) else '', the properties
+# without the worker's keys]. NULL for nearly every row: one ?| test, nothing else.
+_OWN_KEYS = """CASE
+        WHEN NOT e.properties ?| '{$ip,$ignore_sent_at,$geoip_disable}'::text[] THEN NULL
+        WHEN jsonb_typeof(e.properties) <> 'object' THEN NULL
+        WHEN jsonb_typeof(e.properties -> '$ip') = 'string'
+            THEN ARRAY['ip', (e.properties - '$ignore_sent_at')::text]
+        ELSE ARRAY['', (e.properties - '{$ignore_sent_at,$geoip_disable}'::text[])::text]
+    END"""
 
 # Lock up to :limit due rows (skipping rows another worker holds this instant) and
 # return the longest prefix whose stored size fits in :max_bytes (always at least one
@@ -82,11 +100,10 @@ _HAS_IP = "coalesce(jsonb_typeof(e.properties -> '$ip') = 'string', false)"
 # Rows locked but past the byte budget stay locked, unsent and untouched, until the
 # transaction ends.
 #
-# Every column comes back as something Python decodes whatever the row holds: text
-# (the timestamp as ISO 8601 in UTC, whatever the session's TimeZone), integers,
-# booleans, a uuid. The properties come back without the keys the worker sets itself
-# ($ignore_sent_at always, $geoip_disable unless the row has its own $ip), so no key is
-# sent twice; only a row that holds one of them pays for the jsonb subtraction.
+# Every column comes back as something Python decodes whatever the row holds: text,
+# integers, a uuid, a text array. The timestamp is text in UTC (BATCH_SETTINGS sets
+# TimeZone and DateStyle for the batch's transaction), so a value that would be
+# after year 9999 in the database's own TimeZone reads like any other.
 CLAIM = f"""
 WITH locked AS (
     SELECT id, next_attempt_at, pg_column_size(properties) + 200 AS size
@@ -100,16 +117,9 @@ WITH locked AS (
            row_number() OVER (ORDER BY next_attempt_at, id) AS n
     FROM locked
 )
-SELECT e.id, e.uuid, e.event, e.distinct_id,
-    CASE
-        WHEN jsonb_typeof(e.properties) <> 'object' THEN e.properties::text
-        WHEN e.properties ?| '{{$ignore_sent_at,$geoip_disable}}'::text[]
-            THEN (e.properties - CASE WHEN {_HAS_IP} THEN '{{$ignore_sent_at}}'::text[]
-                  ELSE '{{$ignore_sent_at,$geoip_disable}}'::text[] END)::text
-        ELSE e.properties::text
-    END,
-    to_char(e."timestamp" AT TIME ZONE 'UTC', {_ISO_UTC}),
-    e.attempts, e.destination, {_HAS_IP},
+SELECT e.id, e.uuid, e.event, e.distinct_id, e.properties::text, e."timestamp"::text,
+    e.attempts, e.destination,
+    {_OWN_KEYS},
     {_PROBLEM}
 FROM sized JOIN outbox_events AS e USING (id)
 WHERE sized.running <= %(max_bytes)s OR sized.n = 1
@@ -122,11 +132,15 @@ WHERE sized.running <= %(max_bytes)s OR sized.n = 1
 #   table was analyzed while nearly empty and a backlog built up since (an outage),
 #   the planner would otherwise pick a bitmap scan and sort the whole backlog for every
 #   batch (measured: 75 ms instead of 6 ms per claim at 100,000 rows, growing with the
-#   backlog). The outcome's statements go by primary key either way.
+#   backlog). The outcome's statements go by primary key either way;
+# - how a timestamp reads as text: in UTC, ISO style ('2026-03-04 05:06:07.89+00'),
+#   whatever the database's or the role's TimeZone and DateStyle.
 BATCH_SETTINGS = """
 SELECT set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true),
        set_config('enable_seqscan', 'off', true),
-       set_config('enable_bitmapscan', 'off', true)
+       set_config('enable_bitmapscan', 'off', true),
+       set_config('TimeZone', 'UTC', true),
+       set_config('DateStyle', 'ISO', true)
 """
 
 # Delivered: delete the rows (locked by this transaction) and start the dedup window

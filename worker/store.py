@@ -58,9 +58,9 @@ class ClaimedEvent:
     #: ``$ignore_sent_at`` and (unless ``has_ip``) ``$geoip_disable``, which
     #: :meth:`outbound` sets itself.
     properties_json: str
-    #: ISO 8601 in UTC (``2026-03-04T05:06:07.890123+00:00``); None when the stored
-    #: value is not a finite time (then ``problem`` says so).
-    timestamp: str | None
+    #: The stored timestamp as PostgreSQL writes it in UTC, ISO style
+    #: (``2026-03-04 05:06:07.890123+00``, or ``infinity`` in a row with a problem).
+    timestamp: str
     attempts: int
     #: ``posthog``, or ``metrics`` for a metrics-only event (counted, never sent).
     destination: str = "posthog"
@@ -83,9 +83,10 @@ class ClaimedEvent:
         props = self.properties_json
         extra = _EXTRA_WITH_IP if self.has_ip else _EXTRA
         props = "{" + extra[2:] + "}" if props == "{}" else props[:-1] + extra + "}"
-        timestamp = self.timestamp or ""
-        if timestamp.endswith(_NO_MICROSECONDS):  # as datetime.isoformat() writes it
-            timestamp = timestamp[: -len(_NO_MICROSECONDS)] + "+00:00"
+        # '2026-03-04 05:06:07.89+00' -> '2026-03-04T05:06:07.890000+00:00', as
+        # datetime.isoformat() writes it (no fraction at all when it is zero).
+        ts = self.timestamp
+        clock = ts[11:19] if len(ts) == 22 else ts[11:-3].ljust(15, "0")
         return Outbound(
             '{"event": '
             + _dumps(self.event)
@@ -96,14 +97,27 @@ class ClaimedEvent:
             + ', "uuid": "'
             + str(self.uuid)
             + '", "timestamp": "'
-            + timestamp
-            + '"}'
+            + ts[:10]
+            + "T"
+            + clock
+            + '+00:00"}'
         )
 
 
 _EXTRA_WITH_IP = ', "$ignore_sent_at": true'
 _EXTRA = _EXTRA_WITH_IP + ', "$geoip_disable": true'
-_NO_MICROSECONDS = ".000000+00:00"
+
+
+def _claimed(row: tuple[Any, ...]) -> ClaimedEvent:
+    """A CLAIM row as a :class:`ClaimedEvent` (see ``queries.CLAIM`` for the columns)."""
+    id_, uuid_, event, distinct_id, props, ts, attempts, destination, own, problem = row
+    has_ip = False
+    if own is not None:  # the row holds a key the worker sets, or "$ip"
+        has_ip = own[0] == "ip"
+        props = own[1]
+    return ClaimedEvent(
+        id_, uuid_, event, distinct_id, props, ts, attempts, destination, has_ip, problem
+    )
 
 
 #: Worker connections that claim batches are named ``<prefix><worker id>`` in
@@ -337,7 +351,7 @@ class Store:
             except psycopg.Error as exc:
                 self._abort()
                 raise OutboxDatabaseError(f"claiming a batch failed: {_first_line(exc)}") from exc
-            events = sorted((ClaimedEvent(*row) for row in rows), key=lambda e: e.id)
+            events = sorted(map(_claimed, rows), key=lambda e: e.id)
             self._batch = Batch(store=self, events=events, connection=conn)
             return self._batch
 

@@ -19,6 +19,7 @@ from tests.integration.test_odd_rows import (
     set_timezone,
 )
 from tests.integration.test_roles import APP_GRANTS
+from worker.database import migrate
 from worker.testing import CaptureServer
 
 ODD = {
@@ -75,3 +76,13 @@ def test_the_worker_ships_around_rows_it_cannot_send(
     assert "requeued 0" in retry.stdout and f"left {len(ODD)} dead" in retry.stdout
     assert f"purged {len(ODD)}" in run_cli(env, "purge", "--dead", "--older-than", "0s").stdout
     assert db.execute("SELECT count(*) FROM outbox_events").fetchone() == (0,)
+
+
+def test_the_worker_refuses_a_schema_without_0004_in_one_line(empty_database: str) -> None:
+    migrate(empty_database, "0003")
+    for command in ("run", "status"):
+        result = run_cli(worker_env(empty_database), command)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        last = result.stderr.splitlines()[-1]
+        assert "migration 0004 is missing" in last and "outbox-worker migrate" in last

@@ -224,6 +224,24 @@ def test_what_the_worker_role_cannot_do(
         drop_database(server_url, other)
 
 
+def test_a_delete_right_would_let_a_role_lock_the_whole_table(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    """Why the worker deletes through functions: PostgreSQL lets DELETE (or a
+    table-wide UPDATE) take any table lock, and ACCESS EXCLUSIVE stops every enqueue."""
+    role = f"outbox_deleter_{uuid.uuid4().hex[:8]}"
+    db.execute(f"CREATE ROLE {role}")
+    db.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+    db.execute(f"GRANT SELECT, DELETE ON outbox_events TO {role}")
+    try:
+        with psycopg.connect(_as(database_url, role)) as conn:
+            conn.execute("LOCK TABLE outbox_events IN ACCESS EXCLUSIVE MODE")
+            conn.rollback()
+    finally:
+        db.execute(f"DROP OWNED BY {role}")
+        db.execute(f"DROP ROLE {role}")
+
+
 def test_the_worker_role_runs_every_command(
     database_url: str, db: psycopg.Connection[Any], roles: tuple[str, str]
 ) -> None:

@@ -357,11 +357,12 @@ class Drainer:
             try:
                 self.metrics_sink.send([payloads[event.id]])
             except Exception as exc:
-                error = f"metrics-only event cannot be counted: {type(exc).__name__}: {exc}"
-                outcome.dead.append((event.id, error[:500]))
+                detail = ascii(str(exc)[:200])[1:-1]  # escaped: it may quote the event
+                error = f"metrics-only event cannot be counted: {type(exc).__name__}: {detail}"
+                outcome.dead.append((event.id, error))
                 log.warning(
                     "%s",
-                    error[:500],
+                    error,
                     extra={"action": "event_invalid", "uuid": str(event.uuid), "id": event.id},
                 )
             else:

@@ -29,7 +29,10 @@ ODD = {
     ),
     "infinity": ({"timestamp": "'infinity'"}, "timestamp: infinity is not a finite time"),
     "array": ({"properties": "'[\"a\"]'"}, "properties: is a JSON array, not an object"),
-    "no user": ({"distinct_id": "''"}, "distinct_id: is empty or only whitespace"),
+    "no user": (
+        {"distinct_id": "''", "event": "E'\\x1b[2Jcleared'"},  # a terminal escape
+        "distinct_id: is empty or only whitespace",
+    ),
 }
 
 
@@ -69,8 +72,12 @@ def test_the_worker_ships_around_rows_it_cannot_send(
     errors = {r["uuid"]: r["last_error"] for r in json.loads(dead.stdout)}
     assert set(errors) == set(expected)
     assert all(expected[u] in errors[u] for u in expected)
+    listed = run_cli(env, "dead")
+    assert listed.returncode == 0 and "\\x1b[2Jcleared" in listed.stdout
+    assert "\x1b" not in listed.stdout  # shown escaped, never sent to the terminal
     table = run_cli(env, "status")
     assert table.returncode == 0 and "is not a finite time" in table.stdout
+    assert "\x1b" not in table.stdout
     retry = run_cli(env, "retry", "--all")
     assert retry.returncode == 0
     assert "requeued 0" in retry.stdout and f"left {len(ODD)} dead" in retry.stdout

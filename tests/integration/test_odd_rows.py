@@ -183,6 +183,20 @@ def test_no_odd_row_stops_delivery(
             conn.execute(insert_sql({**columns, "uuid": f"'{row_uuid}'"}))
             expected[row_uuid] = error
     uuids |= enqueue_ordinary(database_url, 50, "between")
+    # Odd but sendable: control characters and astral code points travel escaped.
+    awkward = str(uuid.uuid4())
+    with psycopg.connect(as_role(database_url, app), autocommit=True) as conn:
+        conn.execute(
+            insert_sql(
+                {
+                    "uuid": f"'{awkward}'",
+                    "event": "E'page\\x01viewed\\x1b[2J'",
+                    "distinct_id": "'ユーザー🚀'",
+                    "properties": '\'{"$ip": "203.0.113.7", "nested": {"$ip": 1}}\'',
+                }
+            )
+        )
+    uuids.add(awkward)
     # Worker-owned columns only a hand (or a release before 0004) could have set.
     hand = str(uuid.uuid4())
     db.execute(
@@ -194,8 +208,8 @@ def test_no_odd_row_stops_delivery(
     uuids |= enqueue_ordinary(database_url, 50, "after")
     store = Store(as_role(database_url, worker))
     try:  # the backlog reads every row too
-        assert status_report(store)["pending"] == 151 + len(odd)
-        assert store.backlog_capped().pending == 151 + len(odd)
+        assert status_report(store)["pending"] == 152 + len(odd)
+        assert store.backlog_capped().pending == 152 + len(odd)
     finally:
         store.close()
 
@@ -206,8 +220,8 @@ def test_no_odd_row_stops_delivery(
         batch_size=40,
     )
     stats = Worker(settings).run_until_empty()
-    assert set(capture.uuids()) == uuids and len(capture.uuids()) == 151
-    assert stats.shipped == 151 and stats.dead == len(odd)
+    assert set(capture.uuids()) == uuids and len(capture.uuids()) == 152
+    assert stats.shipped == 152 and stats.dead == len(odd)
     dead = dict(
         db.execute("SELECT uuid::text, last_error FROM outbox_events WHERE status = 'dead'")
     )
@@ -219,7 +233,12 @@ def test_no_odd_row_stops_delivery(
     )
     for event in capture.events:  # ordinary values, as PostHog takes them
         assert event["timestamp"].endswith("+00:00")
-        assert event["properties"]["$geoip_disable"] is True
+        if event["uuid"] == awkward:
+            assert event["event"] == "page\x01viewed\x1b[2J"
+            assert event["distinct_id"] == "ユーザー🚀"
+            assert "$geoip_disable" not in event["properties"]  # its own $ip
+        else:
+            assert event["properties"]["$geoip_disable"] is True
 
     # Every command reaches and shows every row, whatever it holds.
     store = Store(as_role(database_url, worker))

@@ -62,8 +62,8 @@ DistinctId = str | int | uuid_module.UUID | Actor
 """What ``enqueue()`` takes as ``distinct_id``: an id, or an :class:`~outbox.actors.Actor`."""
 
 # One statement per call, whatever the number of events, so one round trip. Nothing
-# is read back from outbox_events, so the application's role needs only INSERT on it
-# (the uuids are made in Python).
+# is read back from outbox_events, so the application's role needs only INSERT on the
+# columns it writes (the uuids are made in Python).
 #
 # Several events travel as one JSON parameter (driver-neutral, one statement text for
 # any number of events). Each event is an object with one-letter keys, written in the
@@ -90,35 +90,27 @@ _ONE_INPUT = """
            CAST({s} AS text) AS destination, CAST({t} AS timestamptz) AS "timestamp",
            CAST({k} AS text) AS dedup_key, 1 AS n
 """
-_COLUMNS = """
-INSERT INTO outbox_events
-    (uuid, event, distinct_id, properties, "timestamp", dedup_key, destination)
-SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()), dedup_key,
+_PLAIN_SQL = """
+INSERT INTO outbox_events (uuid, event, distinct_id, properties, "timestamp", destination)
+SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()),
        coalesce(destination, 'posthog')
-"""
-_PLAIN_SQL = _COLUMNS + "FROM ({input}) AS input{wake} ORDER BY n"
+FROM ({input}) AS input{wake} ORDER BY n"""
 
-# With dedup keys, the keys are claimed in the same statement and only events whose
-# key was free (or that have none) are inserted; the claimed keys come back, which
-# tells which events were written. A key is free when it is new, or when the event
-# that held it was delivered longer ago than the window (the worker sets expires_at
-# at delivery; an undelivered event holds 'infinity').
-_DEDUP_SQL = (
-    """WITH input AS ({input}), claimed_keys AS (
-    INSERT INTO outbox_dedup_keys (dedup_key, expires_at)
-    SELECT dedup_key, 'infinity' FROM input WHERE dedup_key IS NOT NULL
-    ON CONFLICT (dedup_key) DO UPDATE SET expires_at = 'infinity'
-        WHERE outbox_dedup_keys.expires_at <= now()
-    RETURNING dedup_key
-), inserted AS ("""
-    + _COLUMNS
-    + """    FROM input
-    WHERE dedup_key IS NULL OR dedup_key IN (SELECT dedup_key FROM claimed_keys)
-    ORDER BY n
-)
-SELECT k.dedup_key FROM (SELECT 1{wake}) AS one LEFT JOIN claimed_keys AS k ON true
-"""
-)
+# With dedup keys, the events go through a function of migration 0004
+# (SECURITY DEFINER), so the application's role needs no right on outbox_dedup_keys:
+# it claims the keys and inserts only the events whose key was free (or that have
+# none), and returns the claimed keys, which tells which events were written. A key
+# is free when it is new, or when the event that held it was delivered longer ago
+# than the window (the worker sets expires_at at delivery; an undelivered event
+# holds 'infinity'). The one-event function takes the same parameters as _ONE_INPUT,
+# the many-event one the same JSON array as _MANY_INPUT.
+_KEYED_ONE_SQL = """
+SELECT outbox_enqueue_keyed(CAST({u} AS uuid), CAST({e} AS text), CAST({d} AS text),
+    CAST({p} AS jsonb), CAST({s} AS text), CAST({t} AS timestamptz), CAST({k} AS text))
+FROM (SELECT 1{wake}) AS one"""
+_KEYED_MANY_SQL = """
+SELECT k.k FROM (SELECT 1{wake}) AS one
+LEFT JOIN outbox_enqueue_keyed_rows(CAST({rows} AS jsonb)) AS k(k) ON true"""
 
 # Waking the workers: the statement also calls pg_notify, which PostgreSQL delivers
 # only if the transaction commits. Every notifying commit takes a cluster-wide lock,
@@ -139,24 +131,26 @@ class _Statements:
     def __init__(self, sql: str, input_sql: str, params: Sequence[str], wake: str) -> None:
         def render(style: str) -> str:
             names = {name: style.format(name) for name in params}
-            return sql.format(input=input_sql.format(**names), wake=wake)
+            return sql.format(input=input_sql.format(**names), wake=wake, **names)
 
         self.psycopg = render("%({})s")
         self.sqlalchemy = text(render(":{}"))
 
 
-def _statements(input_sql: str, params: Sequence[str]) -> dict[tuple[bool, bool], _Statements]:
+def _statements(
+    input_sql: str, keyed_sql: str, params: Sequence[str]
+) -> dict[tuple[bool, bool], _Statements]:
     """The four statements for one input shape, by (reads dedup keys, wakes workers)."""
     return {
         (False, False): _Statements(_PLAIN_SQL, input_sql, params, ""),
         (False, True): _Statements(_PLAIN_SQL, input_sql, params, _WAKE_PLAIN),
-        (True, False): _Statements(_DEDUP_SQL, input_sql, params, ""),
-        (True, True): _Statements(_DEDUP_SQL, input_sql, params, _WAKE_DEDUP),
+        (True, False): _Statements(keyed_sql, "", params, ""),
+        (True, True): _Statements(keyed_sql, "", params, _WAKE_DEDUP),
     }
 
 
-_ONE = _statements(_ONE_INPUT, _ONE_PARAMS)
-_MANY = _statements(_MANY_INPUT, ("rows",))
+_ONE = _statements(_ONE_INPUT, _KEYED_ONE_SQL, _ONE_PARAMS)
+_MANY = _statements(_MANY_INPUT, _KEYED_MANY_SQL, ("rows",))
 
 
 def _wake_now() -> bool:
@@ -617,6 +611,11 @@ def _translate(exc: Exception) -> Exception:
     orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
     if isinstance(orig, psycopg.errors.UndefinedTable):
         return OutboxNotInstalledError()
+    if isinstance(orig, psycopg.errors.UndefinedFunction) and "outbox_enqueue_keyed" in str(orig):
+        return OutboxNotInstalledError(
+            "the outbox tables predate this version (migration 0004 is missing): "
+            "run `outbox-worker migrate` first; the caller's transaction is aborted"
+        )
     if isinstance(orig, psycopg.errors.UniqueViolation) and "outbox_events_uuid_key" in str(orig):
         return OutboxDatabaseError(
             "an event with this uuid is already in the outbox; the caller's transaction "

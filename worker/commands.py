@@ -61,7 +61,7 @@ def status_report(store: Store) -> dict[str, Any]:
                 "status": row["status"],
                 "error": row["error"],
                 "count": row["count"],
-                "oldest_created_at": row["since"].isoformat() if row["since"] else None,
+                "oldest_created_at": row["since"],
             }
             for row in store.top_errors()
         ],
@@ -143,7 +143,12 @@ def status(settings: Settings, *, as_json: bool) -> int:
         _table(
             ["status", "count", "oldest event", "error"],
             [
-                (r["status"], str(r["count"]), (r["oldest_created_at"] or "")[:19], r["error"])
+                (
+                    r["status"],
+                    str(r["count"]),
+                    (r["oldest_created_at"] or "")[:19],
+                    r["error"],
+                )
                 for r in report["errors"]
             ],
         )
@@ -171,7 +176,7 @@ def dead(settings: Settings, *, event: str | None, limit: int, as_json: bool) ->
                 r["event"],
                 r["distinct_id"],
                 str(r["attempts"]),
-                r["created_at"].isoformat(timespec="seconds"),
+                (r["created_at"] or "")[:19],
                 r["last_error"] or "",
             )
             for r in rows
@@ -185,10 +190,15 @@ def retry(settings: Settings, *, all_: bool, ids: Sequence[int] | None, event: s
     """Requeue dead rows (all, by id, or by event name)."""
     store = _store(settings)
     try:
-        count = store.requeue_dead(ids=None if all_ else ids, event=event)
+        done = store.requeue_dead(ids=None if all_ else ids, event=event)
     finally:
         store.close()
-    print(f"requeued {count} dead events")
+    print(f"requeued {done.requeued} dead events")
+    if done.unsendable:
+        print(
+            f"left {done.unsendable} dead: their stored content cannot be sent "
+            "(see `outbox-worker dead`); remove them with `outbox-worker purge --dead`"
+        )
     return 0
 
 

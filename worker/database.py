@@ -220,11 +220,24 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
+#: A function of the latest migration the worker's statements need (0004).
+_LATEST_FUNCTION = "outbox_ack(bigint[], double precision)"
+
+
 def check_installed(conn: psycopg.Connection[Any]) -> None:
-    """Raise :class:`OutboxNotInstalledError` unless the outbox table exists."""
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (EVENTS_TABLE,)).fetchone()
+    """Raise :class:`OutboxNotInstalledError` unless the outbox table exists and its
+    migrations are recent enough for this worker."""
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL, to_regprocedure(%s) IS NOT NULL",
+        (EVENTS_TABLE, _LATEST_FUNCTION),
+    ).fetchone()
     if not row or not row[0]:
         raise OutboxNotInstalledError()
+    if not row[1]:
+        raise OutboxNotInstalledError(
+            "the outbox tables predate this worker (migration 0004 is missing): "
+            "run `outbox-worker migrate` first"
+        )
 
 
 def migrations_dir() -> Path:

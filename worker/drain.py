@@ -268,14 +268,13 @@ class Drainer:
     # -- shipping ---------------------------------------------------------------------
 
     def _ship(self, batch: Batch, claimed_at: float) -> Outcome:
-        payloads = {e.id: e.outbound() for e in batch.events}
         outcome = Outcome()
-        metrics_only = [e for e in batch.events if e.destination == DESTINATION_METRICS]
+        events = self._sendable(batch.events, outcome)
+        payloads = {e.id: e.outbound() for e in events}
+        metrics_only = [e for e in events if e.destination == DESTINATION_METRICS]
         if metrics_only:
-            self.metrics_sink.send([payloads[e.id] for e in metrics_only])
-            outcome.shipped.extend(e.id for e in metrics_only)
-            outcome.metrics_only = len(metrics_only)
-        to_sink = [e for e in batch.events if e.destination != DESTINATION_METRICS]
+            self._count_metrics(metrics_only, payloads, outcome)
+        to_sink = [e for e in events if e.destination != DESTINATION_METRICS]
         chunks = self._by_size(to_sink, payloads) if to_sink else []
         # Splitting a refused batch takes many requests; stop at half the lease so the
         # outcome is written while the transaction still holds the rows, and release
@@ -474,6 +473,43 @@ class Drainer:
         outcome.defer_delay = self.settings.unauthorized_pause
         outcome.defer_error = error
         outcome.defer_reason = state
+
+    def _sendable(self, events: list[ClaimedEvent], outcome: Outcome) -> list[ClaimedEvent]:
+        """The events that can be sent; the others (a row PostHog could not use, as
+        the claim found) die in this batch's outcome with the claim's error."""
+        sendable = []
+        for event in events:
+            if event.problem is None:
+                sendable.append(event)
+                continue
+            outcome.dead.append((event.id, event.problem))
+            log.warning(
+                "event cannot be sent as stored: %s",
+                event.problem,
+                extra={"action": "event_invalid", "uuid": str(event.uuid), "id": event.id},
+            )
+        return sendable
+
+    def _count_metrics(
+        self, events: list[ClaimedEvent], payloads: dict[int, Outbound], outcome: Outcome
+    ) -> None:
+        """Count metrics-only events, one at a time: one the metrics sink cannot read
+        (a row written by hand may hold anything) dies alone."""
+        for event in events:
+            try:
+                self.metrics_sink.send([payloads[event.id]])
+            except Exception as exc:
+                detail = ascii(str(exc)[:200])[1:-1]  # escaped: it may quote the event
+                error = f"metrics-only event cannot be counted: {type(exc).__name__}: {detail}"
+                outcome.dead.append((event.id, error))
+                log.warning(
+                    "%s",
+                    error,
+                    extra={"action": "event_invalid", "uuid": str(event.uuid), "id": event.id},
+                )
+            else:
+                outcome.shipped.append(event.id)
+                outcome.metrics_only += 1
 
     def _by_size(
         self, events: list[ClaimedEvent], payloads: dict[int, Outbound]

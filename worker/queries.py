@@ -2,10 +2,92 @@
 
 Parameters are psycopg named placeholders. A batch's statements share one
 transaction, open from its CLAIM until its outcome commits (its row locks are the
-batch's lease); every other statement runs in a transaction of its own.
+batch's lease); every other statement runs in a transaction of its own. The deletes
+are functions of migration 0004 (``outbox_ack``, ``outbox_purge_dead``,
+``outbox_expire_dedup_keys``), so the worker's role needs no ``DELETE`` right.
 """
 
 from __future__ import annotations
+
+from outbox.validation import MAX_NAME_LENGTH
+
+# The timestamps PostHog takes as they are: from TIMESTAMP_MIN to TIMESTAMP_AHEAD_HOURS
+# past the database's now(). TODO(outbox/schema.py): the validation helper defines
+# these bounds there; take them from there (migration 0004's CHECK holds the fixed part).
+TIMESTAMP_MIN = "1970-01-01T00:00:00Z"
+TIMESTAMP_AHEAD_HOURS = 23
+
+# The ASCII whitespace Python's str.strip() strips too (see migration 0004).
+_SPACE = r"E' \t\n\r\f\x0b'"
+_ISO_UTC = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""  # for what commands show
+
+
+def _utc_text(column: str) -> str:
+    """A timestamptz column as ISO 8601 text in UTC, whatever the session's TimeZone
+    (and 'infinity', or the year's era, as PostgreSQL writes it when ISO cannot)."""
+    return (
+        f"CASE WHEN {column} >= '0001-01-01 00:00:00+00' AND isfinite({column})"
+        f" THEN to_char({column} AT TIME ZONE 'UTC', {_ISO_UTC})"
+        f" ELSE ({column} AT TIME ZONE 'UTC')::text END"
+    )
+
+
+def _name_problem(column: str) -> str:
+    # Cheap tests first: a name of at most 200 bytes has at most 200 characters, and
+    # one whose first byte is above ' ' is not blank (a C-collation comparison is a
+    # memcmp); only a name that fails them pays for length() or btrim().
+    return (
+        f"WHEN octet_length(e.{column}) > {MAX_NAME_LENGTH}"
+        f" AND length(e.{column}) > {MAX_NAME_LENGTH}"
+        f" THEN '{column}: is ' || length(e.{column})"
+        f" || ' characters long, over the {MAX_NAME_LENGTH} limit'"
+        f""" WHEN e.{column} COLLATE "C" < '!' AND btrim(e.{column}, {_SPACE}) = ''"""
+        f" THEN '{column}: is empty or only whitespace'"
+    )
+
+
+# Why a row cannot be sent as it is, or NULL: the column and the problem. Checked per
+# row in the claim, so nothing PostHog cannot use is sent and nothing in a row can
+# make the claim itself fail. Migration 0004's constraints refuse all of it in a
+# pending row but the timestamp's distance ahead (a CHECK cannot hold now()); a row
+# written before 0004 (or with the constraints dropped) may still hold any of it.
+# (An infinite timestamp is out of range both ways; the bound ahead is computed once
+# per claim, as an InitPlan.)
+_PROBLEM = f"""CASE
+        WHEN jsonb_typeof(e.properties) <> 'object'
+            THEN 'properties: is a JSON ' || jsonb_typeof(e.properties) || ', not an object'
+        WHEN e."timestamp" < '{TIMESTAMP_MIN}'
+             OR e."timestamp" > (SELECT now() + interval '{TIMESTAMP_AHEAD_HOURS} hours')
+            THEN 'timestamp: ' || CASE
+                WHEN NOT isfinite(e."timestamp")
+                    THEN e."timestamp"::text || ' is not a finite time'
+                WHEN e."timestamp" < '{TIMESTAMP_MIN}'
+                    THEN (e."timestamp" AT TIME ZONE 'UTC')::text
+                         || ' UTC is before {TIMESTAMP_MIN}'
+                ELSE (e."timestamp" AT TIME ZONE 'UTC')::text || ' UTC is more than '
+                     || '{TIMESTAMP_AHEAD_HOURS} hours ahead of the database''s clock'
+            END
+        {_name_problem("event")}
+        {_name_problem("distinct_id")}
+    END"""
+
+# What migration 0004's constraints require of a pending row (a dead row is exempt).
+STORABLE = f"""(jsonb_typeof(properties) = 'object'
+    AND "timestamp" >= '1970-01-01 00:00:00+00' AND "timestamp" < '2200-01-01 00:00:00+00'
+    AND length(event) <= {MAX_NAME_LENGTH} AND btrim(event, {_SPACE}) <> ''
+    AND length(distinct_id) <= {MAX_NAME_LENGTH} AND btrim(distinct_id, {_SPACE}) <> '')"""
+
+# The keys the worker sets itself, when the row holds one of them (or "$ip", which
+# decides whether it sets $geoip_disable): ARRAY['ip' if the row has a top-level "$ip"
+# string (PostHog locates the user by it, so GeoIP stays on) else '', the properties
+# without the worker's keys]. NULL for nearly every row: one ?| test, nothing else.
+_OWN_KEYS = """CASE
+        WHEN NOT e.properties ?| '{$ip,$ignore_sent_at,$geoip_disable}'::text[] THEN NULL
+        WHEN jsonb_typeof(e.properties) <> 'object' THEN NULL
+        WHEN jsonb_typeof(e.properties -> '$ip') = 'string'
+            THEN ARRAY['ip', (e.properties - '$ignore_sent_at')::text]
+        ELSE ARRAY['', (e.properties - '{$ignore_sent_at,$geoip_disable}'::text[])::text]
+    END"""
 
 # Lock up to :limit due rows (skipping rows another worker holds this instant) and
 # return the longest prefix whose stored size fits in :max_bytes (always at least one
@@ -17,7 +99,12 @@ from __future__ import annotations
 # its locks with its session (idle_in_transaction_session_timeout is the lease length).
 # Rows locked but past the byte budget stay locked, unsent and untouched, until the
 # transaction ends.
-CLAIM = """
+#
+# Every column comes back as something Python decodes whatever the row holds: text,
+# integers, a uuid, a text array. The timestamp is text in UTC (BATCH_SETTINGS sets
+# TimeZone and DateStyle for the batch's transaction), so a value that would be
+# after year 9999 in the database's own TimeZone reads like any other.
+CLAIM = f"""
 WITH locked AS (
     SELECT id, next_attempt_at, pg_column_size(properties) + 200 AS size
     FROM outbox_events
@@ -30,8 +117,10 @@ WITH locked AS (
            row_number() OVER (ORDER BY next_attempt_at, id) AS n
     FROM locked
 )
-SELECT e.id, e.uuid, e.event, e.distinct_id, e.properties::text, e."timestamp", e.attempts,
-       e.destination
+SELECT e.id, e.uuid, e.event, e.distinct_id, e.properties::text, e."timestamp"::text,
+    e.attempts, e.destination,
+    {_OWN_KEYS},
+    {_PROBLEM}
 FROM sized JOIN outbox_events AS e USING (id)
 WHERE sized.running <= %(max_bytes)s OR sized.n = 1
 """
@@ -43,29 +132,20 @@ WHERE sized.running <= %(max_bytes)s OR sized.n = 1
 #   table was analyzed while nearly empty and a backlog built up since (an outage),
 #   the planner would otherwise pick a bitmap scan and sort the whole backlog for every
 #   batch (measured: 75 ms instead of 6 ms per claim at 100,000 rows, growing with the
-#   backlog). The outcome's statements go by primary key either way.
+#   backlog). The outcome's statements go by primary key either way;
+# - how a timestamp reads as text: in UTC, ISO style ('2026-03-04 05:06:07.89+00'),
+#   whatever the database's or the role's TimeZone and DateStyle.
 BATCH_SETTINGS = """
 SELECT set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true),
        set_config('enable_seqscan', 'off', true),
-       set_config('enable_bitmapscan', 'off', true)
+       set_config('enable_bitmapscan', 'off', true),
+       set_config('TimeZone', 'UTC', true),
+       set_config('DateStyle', 'ISO', true)
 """
 
 # Delivered: delete the rows (locked by this transaction) and start the dedup window
-# of their keys.
-ACK = """
-WITH done AS (
-    DELETE FROM outbox_events
-    WHERE id = ANY(%(ids)s)
-    RETURNING dedup_key
-), keys AS (
-    UPDATE outbox_dedup_keys AS k
-    SET expires_at = now() + %(window)s * interval '1 second'
-    FROM done
-    WHERE k.dedup_key = done.dedup_key
-    RETURNING 1
-)
-SELECT count(*) FROM done
-"""
+# of their keys (migration 0004's outbox_ack).
+ACK = "SELECT outbox_ack(%(ids)s::bigint[], %(window)s::double precision)"
 
 # A failed attempt: count it, back off exponentially with jitter (each row by its own
 # attempt count), or bury the row once it has used its attempts.
@@ -91,27 +171,27 @@ SET next_attempt_at = clock_timestamp() + %(delay)s * interval '1 second',
 WHERE id = ANY(%(ids)s)
 """
 
-# The sink refused these events themselves: no retry will help.
+# No retry will help (the sink refused these events, or they cannot be sent as they
+# are stored): each row dies with its own error.
 BURY = """
-UPDATE outbox_events
-SET status = 'dead', attempts = attempts + 1, last_error = %(error)s
-WHERE id = ANY(%(ids)s)
+UPDATE outbox_events AS e
+SET status = 'dead', attempts = e.attempts + 1, last_error = d.error
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS d(id, error)
+WHERE e.id = d.id
 """
 
-EXPIRE_DEDUP_KEYS = """
-DELETE FROM outbox_dedup_keys
-WHERE dedup_key IN (
-    SELECT dedup_key FROM outbox_dedup_keys WHERE expires_at < now() LIMIT %(limit)s
-)
-"""
+EXPIRE_DEDUP_KEYS = "SELECT outbox_expire_dedup_keys(%(limit)s::integer)"
 
+# Ages leave out a created_at that is not a finite time (only a row written by hand
+# has one): PostgreSQL cannot subtract it.
 BACKLOG = """
 SELECT
     count(*) FILTER (WHERE status = 'pending') AS pending,
     count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= now()) AS due,
     count(*) FILTER (WHERE status = 'pending' AND attempts > 0) AS retrying,
     count(*) FILTER (WHERE status = 'dead') AS dead,
-    coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')), 0)
+    greatest(coalesce(extract(epoch FROM now() - min(created_at)
+        FILTER (WHERE status = 'pending' AND isfinite(created_at))), 0), 0)
         AS oldest_pending_age_seconds
 FROM outbox_events
 """
@@ -125,18 +205,21 @@ ORDER BY n DESC, event
 LIMIT %(limit)s
 """
 
-TOP_ERRORS = """
-SELECT status, left(coalesce(last_error, ''), 200) AS error, count(*) AS n,
-       min(created_at) AS since
-FROM outbox_events
-WHERE last_error IS NOT NULL
-GROUP BY status, left(coalesce(last_error, ''), 200)
+TOP_ERRORS = f"""
+SELECT status, error, n, {_utc_text("since")}
+FROM (
+    SELECT status, left(coalesce(last_error, ''), 200) AS error, count(*) AS n,
+           min(created_at) AS since
+    FROM outbox_events
+    WHERE last_error IS NOT NULL
+    GROUP BY status, left(coalesce(last_error, ''), 200)
+) AS grouped
 ORDER BY n DESC
 LIMIT %(limit)s
 """
 
-LIST_DEAD = """
-SELECT id, uuid, event, distinct_id, attempts, last_error, created_at
+LIST_DEAD = f"""
+SELECT id, uuid, event, distinct_id, attempts, last_error, {_utc_text("created_at")}
 FROM outbox_events
 WHERE status = 'dead'
   AND (%(event)s::text IS NULL OR event = %(event)s::text)
@@ -144,27 +227,31 @@ ORDER BY created_at, id
 LIMIT %(limit)s
 """
 
-# Give dead rows (all, some ids, or one event name) a fresh set of attempts.
-REQUEUE_DEAD = """
-UPDATE outbox_events
-SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
-WHERE status = 'dead'
-  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
-  AND (%(event)s::text IS NULL OR event = %(event)s::text)
-"""
-
-# Delete dead rows created before the cutoff, and free their dedup keys.
-PURGE_DEAD = """
-WITH gone AS (
-    DELETE FROM outbox_events
-    WHERE status = 'dead' AND created_at < now() - %(older_than)s * interval '1 second'
-    RETURNING dedup_key
-), keys AS (
-    DELETE FROM outbox_dedup_keys AS k USING gone WHERE k.dedup_key = gone.dedup_key
+# Give dead rows (all, some ids, or one event name) a fresh set of attempts, but for
+# those that migration 0004's constraints refuse in a pending row (they could never
+# be sent: they stay dead, and are counted).
+REQUEUE_DEAD = f"""
+WITH chosen AS (
+    SELECT id, {STORABLE} AS storable
+    FROM outbox_events
+    WHERE status = 'dead'
+      AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+      AND (%(event)s::text IS NULL OR event = %(event)s::text)
+    FOR UPDATE
+), requeued AS (
+    UPDATE outbox_events AS e
+    SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
+    FROM chosen
+    WHERE e.id = chosen.id AND chosen.storable
     RETURNING 1
 )
-SELECT count(*) FROM gone
+SELECT (SELECT count(*) FROM requeued), count(*) FILTER (WHERE NOT storable)
+FROM chosen
 """
+
+# Delete dead rows created before the cutoff (or with a created_at in the future,
+# which says nothing about their age), and free their dedup keys.
+PURGE_DEAD = "SELECT outbox_purge_dead(%(older_than)s::double precision)"
 
 # The backlog for metrics, refreshed every few seconds: every count is capped, so its
 # cost does not grow with the backlog (past the cap, pending is the planner's estimate
@@ -180,8 +267,9 @@ SELECT
         WHERE status = 'pending' AND attempts > 0 LIMIT %(cap)s) s) AS retrying,
     (SELECT count(*) FROM (SELECT 1 FROM outbox_events
         WHERE status = 'dead' LIMIT %(cap)s) s) AS dead,
-    coalesce((SELECT extract(epoch FROM now() - created_at) FROM outbox_events
-        WHERE status = 'pending' ORDER BY id LIMIT 1), 0) AS oldest_pending_age_seconds,
+    coalesce((SELECT greatest(extract(epoch FROM now() - created_at), 0) FROM outbox_events
+        WHERE status = 'pending' AND isfinite(created_at) ORDER BY id LIMIT 1), 0)
+        AS oldest_pending_age_seconds,
     (SELECT greatest(reltuples, 0)::bigint FROM pg_class
         WHERE oid = to_regclass('outbox_events_due_idx')) AS pending_estimate
 """

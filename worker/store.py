@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -43,18 +42,32 @@ class DatabaseUnavailable(OutboxDatabaseError):
 
 @dataclass(frozen=True, slots=True)
 class ClaimedEvent:
-    """A claimed outbox row, as the drainer ships it."""
+    """A claimed outbox row, as the drainer ships it.
+
+    Every field is what the claim rendered in SQL (text, integers, a uuid), so reading
+    a row cannot fail on what it holds. A row PostHog could not use has ``problem``
+    set (the column and what is wrong, e.g. ``timestamp: infinity is not a finite
+    time``); the drainer buries it with that error instead of sending it.
+    """
 
     id: int
     uuid: uuid.UUID
     event: str
     distinct_id: str
-    #: The stored properties as PostgreSQL renders jsonb (never decoded here).
+    #: The stored properties as PostgreSQL renders jsonb (never decoded here), without
+    #: ``$ignore_sent_at`` and (unless ``has_ip``) ``$geoip_disable``, which
+    #: :meth:`outbound` sets itself.
     properties_json: str
-    timestamp: datetime
+    #: The stored timestamp as PostgreSQL writes it in UTC, ISO style
+    #: (``2026-03-04 05:06:07.890123+00``, or ``infinity`` in a row with a problem).
+    timestamp: str
     attempts: int
     #: ``posthog``, or ``metrics`` for a metrics-only event (counted, never sent).
     destination: str = "posthog"
+    #: The properties have a top-level ``$ip`` string.
+    has_ip: bool = False
+    #: Why the row cannot be sent as it is stored, or None.
+    problem: str | None = None
 
     def outbound(self) -> Outbound:
         """The PostHog capture event, as JSON text: the row's uuid and timestamp, and
@@ -62,11 +75,18 @@ class ClaimedEvent:
 
         ``$geoip_disable`` is added too (as posthog-python does), because the request
         comes from the worker, whose address says nothing about the user; an event
-        that carries the user's ``$ip`` keeps GeoIP.
+        whose properties have a top-level ``$ip`` keeps GeoIP (and its own
+        ``$geoip_disable``, if it has one). Each key is in the object once.
+
+        Meant for rows without a ``problem`` (the drainer never sends the others).
         """
         props = self.properties_json
-        extra = _EXTRA_WITH_IP if '"$ip":' in props else _EXTRA
+        extra = _EXTRA_WITH_IP if self.has_ip else _EXTRA
         props = "{" + extra[2:] + "}" if props == "{}" else props[:-1] + extra + "}"
+        # '2026-03-04 05:06:07.89+00' -> '2026-03-04T05:06:07.890000+00:00', as
+        # datetime.isoformat() writes it (no fraction at all when it is zero).
+        ts = self.timestamp
+        clock = ts[11:19] if len(ts) == 22 else ts[11:-3].ljust(15, "0")
         return Outbound(
             '{"event": '
             + _dumps(self.event)
@@ -77,13 +97,27 @@ class ClaimedEvent:
             + ', "uuid": "'
             + str(self.uuid)
             + '", "timestamp": "'
-            + self.timestamp.isoformat()
-            + '"}'
+            + ts[:10]
+            + "T"
+            + clock
+            + '+00:00"}'
         )
 
 
 _EXTRA_WITH_IP = ', "$ignore_sent_at": true'
 _EXTRA = _EXTRA_WITH_IP + ', "$geoip_disable": true'
+
+
+def _claimed(row: tuple[Any, ...]) -> ClaimedEvent:
+    """A CLAIM row as a :class:`ClaimedEvent` (see ``queries.CLAIM`` for the columns)."""
+    id_, uuid_, event, distinct_id, props, ts, attempts, destination, own, problem = row
+    has_ip = False
+    if own is not None:  # the row holds a key the worker sets, or "$ip"
+        has_ip = own[0] == "ip"
+        props = own[1]
+    return ClaimedEvent(
+        id_, uuid_, event, distinct_id, props, ts, attempts, destination, has_ip, problem
+    )
 
 
 #: Worker connections that claim batches are named ``<prefix><worker id>`` in
@@ -137,6 +171,16 @@ class BatchLostError(OutboxDatabaseError):
     """The batch's transaction ended before its outcome was written (the connection
     was lost, its lease ran out, or it was released): nothing of it was written, and
     its rows will be claimed and shipped again with the same uuids."""
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    """What :meth:`Store.requeue_dead` did."""
+
+    requeued: int
+    #: Dead rows it left dead: their stored content could never be sent (migration
+    #: 0004's constraints refuse it in a pending row). Purge them.
+    unsendable: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +351,7 @@ class Store:
             except psycopg.Error as exc:
                 self._abort()
                 raise OutboxDatabaseError(f"claiming a batch failed: {_first_line(exc)}") from exc
-            events = sorted((ClaimedEvent(*row) for row in rows), key=lambda e: e.id)
+            events = sorted(map(_claimed, rows), key=lambda e: e.id)
             self._batch = Batch(store=self, events=events, connection=conn)
             return self._batch
 
@@ -336,8 +380,14 @@ class Store:
                         queries.ACK, {"ids": list(outcome.shipped), "window": dedup_window}
                     ).fetchone()
                     shipped = int(ack[0]) if ack else 0
-                for event_id, error in outcome.dead:
-                    conn.execute(queries.BURY, {"ids": [event_id], "error": error[:2000]})
+                if outcome.dead:
+                    conn.execute(
+                        queries.BURY,
+                        {
+                            "ids": [event_id for event_id, _ in outcome.dead],
+                            "errors": [error[:2000] for _, error in outcome.dead],
+                        },
+                    )
                 statuses: list[str] = []
                 if outcome.retry:
                     retried = conn.execute(
@@ -426,7 +476,7 @@ class Store:
 
     def expire_dedup_keys(self, limit: int = 10_000) -> int:
         """Delete dedup keys whose window has passed; returns how many."""
-        return self._run(queries.EXPIRE_DEDUP_KEYS, {"limit": limit})[1]
+        return int(self._execute(queries.EXPIRE_DEDUP_KEYS, {"limit": limit})[0][0])
 
     def backlog(self) -> Backlog:
         """Counts of pending, due, retrying and dead rows, and the oldest age."""
@@ -462,25 +512,30 @@ class Store:
         ]
 
     def top_errors(self, limit: int = 10) -> list[dict[str, Any]]:
-        """Rows with an error, grouped by status and error text."""
+        """Rows with an error, grouped by status and error text; ``since`` is the
+        oldest row's created_at as ISO 8601 text in UTC."""
         return [
             {"status": r[0], "error": r[1], "count": int(r[2]), "since": r[3]}
             for r in self._execute(queries.TOP_ERRORS, {"limit": limit})
         ]
 
     def dead(self, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:
-        """Dead rows, oldest first."""
+        """Dead rows, oldest first; ``created_at`` is ISO 8601 text in UTC."""
         columns = ("id", "uuid", "event", "distinct_id", "attempts", "last_error", "created_at")
         rows = self._execute(queries.LIST_DEAD, {"limit": limit, "event": event})
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
-    def requeue_dead(self, ids: Sequence[int] | None = None, event: str | None = None) -> int:
-        """Make dead rows pending again with fresh attempts; returns how many."""
+    def requeue_dead(self, ids: Sequence[int] | None = None, event: str | None = None) -> Requeued:
+        """Make dead rows pending again with fresh attempts, but for those that could
+        never be sent as stored (they stay dead); says how many of each."""
         params = {"ids": list(ids) if ids else None, "event": event}
-        return self._run(queries.REQUEUE_DEAD, params)[1]
+        row = self._execute(queries.REQUEUE_DEAD, params)[0]
+        return Requeued(requeued=int(row[0]), unsendable=int(row[1]))
 
     def purge_dead(self, older_than_seconds: float) -> int:
-        """Delete dead rows older than the given age; returns how many."""
+        """Delete dead rows older than the given age (a row whose created_at lies in
+        the future, which only a hand-written row has, counts as old enough); returns
+        how many."""
         rows = self._execute(queries.PURGE_DEAD, {"older_than": float(older_than_seconds)})
         return int(rows[0][0])
 

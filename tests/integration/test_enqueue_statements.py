@@ -25,6 +25,7 @@ import outbox
 from outbox.schema import NOTIFY_CHANNEL
 from outbox.validation import MAX_EVENT_BYTES, PreparedEvent, new_event_uuid
 from tests.conftest import STAMP, record_statements
+from tests.integration.test_roles import APP_GRANTS
 from worker.database import sqlalchemy_url
 
 # The module, not the function ``outbox.enqueue`` that shadows it.
@@ -136,9 +137,7 @@ def test_every_statement_runs_with_insert_only_privileges(
 ) -> None:
     role = f"outbox_app_{uuid.uuid4().hex[:8]}"
     db.execute(f"CREATE ROLE {role}")
-    db.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-    db.execute(f"GRANT INSERT ON outbox_events TO {role}")
-    db.execute(f"GRANT SELECT, INSERT, UPDATE ON outbox_dedup_keys TO {role}")
+    db.execute(APP_GRANTS.format(app=role))  # the documented grants: no right on the keys
     try:
         with psycopg.connect(database_url) as conn:
             conn.execute(f"SET ROLE {role}")

@@ -1,5 +1,6 @@
-"""Least privilege: the application may only INSERT events; the worker may not write
-anything but the outbox. (Grants are those documented in docs/operations.md.)"""
+"""Least privilege: the application may only INSERT events (keys through a function);
+the worker may not write anything but the outbox, nor lock it whole. (Grants are those
+documented in docs/operations.md.)"""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import outbox
+from tests.conftest import create_database, drop_database
+from worker.commands import status_report
 from worker.drain import Drainer
 from worker.settings import Settings
 from worker.sinks import MemorySink
@@ -19,13 +23,22 @@ from worker.store import Store
 
 APP_GRANTS = """
 GRANT USAGE ON SCHEMA public TO {app};
-GRANT INSERT ON outbox_events TO {app};
-GRANT SELECT, INSERT, UPDATE ON outbox_dedup_keys TO {app};
+GRANT INSERT (uuid, event, distinct_id, properties, "timestamp", destination)
+    ON outbox_events TO {app};
+GRANT EXECUTE ON FUNCTION
+    outbox_enqueue_keyed(uuid, text, text, jsonb, text, timestamptz, text),
+    outbox_enqueue_keyed_rows(jsonb)
+    TO {app};
 """
 WORKER_GRANTS = """
 GRANT USAGE ON SCHEMA public TO {worker};
-GRANT SELECT, UPDATE, DELETE ON outbox_events TO {worker};
-GRANT SELECT, UPDATE, DELETE ON outbox_dedup_keys TO {worker};
+GRANT SELECT ON outbox_events TO {worker};
+GRANT UPDATE (status, attempts, next_attempt_at, last_error) ON outbox_events TO {worker};
+GRANT EXECUTE ON FUNCTION
+    outbox_ack(bigint[], double precision),
+    outbox_purge_dead(double precision),
+    outbox_expire_dedup_keys(integer)
+    TO {worker};
 GRANT SELECT ON outbox_stuck TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_worker_state TO {worker};
 """
@@ -85,3 +98,174 @@ def test_the_worker_role_can_drain(
         assert conn.execute("SELECT current_user").fetchone() == (worker,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("CREATE TABLE nope (id int)")
+
+
+# --------------------------------------------------------------------------- what each
+# role cannot do (migration 0004 and the documented grants)
+
+# The database-level part of the documented setup: PostgreSQL lets PUBLIC connect to
+# every database and create temporary tables in it unless told otherwise.
+DATABASE_GRANTS = """
+REVOKE CONNECT, TEMPORARY ON DATABASE {database} FROM PUBLIC;
+GRANT CONNECT ON DATABASE {database} TO {app}, {worker};
+"""
+OTHER_DATABASE = "REVOKE CONNECT ON DATABASE {other} FROM PUBLIC"
+
+
+def _as(database_url: str, role: str) -> str:
+    separator = "&" if "?" in database_url else "?"
+    return f"{database_url}{separator}options={quote(f'-c role={role}')}"
+
+
+def _refused(conn: psycopg.Connection[Any], statement: str) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(statement)
+
+
+LOCK_MODES = ("ACCESS SHARE", "ROW EXCLUSIVE", "SHARE", "EXCLUSIVE", "ACCESS EXCLUSIVE")
+
+
+def test_what_the_application_role_cannot_do(
+    database_url: str, db: psycopg.Connection[Any], roles: tuple[str, str]
+) -> None:
+    app, _ = roles
+    with psycopg.connect(database_url) as owner:
+        outbox.enqueue(owner, "signup", "user-1", dedup_key="signup:alice@example.com")
+        owner.commit()
+    with psycopg.connect(_as(database_url, app), autocommit=True) as conn:
+        # Read no event and no key.
+        _refused(conn, "SELECT uuid FROM outbox_events")
+        _refused(conn, "SELECT dedup_key FROM outbox_dedup_keys")
+        # Change nothing written, set no worker-owned column.
+        _refused(conn, "UPDATE outbox_events SET status = 'dead'")
+        _refused(conn, "DELETE FROM outbox_events")
+        _refused(conn, "TRUNCATE outbox_events")
+        for column, value in (
+            ("status", "'dead'"),
+            ("attempts", "3"),
+            ("next_attempt_at", "'infinity'"),
+            ("last_error", "'x'"),
+            ("created_at", "now()"),
+            ("dedup_key", "'k'"),
+        ):
+            _refused(
+                conn,
+                f"INSERT INTO outbox_events (uuid, event, distinct_id, {column})"
+                f" VALUES (gen_random_uuid(), 'e', 'u', {value})",
+            )
+        # No key without its event: the table is closed, the function writes both.
+        _refused(conn, "INSERT INTO outbox_dedup_keys VALUES ('k', 'infinity')")
+        _refused(conn, "UPDATE outbox_dedup_keys SET expires_at = now()")
+        _refused(conn, "DELETE FROM outbox_dedup_keys")
+        row = conn.execute(
+            "SELECT outbox_enqueue_keyed(gen_random_uuid(), 'e', 'u', '{}', NULL, NULL, 'k')"
+        ).fetchone()
+        assert row == ("k",)
+        # None of the worker's functions; no lock that could stop the others.
+        _refused(conn, "SELECT outbox_ack(ARRAY[1]::bigint[], 0)")
+        _refused(conn, "SELECT outbox_purge_dead(0)")
+        _refused(conn, "SELECT outbox_expire_dedup_keys(10)")
+        for mode in ("SHARE", "EXCLUSIVE", "ACCESS EXCLUSIVE"):
+            with conn.transaction():
+                _refused(conn, f"LOCK TABLE outbox_events IN {mode} MODE")
+        for mode in LOCK_MODES:
+            with conn.transaction():
+                _refused(conn, f"LOCK TABLE outbox_dedup_keys IN {mode} MODE")
+    keyed = db.execute("SELECT count(*) FROM outbox_events WHERE dedup_key = 'k'").fetchone()
+    assert keyed == (1,)  # the key came with its event
+
+
+def test_what_the_worker_role_cannot_do(
+    server_url: str, database_url: str, db: psycopg.Connection[Any], roles: tuple[str, str]
+) -> None:
+    app, worker = roles
+    database = conninfo_to_dict(database_url)["dbname"]
+    other = f"outbox_other_{uuid.uuid4().hex[:8]}"
+    create_database(server_url, other)
+    try:
+        db.execute(DATABASE_GRANTS.format(database=database, app=app, worker=worker))
+        db.execute(OTHER_DATABASE.format(other=other))
+        with psycopg.connect(make_conninfo(database_url, user=worker), autocommit=True) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (worker,)
+            _refused(
+                conn,
+                "INSERT INTO outbox_events (uuid, event, distinct_id)"
+                " VALUES (gen_random_uuid(), 'e', 'u')",
+            )
+            _refused(conn, "DELETE FROM outbox_events")
+            _refused(conn, "TRUNCATE outbox_events")
+            for column in (
+                "uuid",
+                "event",
+                "distinct_id",
+                "properties",
+                "timestamp",
+                "dedup_key",
+                "destination",
+                "created_at",
+            ):
+                _refused(conn, f'UPDATE outbox_events SET "{column}" = "{column}"')
+            _refused(conn, "SELECT dedup_key FROM outbox_dedup_keys")
+            _refused(conn, "SELECT outbox_enqueue_keyed_rows('[]')")
+            for mode in ("ROW EXCLUSIVE", "SHARE", "EXCLUSIVE", "ACCESS EXCLUSIVE"):
+                with conn.transaction():
+                    _refused(conn, f"LOCK TABLE outbox_events IN {mode} MODE")
+            for mode in LOCK_MODES:
+                with conn.transaction():
+                    _refused(conn, f"LOCK TABLE outbox_dedup_keys IN {mode} MODE")
+            _refused(conn, "CREATE TABLE nope (id int)")
+            _refused(conn, "CREATE TEMP TABLE nope (id int)")
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(make_conninfo(database_url, user=worker, dbname=other)).close()
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(make_conninfo(database_url, user=app, dbname=other)).close()
+        with psycopg.connect(make_conninfo(database_url, user=app)) as conn:
+            _refused(conn, "CREATE TEMP TABLE nope (id int)")
+    finally:
+        drop_database(server_url, other)
+
+
+def test_a_delete_right_would_let_a_role_lock_the_whole_table(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    """Why the worker deletes through functions: PostgreSQL lets DELETE (or a
+    table-wide UPDATE) take any table lock, and ACCESS EXCLUSIVE stops every enqueue."""
+    role = f"outbox_deleter_{uuid.uuid4().hex[:8]}"
+    db.execute(f"CREATE ROLE {role}")
+    db.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+    db.execute(f"GRANT SELECT, DELETE ON outbox_events TO {role}")
+    try:
+        with psycopg.connect(_as(database_url, role)) as conn:
+            conn.execute("LOCK TABLE outbox_events IN ACCESS EXCLUSIVE MODE")
+            conn.rollback()
+    finally:
+        db.execute(f"DROP OWNED BY {role}")
+        db.execute(f"DROP ROLE {role}")
+
+
+def test_the_worker_role_runs_every_command(
+    database_url: str, db: psycopg.Connection[Any], roles: tuple[str, str]
+) -> None:
+    _, worker = roles
+    with psycopg.connect(database_url) as conn:
+        outbox.enqueue_many(
+            conn, [{"event": "e", "distinct_id": f"u{i}", "dedup_key": f"k{i}"} for i in range(4)]
+        )
+        conn.commit()
+    db.execute("UPDATE outbox_events SET status = 'dead' WHERE dedup_key IN ('k0', 'k1')")
+    db.execute(
+        "UPDATE outbox_dedup_keys SET expires_at = now() - interval '1 day' WHERE dedup_key = 'k3'"
+    )
+    store = Store(_as(database_url, worker))
+    try:
+        assert status_report(store)["dead"] == 2
+        assert len(store.dead()) == 2
+        assert store.backlog_capped().pending == 2
+        assert store.requeue_dead(event="e").requeued == 2
+        db.execute("UPDATE outbox_events SET status = 'dead' WHERE dedup_key = 'k0'")
+        assert store.purge_dead(0.0) == 1
+        assert store.expire_dedup_keys() == 1
+    finally:
+        store.close()
+    keys = db.execute("SELECT dedup_key FROM outbox_dedup_keys ORDER BY 1").fetchall()
+    assert keys == [("k1",), ("k2",)]  # k0 purged with its event, k3 expired

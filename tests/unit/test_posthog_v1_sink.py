@@ -7,7 +7,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -334,8 +334,9 @@ def test_stored_events_are_spliced_as_to_v1_event_builds_them(
         event=event,
         distinct_id=distinct_id,
         properties_json=properties,
-        timestamp=datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC),
+        timestamp="2026-05-04 03:02:01.123456+00",  # as the claim renders it
         attempts=0,
+        has_ip='"$ip"' in properties,
     )
     outbound = row.outbound()
     uid, wire = _prepare(outbound)

@@ -46,6 +46,11 @@ class DatabaseUnavailable(OutboxDatabaseError):
     """The database cannot be reached right now; the worker will reconnect."""
 
 
+class ConnectionReset(DatabaseUnavailable):
+    """A connection that worked was closed under a statement; the next call connects
+    again at once (only if that fails is the database unavailable)."""
+
+
 class DatabaseTimeout(OutboxDatabaseError):
     """PostgreSQL cut a statement short; the database itself is up."""
 
@@ -268,6 +273,8 @@ class Store:
         prefix = BATCH_APPLICATION_PREFIX if for_batches else APPLICATION_PREFIX
         self.application_name = (prefix + worker_id)[:_APPLICATION_NAME_MAX]
         self._conn: psycopg.Connection[Any] | None = None
+        #: A statement has worked on ``_conn`` (so its breaking is not an outage).
+        self._conn_worked = False
         self._batch: Batch | None = None
         self._lock = threading.RLock()
         self._down_since: float | None = None
@@ -295,10 +302,18 @@ class Store:
             )
             try:
                 check_installed(conn)
+            except psycopg.errors.QueryCanceled as exc:
+                try:
+                    value = _setting(conn, "statement_timeout")
+                except psycopg.Error:
+                    value = ""
+                conn.close()
+                raise _canceled(exc, value) from exc
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
+            self._conn_worked = False
             if self._down_since is not None:
                 log.warning(
                     "database reachable again",
@@ -377,6 +392,12 @@ class Store:
             yield
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             problem = self._statement_problem(exc)
+            if problem is None and self._conn_worked and self._conn is not None:
+                # A connection that worked broke (terminated, or closed by a proxy under
+                # a statement): connect again at the next call, at once. Only if that
+                # fails is the database down.
+                self._reset(_first_line(exc))
+                raise ConnectionReset(f"database connection lost: {_first_line(exc)}") from exc
             if problem is None:
                 self._lost(exc)
                 problem = DatabaseUnavailable(f"database unavailable: {_first_line(exc)}")
@@ -393,6 +414,7 @@ class Store:
                 raise unavailable from exc
             self.health.note(exc)
             raise
+        self._conn_worked = self._conn is not None
         if self._batch is None:  # a claimed batch's outcome tells whether it worked
             self.health.note(None)
 
@@ -403,8 +425,7 @@ class Store:
         if not isinstance(exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
             return None
         conn = self._conn
-        if conn is None or conn.closed or conn.broken:
-            # Canceled while connecting (check_installed): nothing to ask the session.
+        if conn is None or conn.closed or conn.broken:  # nothing left to ask the session
             if isinstance(exc, psycopg.errors.LockNotAvailable):
                 return LockTimeout(f"{_first_line(exc)}; an outbox table is locked")
             return StatementTimeout(f"{_first_line(exc)}; check statement_timeout")
@@ -427,12 +448,7 @@ class Store:
             return StatementTimeout(_first_line(exc))
         # A fresh session picks up a corrected ALTER ROLE/DATABASE ... SET statement_timeout.
         self._drop_connection()
-        if value in ("0", ""):
-            return OutboxDatabaseError(f"statement canceled: {_first_line(exc)}")
-        return StatementTimeout(
-            f"{_first_line(exc)} (statement_timeout is {value} for the worker's sessions: "
-            "see ALTER ROLE/ALTER DATABASE ... SET statement_timeout)"
-        )
+        return _canceled(exc, value)
 
     def _drop_connection(self) -> None:
         """Close and forget the connection (and the batch whose transaction it held);
@@ -723,6 +739,17 @@ def _closed_by_peer(conn: psycopg.Connection[Any]) -> bool:
 
 def _milliseconds(seconds: float) -> str:
     return str(max(1, round(seconds * 1000)))
+
+
+def _canceled(exc: psycopg.Error, statement_timeout: str) -> OutboxDatabaseError:
+    """A canceled statement: :class:`StatementTimeout` with the session's setting, or
+    a plain error when no statement_timeout was in force (someone canceled it)."""
+    if statement_timeout in ("0", ""):
+        return OutboxDatabaseError(f"statement canceled: {_first_line(exc)}")
+    return StatementTimeout(
+        f"{_first_line(exc)} (statement_timeout is {statement_timeout} for the worker's "
+        "sessions: see ALTER ROLE/ALTER DATABASE ... SET statement_timeout)"
+    )
 
 
 def _duration(milliseconds: str | None) -> str:

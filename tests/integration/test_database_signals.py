@@ -25,6 +25,7 @@ from worker.store import (
     LOCK_TIMEOUT,
     BatchLostError,
     BatchOutcome,
+    ConnectionReset,
     DatabaseUnavailable,
     LockTimeout,
     StatementTimeout,
@@ -331,3 +332,25 @@ def test_the_documented_maintenance_commands_do_not_hold_up_the_application(
 def run_all(conn: psycopg.Connection[Any], statements: list[str]) -> None:
     for statement in statements:
         conn.execute(statement)
+
+
+def test_a_claim_on_a_connection_that_broke_is_retried_by_the_next_poll_not_an_outage(
+    database_url: str,
+    store: Store,
+    db: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    enqueue(database_url, 2)
+    store.ping_or_raise()
+    monkeypatch.setattr(store_module, "_closed_by_peer", lambda conn: False)
+    terminate(db, backend_pid(store))
+    with caplog.at_level(logging.INFO, logger="outbox.worker"):
+        with pytest.raises(ConnectionReset):  # a DatabaseUnavailable: the drain stops
+            store.claim(10, 1_000_000, 30.0)
+        batch = store.claim(10, 1_000_000, 30.0)  # the next poll: a new connection
+    assert batch is not None and len(batch.events) == 2
+    store.release(batch)
+    assert store.health.problem is None
+    actions = [getattr(r, "action", "") for r in caplog.records]
+    assert actions == ["db_connection_reset"]

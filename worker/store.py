@@ -75,9 +75,10 @@ class Health:
     """What the store (or the stores sharing it) last learned about the database:
     :attr:`problem` is None after a statement that worked, else what went wrong.
 
-    A timeout is logged when it starts (``db_statement_timeout``,
+    With ``log``, a timeout is logged when it starts (``db_statement_timeout``,
     ``db_lock_timeout``) and when statements work again (``db_timeouts_over``), once
     however many connections share this object and however often it repeats.
+    Outages are logged by the store (``db_unavailable``), not here.
     """
 
     def __init__(self, *, log: bool = True) -> None:

@@ -69,16 +69,22 @@ def set_database(db: psycopg.Connection[Any], name: str, value: str | None) -> N
         )
 
 
-def add_dead(db: psycopg.Connection[Any], url: str, n: int) -> None:
-    """``n`` dead rows: counted by the backlog refresh, never shipped."""
-    enqueue_n(url, n)
-    db.execute("UPDATE outbox_events SET status = 'dead' WHERE status = 'pending'")
+def add_dead(url: str, n: int) -> None:
+    """``n`` dead rows: counted by the backlog refresh, never shipped (they are dead
+    when they commit, so a running worker never sees them pending)."""
+    with psycopg.connect(url) as conn:
+        uuids = outbox.enqueue_many(
+            conn, [{"event": "gave_up", "distinct_id": "u", "properties": {}}] * n
+        )
+        conn.execute(
+            "UPDATE outbox_events SET status = 'dead' WHERE uuid = ANY(%s)", (list(uuids),)
+        )
 
 
 def test_a_dropped_idle_connection_is_not_an_outage(
     database_url: str, db: psycopg.Connection[Any], capture: CaptureServer, probes: Probes
 ) -> None:
-    add_dead(db, database_url, 5)
+    add_dead(database_url, 5)
     proc = start_worker(worker_env(database_url, capture, OUTBOX_METRICS_PORT=str(probes.port)))
     try:
         wait_for(lambda: probes.ready()[0] == 200, what="/readyz")
@@ -107,7 +113,7 @@ def test_a_dropped_idle_connection_is_not_an_outage(
 
         # Nor for the metric: the refresh after the drop (every 15 s) sees the two new
         # dead rows, and outbox_database_up reads 1 all along.
-        add_dead(db, database_url, 2)
+        add_dead(database_url, 2)
         seen: list[float | None] = []
 
         def refreshed() -> bool:

@@ -189,7 +189,8 @@ def enqueue(
     ``Connection``. The row commits or rolls back with that transaction; this
     function never begins, commits or rolls back. ``timestamp`` defaults to the
     transaction's ``now()``; ``uuid`` to a new UUIDv7, which PostHog uses as the
-    event's identity (a re-send is dropped as a duplicate).
+    event's identity (a re-sent copy is collapsed with the first when ClickHouse
+    merges them, not at once).
 
     ``distinct_id`` may be an :class:`~outbox.actors.Actor` (see
     :func:`outbox.user_actor` and friends): its id is used and its properties are

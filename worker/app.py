@@ -14,7 +14,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
 from worker.contract_command import load_registry
 from worker.database import resolve_database_url
-from worker.drain import SINK_UNAUTHORIZED, Drainer, DrainStats
+from worker.drain import SINK_NOT_READY, Drainer, DrainStats
 from worker.metrics import ProbeServer, WorkerMetrics
 from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
@@ -240,8 +240,9 @@ class Worker:
 
     def readiness(self) -> tuple[bool, str]:
         """``/readyz``: ready when the database answers, the worker's latest batch
-        statement worked (it can claim and record batches) and the sink is not
-        refusing our key; otherwise every reason, joined by ``; ``."""
+        statement worked (it can claim and record batches), and the sink is not in a
+        state only a configuration change ends (key refused, redirected, requests
+        refused); otherwise every reason, joined by ``; ``."""
         reasons: list[str] = []
         try:
             self.housekeeping_store.ping_or_raise()
@@ -254,8 +255,8 @@ class Worker:
         problem = self.batch_health.problem
         if not reasons and problem is not None:
             reasons.append(f"batches cannot be claimed or recorded: {problem}")
-        if self.drainer.sink_state == SINK_UNAUTHORIZED:
-            reasons.append(f"sink refuses the API key: {self.drainer.last_error}")
+        if self.drainer.sink_state in SINK_NOT_READY:
+            reasons.append(f"{SINK_NOT_READY[self.drainer.sink_state]}: {self.drainer.last_error}")
         if reasons:
             return False, "; ".join(reasons)
         return True, f"ok (sink {self.drainer.sink_state})"

@@ -4,7 +4,9 @@ A batch is a database transaction: the claim locks its rows, and they stay locke
 (so no other worker can take them) while the batch is on the wire; the outcome is
 written and committed in one round trip. If the worker dies, hangs past its lease or
 loses the database, the transaction ends without the outcome and the rows are
-claimed again, to be sent with the same uuids (PostHog de-duplicates them).
+claimed again, to be sent with the same uuids and timestamps. PostHog keeps both
+copies at first; ClickHouse collapses them when it merges the parts that hold them
+(docs/design.md, "Deduplication").
 
 With two connections the next batch is claimed while the current one is on the wire.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +29,9 @@ from worker.settings import Settings
 from worker.sinks.base import (
     Outbound,
     RateLimitedError,
+    RedirectError,
     RejectedError,
+    RequestRejectedError,
     RetryableSinkError,
     Sink,
     UnauthorizedError,
@@ -50,16 +55,42 @@ SINK_OK = "ok"
 SINK_BACKING_OFF = "backing_off"
 SINK_RATE_LIMITED = "rate_limited"
 SINK_UNAUTHORIZED = "unauthorized"
+#: The endpoint answered with a redirect, which is never followed.
+SINK_REDIRECTED = "redirected"
+#: The endpoint refused requests as such (a 400 about the request, or the breaker).
+SINK_REQUEST_REJECTED = "request_rejected"
+SINK_STATES = (
+    SINK_OK,
+    SINK_BACKING_OFF,
+    SINK_RATE_LIMITED,
+    SINK_UNAUTHORIZED,
+    SINK_REDIRECTED,
+    SINK_REQUEST_REJECTED,
+)
+#: States only a configuration change ends: ``/readyz`` answers 503 with this
+#: reason, followed by the last error.
+SINK_NOT_READY = {
+    SINK_UNAUTHORIZED: "sink refuses the API key",
+    SINK_REDIRECTED: "sink answers with a redirect, which is not followed",
+    SINK_REQUEST_REJECTED: "sink refuses the worker's requests",
+}
+#: serde's position of a parse error, which differs between otherwise equal answers.
+_POSITION = re.compile(r" at line \d+ column \d+")
 
 
 @dataclass
 class Outcome(BatchOutcome):
     """What happened to each event of one claimed batch, and how it went."""
 
-    #: Why the deferred events were not sent: ``rate_limited``, ``unauthorized``, or
-    #: ``released`` (handed back unsent: half the lease used).
+    #: Why the deferred events were not sent: ``rate_limited``, ``unauthorized``,
+    #: ``redirected``, ``request_rejected``, or ``released`` (handed back unsent: half
+    #: the lease used).
     defer_reason: str = ""
     requests: int = 0
+    #: Requests the sink accepted (metrics-only events make none).
+    accepted: int = 0
+    #: How many of ``shipped`` are metrics-only events (never sent to the sink).
+    metrics_only: int = 0
 
 
 @dataclass
@@ -68,6 +99,8 @@ class DrainStats:
 
     batches: int = 0
     shipped: int = 0
+    #: How many of ``shipped`` were metrics-only events, counted by the metrics sink.
+    metrics_only: int = 0
     retried: int = 0
     dead: int = 0
     deferred: int = 0
@@ -90,6 +123,7 @@ class DrainStats:
         """Accumulate another run's totals."""
         self.batches += other.batches
         self.shipped += other.shipped
+        self.metrics_only += other.metrics_only
         self.retried += other.retried
         self.dead += other.dead
         self.deferred += other.deferred
@@ -239,12 +273,16 @@ class Drainer:
         if metrics_only:
             self.metrics_sink.send([payloads[e.id] for e in metrics_only])
             outcome.shipped.extend(e.id for e in metrics_only)
+            outcome.metrics_only = len(metrics_only)
         to_sink = [e for e in batch.events if e.destination != DESTINATION_METRICS]
         chunks = self._by_size(to_sink, payloads) if to_sink else []
         # Splitting a refused batch takes many requests; stop at half the lease so the
         # outcome is written while the transaction still holds the rows, and release
         # the rest.
         budget = claimed_at + self.settings.lease_seconds / 2
+        # The single events refused in a row with the same answer (the breaker).
+        streak: list[ClaimedEvent] = []
+        streak_key = ""
         while chunks:
             chunk = chunks.pop(0)
             rest = [e.id for c in [chunk, *chunks] for e in c]
@@ -267,14 +305,7 @@ class Drainer:
             try:
                 self.sink.send([payloads[e.id] for e in chunk])
             except RejectedError as exc:
-                if len(chunk) == 1:
-                    outcome.dead.append((chunk[0].id, str(exc)))
-                    log.warning(
-                        "event refused by the sink: %s",
-                        exc,
-                        extra={"action": "event_rejected", "uuid": str(chunk[0].uuid)},
-                    )
-                else:
+                if len(chunk) > 1:
                     mid = len(chunk) // 2
                     chunks[0:0] = [chunk[:mid], chunk[mid:]]
                     log.info(
@@ -283,13 +314,74 @@ class Drainer:
                         exc,
                         extra={"action": "batch_split", "events": len(chunk)},
                     )
-                continue
+                    continue
+                key = _POSITION.sub("", exc.detail).strip()
+                if key != streak_key:
+                    streak, streak_key = [], key
+                streak.append(chunk[0])
+                outcome.dead.append((chunk[0].id, str(exc)))
+                if len(streak) < self.settings.rejection_breaker:
+                    continue
+                # The endpoint gives every single event the same answer: it refuses
+                # requests, not events. Nothing of this run is buried.
+                held = {e.id for e in streak}
+                outcome.dead = [(i, error) for i, error in outcome.dead if i not in held]
+                waiting = [e.id for e in streak] + [e.id for c in chunks for e in c]
+                self._hold(outcome, waiting, SINK_REQUEST_REJECTED, str(exc))
+                log.error(
+                    "%d single events in a row were refused with the same answer (%s): "
+                    "the endpoint refuses requests, not events; the batch is held, "
+                    "nothing is buried, and sending resumes in %.0fs",
+                    len(streak),
+                    exc,
+                    self.settings.unauthorized_pause,
+                    extra={"action": "rejection_breaker", "events": len(waiting)},
+                )
+                break
+            except RequestRejectedError as exc:
+                self._hold(outcome, rest, SINK_REQUEST_REJECTED, str(exc))
+                log.error(
+                    "the sink refused the request itself, not an event (%s): every event "
+                    "stays pending and sending resumes in %.0fs",
+                    exc,
+                    self.settings.unauthorized_pause,
+                    extra={"action": "request_rejected", "events": len(rest)},
+                )
+                break
+            except RedirectError as exc:
+                self._hold(outcome, rest, SINK_REDIRECTED, str(exc))
+                log.error(
+                    "the sink answered with a redirect to %s, which is not followed: set "
+                    "POSTHOG_HOST to the address events should go to; every event stays "
+                    "pending and sending resumes in %.0fs",
+                    exc.location or "(no Location header)",
+                    self.settings.unauthorized_pause,
+                    extra={
+                        "action": "sink_redirected",
+                        "location": exc.location,
+                        "status": exc.status,
+                    },
+                )
+                break
             except RateLimitedError as exc:
                 delay = (
                     exc.retry_after
                     if exc.retry_after is not None
                     else self.settings.rate_limit_pause
                 )
+                if exc.retry_after is not None and delay > self.settings.retry_after_max:
+                    log.warning(
+                        "Retry-After asks for %.0fs, more than OUTBOX_RETRY_AFTER_MAX; "
+                        "pausing %.0fs instead",
+                        delay,
+                        self.settings.retry_after_max,
+                        extra={
+                            "action": "retry_after_clamped",
+                            "retry_after": delay,
+                            "pause_seconds": self.settings.retry_after_max,
+                        },
+                    )
+                    delay = self.settings.retry_after_max
                 self._pause(delay, SINK_RATE_LIMITED, str(exc))
                 log.warning(
                     "rate limited by the sink (%s); pausing all sends for %.1fs",
@@ -303,7 +395,7 @@ class Drainer:
                 outcome.defer_reason = SINK_RATE_LIMITED
                 break
             except UnauthorizedError as exc:
-                self._pause(self.settings.unauthorized_pause, SINK_UNAUTHORIZED, str(exc))
+                self._hold(outcome, rest, SINK_UNAUTHORIZED, str(exc))
                 log.error(
                     "the sink refused the API key (%s): check POSTHOG_API_KEY; every event "
                     "stays pending and sending resumes in %.0fs",
@@ -311,10 +403,6 @@ class Drainer:
                     self.settings.unauthorized_pause,
                     extra={"action": "sink_unauthorized"},
                 )
-                outcome.defer.extend(rest)
-                outcome.defer_delay = self.settings.unauthorized_pause
-                outcome.defer_error = str(exc)
-                outcome.defer_reason = SINK_UNAUTHORIZED
                 break
             except RetryableSinkError as exc:
                 self._failed(str(exc))
@@ -329,9 +417,28 @@ class Drainer:
                 break
             else:
                 outcome.shipped.extend(e.id for e in chunk)
-        if outcome.shipped and not outcome.retry and not outcome.defer:
+                outcome.accepted += 1
+                streak, streak_key = [], ""
+        by_id = {e.id: e for e in batch.events}
+        for event_id, error in outcome.dead:
+            log.warning(
+                "event refused by the sink: %s",
+                error,
+                extra={"action": "event_rejected", "uuid": str(by_id[event_id].uuid)},
+            )
+        # Only an answer from the sink says it works again: a batch of metrics-only
+        # events (or one the sink refused) leaves the state as it was.
+        if outcome.accepted and not outcome.retry and not outcome.defer:
             self.sink_state = SINK_OK
         return outcome
+
+    def _hold(self, outcome: Outcome, ids: list[int], state: str, error: str) -> None:
+        """A configuration error: pause, and defer ``ids`` without counting an attempt."""
+        self._pause(self.settings.unauthorized_pause, state, error)
+        outcome.defer.extend(ids)
+        outcome.defer_delay = self.settings.unauthorized_pause
+        outcome.defer_error = error
+        outcome.defer_reason = state
 
     def _by_size(
         self, events: list[ClaimedEvent], payloads: dict[int, Outbound]
@@ -386,6 +493,7 @@ class Drainer:
             self.observer.batch_recorded(self, stats)
             return stats
         stats.shipped = finished.shipped
+        stats.metrics_only = min(outcome.metrics_only, finished.shipped)
         stats.retried = finished.retried
         stats.dead = finished.dead_by_retry + len(outcome.dead)
         stats.dead_by_retry = finished.dead_by_retry

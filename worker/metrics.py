@@ -16,10 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.drain import (
-    SINK_BACKING_OFF,
     SINK_OK,
-    SINK_RATE_LIMITED,
-    SINK_UNAUTHORIZED,
+    SINK_STATES,
     Drainer,
     DrainObserver,
     DrainStats,
@@ -29,7 +27,6 @@ from worker.store import Backlog, Batch
 
 log = logging.getLogger("outbox.worker")
 
-SINK_STATES = (SINK_OK, SINK_BACKING_OFF, SINK_RATE_LIMITED, SINK_UNAUTHORIZED)
 BACKLOG_STATES = ("pending", "due", "retrying", "dead")
 
 
@@ -40,13 +37,18 @@ class WorkerMetrics(DrainObserver):
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.events_shipped = Counter(
-            "outbox_events_shipped", "Events the sink accepted.", ["sink"], registry=r
+            "outbox_events_shipped",
+            "Events the sink accepted and the worker deleted; metrics-only events under "
+            "sink=metrics.",
+            ["sink"],
+            registry=r,
         )
         self.events_failed = Counter(
             "outbox_events_failed",
             "Events whose send failed, by reason: transient (network, timeout, 5xx), "
-            "rate_limited (429), unauthorized (401/403), rejected (400/413, the event died), "
-            "released (a slow batch handed back unsent).",
+            "rate_limited (429), unauthorized (401/403), redirected (3xx, not followed), "
+            "request_rejected (a 400 about the request, or the breaker), rejected "
+            "(400/413, the event died), released (a slow batch handed back unsent).",
             ["reason"],
             registry=r,
         )
@@ -99,7 +101,9 @@ class WorkerMetrics(DrainObserver):
 
     def batch_recorded(self, drainer: Drainer, stats: DrainStats) -> None:
         """Count what the batch's outcome wrote."""
-        self.events_shipped.labels(drainer.sink.name).inc(stats.shipped)
+        self.events_shipped.labels(drainer.sink.name).inc(stats.shipped - stats.metrics_only)
+        if stats.metrics_only:
+            self.events_shipped.labels(drainer.metrics_sink.name).inc(stats.metrics_only)
         self.events_dead.inc(stats.dead)
         if stats.interrupted and not stats.shipped:  # the outcome was lost: sent again
             self.batches.labels("failed").inc()

@@ -32,6 +32,10 @@ DEFAULT_DEDUP_WINDOW = 24 * 3600.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_UNAUTHORIZED_PAUSE = 60.0
 DEFAULT_RATE_LIMIT_PAUSE = 10.0
+#: A Retry-After longer than this (a proxy can say days) is cut to it, and logged.
+DEFAULT_RETRY_AFTER_MAX = 600.0
+#: Single-event refusals with the same answer in a row that stop a split batch.
+DEFAULT_REJECTION_BREAKER = 3
 
 
 class SettingsError(OutboxError):
@@ -85,8 +89,15 @@ class Settings:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     #: Seconds to pause sending after a 429 that names no Retry-After.
     rate_limit_pause: float = DEFAULT_RATE_LIMIT_PAUSE
-    #: Seconds to pause sending after a 401/403 before trying the key again.
+    #: Longest pause in seconds a 429's Retry-After may ask for; longer ones are cut.
+    retry_after_max: float = DEFAULT_RETRY_AFTER_MAX
+    #: Seconds to pause sending after a 401/403, a redirect or a 400 about the request
+    #: itself (configuration errors) before trying again.
     unauthorized_pause: float = DEFAULT_UNAUTHORIZED_PAUSE
+    #: Single-event 400/413 answers with the same text in a row, while splitting a
+    #: refused batch, that stop the split: the endpoint refuses requests, not events,
+    #: so the batch is held instead of buried.
+    rejection_breaker: int = DEFAULT_REJECTION_BREAKER
     #: ``module:attr`` of the application's outbox.EventRegistry, for metrics-only events.
     contract: str | None = None
     #: Prefix of the Prometheus metrics made from metrics-only events.
@@ -136,6 +147,7 @@ class Settings:
             "max_attempts": self.max_attempts,
             "backoff_max": self.backoff_max,
             "request_timeout": self.request_timeout,
+            "retry_after_max": self.retry_after_max,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -143,6 +155,10 @@ class Settings:
         for name in ("rate_limit_pause", "unauthorized_pause", "shutdown_grace", "dedup_window"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_var_for(name)} must not be negative")
+        if self.rejection_breaker < 2:
+            raise SettingsError(
+                f"{_var_for('rejection_breaker')} must be at least 2, got {self.rejection_breaker}"
+            )
         if self.backoff_base < 0:
             raise SettingsError(f"{_var_for('backoff_base')} must not be negative")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -232,7 +248,24 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         float,
         "Pause after a 429 with no Retry-After.",
     ),
-    EnvVar("OUTBOX_UNAUTHORIZED_PAUSE", "unauthorized_pause", float, "Pause after a 401/403."),
+    EnvVar(
+        "OUTBOX_RETRY_AFTER_MAX",
+        "retry_after_max",
+        float,
+        "Longest pause a 429's Retry-After may ask for.",
+    ),
+    EnvVar(
+        "OUTBOX_UNAUTHORIZED_PAUSE",
+        "unauthorized_pause",
+        float,
+        "Pause after a 401/403, a redirect or a 400 about the request.",
+    ),
+    EnvVar(
+        "OUTBOX_REJECTION_BREAKER",
+        "rejection_breaker",
+        int,
+        "Same-answer single-event refusals in a row that hold a split batch.",
+    ),
     EnvVar("OUTBOX_CONTRACT", "contract", str, "module:attr of the app's EventRegistry."),
     EnvVar("OUTBOX_METRICS_NAMESPACE", "metrics_namespace", str, "Prefix of metrics-only metrics."),
     EnvVar("OUTBOX_METRICS_PORT", "metrics_port", _port, "Port for /metrics and probes."),

@@ -14,13 +14,22 @@ import outbox
 from tests.conftest import wait_for
 from worker import queries
 from worker.app import Worker
-from worker.drain import SINK_RATE_LIMITED, SINK_UNAUTHORIZED, Drainer
+from worker.drain import (
+    SINK_OK,
+    SINK_RATE_LIMITED,
+    SINK_REDIRECTED,
+    SINK_REQUEST_REJECTED,
+    SINK_UNAUTHORIZED,
+    Drainer,
+)
 from worker.settings import Settings
 from worker.sinks import (
     MemorySink,
     PostHogSink,
     RateLimitedError,
+    RedirectError,
     RejectedError,
+    RequestRejectedError,
     RetryableSinkError,
     UnauthorizedError,
 )
@@ -483,3 +492,209 @@ def test_failed_events_are_counted_by_why_they_were_not_sent(
     assert failed(metrics, "released") == 4
     assert failed(metrics, "rate_limited") == 0
     assert [(r[1], r[2]) for r in remaining(db)] == [("pending", 0)] * 4
+
+
+def shipped_metric(metrics: Any, sink: str) -> float:
+    value = metrics.registry.get_sample_value("outbox_events_shipped_total", {"sink": sink})
+    return float(value or 0.0)
+
+
+def test_metrics_only_events_neither_count_as_shipped_to_posthog_nor_clear_a_401(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    """Regression: a batch of only metrics-only events reset the sink state to ok (so
+    /readyz said ready during a 401 outage), and its events were counted in
+    outbox_events_shipped_total as if PostHog had accepted them."""
+    enqueue_n(database_url, 3)
+    sink = MemorySink()
+    sink.fail_with(UnauthorizedError("HTTP 401: invalid key", status=401))
+    worker = Worker(settings_for(), sink=sink)
+    try:
+        worker.drainer.drain()
+        assert worker.drainer.sink_state == SINK_UNAUTHORIZED
+        assert worker.readiness()[0] is False
+        enqueue_n(database_url, 2, prefix="m")
+        db.execute("UPDATE outbox_events SET destination = 'metrics' WHERE event LIKE 'm%'")
+        worker.drainer.paused_until = 0  # the pause is over; only the metrics-only rows are due
+        stats = worker.drainer.drain()
+        assert stats.shipped == 2 and stats.metrics_only == 2
+        assert sink.calls == 1  # PostHog was not asked again
+        assert worker.drainer.sink_state == SINK_UNAUTHORIZED
+        ready, why = worker.readiness()
+        assert ready is False and "API key" in why
+        assert shipped_metric(worker.metrics, "memory") == 0
+        assert shipped_metric(worker.metrics, "metrics") == 2
+        # The key works again: the next batch PostHog accepts clears the state.
+        db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+        worker.drainer.drain()
+        assert worker.drainer.sink_state == SINK_OK and worker.readiness()[0] is True
+        assert shipped_metric(worker.metrics, "memory") == 3
+        assert remaining(db) == []
+    finally:
+        worker.close()
+
+
+def same_answer_for_all(detail: str) -> Callable[[Any], RejectedError]:
+    return lambda event: RejectedError(f"HTTP 400: {detail}", status=400, detail=detail)
+
+
+def test_the_breaker_holds_a_batch_whose_every_event_gets_the_same_400(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    settings_for: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    enqueue_n(database_url, 40)
+    sink = MemorySink()
+    sink.reject = same_answer_for_all("the proxy refused it")
+    drainer = make_drainer(settings_for(rejection_breaker=3, unauthorized_pause=30.0), sink)
+    with caplog.at_level("INFO", logger="outbox.worker"):
+        stats = drainer.drain()
+    assert stats.dead == 0
+    left = remaining(db)
+    assert [(r[1], r[2]) for r in left] == [("pending", 0)] * 40
+    assert all("the proxy refused it" in r[3] for r in left)
+    assert drainer.sink_state == SINK_REQUEST_REJECTED
+    assert 29 < drainer.pause_remaining() <= 30
+    # Requests of 40, 20, 10, 5 and 2 events are split; 1 and 1 are refused; 3 is split;
+    # its first single event is the third refusal in a row, which stops the split
+    # (without the breaker, all 40 would have gone dead in 79 requests).
+    assert sink.calls == 9
+    actions = [r.__dict__.get("action") for r in caplog.records]
+    assert actions.count("rejection_breaker") == 1
+    assert "event_rejected" not in actions and "events_dead" not in actions
+
+
+def test_a_poison_event_still_dies_alone_with_the_breaker_on(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    uuids = enqueue_n(database_url, 64)
+    poison = {str(uuids[10]), str(uuids[11]), str(uuids[40])}  # two of them side by side
+    sink = MemorySink()
+    sink.reject = lambda e: (  # type: ignore[assignment]
+        RejectedError("HTTP 400: bad property type", status=400, detail="bad property type")
+        if e["uuid"] in poison
+        else None
+    )
+    drainer = make_drainer(settings_for(rejection_breaker=3), sink)
+    stats = drainer.drain()
+    assert stats.dead == 3
+    assert {str(r[0]) for r in remaining(db) if r[1] == "dead"} == poison
+    assert len(remaining(db)) == 3
+    assert sorted(sink.uuids()) == sorted(str(u) for u in uuids if str(u) not in poison)
+    assert drainer.sink_state == SINK_OK
+
+
+def test_the_breaker_keeps_what_was_buried_before_the_run_of_same_answers(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    """A real poison event found before the endpoint starts refusing everything stays
+    dead; the events of the run of same answers and the unsent rest are held."""
+    uuids = enqueue_n(database_url, 8)
+    poison = str(uuids[0])
+    broken = threading.Event()
+
+    def judge(event: Any) -> RejectedError | None:
+        if event["uuid"] == poison:
+            broken.set()  # from now on the endpoint refuses everything
+            return RejectedError("HTTP 400: bad event", status=400, detail="bad event")
+        if broken.is_set():
+            return RejectedError("HTTP 400: refused", status=400, detail="refused")
+        return None
+
+    sink = MemorySink()
+    sink.reject = judge  # type: ignore[assignment]
+    stats = make_drainer(settings_for(rejection_breaker=2), sink).drain()
+    assert stats.dead == 1
+    left = remaining(db)
+    assert [(str(r[0]), r[1]) for r in left if r[1] == "dead"] == [(poison, "dead")]
+    assert [(r[1], r[2]) for r in left if str(r[0]) != poison] == [("pending", 0)] * 7
+    assert sink.events == []
+
+
+@pytest.mark.parametrize(
+    ("error", "state", "action"),
+    [
+        (
+            RequestRejectedError(
+                "HTTP 400: request missing data payload",
+                status=400,
+                detail="request missing data payload",
+            ),
+            SINK_REQUEST_REJECTED,
+            "request_rejected",
+        ),
+        (
+            RedirectError(
+                "HTTP 301: redirected to https://eu.i.posthog.com/batch/",
+                status=301,
+                location="https://eu.i.posthog.com/batch/",
+            ),
+            SINK_REDIRECTED,
+            "sink_redirected",
+        ),
+    ],
+)
+def test_configuration_errors_keep_everything_pending_and_pause(
+    error: Exception,
+    state: str,
+    action: str,
+    database_url: str,
+    db: psycopg.Connection[Any],
+    settings_for: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    enqueue_n(database_url, 6)
+    sink = MemorySink()
+    sink.fail_with(error)
+    worker = Worker(settings_for(unauthorized_pause=45.0), sink=sink)
+    try:
+        with caplog.at_level("INFO", logger="outbox.worker"):
+            stats = worker.drainer.drain()
+        assert stats.deferred == 6 and stats.dead == 0 and stats.retried == 0
+        assert [(r[1], r[2]) for r in remaining(db)] == [("pending", 0)] * 6
+        assert worker.drainer.sink_state == state
+        assert 44 < worker.drainer.pause_remaining() <= 45
+        ready, why = worker.readiness()
+        assert ready is False and str(error) in why
+        [line] = [r for r in caplog.records if r.__dict__.get("action") == action]
+        assert line.levelname == "ERROR"
+        if isinstance(error, RedirectError):
+            assert error.location and error.location in line.getMessage()
+        metric = worker.metrics.registry.get_sample_value(
+            "outbox_events_failed_total", {"reason": state}
+        )
+        assert metric == 6
+        assert worker.metrics.registry.get_sample_value("outbox_sink_state", {"state": state}) == 1
+    finally:
+        worker.close()
+
+
+def test_a_retry_after_of_days_is_clamped_and_logged(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    settings_for: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    enqueue_n(database_url, 2)
+    sink = MemorySink()
+    sink.fail_with(RateLimitedError("HTTP 429: slow down", retry_after=3 * 86400.0))
+    drainer = make_drainer(settings_for(retry_after_max=120.0), sink)
+    with caplog.at_level("INFO", logger="outbox.worker"):
+        drainer.drain()
+    assert 119 < drainer.pause_remaining() <= 120
+    [line] = [r for r in caplog.records if r.__dict__.get("action") == "retry_after_clamped"]
+    assert line.__dict__["retry_after"] == 3 * 86400.0 and line.__dict__["pause_seconds"] == 120
+    row = db.execute(
+        "SELECT max(extract(epoch FROM next_attempt_at - now())) FROM outbox_events"
+    ).fetchone()
+    assert row is not None and 115 < float(row[0]) <= 120
+    # A Retry-After under the bound is taken as it is, and logs nothing of the kind.
+    caplog.clear()
+    drainer.paused_until = 0
+    db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+    sink.fail_with(RateLimitedError("HTTP 429: slow down", retry_after=30.0))
+    with caplog.at_level("INFO", logger="outbox.worker"):
+        drainer.drain()
+    assert 29 < drainer.pause_remaining() <= 30
+    assert not [r for r in caplog.records if r.__dict__.get("action") == "retry_after_clamped"]

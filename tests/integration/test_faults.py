@@ -17,6 +17,7 @@ from tests.conftest import wait_for
 from worker.app import Worker
 from worker.settings import Settings
 from worker.testing import CaptureServer, Reply
+from worker.testing import posthog_errors as texts
 
 
 def enqueue(database_url: str, n: int, size: int = 10) -> set[str]:
@@ -205,6 +206,212 @@ def test_timeouts_are_retried_and_nothing_is_lost(
     uuids = enqueue(database_url, 10)
     running(request_timeout=0.3, backoff_base=0.01, backoff_max=0.05)
     wait_for(lambda: left(db) == [])
-    # A timed-out request may still have been accepted: re-sends carry the same uuids,
-    # so at worst PostHog sees a duplicate it can drop; nothing is missing.
+    # A timed-out request may still have been accepted: re-sends carry the same uuid and
+    # timestamp, so at worst PostHog stores a copy that ClickHouse collapses when it
+    # merges; nothing is missing.
     assert set(capture.uuids()) == uuids
+
+
+def requests_of(server: CaptureServer) -> list[tuple[str, int, int]]:
+    """(method, status, events) of every request the server received."""
+    return [(r.method, r.status, r.event_count) for r in server.requests]
+
+
+def test_a_redirecting_host_keeps_every_event_until_it_is_fixed(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    running: Callable[..., Worker],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with CaptureServer() as target:
+        capture.redirect_to = target.url  # the configured host moved
+        uuids = enqueue(database_url, 12)
+        with caplog.at_level("INFO", logger="outbox.worker"):
+            worker = running(unauthorized_pause=0.2, max_attempts=1)
+            capture.wait_for_requests(3)  # tried again after each pause
+        # Never followed: no GET, nothing sent to where it points, every event waits.
+        assert {(m, s) for m, s, _ in requests_of(capture)} == {("POST", 301)}
+        assert target.requests == []
+        assert [(r[1], r[2]) for r in left(db)] == [("pending", 0)] * 12
+        ready, why = worker.readiness()
+        assert ready is False and "redirect" in why and target.url + "/batch/" in why
+        redirected = [r for r in caplog.records if r.__dict__.get("action") == "sink_redirected"]
+        assert redirected and target.url + "/batch/" in redirected[0].getMessage()
+        assert redirected[0].__dict__["location"] == target.url + "/batch/"
+        capture.redirect_to = None  # the host is fixed
+        capture.wait_for_events(12)
+        wait_for(lambda: left(db) == [])
+        assert sorted(capture.uuids()) == sorted(uuids)  # each exactly once
+        assert target.requests == []
+        wait_for(lambda: worker.readiness()[0])
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        texts.EMPTY_PAYLOAD,
+        texts.EMPTY_BATCH,
+        texts.DECODING_ERROR.format("invalid gzip data"),
+        texts.PARSING_ERROR.format("expected value at line 1 column 1"),
+    ],
+)
+def test_400s_about_the_request_bury_nothing(
+    answer: str,
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    running: Callable[..., Worker],
+) -> None:
+    capture.default_reply = Reply(status=400, body=answer)
+    uuids = enqueue(database_url, 20)
+    worker = running(unauthorized_pause=0.2, max_attempts=1)
+    capture.wait_for_requests(3)
+    # Never split: each request carried the whole batch, and nothing went dead.
+    assert {(s, n) for _, s, n in requests_of(capture)} == {(400, 20)}
+    rows = left(db)
+    assert [(r[1], r[2]) for r in rows] == [("pending", 0)] * 20
+    assert all(answer in r[3] for r in rows)
+    ready, why = worker.readiness()
+    assert ready is False and answer in why
+    capture.default_reply = Reply()
+    capture.wait_for_events(20)
+    wait_for(lambda: left(db) == [])
+    assert sorted(capture.uuids()) == sorted(uuids)
+
+
+def test_the_breaker_stops_a_split_that_keeps_ending_in_the_same_400(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    running: Callable[..., Worker],
+) -> None:
+    """An endpoint (a proxy, say) that gives every event the same event-like 400."""
+    capture.reject_events(lambda e: True, status=400, detail=texts.NON_RETRYABLE)
+    uuids = enqueue(database_url, 64)
+    worker = running(unauthorized_pause=30.0, rejection_breaker=3)
+    wait_for(lambda: worker.drainer.sink_state == "request_rejected")
+    wait_for(lambda: all(r[3] for r in left(db)))
+    assert [(r[1], r[2]) for r in left(db)] == [("pending", 0)] * 64
+    # A few requests, not the 127 that bisecting down to every single event takes.
+    assert len(capture.requests) < 15
+    assert worker.readiness()[0] is False
+    capture.clear_rules()
+    worker.drainer.paused_until = 0  # the pause is over
+    db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+    worker.wake()
+    capture.wait_for_events(64)
+    wait_for(lambda: left(db) == [])
+    assert sorted(capture.uuids()) == sorted(uuids)
+
+
+@pytest.mark.parametrize("status", [201, 202, 204])
+def test_any_2xx_is_delivered(
+    status: int,
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    running: Callable[..., Worker],
+) -> None:
+    capture.default_reply = Reply(status=status)
+    uuids = enqueue(database_url, 15)
+    running()
+    capture.wait_for_events(15)
+    wait_for(lambda: left(db) == [])
+    assert sorted(capture.uuids()) == sorted(uuids)
+    assert {r.status for r in capture.requests} == {status}
+
+
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+def test_a_retry_after_of_days_is_clamped_and_logged(
+    form: str,
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    running: Callable[..., Worker],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    days = 3 * 86400
+    retry_after = str(days) if form == "seconds" else formatdate(time.time() + days, usegmt=True)
+    capture.enqueue_reply(Reply(status=429, retry_after=retry_after))
+    uuids = enqueue(database_url, 5)
+    with caplog.at_level("INFO", logger="outbox.worker"):
+        running(retry_after_max=0.5, poll_interval=0.02)
+        capture.wait_for_events(5)
+    first, second = capture.requests[0], capture.requests[1]
+    assert (first.status, second.status) == (429, 200)
+    assert second.received_at - first.received_at >= 0.45  # the clamped pause held
+    assert set(capture.uuids()) == uuids
+    [clamped] = [r for r in caplog.records if r.__dict__.get("action") == "retry_after_clamped"]
+    assert clamped.__dict__["retry_after"] > days - 5 and clamped.__dict__["pause_seconds"] == 0.5
+
+
+def test_a_413_after_partial_delivery_resends_copies_that_are_identical(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    running: Callable[..., Worker],
+) -> None:
+    """PostHog stores the events before an oversized one and still answers 413 for the
+    whole request. Splitting sends those again: same uuid, timestamp, event and
+    distinct_id, which is what ClickHouse collapses copies by."""
+    capture.max_event_bytes = 50_000
+    capture.partial_delivery = True
+    small = enqueue(database_url, 12)
+    big = enqueue(database_url, 1, size=100_000)
+    running()
+    wait_for(lambda: [r[1] for r in left(db)] == ["dead"])
+    assert {left(db)[0][0]} == big
+    received = capture.events
+    assert {e["uuid"] for e in received} == small
+    assert len(received) > 12  # the partial delivery's events came twice
+    copies: dict[str, set[tuple[Any, ...]]] = {}
+    for e in received:
+        copies.setdefault(e["uuid"], set()).add((e["timestamp"], e["event"], e["distinct_id"]))
+    assert all(len(versions) == 1 for versions in copies.values())
+
+
+ODD_KEY = "tenant-key-7f3a9c2e5b1d8f4a6c0e"  # not shaped like phc_..., masked as configured
+
+
+def echo(status: int) -> Callable[[CaptureServer, Any], None]:
+    """An endpoint that answers every request with its own body, the way some proxies and
+    debugging endpoints do, with terminal control characters around it."""
+
+    def route(server: CaptureServer, exchange: Any) -> None:
+        raw = exchange.read_body() or b""
+        body = "\x1b[31mrefused\x07 " + raw.decode(errors="replace") + "\n" + "z" * 5000
+        exchange.respond(status, body.encode())
+
+    return route
+
+
+@pytest.mark.parametrize("status", [400, 401, 503])
+def test_an_endpoint_that_echoes_the_request_never_leaks_the_key(
+    status: int,
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    settings_for: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    capture.routes["/batch/"] = echo(status)
+    enqueue(database_url, 3)
+    settings = settings_for(
+        posthog_api_key=ODD_KEY, posthog_host=capture.url, gzip=False, max_attempts=1
+    )
+    worker = Worker(settings)
+    try:
+        with caplog.at_level("DEBUG"):
+            worker.drainer.drain()
+        stored = [r[3] for r in left(db)]
+        said = [worker.drainer.last_error or "", worker.readiness()[1]]
+        logged = [r.getMessage() for r in caplog.records]
+    finally:
+        worker.close()
+    assert stored and all(stored)
+    for text in stored + said + logged:
+        assert ODD_KEY not in text
+        assert "\x1b" not in text and "\x07" not in text
+    assert all("***" in text for text in stored)
+    assert all(len(text) < 700 for text in stored)

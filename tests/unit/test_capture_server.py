@@ -5,19 +5,31 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import shutil
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import posthog.request
 import pytest
 import requests
 
-from worker.testing import CaptureServer, ReceivedRequest, Reply
+from worker.testing import (
+    AI_EVENT_NAMES,
+    AI_PATHS,
+    FLAGS_PATHS,
+    CaptureServer,
+    Exchange,
+    ReceivedRequest,
+    Reply,
+)
+from worker.testing import posthog_errors as texts
 
 
 def make_event(i: int = 0, name: str = "page_viewed", **properties: Any) -> dict[str, Any]:
@@ -138,7 +150,7 @@ def test_alternate_capture_paths(srv: CaptureServer, path: str) -> None:
 
 
 def test_gzip_requested_by_query_parameter(srv: CaptureServer) -> None:
-    event = make_event()
+    event = make_event(token="phc_js")  # posthog-js puts the key in each event's properties
     data = gzip.compress(json.dumps([event]).encode())
 
     res = requests.post(srv.url + "/e/?compression=gzip-js", data=data, timeout=5.0)
@@ -147,22 +159,32 @@ def test_gzip_requested_by_query_parameter(srv: CaptureServer) -> None:
     assert srv.events == [event]
     assert srv.requests[0].gzip is True
     assert srv.requests[0].path == "/e/"
+    assert srv.requests[0].api_key == "phc_js"
 
 
 def test_unknown_path_and_other_methods_are_refused_and_recorded(srv: CaptureServer) -> None:
     srv.enqueue_reply(Reply(status=503))
 
-    missing = post(srv, {"api_key": "k", "batch": [make_event()]}, path="/track/")
-    wrong_method = requests.get(srv.url + "/batch/", timeout=5.0)
+    missing = post(srv, {"api_key": "k", "batch": [make_event()]}, path="/nope/")
+    get = requests.get(srv.url + "/batch/", timeout=5.0)
+    wrong_method = requests.put(srv.url + "/batch/", data=b"{}", timeout=5.0)
+    preflight = requests.options(srv.url + "/batch/", timeout=5.0)
     capture = post(srv, {"api_key": "k", "batch": [make_event()]})
 
     assert missing.status_code == 404
+    # PostHog's capture routes GET to the capture handler: with no payload it is a 400.
+    assert get.status_code == 400
+    assert get.text == texts.EMPTY_PAYLOAD
+    assert get.headers["Content-Type"] == texts.TEXT_CONTENT_TYPE
     assert wrong_method.status_code == 405
-    assert wrong_method.headers["Allow"] == "POST"
-    # Only capture requests consume scripted replies.
+    assert wrong_method.headers["Allow"] == "GET, POST, OPTIONS"
+    assert preflight.status_code == 200
+    # Only capture POSTs consume scripted replies.
     assert capture.status_code == 503
-    assert [r.status for r in srv.requests] == [404, 405, 503]
-    assert [r.path for r in srv.requests] == ["/track/", "/batch/", "/batch/"]
+    assert [r.status for r in srv.requests] == [404, 400, 405, 200, 503]
+    assert [r.method for r in srv.requests] == ["POST", "GET", "PUT", "OPTIONS", "POST"]
+    assert [r.path for r in srv.requests] == ["/nope/"] + ["/batch/"] * 4
+    assert srv.requests[1].detail == texts.EMPTY_PAYLOAD
     assert srv.events == []
 
 
@@ -188,7 +210,7 @@ def test_posthog_client_sees_scripted_error_and_retry_after(srv: CaptureServer) 
 
     assert info.value.status == 503
     assert info.value.retry_after == 7.0
-    assert "Service Unavailable" in info.value.message
+    assert info.value.message == texts.RETRYABLE
     assert srv.events == []
 
 
@@ -370,13 +392,31 @@ def test_default_error_body(srv: CaptureServer) -> None:
     res = post(srv, {"api_key": "k", "batch": [make_event()]})
 
     assert res.status_code == 503
-    assert res.headers["Content-Type"] == "application/json"
-    body = res.json()
-    assert body["type"] == "validation_error"
-    assert body["code"] == "service_unavailable"
-    assert isinstance(body["detail"], str)
-    assert body["detail"]
+    # PostHog's capture answers errors with the error's text alone, as plain text.
+    assert res.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert res.text == texts.RETRYABLE == "transient error, please retry"
     assert "Retry-After" not in res.headers
+    assert srv.requests[0].detail == texts.RETRYABLE
+
+
+@pytest.mark.parametrize(
+    ("status", "text"),
+    [
+        (400, "invalid event could not be processed"),
+        (401, "api_key does not resolve to a known project"),
+        (413, "maximum event size exceeded: scripted reply"),
+        (429, "rate limited"),
+        (500, "internal server error"),
+        (502, "Bad Gateway"),
+    ],
+)
+def test_scripted_errors_answer_posthogs_text(srv: CaptureServer, status: int, text: str) -> None:
+    srv.enqueue_reply(Reply(status=status))
+
+    res = post(srv, {"api_key": "k", "batch": [make_event()]})
+
+    assert (res.status_code, res.text) == (status, text)
+    assert res.headers["Content-Type"] == texts.TEXT_CONTENT_TYPE
 
 
 @pytest.mark.parametrize(
@@ -494,7 +534,7 @@ def test_reject_events_refuses_the_whole_request(srv: CaptureServer) -> None:
     accepted = post(srv, {"api_key": "k", "batch": [good]})
 
     assert refused.status_code == 400
-    assert refused.json()["detail"] == "bad event name"
+    assert refused.text == "bad event name"
     assert accepted.status_code == 200
     assert srv.events == [good]
     assert srv.requests[0].status == 400
@@ -514,7 +554,7 @@ def test_reject_events_with_a_custom_status(srv: CaptureServer) -> None:
     res = post(srv, {"api_key": "k", "batch": [make_event(), event]})
 
     assert res.status_code == 422
-    assert res.json()["detail"] == "no $set"
+    assert res.text == "no $set"
     assert srv.events == []
 
 
@@ -524,7 +564,8 @@ def test_reject_events_predicate_that_raises_answers_500(srv: CaptureServer) -> 
     res = post(srv, {"api_key": "k", "batch": [make_event()]})
 
     assert res.status_code == 500
-    assert "KeyError" in res.json()["detail"]
+    assert res.text.startswith(texts.INTERNAL_ERROR)
+    assert "KeyError" in res.text
     assert srv.events == []
 
 
@@ -537,7 +578,8 @@ def test_max_body_bytes_measures_the_decompressed_body(srv: CaptureServer) -> No
     accepted = post(srv, small, compress=True)
 
     assert refused.status_code == 413
-    assert "exceeds the limit of 1000 bytes" in refused.json()["detail"]
+    assert refused.text.startswith("maximum event size exceeded: ")
+    assert "exceeds the limit of 1000 bytes" in refused.text
     assert srv.requests[0].raw_size < 1_000  # small on the wire, too big once decompressed
     assert accepted.status_code == 200
     assert srv.events == small["batch"]
@@ -551,7 +593,7 @@ def test_max_event_bytes(srv: CaptureServer) -> None:
     accepted = post(srv, {"api_key": "k", "batch": [small, small]})
 
     assert refused.status_code == 413
-    assert "event 1" in refused.json()["detail"]
+    assert refused.text.startswith("maximum event size exceeded: event 1 ")
     assert accepted.status_code == 200
     assert srv.events == [small, small]
 
@@ -565,28 +607,42 @@ def test_require_api_key(srv: CaptureServer) -> None:
     right = post(srv, {"api_key": "phc_right", "batch": [event]})
 
     assert wrong.status_code == 401
-    assert wrong.json()["code"] == "invalid_api_key"
+    assert wrong.text == texts.UNKNOWN_KEY
     assert missing.status_code == 401
+    assert missing.text == texts.NO_KEY
     assert right.status_code == 200
     assert srv.events == [event]
     assert [r.api_key for r in srv.requests] == ["phc_wrong", None, "phc_right"]
 
 
+DECODE = "failed to decode request: "
+PARSE = "failed to parse request: "
+
+
 @pytest.mark.parametrize(
     ("data", "headers", "detail"),
     [
-        (b"{not json", {}, "not valid JSON"),
-        (b"", {}, "not valid JSON"),
-        (b'{"api_key": "k", "batch": [1]}', {"Content-Encoding": "gzip"}, "decompress"),
+        (b"{not json", {}, PARSE + "the body is not valid JSON"),
+        (b"", {}, texts.EMPTY_PAYLOAD),
+        (b'{"api_key": "k", "batch": [1]}', {"Content-Encoding": "gzip"}, DECODE + "invalid gzip"),
         (
             gzip.compress(b'{"api_key": "k", "batch": [1]}')[:-8],
             {"Content-Encoding": "gzip"},
-            "decompress",
+            DECODE + "invalid gzip",
         ),
-        (b'{"api_key": "k", "batch": {"event": "x"}}', {}, "'batch' must be"),
-        (b'{"api_key": "k", "batch": [1, 2]}', {}, "must be a JSON object"),
-        (b'{"api_key": "k"}', {}, "neither"),
-        (b'"just a string"', {}, "JSON object or array"),
+        (b'{"api_key": "k", "batch": [1]}\xff', {}, DECODE + "invalid body encoding"),
+        (b'{"api_key": "k", "batch": {"event": "x"}}', {}, PARSE + "'batch' must be"),
+        (b'{"api_key": "k", "batch": [1, 2]}', {}, PARSE + "every event must be a JSON object"),
+        (b'{"api_key": "k", "batch": [{"distinct_id": "u"}]}', {}, PARSE + "every event needs"),
+        (b'{"api_key": "k"}', {}, PARSE + "the body has neither"),
+        (b'"just a string"', {}, PARSE + "the body must be a JSON object or array"),
+        (b'{"api_key": "k", "batch": []}', {}, texts.EMPTY_BATCH),
+        (
+            b'{"api_key": "k", "batch": [{"event": "", "distinct_id": "u"}]}',
+            {},
+            texts.MISSING_EVENT_NAME,
+        ),
+        (b'{"api_key": "k", "batch": [{"event": "x"}]}', {}, texts.MISSING_DISTINCT_ID),
     ],
 )
 def test_bad_bodies_answer_400(
@@ -595,8 +651,9 @@ def test_bad_bodies_answer_400(
     res = post_raw(srv, data, headers)
 
     assert res.status_code == 400
-    assert res.json()["code"] == "invalid_payload"
-    assert detail in res.json()["detail"]
+    assert res.headers["Content-Type"] == texts.TEXT_CONTENT_TYPE
+    assert res.text.startswith(detail)
+    assert srv.requests[0].detail == res.text
     assert srv.events == []
     assert srv.requests[0].status == 400
     # The connection stays usable after a refused body.
@@ -659,7 +716,18 @@ def test_urllib_client_works_too(srv: CaptureServer) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"status": 100}, {"status": 600}, {"delay": -1.0}, {"times": 0}]
+    "kwargs",
+    [
+        {"status": 100},
+        {"status": 600},
+        {"status": 304},
+        {"status": 301},  # a redirect needs a location
+        {"status": 200, "location": "http://elsewhere"},
+        {"delay": -1.0},
+        {"times": 0},
+        {"status": 200, "accept_first": 1},
+        {"status": 503, "accept_first": -1},
+    ],
 )
 def test_reply_validates_its_fields(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -669,3 +737,501 @@ def test_reply_validates_its_fields(kwargs: dict[str, Any]) -> None:
 def test_reject_events_requires_an_error_status(srv: CaptureServer) -> None:
     with pytest.raises(ValueError, match="between 400 and 599"):
         srv.reject_events(lambda e: True, status=200)
+
+
+# -- keys and projects ----------------------------------------------------------------------------
+
+
+def test_unknown_project_key_is_answered_200_and_its_events_dropped(srv: CaptureServer) -> None:
+    srv.project_keys = {"phc_known"}
+    known, unknown = make_event(0), make_event(1)
+
+    kept = post(srv, {"api_key": "phc_known", "batch": [known]})
+    lost = post(srv, {"api_key": "phc_typo", "batch": [unknown]})
+
+    # PostHog's capture does not look keys up: a typo'd key is accepted and its events vanish.
+    assert (kept.status_code, kept.json()) == (200, {"status": 1})
+    assert (lost.status_code, lost.json()) == (200, {"status": 1})
+    assert srv.events == [known]
+    assert srv.uuids() == [known["uuid"]]
+    assert srv.accepted_count == 1
+    assert srv.dropped == [unknown]
+    assert [(r.api_key, r.accepted, r.dropped, r.delivered) for r in srv.requests] == [
+        ("phc_known", True, False, 1),
+        ("phc_typo", True, True, 1),
+    ]
+    with pytest.raises(TimeoutError):
+        srv.wait_for_events(2, timeout=0.1)
+
+
+def test_default_mode_takes_every_well_formed_key(srv: CaptureServer) -> None:
+    events = [make_event(i) for i in range(3)]
+
+    for i, event in enumerate(events):
+        assert post(srv, {"api_key": f"phc_any_{i}", "batch": [event]}).status_code == 200
+
+    assert srv.events == events
+    assert srv.dropped == []
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("", "empty"),
+        ("  \n", "empty"),
+        ("x" * 65, "too_long"),
+        ("phc_é", "not_ascii"),
+        ("phx_personal_key", "personal_api_key"),
+        ("phc_a\0b", "null_byte"),
+    ],
+)
+def test_a_malformed_key_is_answered_401(srv: CaptureServer, key: str, reason: str) -> None:
+    res = post(srv, {"api_key": key, "batch": [make_event()]})
+
+    assert res.status_code == 401
+    assert res.text == texts.INVALID_KEY.format(reason) == f"API key is not valid: {reason}"
+    assert texts.key_problem(key) == reason
+    assert srv.events == []
+    assert srv.dropped == []
+
+
+@pytest.mark.parametrize("key", ["x" * 64, "phc_copied_with_a_newline\n", " phc_padded "])
+def test_well_formed_keys_pass_the_shape_check(srv: CaptureServer, key: str) -> None:
+    srv.project_keys = {key.strip()}
+    event = make_event()
+
+    res = post(srv, {"api_key": key, "batch": [event]})
+
+    assert res.status_code == 200
+    assert texts.key_problem(key) is None
+    assert srv.events == [event]  # the trimmed key is the project's
+
+
+def test_keys_carried_by_the_events(srv: CaptureServer) -> None:
+    one = make_event(0)
+    one["api_key"] = "phc_a"
+    other = make_event(1, token="phc_b")
+
+    mixed = post(srv, [one, other])
+    same = post(srv, [one, make_event(2, token="phc_a")])
+    none = post(srv, [make_event(3)])
+
+    assert (mixed.status_code, mixed.text) == (401, texts.MULTIPLE_KEYS)
+    assert same.status_code == 200
+    assert (none.status_code, none.text) == (401, texts.NO_KEY)
+    assert [r.api_key for r in srv.requests] == ["phc_a", "phc_a", None]
+    assert srv.event_names() == ["page_viewed", "page_viewed"]
+
+
+# -- /flags ---------------------------------------------------------------------------------------
+
+
+def post_flags(
+    srv: CaptureServer, body: object, query: str = "?v=2", path: str = "/flags/"
+) -> requests.Response:
+    return requests.post(srv.url + path + query, json=body, timeout=5.0)
+
+
+def test_flags_resolve_known_keys_for_the_posthog_client(srv: CaptureServer) -> None:
+    srv.project_keys = {"phc_known"}
+    srv.feature_flags = {"beta": True, "checkout": "variant-b", "old": False}
+    known = posthog.Posthog("phc_known", host=srv.url, sync_mode=True, max_retries=0)
+    unknown = posthog.Posthog("phc_typo", host=srv.url, sync_mode=True, max_retries=0)
+    try:
+        flags = known.evaluate_flags("user-1")
+        lost = unknown.evaluate_flags("user-1")
+    finally:
+        known.shutdown()
+        unknown.shutdown()
+
+    assert flags.is_enabled("beta") is True
+    assert flags.get_flag("checkout") == "variant-b"
+    assert flags.is_enabled("old") is False
+    assert lost.get_flag("beta") is None
+    [good, bad] = srv.flags_requests()
+    assert (good.path, good.status, good.api_key) == ("/flags/", 200, "phc_known")
+    assert good.document is not None and good.document["distinct_id"] == "user-1"
+    assert (bad.status, bad.api_key, bad.detail) == (401, "phc_typo", texts.FLAGS_INVALID_KEY)
+    # Flags requests are no capture requests: no events, no scripted replies consumed.
+    assert srv.events == [] and srv.accepted_count == 0
+
+
+def test_flags_document_by_version(srv: CaptureServer) -> None:
+    srv.feature_flags = {"beta": True, "checkout": "b"}
+    body = {"api_key": "phc_any", "distinct_id": "user-1"}
+
+    v4 = post_flags(srv, body, "?v=4").json()
+    v2 = post_flags(srv, body, "?v=2", path="/flags").json()
+    v1 = post_flags(srv, body, "").json()
+
+    assert v4["flags"]["beta"]["value"] is True
+    assert v4["flags"]["checkout"]["value"] == "b"
+    assert v2["flags"]["checkout"]["enabled"] is True
+    assert v2["flags"]["checkout"]["variant"] == "b"
+    assert "value" not in v2["flags"]["beta"]
+    assert v1["featureFlags"] == {"beta": True, "checkout": "b"}
+    assert v2["errorsWhileComputingFlags"] is False
+    assert isinstance(v2["requestId"], str)
+    assert [r.path for r in srv.flags_requests()] == ["/flags/", "/flags", "/flags/"]
+
+
+def test_flags_refusals(srv: CaptureServer) -> None:
+    srv.require_api_key = "phc_right"
+
+    right = post_flags(srv, {"token": "phc_right", "distinct_id": "u"})
+    wrong = post_flags(srv, {"api_key": "phc_wrong", "distinct_id": "u"})
+    shape = post_flags(srv, {"api_key": "phx_personal", "distinct_id": "u"})
+    no_key = post_flags(srv, {"distinct_id": "u"})
+    no_user = post_flags(srv, {"api_key": "phc_right"})
+    broken = requests.post(srv.url + "/flags/?v=2", data=b"{", timeout=5.0)
+
+    assert right.status_code == 200
+    assert (wrong.status_code, wrong.text) == (401, texts.FLAGS_INVALID_KEY)
+    assert (shape.status_code, shape.text) == (401, texts.FLAGS_INVALID_KEY)
+    assert (no_key.status_code, no_key.text) == (401, texts.FLAGS_NO_KEY)
+    assert (no_user.status_code, no_user.text) == (400, texts.FLAGS_MISSING_DISTINCT_ID)
+    assert broken.status_code == 400
+    assert broken.text.startswith("Failed to parse request: ")
+    assert len(srv.flags_requests()) == 6
+
+
+def test_flags_do_not_consume_scripted_replies(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(status=503))
+
+    flags = post_flags(srv, {"api_key": "phc_any", "distinct_id": "u"})
+    capture = post(srv, {"api_key": "phc_any", "batch": [make_event()]})
+
+    assert flags.status_code == 200
+    assert capture.status_code == 503
+    assert srv.replies_pending == 0
+
+
+# -- redirects ------------------------------------------------------------------------------------
+
+
+def test_redirect_to_moves_every_request(srv: CaptureServer) -> None:
+    with CaptureServer() as new_home:
+        srv.redirect_to = new_home.url + "/"
+        event = make_event()
+
+        res = post(srv, {"api_key": "phc_any", "batch": [event]}, path="/batch/?ver=1")
+        direct = requests.get(srv.url + "/anything?x=1", allow_redirects=False, timeout=5.0)
+
+        # requests follows a 301 answer to a POST with a GET without the body: the events
+        # never arrive, and the new host answers PostHog's empty-payload 400.
+        assert [r.status_code for r in res.history] == [301]
+        assert res.history[0].headers["Location"] == new_home.url + "/batch/?ver=1"
+        assert res.status_code == 400
+        assert res.text == texts.EMPTY_PAYLOAD
+        assert (direct.status_code, direct.headers["Location"]) == (
+            301,
+            new_home.url + "/anything?x=1",
+        )
+        assert [(r.method, r.status, r.location) for r in srv.requests] == [
+            ("POST", 301, new_home.url + "/batch/?ver=1"),
+            ("GET", 301, new_home.url + "/anything?x=1"),
+        ]
+        assert [(r.method, r.path, r.status) for r in new_home.requests] == [
+            ("GET", "/batch/", 400)
+        ]
+        assert srv.events == [] and new_home.events == []
+
+
+@pytest.mark.parametrize(
+    ("status", "followed"), [(301, "GET"), (302, "GET"), (303, "GET"), (307, "POST"), (308, "POST")]
+)
+def test_scripted_redirects(srv: CaptureServer, status: int, followed: str) -> None:
+    with CaptureServer() as new_home:
+        srv.enqueue_reply(Reply(status=status, location=new_home.url + "/batch/"))
+        event = make_event()
+
+        res = post(srv, {"api_key": "phc_any", "batch": [event]})
+
+        assert res.history[0].status_code == status
+        [request] = new_home.requests
+        assert request.method == followed
+        if followed == "POST":  # 307 and 308 keep the method and the body
+            assert res.status_code == 200
+            assert new_home.events == [event]
+        else:
+            assert res.status_code == 400
+            assert new_home.events == []
+        assert srv.events == []
+        assert srv.requests[0].location == new_home.url + "/batch/"
+        assert srv.requests[0].events == [event]
+
+
+# -- 2xx replies ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204])
+def test_any_2xx_reply_accepts(srv: CaptureServer, status: int) -> None:
+    srv.enqueue_reply(Reply(status=status), Reply(status=status))
+    event = make_event()
+
+    res = post(srv, {"api_key": "phc_any", "batch": [event]})
+    bad = post(srv, {"api_key": "phc_any", "batch": [{"event": "x"}]})
+
+    assert res.status_code == status
+    assert res.content == (b"" if status == 204 else b'{"status": 1}')
+    assert srv.events == [event]
+    assert srv.requests[0].accepted
+    assert (bad.status_code, bad.text) == (400, texts.MISSING_DISTINCT_ID)  # still judged
+
+
+# -- the official SDK in its default mode ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("gzip_body", [False, True])
+def test_posthog_client_capture_is_accepted(srv: CaptureServer, gzip_body: bool) -> None:
+    client = posthog.Posthog("phc_sdk", host=srv.url, sync_mode=True, gzip=gzip_body, max_retries=0)
+    try:
+        uuids = [
+            client.capture("signed_up", distinct_id="user-1", properties={"plan": "pro"}),
+            client.capture("$pageview", distinct_id="user-1"),
+        ]
+        client.set(distinct_id="user-1", properties={"email": "ada@example.com"})
+        client.group_identify("company", "acme", {"name": "Acme"})
+    finally:
+        client.shutdown()
+
+    assert [r.status for r in srv.requests] == [200] * len(srv.requests)
+    assert srv.uuids()[:2] == uuids
+    assert srv.event_names()[:2] == ["signed_up", "$pageview"]
+    assert srv.event_names()[2:] == ["$set", "$groupidentify"]
+    assert all(r.api_key == "phc_sdk" and r.gzip is gzip_body for r in srv.requests)
+
+
+# -- partial delivery -----------------------------------------------------------------------------
+
+
+def test_accept_first_keeps_part_of_a_failed_batch(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(status=503, accept_first=2, retry_after=1))
+    events = [make_event(i) for i in range(5)]
+
+    res = post(srv, {"api_key": "phc_any", "batch": events})
+
+    assert res.status_code == 503
+    assert res.text == texts.RETRYABLE
+    assert res.headers["Retry-After"] == "1"
+    assert srv.events == events[:2]
+    assert srv.accepted_count == 2
+    [request] = srv.requests
+    assert (request.accepted, request.delivered, request.event_count) == (False, 2, 5)
+    assert request.events == events
+
+
+def test_accept_first_beyond_the_batch_and_of_a_broken_body(srv: CaptureServer) -> None:
+    srv.enqueue_reply(Reply(status=500, accept_first=10), Reply(status=500, accept_first=10))
+    events = [make_event(i) for i in range(3)]
+
+    post(srv, {"api_key": "phc_any", "batch": events})
+    post_raw(srv, b"{not json", {})
+
+    assert srv.events == events
+    assert [r.delivered for r in srv.requests] == [3, 0]
+
+
+def test_accept_first_of_an_unknown_project_is_dropped(srv: CaptureServer) -> None:
+    srv.project_keys = {"phc_known"}
+    srv.enqueue_reply(Reply(status=413, accept_first=1))
+    events = [make_event(0), make_event(1)]
+
+    res = post(srv, {"api_key": "phc_other", "batch": events})
+
+    assert res.status_code == 413
+    assert srv.events == []
+    assert srv.dropped == events[:1]
+    assert srv.requests[0].dropped
+
+
+@pytest.mark.parametrize("partial", [True, False])
+def test_partial_delivery_before_an_oversized_event(srv: CaptureServer, partial: bool) -> None:
+    srv.max_event_bytes = 400
+    srv.partial_delivery = partial
+    events = [make_event(0), make_event(1), make_event(2, padding="b" * 500), make_event(3)]
+
+    res = post(srv, {"api_key": "phc_any", "batch": events})
+
+    assert res.status_code == 413
+    assert res.text.startswith("maximum event size exceeded: event 2 ")
+    assert srv.events == (events[:2] if partial else [])
+    assert srv.requests[0].delivered == (2 if partial else 0)
+
+
+def test_partial_delivery_needs_a_valid_batch(srv: CaptureServer) -> None:
+    srv.max_event_bytes = 400
+    srv.partial_delivery = True
+    events = [make_event(0), make_event(1, padding="b" * 500), {"event": "no_distinct_id"}]
+
+    res = post(srv, {"api_key": "phc_any", "batch": events})
+
+    # A malformed event refuses the whole batch before anything is stored.
+    assert (res.status_code, res.text) == (400, texts.MISSING_DISTINCT_ID)
+    assert srv.events == []
+
+
+# -- the AI endpoint ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync_mode", [True, False])
+def test_posthog_client_ai_events_reach_the_ai_endpoint(
+    srv: CaptureServer, sync_mode: bool
+) -> None:
+    client = posthog.Posthog(
+        "phc_ai", host=srv.url, sync_mode=sync_mode, max_retries=0, enable_full_ai_capture=True
+    )
+    try:
+        generation = client.capture_ai(
+            "$ai_generation",
+            distinct_id="user-1",
+            properties={"$ai_model": "gpt-4o", "$ai_input_tokens": 12, "$ai_trace_id": "t1"},
+        )
+        span = client.capture_ai(
+            "$ai_span", distinct_id="user-1", properties={"$ai_trace_id": "t1"}
+        )
+        pageview = client.capture("$pageview", distinct_id="user-1")
+        client.flush()
+    finally:
+        client.shutdown()
+
+    srv.wait_for_events(3)
+    ai_requests = [r for r in srv.requests if r.path in AI_PATHS]
+    assert [r.path for r in ai_requests] == ["/i/v0/ai/batch/"] * len(ai_requests)
+    assert all(r.status == 200 and r.api_key == "phc_ai" for r in srv.requests)
+    ai_uuids = [e["uuid"] for r in ai_requests for e in r.events]
+    assert ai_uuids == [generation, span]
+    assert [e["uuid"] for r in srv.requests if r.path == "/batch/" for e in r.events] == [pageview]
+    assert sorted(srv.uuids()) == sorted([generation, span, pageview])
+
+
+def test_ai_endpoint_refuses_a_batch_with_other_events(srv: CaptureServer) -> None:
+    ai_event = make_event(0, name="$ai_generation")
+
+    mixed = post(
+        srv, {"api_key": "phc_any", "batch": [ai_event, make_event(1)]}, path="/i/v0/ai/batch/"
+    )
+    pure = post(srv, {"api_key": "phc_any", "batch": [ai_event]}, path="/i/v0/ai/batch")
+    on_batch = post(srv, {"api_key": "phc_any", "batch": [ai_event, make_event(2)]})
+    get = requests.get(srv.url + "/i/v0/ai/batch/", timeout=5.0)
+
+    assert (mixed.status_code, mixed.text) == (400, texts.NON_RETRYABLE)
+    assert pure.status_code == 200
+    assert on_batch.status_code == 200  # /batch/ takes AI events among the others
+    assert get.status_code == 405
+    assert srv.event_names() == ["$ai_generation", "$ai_generation", "page_viewed"]
+    assert {"$ai_generation", "$ai_span", "$ai_trace", "$ai_embedding"} <= AI_EVENT_NAMES
+
+
+def test_ai_endpoint_judges_like_batch(srv: CaptureServer) -> None:
+    srv.project_keys = {"phc_known"}
+    event = make_event(name="$ai_trace")
+
+    bad_key = post(srv, {"api_key": "phx_x", "batch": [event]}, path="/i/v0/ai/batch/")
+    dropped = post(srv, {"api_key": "phc_typo", "batch": [event]}, path="/i/v0/ai/batch/")
+    srv.enqueue_reply(Reply(status=503))
+    scripted = post(srv, {"api_key": "phc_known", "batch": [event]}, path="/i/v0/ai/batch/")
+
+    assert (bad_key.status_code, bad_key.text) == (
+        401,
+        texts.INVALID_KEY.format("personal_api_key"),
+    )
+    assert dropped.status_code == 200
+    assert srv.dropped == [event]
+    assert scripted.status_code == 503
+    assert srv.events == []
+
+
+# -- posthog-node ---------------------------------------------------------------------------------
+
+POSTHOG_NODE = (
+    Path(__file__).resolve().parents[2] / ".ci" / "node" / "node_modules" / "posthog-node"
+)
+NODE_CLIENT = r"""
+const { PostHog } = require(process.argv[1]);
+const options = { host: process.argv[2], flushAt: 1, flushInterval: 0, fetchRetryCount: 0 };
+(async () => {
+  const known = new PostHog('phc_node', options);
+  known.capture({ distinctId: 'user-1', event: 'signed_up', properties: { plan: 'pro' } });
+  const flags = await known.evaluateFlags('user-1');
+  known.captureAi({ distinctId: 'user-1', event: '$ai_generation', properties: { n: 1 } });
+  await known.shutdown();
+  const typo = new PostHog('phc_typo', options);
+  const lost = await typo.evaluateFlags('user-1');
+  typo.capture({ distinctId: 'user-1', event: 'signed_up' });
+  await typo.shutdown();
+  console.log(JSON.stringify({
+    beta: flags.isEnabled('beta'), checkout: flags.getFlag('checkout'),
+    lost: lost.getFlag('beta') === undefined ? null : lost.getFlag('beta'),
+  }));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_posthog_node_client(srv: CaptureServer) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: install Node.js 20 to run the posthog-node test")
+    if not POSTHOG_NODE.is_dir():
+        pytest.skip("posthog-node is not installed: npm install --prefix .ci/node posthog-node")
+    srv.project_keys = {"phc_node"}
+    srv.feature_flags = {"beta": True, "checkout": "variant-b"}
+
+    done = subprocess.run(
+        [node, "-e", NODE_CLIENT, str(POSTHOG_NODE), srv.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answers == {"beta": True, "checkout": "variant-b", "lost": None}
+    names = srv.event_names()  # with the client's own $feature_flag_called events
+    assert names.count("signed_up") == 1
+    assert names.count("$ai_generation") == 1
+    assert set(names) <= {"signed_up", "$ai_generation", "$feature_flag_called"}
+    assert [r.path for r in srv.requests if r.path in AI_PATHS] == ["/i/v0/ai/batch/"]
+    assert "signed_up" in [e["event"] for e in srv.dropped]
+    assert {r.api_key for r in srv.requests if r.dropped} == {"phc_typo"}
+    flags = srv.flags_requests()
+    assert [(r.api_key, r.status) for r in flags] == [("phc_node", 200), ("phc_typo", 401)]
+    assert all(r.headers["user-agent"].startswith("posthog-node/") for r in srv.requests)
+    assert all(r.status == 200 for r in srv.requests if r.path not in FLAGS_PATHS)
+
+
+# -- extra routes ---------------------------------------------------------------------------------
+
+
+def test_extra_routes_are_served_and_recorded(srv: CaptureServer) -> None:
+    def echo(server: CaptureServer, exchange: Exchange) -> None:
+        body = exchange.read_body() or b""
+        reply = server._next_reply()
+        server._record(
+            ReceivedRequest(
+                exchange.path,
+                exchange.headers,
+                reply.status,
+                None,
+                [],
+                len(body),
+                False,
+                exchange.received_at,
+                method=exchange.method,
+            )
+        )
+        exchange.respond(reply.status, body, "application/octet-stream")
+
+    srv.routes["/echo"] = echo
+    srv.enqueue_reply(Reply(status=202))
+
+    res = requests.post(srv.url + "/echo?x=1", data=b"hello", timeout=5.0)
+
+    assert (res.status_code, res.content) == (202, b"hello")
+    assert [(r.path, r.method, r.status, r.raw_size) for r in srv.requests] == [
+        ("/echo", "POST", 202, 5)
+    ]
+    srv.redirect_to = "http://elsewhere"  # redirect_to wins over every route
+    moved = requests.post(srv.url + "/echo", data=b"x", allow_redirects=False, timeout=5.0)
+    assert moved.status_code == 301

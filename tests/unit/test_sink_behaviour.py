@@ -20,7 +20,9 @@ from worker.sinks import (
     Outbound,
     PostHogSink,
     RateLimitedError,
+    RedirectError,
     RejectedError,
+    RequestRejectedError,
     RetryableSinkError,
     Sink,
     SinkError,
@@ -28,13 +30,18 @@ from worker.sinks import (
     UnauthorizedError,
 )
 from worker.testing import CaptureServer, Reply
+from worker.testing import posthog_errors as texts
 
-TRANSIENT, RATE_LIMITED, UNAUTHORIZED, REJECTED = (
+TRANSIENT, RATE_LIMITED, UNAUTHORIZED, REJECTED, REDIRECTED, REQUEST_REJECTED = (
     "transient",
     "rate_limited",
     "unauthorized",
     "rejected",
+    "redirected",
+    "request_rejected",
 )
+#: Where the scripted redirects point.
+MOVED_TO = "https://eu.i.posthog.com/batch/"
 
 
 class Harness(Protocol):
@@ -58,6 +65,8 @@ class MemoryHarness:
             RATE_LIMITED: RateLimitedError("slow down", retry_after=retry_after),
             UNAUTHORIZED: UnauthorizedError("bad key"),
             REJECTED: RejectedError("bad event"),
+            REDIRECTED: RedirectError(f"moved to {MOVED_TO}", status=301, location=MOVED_TO),
+            REQUEST_REJECTED: RequestRejectedError(texts.EMPTY_PAYLOAD, status=400),
         }
         self.sink.fail_with(errors[failure])
 
@@ -73,8 +82,17 @@ class PostHogHarness:
         return self.server.uuids()
 
     def script(self, failure: str, retry_after: float | None = None) -> None:
-        status = {TRANSIENT: 503, RATE_LIMITED: 429, UNAUTHORIZED: 401, REJECTED: 400}[failure]
-        self.server.enqueue_reply(Reply(status=status, retry_after=retry_after))
+        replies = {
+            TRANSIENT: Reply(status=503),
+            RATE_LIMITED: Reply(status=429, retry_after=retry_after),
+            UNAUTHORIZED: Reply(status=401),
+            # PostHog's text for an event it refuses.
+            REJECTED: Reply(status=400),
+            # Followed, it would be a GET of the same endpoint: a 400 with no body.
+            REDIRECTED: Reply(status=301, location=MOVED_TO),
+            REQUEST_REJECTED: Reply(status=400, body=texts.EMPTY_PAYLOAD),
+        }
+        self.server.enqueue_reply(replies[failure])
 
 
 class StdoutHarness:
@@ -96,7 +114,7 @@ class StdoutHarness:
         self.sink.stream = self.stream  # type: ignore[attr-defined]
 
 
-ALL = (TRANSIENT, RATE_LIMITED, UNAUTHORIZED, REJECTED)
+ALL = (TRANSIENT, RATE_LIMITED, UNAUTHORIZED, REJECTED, REDIRECTED, REQUEST_REJECTED)
 #: The failures each sink can meet; the suite runs each case where it applies.
 CAPABILITIES = {
     "memory": ALL,
@@ -128,6 +146,8 @@ ERRORS: dict[str, type[SinkError]] = {
     RATE_LIMITED: RateLimitedError,
     UNAUTHORIZED: UnauthorizedError,
     REJECTED: RejectedError,
+    REDIRECTED: RedirectError,
+    REQUEST_REJECTED: RequestRejectedError,
 }
 FAILURE_CASES = [(kind, f) for kind, fs in CAPABILITIES.items() for f in fs]
 
@@ -164,8 +184,37 @@ def test_each_failure_raises_its_error_and_delivers_nothing(kind: str, failure: 
         harness.script(failure)
         with pytest.raises(ERRORS[failure]) as info:
             harness.sink.send(events(3))
+        assert type(info.value) is ERRORS[failure]
         assert info.value.reason == failure
         assert harness.delivered() == []
+
+
+@pytest.mark.parametrize("kind", [k for k, fs in CAPABILITIES.items() if REDIRECTED in fs])
+def test_a_redirect_is_never_followed_and_names_its_location(kind: str) -> None:
+    with make_harness(kind) as harness:
+        harness.script(REDIRECTED)
+        with pytest.raises(RedirectError) as info:
+            harness.sink.send(events(2))
+        assert info.value.location == MOVED_TO and MOVED_TO in str(info.value)
+        if isinstance(harness, PostHogHarness):
+            assert [r.method for r in harness.server.requests] == ["POST"]
+        # Nothing was lost: the same batch goes through once the host answers.
+        batch = events(2)
+        harness.sink.send(batch)
+        assert harness.delivered() == [e.data["uuid"] for e in batch]
+
+
+@pytest.mark.parametrize("kind", [k for k, fs in CAPABILITIES.items() if REJECTED in fs])
+def test_a_rejection_says_what_the_endpoint_answered(kind: str) -> None:
+    with make_harness(kind) as harness:
+        harness.script(REJECTED)
+        with pytest.raises(RejectedError) as info:
+            harness.sink.send(events(2))
+        assert info.value.detail
+        harness.script(REQUEST_REJECTED)
+        with pytest.raises(RequestRejectedError) as request_info:
+            harness.sink.send(events(2))
+        assert texts.EMPTY_PAYLOAD in request_info.value.detail
 
 
 def test_a_failed_batch_can_be_sent_again(harness: Any) -> None:
@@ -200,6 +249,39 @@ def test_posthog_sink_never_shows_its_key() -> None:
     with pytest.raises(RetryableSinkError) as info:
         sink.send(events(1))
     assert "phc_secret_value" not in str(info.value)
+
+
+POSTHOG_KINDS = [k for k in CAPABILITIES if k.startswith("posthog")]
+
+
+@pytest.mark.parametrize("kind", POSTHOG_KINDS)
+@pytest.mark.parametrize("status", [200, 201, 202, 204])
+def test_any_2xx_is_delivery(kind: str, status: int) -> None:
+    with make_harness(kind) as harness:
+        harness.server.default_reply = Reply(status=status)
+        batch = events(3)
+        harness.sink.send(batch)  # no error
+        assert harness.delivered() == [e.data["uuid"] for e in batch]
+        assert [r.status for r in harness.server.requests] == [status]
+
+
+@pytest.mark.parametrize("kind", POSTHOG_KINDS)
+def test_a_get_after_a_followed_redirect_never_happens(kind: str) -> None:
+    """requests turns a POST into a bodiless GET when it follows a 301; PostHog answers
+    that GET with its empty-payload 400. Pointed at a host that redirects to a working
+    one, the sink sends exactly one POST, to the first host, and raises RedirectError."""
+    with CaptureServer() as target, CaptureServer() as moved:
+        moved.redirect_to = target.url
+        sink = PostHogSink(
+            "phc_key", moved.url, timeout=2.0, transport="posthog" if "batch" in kind else "direct"
+        )
+        with pytest.raises(RedirectError) as info:
+            sink.send(events(2))
+        assert info.value.location == target.url + "/batch/"
+        assert info.value.status == 301
+        assert target.requests == []
+        assert [r.method for r in moved.requests] == ["POST"]
+        sink.close()
 
 
 def test_posthog_sink_timeout_is_retryable() -> None:

@@ -4,11 +4,14 @@ from worker.sinks.base import (
     Event,
     Outbound,
     RateLimitedError,
+    RedirectError,
     RejectedError,
+    RequestRejectedError,
     RetryableSinkError,
     Sink,
     SinkError,
     UnauthorizedError,
+    clean_text,
 )
 from worker.sinks.memory import MemorySink
 from worker.sinks.posthog import PostHogSink
@@ -20,10 +23,13 @@ __all__ = [
     "Outbound",
     "PostHogSink",
     "RateLimitedError",
+    "RedirectError",
     "RejectedError",
+    "RequestRejectedError",
     "RetryableSinkError",
     "Sink",
     "SinkError",
     "StdoutSink",
     "UnauthorizedError",
+    "clean_text",
 ]

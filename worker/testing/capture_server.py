@@ -1,15 +1,20 @@
 """A PostHog-capture-compatible HTTP endpoint for tests.
 
 `CaptureServer` listens on a local port and answers the requests the PostHog client libraries
-make when they ship events (``POST /batch/`` with a JSON body, optionally gzip-compressed). It
-records what it received and lets a test script the answers: outages, rate limits with
-``Retry-After``, slow responses, rejected API keys, oversized payloads and events the server
-refuses. Point a client at it by giving ``srv.url`` as the PostHog host::
+make when they ship events (``POST /batch/`` with a JSON body, optionally gzip-compressed) and
+evaluate feature flags (``POST /flags/?v=2``). It records what it received and lets a test
+script the answers: outages, rate limits with ``Retry-After``, slow responses, redirects,
+rejected API keys, oversized payloads, partial deliveries and events the server refuses. Point
+a client at it by giving ``srv.url`` as the PostHog host::
 
     with CaptureServer() as srv:
         srv.enqueue_reply(Reply(status=503, retry_after=1))
         ...  # run the code under test with POSTHOG_HOST=srv.url
         events = srv.wait_for_events(3)
+
+Its answers are PostHog's: the same status codes and the same error texts (the constants of
+`worker.testing.posthog_errors`, sent as ``text/plain`` as PostHog's capture does), so code
+under test meets the cases it will meet in production.
 
 It uses only the standard library and serves each connection on its own daemon thread, with
 HTTP/1.1 keep-alive, so clients can reuse connections.
@@ -17,6 +22,8 @@ HTTP/1.1 keep-alive, so clients can reuse connections.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import gzip
 import json
@@ -35,20 +42,75 @@ from types import TracebackType
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["CAPTURE_PATHS", "CaptureServer", "Event", "ReceivedRequest", "Reply"]
+from . import posthog_errors as texts
+from .flags import FLAGS_PATHS, FlagValue, flags_document, flags_version
+from .posthog_errors import TEXT_CONTENT_TYPE, key_problem
+
+__all__ = [
+    "AI_EVENT_NAMES",
+    "AI_PATHS",
+    "CAPTURE_PATHS",
+    "FLAGS_PATHS",
+    "REDIRECT_STATUSES",
+    "SCRIPTED_TEXTS",
+    "CaptureServer",
+    "Event",
+    "Exchange",
+    "ReceivedRequest",
+    "Reply",
+    "Route",
+]
 
 Event = dict[str, Any]
 """One analytics event as the client sent it (keys such as event, distinct_id, properties, uuid)."""
 
 CAPTURE_PATHS: Final[frozenset[str]] = frozenset(
     variant
-    for path in ("/batch/", "/capture/", "/e/", "/i/v0/e/")
+    for path in ("/batch/", "/capture/", "/e/", "/i/v0/e/", "/track/", "/engage/")
     for variant in (path, path.rstrip("/"))
 )
-"""Request paths answered as capture endpoints (with and without the trailing slash)."""
+"""Request paths answered as capture endpoints (with and without the trailing slash), as
+PostHog's capture routes them (``rust/capture/src/router.rs``)."""
 
+AI_PATHS: Final[frozenset[str]] = frozenset({"/i/v0/ai/batch", "/i/v0/ai/batch/"})
+"""PostHog's AI batch endpoint (``AI_EVENTS_ENDPOINT`` in posthog-python's ``request.py``):
+the body and the judging of ``/batch/``, for AI events only."""
+
+AI_EVENT_NAMES: Final[frozenset[str]] = frozenset(
+    {
+        "$ai_generation",
+        "$ai_span",
+        "$ai_trace",
+        "$ai_embedding",
+        "$ai_metric",
+        "$ai_feedback",
+        "$ai_evaluation",
+    }
+)
+"""The AI events PostHog's AI endpoint takes. A request to `AI_PATHS` carrying any other event
+is refused whole with a 400, as PostHog's capture-ai refuses a mixed batch."""
+
+REDIRECT_STATUSES: Final[frozenset[int]] = frozenset({301, 302, 303, 307, 308})
+"""The statuses a `Reply` with a ``location`` may have."""
+
+SCRIPTED_TEXTS: Final[dict[int, str]] = {
+    400: texts.NON_RETRYABLE,
+    401: texts.UNKNOWN_KEY,
+    413: texts.EVENT_TOO_BIG.format("scripted reply"),
+    429: texts.RATE_LIMITED,
+    500: texts.INTERNAL_ERROR,
+    503: texts.RETRYABLE,
+}
+"""The body of a scripted error `Reply` without its own ``body``: PostHog's text for that
+status. Other statuses (502, 504, ...) come from proxies in front of PostHog, and get the
+status's reason phrase (``Bad Gateway``)."""
+
+_JSON: Final = "application/json"
+_OK_BODY: Final = b'{"status": 1}'
 _GZIP_QUERY_VALUES: Final = frozenset({"gzip", "gzip-js"})
+_GZIP_MAGIC: Final = b"\x1f\x8b"
 _NO_BODY_STATUSES: Final = frozenset({HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED})
+_CAPTURE_METHODS: Final = "GET, POST, OPTIONS"
 _MAX_CHUNK_LINE: Final = 65_536
 
 
@@ -57,17 +119,26 @@ class Reply:
     """How the server answers a capture request.
 
     Args:
-        status: HTTP status to answer with (200-599). Only a request answered 200 has its
-            events accepted.
+        status: HTTP status to answer with: 200-599, or one of `REDIRECT_STATUSES` together
+            with ``location``. A 2xx reply (200, 201, 202, 204, ...) still has the request
+            judged (bad bodies, keys and events are refused as PostHog refuses them); when the
+            request is fine, it is answered with this status and its events are accepted. Any
+            other reply is sent as is, whatever the request carried.
         body: JSON object to send as the response body. A ``str`` or ``bytes`` is sent as is,
             as ``text/plain`` (for example an HTML error page from a proxy). ``None`` sends the
-            default body: ``{"status": 1}`` for 200 and
-            ``{"type": "validation_error", "code": ..., "detail": ...}`` for errors.
+            default body: ``{"status": 1}`` for 2xx (nothing for 204), `SCRIPTED_TEXTS` for
+            errors, nothing for redirects.
         retry_after: Value of a ``Retry-After`` header (seconds, or an HTTP date string);
             ``None`` sends no header.
         delay: Seconds to wait, after reading the request, before answering (to provoke client
             timeouts). Stopping the server cuts the wait short.
         times: How many consecutive requests a queued reply answers.
+        location: Where a redirect points (its ``Location`` header), e.g.
+            ``srv.url + "/batch/"``; only with a redirect status.
+        accept_first: For an error status (400-599): accept the first ``accept_first`` events
+            of the request anyway (they reach ``events``, or ``dropped`` for an unknown key)
+            and still answer ``status``, as a server that stored part of a batch before it
+            failed. ``None`` accepts none.
     """
 
     status: int = 200
@@ -75,14 +146,41 @@ class Reply:
     retry_after: str | float | None = None
     delay: float = 0.0
     times: int = 1
+    location: str | None = None
+    accept_first: int | None = None
 
     def __post_init__(self) -> None:
-        if not 200 <= self.status <= 599:
-            raise ValueError(f"status must be between 200 and 599, got {self.status}")
+        if self.status in REDIRECT_STATUSES:
+            if not self.location:
+                raise ValueError(f"a {self.status} redirect needs a location")
+        elif not 200 <= self.status <= 599 or 300 <= self.status <= 399:
+            raise ValueError(
+                f"status must be 200-299, 400-599 or one of {sorted(REDIRECT_STATUSES)}, "
+                f"got {self.status}"
+            )
+        elif self.location is not None:
+            raise ValueError(f"location is only for redirects, not for status {self.status}")
         if self.delay < 0:
             raise ValueError(f"delay must not be negative, got {self.delay}")
         if self.times < 1:
             raise ValueError(f"times must be at least 1, got {self.times}")
+        if self.accept_first is not None:
+            if self.status < 400:
+                raise ValueError(
+                    f"accept_first is for error statuses (400-599), not for {self.status}"
+                )
+            if self.accept_first < 0:
+                raise ValueError(f"accept_first must not be negative, got {self.accept_first}")
+
+    @property
+    def is_redirect(self) -> bool:
+        """Whether this reply is a redirect."""
+        return self.status in REDIRECT_STATUSES
+
+    @property
+    def is_success(self) -> bool:
+        """Whether this reply is a 2xx one, under which a fine request's events are accepted."""
+        return 200 <= self.status <= 299
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +191,25 @@ class ReceivedRequest:
         path: Request path without the query string, e.g. ``"/batch/"``.
         headers: Request headers, with lower-cased names (``headers["content-encoding"]``).
         status: HTTP status the server answered with.
-        api_key: The body's ``api_key`` (``None`` when absent or the body did not parse).
+        api_key: The project key the request named, as sent: the body's ``api_key`` (or
+            ``token``), else the events' one; ``None`` when there is none or the body did not
+            parse.
         events: Events in the body, in order; empty when the body did not parse, or when
             ``record_events`` was off at the time.
         raw_size: Size of the body on the wire, in bytes (compressed size for gzip bodies).
         gzip: Whether the body was gzip-compressed.
         received_at: ``time.monotonic()`` when the request arrived.
         event_count: Number of events in the body (also counted when they are not stored).
-        detail: Why the request was refused, for error answers; ``None`` for 200.
+        detail: The error text answered (a `worker.testing.posthog_errors` text for the
+            server's own refusals); ``None`` for 2xx and redirects.
+        method: The request method, e.g. ``"POST"`` or ``"GET"``.
+        delivered: How many of its events the server kept: all of them when answered 2xx,
+            the first N of a partial delivery (`Reply.accept_first`,
+            ``CaptureServer.partial_delivery``), else 0.
+        dropped: Whether the kept events went to ``dropped`` (a well-formed key outside
+            ``project_keys``) instead of ``events``.
+        location: The ``Location`` header of a redirect answer; ``None`` otherwise.
+        document: The decoded JSON body of a ``/flags`` request; ``None`` for other requests.
     """
 
     path: str
@@ -113,11 +222,16 @@ class ReceivedRequest:
     received_at: float
     event_count: int = 0
     detail: str | None = None
+    method: str = "POST"
+    delivered: int = 0
+    dropped: bool = False
+    location: str | None = None
+    document: dict[str, Any] | None = None
 
     @property
     def accepted(self) -> bool:
-        """Whether the request was answered 200, so its events count as delivered."""
-        return self.status == HTTPStatus.OK
+        """Whether the request was answered 2xx, so its events count as delivered."""
+        return 200 <= self.status <= 299
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,53 +249,120 @@ class _QueuedReply:
 
 @dataclass(frozen=True, slots=True)
 class _Parsed:
-    """The decoded request body: its events, or why it could not be decoded."""
+    """A capture body taken apart: its key and events, or PostHog's reason to refuse it."""
 
-    is_gzip: bool
-    body_size: int | None = None
+    is_gzip: bool = False
+    body_size: int = 0
     api_key: str | None = None
     events: list[Event] | None = None
+    status: int = 200
     error: str | None = None
+    decoded: bool = True
+    """Whether the body got past decompression (so its size is known)."""
 
 
 @dataclass(frozen=True, slots=True)
 class _Verdict:
+    """How to answer a capture request, and how many of its events to keep."""
+
     status: int
-    code: str
-    detail: str | None
+    detail: str | None = None
+    keep: int = 0
+
+
+Route = Callable[["CaptureServer", "Exchange"], None]
+"""An endpoint served beside the built-in ones: called with the server and the request, on a
+handler thread, for every method; it must answer with `Exchange.respond` exactly once."""
+
+
+def _extra_routes() -> dict[str, Route]:
+    """ROUTING POINT: endpoints implemented in sibling modules of worker/testing, by path.
+
+    Each server starts with a copy of this in ``CaptureServer.routes`` and consults it before
+    its built-in paths. Import lazily here (inside the function) so a sibling module may import
+    this one.
+    """
+    routes: dict[str, Route] = {}
+    # The v1 capture endpoint (worker/testing/capture_v1.py) hooks in here, e.g.:
+    #     from .capture_v1 import V1_ROUTES
+    #     routes.update(V1_ROUTES)
+    return routes
 
 
 class CaptureServer:
     """A local HTTP server that speaks PostHog's event capture API, for tests.
 
     Use it as a context manager, or call `start` and `stop`. While running, ``url`` is the host
-    to configure the PostHog client with. It answers ``POST`` on the paths in `CAPTURE_PATHS`;
-    other paths get 404 and other methods 405 (both recorded in ``requests``).
+    to configure the PostHog client with. Every request is recorded in ``requests``.
 
-    Each capture request is answered by the first of:
+    Paths and methods, as PostHog's capture routes them:
 
-    1. the next queued reply (`enqueue_reply`), else ``default_reply``; a reply whose status is
-       not 200 is sent as is;
-    2. 400 when the body is not gzip/JSON the server understands;
-    3. 413 when the decompressed body is larger than ``max_body_bytes``;
-    4. 401 when ``require_api_key`` is set and the body's ``api_key`` differs;
-    5. 413 when one event's JSON (``json.dumps(event)``) is larger than ``max_event_bytes``;
-    6. the status of the first `reject_events` rule matching any event (the whole request is
+    - `CAPTURE_PATHS` (``/batch/``, ``/e/``, ``/capture/``, ``/i/v0/e/``, ``/track/``,
+      ``/engage/``, each with and without the trailing slash): ``POST`` and ``GET`` are
+      capture requests; ``OPTIONS`` is answered 200 (CORS preflight); other methods 405.
+      A ``GET`` without a ``data`` query parameter has no payload and is answered 400
+      `~worker.testing.posthog_errors.EMPTY_PAYLOAD`, which is what ``requests`` sends after
+      following a 301/302/303 answer to a ``POST``. Scripted replies answer ``POST`` only.
+    - `AI_PATHS` (``/i/v0/ai/batch/``, ``/i/v0/ai/batch``): ``POST`` is a capture request
+      judged like one to ``/batch/``, for AI events (`AI_EVENT_NAMES`) only: a request
+      carrying another event is refused whole, 400 `NON_RETRYABLE`. Its events reach
+      ``events`` like any other (``ReceivedRequest.path`` tells them apart).
+    - `FLAGS_PATHS` (``/flags/``, ``/flags``): PostHog's feature-flags endpoint, see
+      ``feature_flags``. Never counted as capture requests and never given scripted replies.
+    - ``routes``: endpoints of sibling modules, consulted first.
+    - anything else: 404.
+
+    Each capture ``POST`` is answered by the first of:
+
+    1. the next queued reply (`enqueue_reply`), else ``default_reply``, when it is not 2xx:
+       sent as is (an error, or a redirect with its ``Location``);
+    2. 400 `EMPTY_PAYLOAD` when there is no body;
+    3. 400 `DECODING_ERROR` when a gzip body does not decompress;
+    4. 413 `EVENT_TOO_BIG` when the decompressed body is larger than ``max_body_bytes``;
+    5. 400 `PARSING_ERROR` when the body is not capture's JSON (a ``batch`` object, one event,
+       or an array of events, each an object with a string ``event``);
+    6. 401 when the key is missing (`NO_KEY`), differs between events (`MULTIPLE_KEYS`), has
+       the wrong shape (`INVALID_KEY`, see `~worker.testing.posthog_errors.key_problem`), or
+       differs from ``require_api_key`` (`UNKNOWN_KEY`);
+    7. 400 `EMPTY_BATCH` when there is no event;
+    8. 400 `MISSING_EVENT_NAME` / `MISSING_DISTINCT_ID` for an event without a name or a
+       distinct_id; on `AI_PATHS`, 400 `NON_RETRYABLE` for an event not in `AI_EVENT_NAMES`;
+    9. the status of the first `reject_events` rule matching any event (the whole request is
        refused; 500 if a predicate raises);
-    7. 200, and the request's events are accepted.
+    10. 413 `EVENT_TOO_BIG` when one event's JSON (``json.dumps(event)``) is larger than
+        ``max_event_bytes``; with ``partial_delivery`` the events before it are accepted;
+    11. the reply's 2xx status, and the request's events are accepted: they reach ``events``,
+        or ``dropped`` when ``project_keys`` is set and does not hold the key.
 
-    The chosen reply's ``retry_after`` and ``delay`` apply whatever the final status. Every
-    request is recorded in ``requests``; only the events of requests answered 200 reach
-    ``events``. All recorded state is guarded by one lock, so tests may read it while clients
-    are still sending.
+    (The texts are those of `worker.testing.posthog_errors`; error answers are plain text.)
+    The chosen reply's ``retry_after`` and ``delay`` apply whatever the final status. Only the
+    events of requests answered 2xx, and those of partial deliveries, reach ``events``. All
+    recorded state is guarded by one lock, so tests may read it while clients are still
+    sending.
 
     Attributes:
         default_reply: Answers capture requests when the reply queue is empty.
-        require_api_key: When set, bodies whose ``api_key`` differs are answered 401.
+        require_api_key: When set, requests naming another key are answered 401
+            `UNKNOWN_KEY`, as PostHog does where it enforces known keys; ``/flags`` knows only
+            this key.
+        project_keys: ``None`` (the default): every well-formed key is a project's. A set:
+            the keys of the projects that exist. A well-formed key outside the set is answered
+            200 ``{"status": 1}`` and its events are dropped, as PostHog's capture does (it
+            does not look keys up; ingestion drops the events later): they are recorded in
+            ``dropped``, never in ``events``. ``/flags`` answers such a key 401.
+        feature_flags: The flags ``/flags`` evaluates, for every distinct_id: flag key to
+            ``True``/``False`` or a variant name. Empty by default.
+        redirect_to: When set, every request (any method, any path) is answered
+            ``301 Moved Permanently`` with ``Location: <redirect_to><path?query>``, as a host
+            that moved (``http://`` to ``https://``, an old domain) answers.
         max_body_bytes: When set, larger decompressed bodies are answered 413.
         max_event_bytes: When set, bodies with a larger event are answered 413.
+        partial_delivery: When true, a 413 for an event over ``max_event_bytes`` accepts the
+            events before it, as PostHog's capture has stored them by the time it meets the
+            oversized one.
         record_events: When false, accepted events are only counted (``accepted_count``), not
             stored, and recorded requests carry no events; for benchmarks.
+        routes: Extra endpoints by path (see `Route`); starts with the sibling modules' ones.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -190,12 +371,18 @@ class CaptureServer:
         self._port = port
         self.default_reply: Reply = Reply()
         self.require_api_key: str | None = None
+        self.project_keys: set[str] | None = None
+        self.feature_flags: dict[str, FlagValue] = {}
+        self.redirect_to: str | None = None
         self.max_body_bytes: int | None = None
         self.max_event_bytes: int | None = None
+        self.partial_delivery: bool = False
         self.record_events: bool = True
+        self.routes: dict[str, Route] = _extra_routes()
         self._cond = threading.Condition(threading.Lock())
         self._requests: list[ReceivedRequest] = []
         self._events: list[Event] = []
+        self._dropped: list[Event] = []
         self._accepted_count = 0
         self._replies: deque[_QueuedReply] = deque()
         self._rules: list[_RejectRule] = []
@@ -303,13 +490,13 @@ class CaptureServer:
         self,
         predicate: Callable[[Event], bool],
         status: int = 400,
-        detail: str = "event rejected by the capture server",
+        detail: str = texts.NON_RETRYABLE,
     ) -> None:
         """Refuse, with ``status``, every request carrying an event for which ``predicate`` is true.
 
         The whole request is refused (as PostHog's ``/batch/`` does when one event is
-        malformed) and none of its events is accepted. Rules are checked in the order they were
-        added; they stay until `clear_rules`.
+        malformed) and none of its events is accepted; ``detail`` is the answer's text.
+        Rules are checked in the order they were added; they stay until `clear_rules`.
         """
         if not 400 <= status <= 599:
             raise ValueError(f"a rejection status must be between 400 and 599, got {status}")
@@ -324,11 +511,13 @@ class CaptureServer:
     def reset(self) -> None:
         """Forget recorded requests and events, drop queued replies, restore ``default_reply``.
 
-        Rules and limits (`reject_events`, ``require_api_key``, ``max_*_bytes``) are kept.
+        Rules, keys, flags and limits (`reject_events`, ``require_api_key``, ``project_keys``,
+        ``feature_flags``, ``redirect_to``, ``max_*_bytes``, ``partial_delivery``) are kept.
         """
         with self._cond:
             self._requests.clear()
             self._events.clear()
+            self._dropped.clear()
             self._accepted_count = 0
             self._replies.clear()
             self.default_reply = Reply()
@@ -341,15 +530,29 @@ class CaptureServer:
         with self._cond:
             return list(self._requests)
 
+    def flags_requests(self) -> list[ReceivedRequest]:
+        """The ``/flags`` requests received, in arrival order (also in ``requests``)."""
+        with self._cond:
+            return [request for request in self._requests if request.path in FLAGS_PATHS]
+
     @property
     def events(self) -> list[Event]:
-        """Events of requests answered 200, in arrival order (a copy of the list)."""
+        """Events accepted (answered 2xx, or kept by a partial delivery), in arrival order.
+
+        Events of keys outside ``project_keys`` are never here but in ``dropped``. A copy.
+        """
         with self._cond:
             return list(self._events)
 
     @property
+    def dropped(self) -> list[Event]:
+        """Events answered 200 but dropped, their key being outside ``project_keys`` (a copy)."""
+        with self._cond:
+            return list(self._dropped)
+
+    @property
     def accepted_count(self) -> int:
-        """Number of events accepted (answered 200), counted even when not recorded."""
+        """Number of events accepted into ``events``, counted even when not recorded."""
         with self._cond:
             return self._accepted_count
 
@@ -408,8 +611,51 @@ class CaptureServer:
             )
 
     # -- request handling (called on handler threads) ------------------------------------------
+    #
+    # Routes (see `Route`) may use `_next_reply`, `_check_key`, `_key_is_known`, `_record`
+    # and `_scripted_answer`, so every endpoint scripts, judges keys and records alike.
+
+    def _dispatch(self, exchange: Exchange) -> None:
+        """Route one request to the endpoint answering it."""
+        if self.redirect_to is not None:
+            self._answer_redirect(exchange, self.redirect_to.rstrip("/") + exchange.target)
+            return
+        route = self.routes.get(exchange.path)
+        if route is not None:
+            route(self, exchange)
+        elif exchange.path in CAPTURE_PATHS:
+            if exchange.method in ("POST", "GET"):
+                self._serve_capture(exchange)
+            elif exchange.method == "OPTIONS":
+                self._answer_plain(exchange, HTTPStatus.OK, None, {"Allow": _CAPTURE_METHODS})
+            else:
+                detail = f"method {exchange.method} is not allowed"
+                self._answer_plain(
+                    exchange, HTTPStatus.METHOD_NOT_ALLOWED, detail, {"Allow": _CAPTURE_METHODS}
+                )
+        elif exchange.path in AI_PATHS:
+            if exchange.method == "POST":
+                self._serve_capture(exchange, ai=True)
+            elif exchange.method == "OPTIONS":
+                self._answer_plain(exchange, HTTPStatus.OK, None, {"Allow": "POST, OPTIONS"})
+            else:
+                detail = f"method {exchange.method} is not allowed"
+                self._answer_plain(
+                    exchange, HTTPStatus.METHOD_NOT_ALLOWED, detail, {"Allow": "POST, OPTIONS"}
+                )
+        elif exchange.path in FLAGS_PATHS:
+            if exchange.method in ("POST", "GET"):
+                self._serve_flags(exchange)
+            else:
+                detail = f"method {exchange.method} is not allowed"
+                self._answer_plain(
+                    exchange, HTTPStatus.METHOD_NOT_ALLOWED, detail, {"Allow": "GET, POST"}
+                )
+        else:
+            self._answer_plain(exchange, HTTPStatus.NOT_FOUND, f"no endpoint at {exchange.path}")
 
     def _next_reply(self) -> Reply:
+        """Take the reply answering the next scripted request (queue first, then default)."""
         with self._cond:
             if not self._replies:
                 return self.default_reply
@@ -419,117 +665,350 @@ class CaptureServer:
                 self._replies.popleft()
             return entry.reply
 
-    def _handle_capture(self, handler: _Handler, path: str, query: str) -> None:
-        received_at = time.monotonic()
-        headers = {name.lower(): value for name, value in handler.headers.items()}
-        raw = handler.read_body()
-        if raw is None:
-            handler.close_connection = True
-            detail = "the body's Content-Length or chunked framing is unreadable"
+    def _key_is_known(self, key: str) -> bool:
+        """Whether a well-formed ``key`` is a project's, under ``require_api_key`` and
+        ``project_keys``."""
+        key = key.strip()
+        if self.require_api_key is not None and key != self.require_api_key.strip():
+            return False
+        return self.project_keys is None or key in self.project_keys
+
+    def _check_key(self, key: str | None) -> tuple[int, str] | None:
+        """The 401 answer capture gives ``key`` (missing, malformed, or not ``require_api_key``).
+
+        ``None`` when capture accepts it; a key outside ``project_keys`` is accepted (its
+        events are then dropped).
+        """
+        if key is None:
+            return HTTPStatus.UNAUTHORIZED, texts.NO_KEY
+        problem = key_problem(key)
+        if problem is not None:
+            return HTTPStatus.UNAUTHORIZED, texts.INVALID_KEY.format(problem)
+        if self.require_api_key is not None and key.strip() != self.require_api_key.strip():
+            return HTTPStatus.UNAUTHORIZED, texts.UNKNOWN_KEY
+        return None
+
+    def _is_dropped(self, key: str | None) -> bool:
+        """Whether events accepted under ``key`` go to ``dropped`` instead of ``events``."""
+        return self.project_keys is not None and (
+            key is None or key.strip() not in self.project_keys
+        )
+
+    def _record(self, request: ReceivedRequest, kept: list[Event] | None = None) -> None:
+        """Record ``request``; ``kept`` (its first ``request.delivered`` events) are accepted.
+
+        They go to ``dropped`` when ``request.dropped``, else to ``events``.
+        """
+        kept = kept or []
+        with self._cond:
+            self._requests.append(request)
+            if request.dropped:
+                if self.record_events:
+                    self._dropped.extend(kept)
+            else:
+                self._accepted_count += len(kept)
+                if self.record_events:
+                    self._events.extend(kept)
+            self._cond.notify_all()
+
+    @staticmethod
+    def _scripted_answer(reply: Reply, status: int | None = None) -> tuple[bytes, str]:
+        """The body and content type answering with ``reply`` (``status`` defaults to its own).
+
+        The reply's own ``body`` applies only when the answer has the reply's status.
+        """
+        status = reply.status if status is None else status
+        if reply.body is not None and status == reply.status:
+            if isinstance(reply.body, bytes):
+                return reply.body, TEXT_CONTENT_TYPE
+            if isinstance(reply.body, str):
+                return reply.body.encode(), TEXT_CONTENT_TYPE
+            return _json_bytes(reply.body), _JSON
+        if 200 <= status <= 299:
+            return _OK_BODY, _JSON
+        if status in REDIRECT_STATUSES:
+            return b"", TEXT_CONTENT_TYPE
+        return SCRIPTED_TEXTS.get(status, _phrase(status)).encode(), TEXT_CONTENT_TYPE
+
+    def _answer_plain(
+        self,
+        exchange: Exchange,
+        status: int,
+        detail: str | None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer a request that is not a capture or flags request with an empty body."""
+        raw = exchange.read_body()
+        self._record(
+            ReceivedRequest(
+                path=exchange.path,
+                headers=exchange.headers,
+                status=status,
+                api_key=None,
+                events=[],
+                raw_size=len(raw or b""),
+                gzip=False,
+                received_at=exchange.received_at,
+                detail=detail,
+                method=exchange.method,
+            )
+        )
+        exchange.respond(status, b"", TEXT_CONTENT_TYPE, headers)
+
+    def _answer_redirect(
+        self,
+        exchange: Exchange,
+        location: str,
+        status: int = HTTPStatus.MOVED_PERMANENTLY,
+        request: ReceivedRequest | None = None,
+        reply: Reply | None = None,
+    ) -> None:
+        if request is None:
+            raw = exchange.read_body()
             request = ReceivedRequest(
-                path, headers, 400, None, [], 0, False, received_at, detail=detail
+                path=exchange.path,
+                headers=exchange.headers,
+                status=status,
+                api_key=None,
+                events=[],
+                raw_size=len(raw or b""),
+                gzip=False,
+                received_at=exchange.received_at,
+                method=exchange.method,
+                location=location,
+            )
+        body, content_type = (b"", TEXT_CONTENT_TYPE)
+        headers = {"Location": location}
+        if reply is not None:
+            body, content_type = self._scripted_answer(reply)
+            retry_after = _retry_after(reply.retry_after)
+            if retry_after is not None:
+                headers["Retry-After"] = retry_after
+            if reply.delay > 0:
+                self._stopping.wait(reply.delay)
+        self._record(request)
+        exchange.respond(status, body, content_type, headers)
+
+    def _serve_capture(self, exchange: Exchange, *, ai: bool = False) -> None:
+        raw = exchange.read_body()
+        if raw is None:
+            detail = texts.DECODING_ERROR.format(
+                "the body's Content-Length or chunked framing is unreadable"
+            )
+            request = ReceivedRequest(
+                exchange.path,
+                exchange.headers,
+                400,
+                None,
+                [],
+                0,
+                False,
+                exchange.received_at,
+                detail=detail,
+                method=exchange.method,
             )
             self._record(request)
-            body = _json_bytes(_error_body(400, "invalid_payload", detail))
-            handler.respond(400, body, "application/json", None)
+            exchange.respond(400, detail.encode(), TEXT_CONTENT_TYPE)
             return
-        parsed = _parse_body(raw, headers, query)
-        reply = self._next_reply()
-        verdict = self._judge(reply, parsed)
+        parsed = _parse_capture(raw, exchange.headers, exchange.query)
+        reply = self._next_reply() if exchange.method == "POST" else Reply()
         events = parsed.events if parsed.events is not None else []
+        if reply.is_redirect:
+            assert reply.location is not None
+            request = ReceivedRequest(
+                path=exchange.path,
+                headers=exchange.headers,
+                status=reply.status,
+                api_key=parsed.api_key,
+                events=events if self.record_events else [],
+                raw_size=len(raw),
+                gzip=parsed.is_gzip,
+                received_at=exchange.received_at,
+                event_count=len(events),
+                method=exchange.method,
+                location=reply.location,
+            )
+            self._answer_redirect(exchange, reply.location, reply.status, request, reply)
+            return
+        verdict = self._judge(reply, parsed, ai=ai)
+        keep = events[: verdict.keep]
         request = ReceivedRequest(
-            path=path,
-            headers=headers,
+            path=exchange.path,
+            headers=exchange.headers,
             status=verdict.status,
             api_key=parsed.api_key,
             events=events if self.record_events else [],
             raw_size=len(raw),
             gzip=parsed.is_gzip,
-            received_at=received_at,
+            received_at=exchange.received_at,
             event_count=len(events),
             detail=verdict.detail,
+            method=exchange.method,
+            delivered=len(keep),
+            dropped=bool(keep) and self._is_dropped(parsed.api_key),
         )
-        body, content_type = _response_body(reply, verdict)
+        if verdict.detail is not None and verdict.status != reply.status:
+            body, content_type = verdict.detail.encode(), TEXT_CONTENT_TYPE
+        else:
+            body, content_type = self._scripted_answer(reply, verdict.status)
         if reply.delay > 0:
             self._stopping.wait(reply.delay)
-        self._record(request)
-        handler.respond(verdict.status, body, content_type, _retry_after(reply.retry_after))
+        self._record(request, keep)
+        headers: dict[str, str] = {}
+        retry_after = _retry_after(reply.retry_after)
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+        exchange.respond(verdict.status, body, content_type, headers)
 
-    def _judge(self, reply: Reply, parsed: _Parsed) -> _Verdict:
-        if reply.status != HTTPStatus.OK:
-            phrase = _phrase(reply.status)
-            return _Verdict(reply.status, _code(reply.status), f"{phrase} (scripted reply)")
-        if parsed.error is not None and parsed.body_size is None:
-            return _Verdict(400, "invalid_payload", parsed.error)
-        if self.max_body_bytes is not None and (parsed.body_size or 0) > self.max_body_bytes:
+    def _judge(self, reply: Reply, parsed: _Parsed, *, ai: bool = False) -> _Verdict:
+        events = parsed.events or []
+        if not reply.is_success:
+            keep = min(reply.accept_first or 0, len(events))
+            body, _ = self._scripted_answer(reply)
+            return _Verdict(reply.status, body.decode(errors="replace"), keep)
+        if not parsed.decoded:
+            return _Verdict(parsed.status, parsed.error)
+        if self.max_body_bytes is not None and parsed.body_size > self.max_body_bytes:
             return _Verdict(
-                413,
-                "payload_too_large",
-                f"body of {parsed.body_size} bytes exceeds the limit of "
-                f"{self.max_body_bytes} bytes",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                texts.EVENT_TOO_BIG.format(
+                    f"body of {parsed.body_size} bytes exceeds the limit of "
+                    f"{self.max_body_bytes} bytes"
+                ),
             )
         if parsed.error is not None or parsed.events is None:
-            return _Verdict(400, "invalid_payload", parsed.error or "no events")
-        events = parsed.events
-        if self.require_api_key is not None and parsed.api_key != self.require_api_key:
-            return _Verdict(
-                401,
-                "invalid_api_key",
-                "Project API key invalid. You can find your project API key in PostHog "
-                "project settings.",
-            )
-        if self.max_event_bytes is not None:
-            limit = self.max_event_bytes
-            for index, event in enumerate(events):
-                size = len(json.dumps(event).encode())
-                if size > limit:
-                    return _Verdict(
-                        413,
-                        "event_too_large",
-                        f"event {index} is {size} bytes, over the limit of {limit} bytes",
-                    )
+            return _Verdict(parsed.status, parsed.error or texts.PARSING_ERROR.format("no events"))
+        refused_key = self._check_key(parsed.api_key)
+        if refused_key is not None:
+            return _Verdict(*refused_key)
+        if not events:
+            return _Verdict(HTTPStatus.BAD_REQUEST, texts.EMPTY_BATCH)
+        for event in events:
+            problem = _event_problem(event)
+            if problem is not None:
+                return _Verdict(HTTPStatus.BAD_REQUEST, problem)
+        if ai and any(event["event"] not in AI_EVENT_NAMES for event in events):
+            return _Verdict(HTTPStatus.BAD_REQUEST, texts.NON_RETRYABLE)
         with self._cond:
             rules = list(self._rules)
         for rule in rules:
             try:
                 matched = any(rule.predicate(event) for event in events)
             except Exception as exc:
-                detail = f"a reject_events predicate raised {exc!r}"
-                return _Verdict(500, "internal_error", detail)
+                detail = f"{texts.INTERNAL_ERROR}: a reject_events predicate raised {exc!r}"
+                return _Verdict(HTTPStatus.INTERNAL_SERVER_ERROR, detail)
             if matched:
-                return _Verdict(rule.status, "rejected_event", rule.detail)
-        return _Verdict(200, "ok", None)
+                return _Verdict(rule.status, rule.detail)
+        if self.max_event_bytes is not None:
+            limit = self.max_event_bytes
+            for index, event in enumerate(events):
+                size = len(json.dumps(event).encode())
+                if size > limit:
+                    return _Verdict(
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        texts.EVENT_TOO_BIG.format(
+                            f"event {index} is {size} bytes, over the limit of {limit} bytes"
+                        ),
+                        keep=index if self.partial_delivery else 0,
+                    )
+        return _Verdict(reply.status, None, len(events))
 
-    def _record(self, request: ReceivedRequest) -> None:
-        with self._cond:
-            self._requests.append(request)
-            if request.status == HTTPStatus.OK:
-                self._accepted_count += request.event_count
-                self._events.extend(request.events)
-            self._cond.notify_all()
-
-    def _handle_other(self, handler: _Handler, status: int, detail: str) -> None:
-        """Answer a request that is not a capture request, recording it."""
-        received_at = time.monotonic()
-        headers = {name.lower(): value for name, value in handler.headers.items()}
-        raw = handler.read_body()
+    def _serve_flags(self, exchange: Exchange) -> None:
+        raw = exchange.read_body()
+        status: int = HTTPStatus.OK
+        detail: str | None = None
+        document: dict[str, Any] | None = None
+        key: str | None = None
+        is_gzip = "gzip" in exchange.headers.get("content-encoding", "").lower()
         if raw is None:
-            handler.close_connection = True
+            status = HTTPStatus.BAD_REQUEST
+            detail = texts.FLAGS_DECODING_ERROR.format("unreadable body framing")
+        else:
+            document, detail = _parse_flags(raw, is_gzip)
+            if detail is not None:
+                status = HTTPStatus.BAD_REQUEST
+        if document is not None:
+            found = document.get("api_key", document.get("token"))
+            key = found if isinstance(found, str) else None
+            if key is None:
+                status, detail = HTTPStatus.UNAUTHORIZED, texts.FLAGS_NO_KEY
+            elif key_problem(key) is not None or not self._key_is_known(key):
+                status, detail = HTTPStatus.UNAUTHORIZED, texts.FLAGS_INVALID_KEY
+            elif document.get("distinct_id") is None:
+                status, detail = HTTPStatus.BAD_REQUEST, texts.FLAGS_MISSING_DISTINCT_ID
         request = ReceivedRequest(
-            path=urlsplit(handler.path).path,
-            headers=headers,
+            path=exchange.path,
+            headers=exchange.headers,
             status=status,
-            api_key=None,
+            api_key=key,
             events=[],
             raw_size=len(raw or b""),
-            gzip=False,
-            received_at=received_at,
+            gzip=is_gzip,
+            received_at=exchange.received_at,
             detail=detail,
+            method=exchange.method,
+            document=document,
         )
         self._record(request)
-        body = _json_bytes(_error_body(status, _code(status), detail))
-        extra = {"Allow": "POST"} if status == HTTPStatus.METHOD_NOT_ALLOWED else {}
-        handler.respond(status, body, "application/json", None, extra)
+        if detail is not None:
+            exchange.respond(status, detail.encode(), TEXT_CONTENT_TYPE)
+            return
+        answer = flags_document(dict(self.feature_flags), flags_version(exchange.query))
+        exchange.respond(status, _json_bytes(answer), _JSON)
+
+
+class Exchange:
+    """One HTTP request as an endpoint sees it, and the way to answer it (once)."""
+
+    def __init__(self, handler: _Handler) -> None:
+        """Read the request line and headers of ``handler``'s current request."""
+        self._handler = handler
+        split = urlsplit(handler.path)
+        self.method: str = handler.command
+        self.path: str = split.path
+        self.query: str = split.query
+        self.target: str = handler.path
+        """The request target as sent: path and query string."""
+        self.headers: dict[str, str] = {
+            name.lower(): value for name, value in handler.headers.items()
+        }
+        """Request headers, with lower-cased names."""
+        self.received_at: float = time.monotonic()
+
+    def read_body(self) -> bytes | None:
+        """Read the request body (call once); ``None`` when its framing is broken.
+
+        After a broken framing the connection is closed once answered.
+        """
+        raw = self._handler.read_body()
+        if raw is None:
+            self._handler.close_connection = True
+        return raw
+
+    def respond(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: str = TEXT_CONTENT_TYPE,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Send one complete response, always with a Content-Length."""
+        handler = self._handler
+        if status in _NO_BODY_STATUSES:
+            body = b""
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", content_type)
+            handler.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                handler.send_header(name, value)
+            if handler.close_connection:
+                handler.send_header("Connection", "close")
+            handler.end_headers()
+            if body and self.method != "HEAD":
+                handler.wfile.write(body)
+        except OSError:
+            handler.close_connection = True
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -580,7 +1059,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Routes requests to the owning `CaptureServer`."""
+    """Hands every request to the owning `CaptureServer`."""
 
     server: _HTTPServer
     protocol_version = "HTTP/1.1"
@@ -599,22 +1078,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Log nothing."""
 
-    def do_POST(self) -> None:
-        split = urlsplit(self.path)
-        capture = self.server.capture
-        if split.path in CAPTURE_PATHS:
-            capture._handle_capture(self, split.path, split.query)
-        else:
-            capture._handle_other(
-                self, HTTPStatus.NOT_FOUND, f"no capture endpoint at {split.path}"
-            )
+    def _dispatch(self) -> None:
+        self.server.capture._dispatch(Exchange(self))
 
-    def _not_allowed(self) -> None:
-        self.server.capture._handle_other(
-            self, HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} is not allowed"
-        )
-
-    do_GET = do_PUT = do_PATCH = do_DELETE = _not_allowed
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _dispatch
 
     def read_body(self) -> bytes | None:
         """Read the request body; ``None`` when its framing is broken."""
@@ -647,88 +1114,160 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return b"".join(chunks)
 
-    def respond(
-        self,
-        status: int,
-        body: bytes,
-        content_type: str,
-        retry_after: str | None,
-        extra_headers: dict[str, str] | None = None,
-    ) -> None:
-        """Send one complete response, always with a Content-Length."""
-        if status in _NO_BODY_STATUSES:
-            body = b""
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            if retry_after is not None:
-                self.send_header("Retry-After", retry_after)
-            for name, value in (extra_headers or {}).items():
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if body:
-                self.wfile.write(body)
-        except OSError:
-            self.close_connection = True
 
+def _decode(raw: bytes, headers: dict[str, str], query: str) -> tuple[bool, bytes | None, str]:
+    """Decompress a body: ``(is_gzip, data, "")``, or ``(is_gzip, None, why)``.
 
-def _parse_body(raw: bytes, headers: dict[str, str], query: str) -> _Parsed:
-    """Decompress and parse a capture body, once."""
+    Gzip is taken from ``Content-Encoding``, the ``compression`` query parameter, or the gzip
+    magic bytes (PostHog's capture detects those too).
+    """
     is_gzip = "gzip" in headers.get("content-encoding", "").lower()
     if not is_gzip and query:
         values = parse_qs(query).get("compression", [])
         is_gzip = any(value.lower() in _GZIP_QUERY_VALUES for value in values)
-    data = raw
-    if is_gzip:
-        try:
-            data = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            return _Parsed(is_gzip, error=f"could not decompress the gzip body: {exc}")
+    is_gzip = is_gzip or raw.startswith(_GZIP_MAGIC)
+    if not is_gzip:
+        return False, raw, ""
     try:
-        document = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        return _Parsed(is_gzip, len(data), error=f"the body is not valid JSON: {exc}")
+        return True, gzip.decompress(raw), ""
+    except (OSError, EOFError, zlib.error):
+        return True, None, "invalid gzip data"
 
-    api_key: object = None
+
+def _payload(raw: bytes, query: str) -> bytes:
+    """The payload: the body, else a ``data`` query parameter (JSON, or base64 of it)."""
+    if raw:
+        return raw
+    values = parse_qs(query).get("data", [])
+    if not values or not values[0]:
+        return b""
+    data = values[0].encode()
+    if data.lstrip()[:1] in (b"{", b"["):
+        return data
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return data
+
+
+def _parse_capture(raw: bytes, headers: dict[str, str], query: str) -> _Parsed:
+    """Take a capture body apart, once; errors carry PostHog's status and text."""
+    payload = _payload(raw, query)
+    if not payload:
+        return _Parsed(status=HTTPStatus.BAD_REQUEST, error=texts.EMPTY_PAYLOAD, decoded=False)
+    is_gzip, data, why = _decode(payload, headers, query)
+    if data is None:
+        return _Parsed(
+            is_gzip,
+            status=HTTPStatus.BAD_REQUEST,
+            error=texts.DECODING_ERROR.format(why),
+            decoded=False,
+        )
+    size = len(data)
+
+    def refuse(detail: str, api_key: str | None = None) -> _Parsed:
+        return _Parsed(
+            is_gzip,
+            size,
+            api_key,
+            status=HTTPStatus.BAD_REQUEST,
+            error=texts.PARSING_ERROR.format(detail),
+        )
+
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return _Parsed(
+            is_gzip,
+            size,
+            status=HTTPStatus.BAD_REQUEST,
+            error=texts.DECODING_ERROR.format("invalid body encoding"),
+        )
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return refuse(f"the body is not valid JSON: {exc}")
+
+    batch_key: object = None
     if isinstance(document, dict):
-        api_key = document.get("api_key")
+        batch_key = document.get("api_key", document.get("token"))
         if "batch" in document:
             events = document["batch"]
             if not isinstance(events, list):
-                return _Parsed(
-                    is_gzip,
-                    len(data),
-                    _str_or_none(api_key),
-                    error="'batch' must be a JSON array of events",
-                )
+                return refuse("'batch' must be a JSON array of events", _str_or_none(batch_key))
         elif "event" in document:
             events = [{k: v for k, v in document.items() if k != "api_key"}]
+            batch_key = _event_key(document)  # one event: its key is the event's own
         else:
-            return _Parsed(
-                is_gzip,
-                len(data),
-                _str_or_none(api_key),
-                error="the body has neither a 'batch' nor an 'event' key",
-            )
+            return refuse("the body has neither a 'batch' nor an 'event' key")
     elif isinstance(document, list):
         events = document
-        if events and isinstance(events[0], dict):
-            first = events[0]
-            properties = first.get("properties")
-            api_key = first.get("api_key") or first.get("token")
-            if api_key is None and isinstance(properties, dict):
-                api_key = properties.get("token")
     else:
-        return _Parsed(is_gzip, len(data), error="the body must be a JSON object or array")
-
+        return refuse("the body must be a JSON object or array")
+    if batch_key is not None and not isinstance(batch_key, str):
+        return refuse("'api_key' must be a string")
     if not all(isinstance(event, dict) for event in events):
+        return refuse("every event must be a JSON object", _str_or_none(batch_key))
+    for event in events:
+        if not isinstance(event.get("event"), str):
+            return refuse("every event needs a string 'event'", _str_or_none(batch_key))
+        properties = event.get("properties")
+        if properties is not None and not isinstance(properties, dict):
+            return refuse("an event's 'properties' must be a JSON object", _str_or_none(batch_key))
+    if isinstance(batch_key, str):
+        return _Parsed(is_gzip, size, batch_key, events)
+    keys = {key for key in map(_event_key, events) if key is not None}
+    if len(keys) > 1:
         return _Parsed(
-            is_gzip, len(data), _str_or_none(api_key), error="every event must be a JSON object"
+            is_gzip,
+            size,
+            _event_key(events[0]),
+            events,
+            HTTPStatus.UNAUTHORIZED,
+            texts.MULTIPLE_KEYS,
         )
-    return _Parsed(is_gzip, len(data), _str_or_none(api_key), events)
+    return _Parsed(is_gzip, size, next(iter(keys), None), events)
+
+
+def _event_key(event: Event) -> str | None:
+    """An event's own key: ``api_key`` or ``token``, else ``properties.token``."""
+    for found in (event.get("api_key"), event.get("token")):
+        if isinstance(found, str):
+            return found
+    properties = event.get("properties")
+    if isinstance(properties, dict) and isinstance(properties.get("token"), str):
+        return str(properties["token"])
+    return None
+
+
+def _event_problem(event: Event) -> str | None:
+    """PostHog's reason to refuse one (parsed) event, or ``None``."""
+    if not event["event"]:
+        return texts.MISSING_EVENT_NAME
+    distinct_id = event.get("distinct_id")
+    properties = event.get("properties")
+    if distinct_id is None and isinstance(properties, dict):
+        distinct_id = properties.get("distinct_id")
+    if distinct_id is None:
+        return texts.MISSING_DISTINCT_ID
+    return None
+
+
+def _parse_flags(raw: bytes, is_gzip: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """A ``/flags`` body as a JSON object, or PostHog's text refusing it."""
+    data = raw
+    if is_gzip or raw.startswith(_GZIP_MAGIC):
+        try:
+            data = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error):
+            return None, texts.FLAGS_DECODING_ERROR.format("invalid gzip data")
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        return None, texts.FLAGS_PARSING_ERROR.format(f"the body is not valid JSON: {exc}")
+    if not isinstance(document, dict):
+        return None, texts.FLAGS_PARSING_ERROR.format("the body must be a JSON object")
+    return document, None
 
 
 def _str_or_none(value: object) -> str | None:
@@ -742,31 +1281,8 @@ def _phrase(status: int) -> str:
         return f"HTTP {status}"
 
 
-def _code(status: int) -> str:
-    return _phrase(status).lower().replace(" ", "_").replace("-", "_")
-
-
-def _error_body(status: int, code: str, detail: str | None) -> dict[str, Any]:
-    return {"type": "validation_error", "code": code, "detail": detail or _phrase(status)}
-
-
 def _json_bytes(document: object) -> bytes:
     return json.dumps(document).encode()
-
-
-def _response_body(reply: Reply, verdict: _Verdict) -> tuple[bytes, str]:
-    """The body and content type answering a request judged ``verdict`` under ``reply``."""
-    if reply.status == verdict.status and reply.body is not None:
-        if isinstance(reply.body, bytes):
-            return reply.body, "text/plain; charset=utf-8"
-        if isinstance(reply.body, str):
-            return reply.body.encode(), "text/plain; charset=utf-8"
-        return _json_bytes(reply.body), "application/json"
-    if verdict.status == HTTPStatus.OK:
-        return b'{"status": 1}', "application/json"
-    return _json_bytes(
-        _error_body(verdict.status, verdict.code, verdict.detail)
-    ), "application/json"
 
 
 def _retry_after(value: str | float | None) -> str | None:

@@ -257,7 +257,8 @@ def test_migrate_beside_a_slow_batch_holds_the_application_up_briefly(
         longest = max(app.waits)
         print(f"the application's longest enqueue while migrate ran: {longest:.3f}s")
         # Before: one enqueue waited for as long as the batch was still on the wire
-        # (measured 11.7 s). Now each try of the migration waits MIGRATE_LOCK_TIMEOUT.
+        # (10.6 and 11.0 s measured). Now each try of the migration waits at most
+        # MIGRATE_LOCK_TIMEOUT (1.0 to 1.8 s measured on a loaded machine).
         assert longest < SLOW / 2, sorted(app.waits)[-5:]
         assert migrating.returncode == 0, migrating.stderr
         assert "[migrate_lock_timeout]" in migrating.stderr  # it did meet the batch

@@ -389,6 +389,7 @@ class Store:
         """Turn a lost or unreachable database into :class:`DatabaseUnavailable`
         (logged once per outage; the next call reconnects), and a statement that
         PostgreSQL cut short into :class:`StatementTimeout` or :class:`LockTimeout`."""
+        self._bounded = {}
         try:
             yield
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -449,7 +450,7 @@ class Store:
             return StatementTimeout(_first_line(exc))
         # A fresh session picks up a corrected ALTER ROLE/DATABASE ... SET statement_timeout.
         self._drop_connection()
-        return _canceled(exc, value)
+        return _canceled(exc, value, ours="statement_timeout" in in_force)
 
     def _drop_connection(self) -> None:
         """Close and forget the connection (and the batch whose transaction it held);
@@ -742,9 +743,14 @@ def _milliseconds(seconds: float) -> str:
     return str(max(1, round(seconds * 1000)))
 
 
-def _canceled(exc: psycopg.Error, statement_timeout: str) -> OutboxDatabaseError:
-    """A canceled statement: :class:`StatementTimeout` with the session's setting, or
-    a plain error when no statement_timeout was in force (someone canceled it)."""
+def _canceled(
+    exc: psycopg.Error, statement_timeout: str, *, ours: bool = False
+) -> OutboxDatabaseError:
+    """A canceled statement: :class:`StatementTimeout` with the setting in force (the
+    store's own when ``ours``, else the session's), or a plain error when none was
+    (someone canceled it)."""
+    if ours:
+        return StatementTimeout(f"{_first_line(exc)} (gave up after {statement_timeout})")
     if statement_timeout in ("0", ""):
         return OutboxDatabaseError(f"statement canceled: {_first_line(exc)}")
     return StatementTimeout(

@@ -354,3 +354,15 @@ def test_a_claim_on_a_connection_that_broke_is_retried_by_the_next_poll_not_an_o
     assert store.health.problem is None
     actions = [getattr(r, "action", "") for r in caplog.records]
     assert actions == ["db_connection_reset"]
+
+
+def test_a_commands_own_statement_timeout_says_it_gave_up(database_url: str) -> None:
+    s = Store(database_url, statement_timeout=0.05, log_outages=False)  # as `status` has
+    try:
+        started = time.monotonic()
+        with pytest.raises(StatementTimeout, match=r"\(gave up after 50ms\)$"):
+            s._execute("SELECT pg_sleep(5)")
+        assert time.monotonic() - started < 4
+        assert s.backlog().pending == 0  # and the store goes on
+    finally:
+        s.close()

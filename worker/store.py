@@ -276,6 +276,8 @@ class Store:
         self._conn: psycopg.Connection[Any] | None = None
         #: A statement has worked on ``_conn`` (so its breaking is not an outage).
         self._conn_worked = False
+        #: ``_conn``'s statement_timeout, read when it connected ("" if unknown).
+        self._session_statement_timeout = ""
         self._batch: Batch | None = None
         self._lock = threading.RLock()
         self._down_since: float | None = None
@@ -301,15 +303,18 @@ class Store:
                 connect_timeout=10,
                 application_name=self.application_name,
             )
+            self._session_statement_timeout = ""
             try:
+                # Read first, as the cheapest statement there is: a statement_timeout
+                # short enough to cancel the next one can be named in the error.
+                self._session_statement_timeout = _setting(conn, "statement_timeout")
                 check_installed(conn)
             except psycopg.errors.QueryCanceled as exc:
-                try:
-                    value = _setting(conn, "statement_timeout")
-                except psycopg.Error:
-                    value = ""
                 conn.close()
-                raise _canceled(exc, value) from exc
+                problem = _canceled(exc, self._session_statement_timeout)
+                if not isinstance(problem, StatementTimeout):  # canceled while connecting
+                    problem = StatementTimeout(f"{_first_line(exc)}; check statement_timeout")
+                raise problem from exc
             except BaseException:
                 conn.close()
                 raise
@@ -430,7 +435,7 @@ class Store:
         if conn is None or conn.closed or conn.broken:  # nothing left to ask the session
             if isinstance(exc, psycopg.errors.LockNotAvailable):
                 return LockTimeout(f"{_first_line(exc)}; an outbox table is locked")
-            return StatementTimeout(f"{_first_line(exc)}; check statement_timeout")
+            return _canceled(exc, self._session_statement_timeout)
         # The rollback undid the transaction's own settings: keep what was set.
         in_force, self._bounded = self._bounded, {}
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -438,19 +443,18 @@ class Store:
             self._abort()  # the batch's transaction is aborted
         if self._conn is None:
             return DatabaseUnavailable(f"database unavailable: {_first_line(exc)}")
-        try:
-            if isinstance(exc, psycopg.errors.LockNotAvailable):
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            try:
                 value = _duration(in_force.get("lock_timeout")) or _setting(conn, "lock_timeout")
                 return LockTimeout(f"{_first_line(exc)} ({value}): {lock_holders(conn)}")
-            value = _duration(in_force.get("statement_timeout")) or _setting(
-                conn, "statement_timeout"
-            )
-        except psycopg.Error:  # the diagnosis failed too: say what is known
-            self._drop_connection()
-            return StatementTimeout(_first_line(exc))
+            except psycopg.Error:  # the diagnosis failed too: say what is known
+                self._drop_connection()
+                return LockTimeout(f"{_first_line(exc)}; an outbox table is locked")
+        ours = "statement_timeout" in in_force
+        value = _duration(in_force.get("statement_timeout")) or self._session_statement_timeout
         # A fresh session picks up a corrected ALTER ROLE/DATABASE ... SET statement_timeout.
         self._drop_connection()
-        return _canceled(exc, value, ours="statement_timeout" in in_force)
+        return _canceled(exc, value, ours=ours)
 
     def _drop_connection(self) -> None:
         """Close and forget the connection (and the batch whose transaction it held);

@@ -244,16 +244,19 @@ class Worker:
         state only a configuration change ends (key refused, redirected, requests
         refused); otherwise every reason, joined by ``; ``."""
         reasons: list[str] = []
+        reachable = False
         try:
             self.housekeeping_store.ping_or_raise()
+            reachable = True
         except OutboxNotInstalledError:
             reasons.append("the outbox tables are missing: run `outbox-worker migrate`")
         except DatabaseUnavailable:
             reasons.append("database unreachable")
-        except OutboxDatabaseError as exc:
+        except OutboxDatabaseError as exc:  # up, but the check itself was cut short
+            reachable = True
             reasons.append(f"database: {exc}")
         problem = self.batch_health.problem
-        if not reasons and problem is not None:
+        if reachable and problem is not None:
             reasons.append(f"batches cannot be claimed or recorded: {problem}")
         if self.drainer.sink_state in SINK_NOT_READY:
             reasons.append(f"{SINK_NOT_READY[self.drainer.sink_state]}: {self.drainer.last_error}")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -139,13 +140,24 @@ def test_a_statement_timeout_makes_the_worker_unready_and_says_so(
     proc = start_worker(worker_env(database_url, capture, OUTBOX_METRICS_PORT=str(probes.port)))
     try:
 
-        def unready() -> str | None:
-            status, body = probes.ready()
-            return body if status == 503 and "statement_timeout" in body else None
+        def unready(text: str) -> Callable[[], str | None]:
+            def check() -> str | None:
+                status, body = probes.ready()
+                return body if status == 503 and text in body else None
 
-        body = wait_for(unready, timeout=60, what="/readyz to name the statement timeout")
-        assert "batches cannot be claimed or recorded" in body
-        assert "statement_timeout is 1ms" in body
+            return check
+
+        # Before: 200 "ok", and db_unavailable in the log.
+        wait_for(unready("statement timeout"), timeout=60, what="/readyz to fail")
+        # The claims time out (the readiness check's own SELECT 1 may too, and a
+        # statement that times out while connecting may not learn the value).
+        body = wait_for(
+            unready("batches cannot be claimed or recorded: canceling statement due to "),
+            timeout=60,
+            what="/readyz to say the batches cannot be claimed",
+        )
+        wait_for(unready("statement_timeout is 1ms"), timeout=60, what="/readyz to name 1ms")
+        assert "statement timeout" in body
         wait_for(
             lambda: probes.metric("outbox_database_up") is not None,
             what="the first backlog refresh",

@@ -10,10 +10,12 @@ history in the same database.
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from outbox.schema import VERSION_TABLE, metadata
-from worker.database import resolve_database_url, sqlalchemy_url
+from worker.database import MIGRATE_LOCK_TIMEOUT, resolve_database_url, sqlalchemy_url
+
+MIGRATE_LOCK_TIMEOUT_MS = round(MIGRATE_LOCK_TIMEOUT * 1000)
 
 config = context.config
 
@@ -41,6 +43,12 @@ def run_migrations_online() -> None:
         return
     engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
+        # Run by hand (`alembic upgrade`): a lock another session holds (a worker's
+        # batch in flight) makes the migration fail after a second instead of waiting,
+        # with the application's INSERTs queued behind it. `outbox-worker migrate`
+        # passes its own connection, with the same timeout, and tries again.
+        connection.execute(text(f"SET lock_timeout = '{MIGRATE_LOCK_TIMEOUT_MS}ms'"))
+        connection.commit()
         _run(connection)
     engine.dispose()
 

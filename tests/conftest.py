@@ -147,6 +147,31 @@ def capture_requests(srv: CaptureServer) -> list[ReceivedRequest]:
     return [r for r in srv.requests if r.path not in FLAGS_PATHS]
 
 
+#: The CHECK constraints migration 0004 adds to outbox_events.
+CHECKS_0004 = (
+    "outbox_events_properties_check",
+    "outbox_events_timestamp_check",
+    "outbox_events_event_check",
+    "outbox_events_distinct_id_check",
+)
+
+
+def pend_a_migration_that_alters_outbox_events(url: str) -> None:
+    """Make ``migrate`` have work that takes a lock on ``outbox_events`` while this
+    version's worker can still run: the database as 0004 left it when it stopped
+    before adding its constraints (every step of 0004 can be run again), 0005 not
+    applied."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name in CHECKS_0004:
+            conn.execute(
+                sql.SQL("ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {}").format(
+                    sql.Identifier(name)
+                )
+            )
+        conn.execute("DROP TABLE IF EXISTS outbox_worker_state")
+        conn.execute("UPDATE outbox_alembic_version SET version_num = '0003'")
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll ``condition`` until it is truthy (returning its value) or fail after ``timeout``."""
     deadline = time.monotonic() + timeout

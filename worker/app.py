@@ -28,7 +28,7 @@ from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
 from worker.sinks.metrics import MetricsSink
 from worker.sinks.posthog_v1 import PostHogV1Sink
-from worker.store import DatabaseUnavailable, Store
+from worker.store import DatabaseTimeout, DatabaseUnavailable, Health, Store
 from worker.wakeup import Listener
 from worker.worker_state import WorkerStateReporter
 
@@ -93,10 +93,18 @@ class Worker:
     ) -> None:
         self.settings = settings
         url = database_url or resolve_database_url(settings.database_url, settings.data_dir)
-        self.store = Store(url, worker_id=settings.worker_id, for_batches=True)
+        # The two batch connections report into one Health: their latest statement
+        # says whether this worker can ship (readiness).
+        self.batch_health = Health()
+        self.store = Store(
+            url, worker_id=settings.worker_id, for_batches=True, health=self.batch_health
+        )
         # Housekeeping and probes get their own connection, so a slow count never
         # holds up the drain loop.
-        self.housekeeping_store = Store(url, worker_id=settings.worker_id, log_outages=False)
+        # Its outages show on the batch connections; its timeouts are its own.
+        self.housekeeping_store = Store(
+            url, worker_id=settings.worker_id, log_outages=False, health=Health()
+        )
         self.sink = sink if sink is not None else build_sink(settings)
         self.metrics = WorkerMetrics()
         contract = load_registry(settings.contract) if settings.contract else None
@@ -104,7 +112,11 @@ class Worker:
             self.metrics.registry, contract, namespace=settings.metrics_namespace
         )
         self.claim_store = Store(
-            url, worker_id=settings.worker_id, log_outages=False, for_batches=True
+            url,
+            worker_id=settings.worker_id,
+            log_outages=False,
+            for_batches=True,
+            health=self.batch_health,
         )
         self.drainer = Drainer(
             self.store,
@@ -244,6 +256,8 @@ class Worker:
                 self._woken.wait(HOT_POLL)
         except OutboxNotInstalledError as exc:
             log.error("%s", exc, extra={"action": "drain_error"})
+        except DatabaseTimeout:
+            pass  # logged when it starts and ends (Health), shown by /readyz
         except Exception:
             log.exception("drain job failed", extra={"action": "drain_error"})
 
@@ -329,31 +343,49 @@ class Worker:
         """Publish the backlog and the sink state (the ``refresh_metrics`` job)."""
         try:
             self.metrics.set_backlog(self.housekeeping_store.backlog_capped())
-        except OutboxDatabaseError:
+        except (DatabaseUnavailable, OutboxNotInstalledError):
             self.metrics.set_backlog(None)
+        except OutboxDatabaseError:
+            # The database answered (a statement or lock timeout cut the count
+            # short): it is up; the counts keep their last values.
+            self.metrics.set_database_up(True)
         self.metrics.set_sink_state(self.drainer.sink_state)
         self.key_metric.set(self.key_gate.state)
         self.report_state(heartbeat=True)
 
     def check_database(self) -> None:
         """Raise :class:`OutboxNotInstalledError` if the tables are missing; an
-        unreachable database is fine here (the worker waits for it)."""
-        with contextlib.suppress(DatabaseUnavailable):
+        unreachable database, or one whose timeouts cut the check short, is fine
+        here (the worker waits for it, and /readyz says why)."""
+        with contextlib.suppress(DatabaseUnavailable, DatabaseTimeout):
             self.store.ping_or_raise()
 
     def readiness(self) -> tuple[bool, str]:
-        """``/readyz``: the database answers, and the sink is not in a state only a
-        configuration change ends (key refused, redirected, requests refused)."""
+        """``/readyz``: ready when the database answers, the worker's latest batch
+        statement worked (it can claim and record batches), and the sink is not in a
+        state only a configuration change ends (key refused, redirected, requests
+        refused); otherwise every reason, joined by ``; ``."""
+        reasons: list[str] = []
+        reachable = False
         try:
             self.housekeeping_store.ping_or_raise()
+            reachable = True
         except OutboxNotInstalledError:
-            return False, "the outbox tables are missing: run `outbox-worker migrate`"
-        except OutboxDatabaseError:
-            return False, "database unreachable"
+            reasons.append("the outbox tables are missing: run `outbox-worker migrate`")
+        except DatabaseUnavailable:
+            reasons.append("database unreachable")
+        except OutboxDatabaseError as exc:  # up, but the check itself was cut short
+            reachable = True
+            reasons.append(f"database: {exc}")
+        problem = self.batch_health.problem
+        if reachable and problem is not None:
+            reasons.append(f"batches cannot be claimed or recorded: {problem}")
         if not self.key_gate.allows_sending():
-            return False, f"API key {self.key_gate.state}: {self.key_gate.reason}"
+            reasons.append(f"API key {self.key_gate.state}: {self.key_gate.reason}")
         if self.drainer.sink_state in SINK_NOT_READY:
-            return False, f"{SINK_NOT_READY[self.drainer.sink_state]}: {self.drainer.last_error}"
+            reasons.append(f"{SINK_NOT_READY[self.drainer.sink_state]}: {self.drainer.last_error}")
+        if reasons:
+            return False, "; ".join(reasons)
         return True, f"ok (sink {self.drainer.sink_state})"
 
     def stop(self) -> None:

@@ -10,16 +10,22 @@ from outbox.schema import STATUS_DEAD, STATUS_PENDING
 from worker.database import migrate as apply_migrations
 from worker.database import resolve_database_url
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import DatabaseTimeout, Store
 from worker.terminal import DEFAULT_LIMIT, printable
 from worker.worker_state import STALE_AFTER_SECONDS, WorkerStateUnavailable
 
 #: Longest stored error shown in a table row (``dead``, ``status``).
 ERROR_COLUMN_LIMIT = 120
 
+#: Each of ``status``'s queries gives up after this long (statement_timeout), and
+#: after :data:`~worker.store.LOCK_TIMEOUT` when an outbox table is locked, as every
+#: statement of the commands does: status answers in bounded time, saying why.
+STATUS_STATEMENT_TIMEOUT = 30.0
 
-def _store(settings: Settings) -> Store:
-    return Store(resolve_database_url(settings.database_url, settings.data_dir), log_outages=False)
+
+def _store(settings: Settings, *, statement_timeout: float | None = None) -> Store:
+    url = resolve_database_url(settings.database_url, settings.data_dir)
+    return Store(url, log_outages=False, statement_timeout=statement_timeout)
 
 
 def migrate(settings: Settings) -> int:
@@ -93,9 +99,11 @@ def _workers(store: Store) -> dict[str, Any]:
 
 def status(settings: Settings, *, as_json: bool) -> int:
     """Print the backlog: counts, oldest age, top events, grouped errors."""
-    store = _store(settings)
+    store = _store(settings, statement_timeout=STATUS_STATEMENT_TIMEOUT)
     try:
         report = status_report(store)
+    except DatabaseTimeout as exc:
+        raise type(exc)(f"status could not read the outbox tables: {exc}") from exc
     finally:
         store.close()
     if as_json:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -258,20 +261,113 @@ def alembic_config(url: str) -> Any:
     return config
 
 
-def migrate(url: str, revision: str = "head") -> None:
-    """Apply the outbox migrations up to ``revision`` (the same as ``alembic upgrade``)."""
+#: Each try of a migration waits at most this long (seconds) for a lock on a table
+#: (PostgreSQL's lock_timeout, for the migration's transaction only). While a DDL
+#: statement waits for a lock, every INSERT into that table waits behind it, so this
+#: bounds how long a migration can hold up the application's enqueues.
+MIGRATE_LOCK_TIMEOUT = 1.0
+#: A try that timed out is rolled back whole and made again after a pause about as
+#: long, until this many seconds have passed; then the command gives up.
+MIGRATE_RETRY_FOR = 120.0
+
+
+def migrate(
+    url: str,
+    revision: str = "head",
+    *,
+    lock_timeout: float = MIGRATE_LOCK_TIMEOUT,
+    retry_for: float = MIGRATE_RETRY_FOR,
+) -> None:
+    """Apply the outbox migrations up to ``revision`` (the same as ``alembic upgrade``),
+    in a session whose every lock waits at most ``lock_timeout`` seconds; a try that
+    timed out is rolled back and made again for up to ``retry_for`` seconds (each
+    migration can be run again after an interruption)."""
     from alembic import command
 
     with connect(url):
         pass  # a clear error for a bad URL or an unreachable server, before Alembic's
-    command.upgrade(alembic_config(url), revision)
+    _with_lock_retries(
+        url, lambda config: command.upgrade(config, revision), lock_timeout, retry_for
+    )
 
 
-def downgrade(url: str, revision: str) -> None:
-    """Revert the outbox migrations down to ``revision`` (``base`` removes everything)."""
+def downgrade(
+    url: str,
+    revision: str,
+    *,
+    lock_timeout: float = MIGRATE_LOCK_TIMEOUT,
+    retry_for: float = MIGRATE_RETRY_FOR,
+) -> None:
+    """Revert the outbox migrations down to ``revision`` (``base`` removes everything),
+    taking its locks as :func:`migrate` does."""
     from alembic import command
 
-    command.downgrade(alembic_config(url), revision)
+    _with_lock_retries(
+        url, lambda config: command.downgrade(config, revision), lock_timeout, retry_for
+    )
+
+
+def _with_lock_retries(
+    url: str, run: Callable[[Any], None], lock_timeout: float, retry_for: float
+) -> None:
+    """Run an Alembic command in a transaction of ours under ``lock_timeout``, again
+    after a lock timeout until ``retry_for`` has passed."""
+    from sqlalchemy import create_engine, pool, text
+    from sqlalchemy.exc import DBAPIError
+
+    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    deadline = time.monotonic() + retry_for
+    tries = 0
+    try:
+        while True:
+            tries += 1
+            try:
+                with engine.connect() as connection:
+                    # For the session, not one transaction: a migration may commit
+                    # part of its work in an autocommit block (0004 validates its
+                    # constraints outside the transaction that added them).
+                    connection.execute(
+                        text("SELECT set_config('lock_timeout', :ms, false)"),
+                        {"ms": str(max(1, round(lock_timeout * 1000)))},
+                    )
+                    connection.commit()
+                    config = alembic_config(url)
+                    config.attributes["connection"] = connection  # env.py runs on it
+                    run(config)
+                    connection.commit()
+                return
+            except DBAPIError as exc:
+                if not isinstance(exc.orig, psycopg.errors.LockNotAvailable):
+                    raise
+                holders = _lock_holders(url)
+                pause = lock_timeout * random.uniform(0.5, 1.5)
+                if time.monotonic() + pause > deadline:
+                    raise OutboxDatabaseError(
+                        f"the migration could not take its locks in {tries} tries over "
+                        f"{retry_for:.0f}s (each waited {lock_timeout:g}s): {holders}; "
+                        "run it again when the workers' batches are quick, or stop them first"
+                    ) from exc
+                log.warning(
+                    "the migration waited %gs for a lock (%s); trying again in %.1fs",
+                    lock_timeout,
+                    holders,
+                    pause,
+                    extra={"action": "migrate_lock_timeout", "tries": tries},
+                )
+                time.sleep(pause)
+    finally:
+        engine.dispose()
+
+
+def _lock_holders(url: str) -> str:
+    from worker.queries import ALL_MODES
+    from worker.store import lock_holders
+
+    try:
+        with psycopg.connect(libpq_url(url), autocommit=True, connect_timeout=10) as conn:
+            return lock_holders(conn, ALL_MODES)
+    except psycopg.Error as exc:
+        return f"could not list the sessions holding locks ({_first_line(exc)})"
 
 
 def with_database(url: str, dbname: str) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from outbox.exceptions import OutboxDatabaseError
 from worker.settings import Settings
 from worker.sinks.base import (
     BillingLimitedError,
@@ -204,8 +205,8 @@ class Drainer:
         except DatabaseUnavailable:
             stats.interrupted = True
         finally:
-            if ahead is not None:
-                with contextlib.suppress(DatabaseUnavailable):
+            if ahead is not None:  # the batch in hand failed: hand back the one ahead
+                with contextlib.suppress(OutboxDatabaseError):
                     late = ahead.result()
                     if late is not None:
                         self._release(late)

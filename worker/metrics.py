@@ -86,7 +86,9 @@ class WorkerMetrics(DrainObserver):
         )
         self.database_up = Gauge(
             "outbox_database_up",
-            "1 when the last backlog refresh (every 15 s) could read the outbox table.",
+            "1 when the last backlog refresh (every 15 s) reached the database, even if "
+            "a timeout cut its count short; 0 when it could not connect or the outbox "
+            "tables are missing.",
             registry=r,
         )
         self.set_sink_state(SINK_OK)
@@ -126,12 +128,15 @@ class WorkerMetrics(DrainObserver):
         for s in SINK_STATES:
             self.sink_state.labels(s).set(1 if s == state else 0)
 
+    def set_database_up(self, up: bool) -> None:
+        """Whether the database could be reached (``outbox_database_up``)."""
+        self.database_up.set(1 if up else 0)
+
     def set_backlog(self, backlog: Backlog | None) -> None:
-        """Publish table counts; None means the database could not be read."""
+        """Publish table counts; None means the database could not be reached."""
+        self.set_database_up(backlog is not None)
         if backlog is None:
-            self.database_up.set(0)
             return
-        self.database_up.set(1)
         for state in BACKLOG_STATES:
             self.backlog.labels(state).set(getattr(backlog, state))
         self.oldest_pending.set(backlog.oldest_pending_age_seconds)

@@ -125,6 +125,11 @@ FROM sized JOIN outbox_events AS e USING (id)
 WHERE sized.running <= %(max_bytes)s OR sized.n = 1
 """
 
+#: How long (ms) a worker statement waits for a lock that another session holds on
+#: an outbox table (a migration, LOCK TABLE, VACUUM FULL) before it gives up with
+#: "canceling statement due to lock timeout"; the worker reports it and tries again.
+LOCK_TIMEOUT_MS = 2000
+
 # Set at the start of a batch's transaction, for that transaction only:
 # - the lease: the server ends the session (and so the transaction and its row locks)
 #   when it sits idle this long, as a hung or partitioned worker's does;
@@ -134,9 +139,12 @@ WHERE sized.running <= %(max_bytes)s OR sized.n = 1
 #   batch (measured: 75 ms instead of 6 ms per claim at 100,000 rows, growing with the
 #   backlog). The outcome's statements go by primary key either way;
 # - how a timestamp reads as text: in UTC, ISO style ('2026-03-04 05:06:07.89+00'),
-#   whatever the database's or the role's TimeZone and DateStyle.
-BATCH_SETTINGS = """
+#   whatever the database's or the role's TimeZone and DateStyle;
+# - lock_timeout: a claim (or an outcome) waits at most LOCK_TIMEOUT_MS for a table
+#   lock another session holds, instead of waiting silently for as long as it is held.
+BATCH_SETTINGS = f"""
 SELECT set_config('idle_in_transaction_session_timeout', %(lease_ms)s, true),
+       set_config('lock_timeout', '{LOCK_TIMEOUT_MS}', true),
        set_config('enable_seqscan', 'off', true),
        set_config('enable_bitmapscan', 'off', true),
        set_config('TimeZone', 'UTC', true),
@@ -287,3 +295,31 @@ WHERE datname = current_database()
   AND xact_start IS NOT NULL
 ORDER BY xact_start
 """
+
+# After a lock timeout: the other sessions that hold, or wait for, a lock of one of
+# :modes on an outbox table, as pid, table, mode, granted, application_name, seconds
+# (its transaction's age). No query text: it may hold data or secrets.
+LOCK_HOLDERS = """
+SELECT l.pid, l.relation::regclass::text, l.mode, l.granted,
+       coalesce(a.application_name, ''),
+       extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))
+FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a USING (pid)
+WHERE l.locktype = 'relation'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.relation IN (to_regclass('outbox_events'), to_regclass('outbox_dedup_keys'))
+  AND l.mode = ANY(%(modes)s)
+  AND l.pid <> pg_backend_pid()
+ORDER BY l.granted DESC, 6 DESC NULLS LAST
+LIMIT 5
+"""
+
+#: The lock modes that block the worker's claims and outcomes (SHARE and above).
+BLOCKING_MODES = ["ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"]
+#: Every table lock mode (what a migration's ACCESS EXCLUSIVE lock waits for).
+ALL_MODES = [
+    "AccessShareLock",
+    "RowShareLock",
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    *BLOCKING_MODES,
+]

@@ -1,7 +1,11 @@
 """The worker's side of the outbox table: claim, acknowledge, retry, inspect.
 
 One :class:`Store` owns one autocommit psycopg connection. When the database goes
-away it raises :class:`DatabaseUnavailable`; the next call reconnects.
+away it raises :class:`DatabaseUnavailable`; the next call reconnects. A connection
+the server (or a proxy) closed while it sat idle is replaced at once, without an
+outage: only a database that cannot be reached again is one. A statement that
+PostgreSQL cut short raises :class:`StatementTimeout` or :class:`LockTimeout`
+instead: the database is up, and the message says which setting ended it.
 
 A claimed :class:`Batch` is a transaction on its store's connection: its rows stay
 locked by it until :meth:`Store.finish` writes the outcome and commits, or
@@ -14,6 +18,7 @@ import contextlib
 import json
 import logging
 import random
+import select
 import threading
 import time
 import uuid
@@ -38,6 +43,80 @@ RECONNECT_DELAY_MAX = 15.0
 
 class DatabaseUnavailable(OutboxDatabaseError):
     """The database cannot be reached right now; the worker will reconnect."""
+
+
+class ConnectionReset(DatabaseUnavailable):
+    """A connection that worked was closed under a statement; the next call connects
+    again at once (only if that fails is the database unavailable)."""
+
+
+class DatabaseTimeout(OutboxDatabaseError):
+    """PostgreSQL cut a statement short; the database itself is up."""
+
+    #: The PostgreSQL setting that ended the statement.
+    setting = ""
+
+
+class StatementTimeout(DatabaseTimeout):
+    """A statement ran longer than ``statement_timeout`` and was canceled."""
+
+    setting = "statement_timeout"
+
+
+class LockTimeout(DatabaseTimeout):
+    """A statement waited longer than ``lock_timeout`` for a lock another session holds
+    (an outbox table locked by a migration, ``LOCK TABLE`` or ``VACUUM FULL``)."""
+
+    setting = "lock_timeout"
+
+
+class Health:
+    """What the store (or the stores sharing it) last learned about the database:
+    :attr:`problem` is None after a statement that worked, else what went wrong.
+
+    With ``log``, a timeout is logged when it starts (``db_statement_timeout``,
+    ``db_lock_timeout``) and when statements work again (``db_timeouts_over``), once
+    however many connections share this object and however often it repeats.
+    Outages are logged by the store (``db_unavailable``), not here.
+    """
+
+    def __init__(self, *, log: bool = True) -> None:
+        self.problem: OutboxDatabaseError | None = None
+        #: Whether to log the timeouts' starts and ends (commands report them instead).
+        self.log = log
+        self._lock = threading.Lock()
+
+    def note(self, problem: OutboxDatabaseError | None) -> None:
+        """Record the outcome of a statement (None: it worked)."""
+        with self._lock:
+            before, self.problem = self.problem, problem
+        if not self.log:
+            return
+        if isinstance(problem, DatabaseTimeout) and type(before) is not type(problem):
+            if isinstance(problem, LockTimeout):
+                log.warning(
+                    "an outbox table is locked; the worker tries again: %s",
+                    problem,
+                    extra={"action": "db_lock_timeout"},
+                )
+            else:
+                log.error(
+                    "a statement ran past statement_timeout: %s",
+                    problem,
+                    extra={"action": "db_statement_timeout"},
+                )
+        elif problem is None and isinstance(before, DatabaseTimeout):
+            log.info(
+                "the worker's statements run again (after %s)",
+                before.setting,
+                extra={"action": "db_timeouts_over"},
+            )
+
+
+#: How long the worker's statements wait for a lock another session holds on an
+#: outbox table before they give up with :class:`LockTimeout` (PostgreSQL's
+#: ``lock_timeout``, set for each transaction, never for the session).
+LOCK_TIMEOUT = queries.LOCK_TIMEOUT_MS / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +248,9 @@ class Finished:
 
 class BatchLostError(OutboxDatabaseError):
     """The batch's transaction ended before its outcome was written (the connection
-    was lost, its lease ran out, or it was released): nothing of it was written, and
-    its rows will be claimed and shipped again with the same uuids."""
+    was lost, its lease ran out, it was released, or a statement of the outcome was
+    cut short by a timeout): nothing of it was written, and its rows will be claimed
+    and shipped again with the same uuids."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,13 +285,43 @@ class Store:
         worker_id: str = "outbox-worker",
         log_outages: bool = True,
         for_batches: bool = False,
+        lock_timeout: float | None = LOCK_TIMEOUT,
+        statement_timeout: float | None = None,
+        health: Health | None = None,
     ) -> None:
+        """``lock_timeout`` and ``statement_timeout`` (seconds; None leaves the
+        session's own) bound each of the store's single statements; the batch's
+        statements take theirs from :data:`queries.BATCH_SETTINGS`. Stores given
+        the same ``health`` report into it together (the worker's two batch
+        connections: their latest statement tells whether the worker can ship)."""
         self.url = url
+        self.health = health if health is not None else Health(log=log_outages)
         self.worker_id = worker_id
         self.log_outages = log_outages
+        timeouts = {
+            name: _milliseconds(seconds)
+            for name, seconds in (
+                ("lock_timeout", lock_timeout),
+                ("statement_timeout", statement_timeout),
+            )
+            if seconds is not None
+        }
+        #: One statement setting the timeouts for the transaction it runs in.
+        self._set_timeouts = (
+            "SELECT " + ", ".join(f"set_config('{name}', %({name})s, true)" for name in timeouts)
+            if timeouts
+            else ""
+        )
+        self._timeouts = timeouts
+        #: The timeouts set for the statement running now (or that just failed).
+        self._bounded: dict[str, str] = {}
         prefix = BATCH_APPLICATION_PREFIX if for_batches else APPLICATION_PREFIX
         self.application_name = (prefix + worker_id)[:_APPLICATION_NAME_MAX]
         self._conn: psycopg.Connection[Any] | None = None
+        #: A statement has worked on ``_conn`` (so its breaking is not an outage).
+        self._conn_worked = False
+        #: ``_conn``'s statement_timeout, read when it connected ("" if unknown).
+        self._session_statement_timeout = ""
         self._batch: Batch | None = None
         self._lock = threading.RLock()
         self._down_since: float | None = None
@@ -221,6 +331,12 @@ class Store:
     # -- connection -------------------------------------------------------------------
 
     def _connection(self) -> psycopg.Connection[Any]:
+        conn = self._conn
+        if conn is not None and not conn.closed and self._batch is None and _closed_by_peer(conn):
+            # The server ended the idle session (pg_terminate_backend, a restart,
+            # idle_session_timeout) or a proxy dropped it: connect again now. That is
+            # not an outage unless the new connection fails too.
+            self._reset("the server closed an idle connection")
         if self._conn is None or self._conn.closed:
             wait = self._retry_at - time.monotonic()
             if wait > 0:  # back off between reconnection attempts during an outage
@@ -231,12 +347,23 @@ class Store:
                 connect_timeout=10,
                 application_name=self.application_name,
             )
+            self._session_statement_timeout = ""
             try:
+                # Read first, as the cheapest statement there is: a statement_timeout
+                # short enough to cancel the next one can be named in the error.
+                self._session_statement_timeout = _setting(conn, "statement_timeout")
                 check_installed(conn)
+            except psycopg.errors.QueryCanceled as exc:
+                conn.close()
+                problem = _canceled(exc, self._session_statement_timeout)
+                if not isinstance(problem, StatementTimeout):  # canceled while connecting
+                    problem = StatementTimeout(f"{_first_line(exc)}; check statement_timeout")
+                raise problem from exc
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
+            self._conn_worked = False
             if self._down_since is not None:
                 log.warning(
                     "database reachable again",
@@ -250,33 +377,128 @@ class Store:
         """Run one statement (its own transaction); return its rows, if any."""
         return self._run(query, params)[0]
 
-    def _run(self, query: str, params: dict[str, Any] | None = None) -> tuple[list[Any], int]:
+    def _run(
+        self, query: str, params: dict[str, Any] | None = None, *, bounded: bool = True
+    ) -> tuple[list[Any], int]:
         """Run one statement; return its rows and its row count.
 
-        A lost connection becomes :class:`DatabaseUnavailable` (logged once per outage)
-        and the next call reconnects.
+        With ``bounded`` it runs in a transaction of its own under the store's lock and
+        statement timeouts. A connection that breaks is replaced and the statement
+        run once more at once (every statement run here may run twice); only when
+        that fails too is it an outage: :class:`DatabaseUnavailable` (logged once per
+        outage), and the next call reconnects.
         """
         with self._lock, self._outage_guard():
-            cur = self._connection().execute(query, params)
+            before = self._conn
+            conn = self._connection()
+            try:
+                return self._statement(conn, query, params, bounded)
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                if conn is not before or self._batch is not None or not _broken(conn):
+                    raise  # a fresh connection failed, or the statement did
+                self._reset(_first_line(exc))
+                return self._statement(self._connection(), query, params, bounded)
+
+    def _statement(
+        self,
+        conn: psycopg.Connection[Any],
+        query: str,
+        params: dict[str, Any] | None,
+        bounded: bool,
+    ) -> tuple[list[Any], int]:
+        if not (bounded and self._set_timeouts):
+            cur = conn.execute(query, params)
+            return (cur.fetchall() if cur.description is not None else []), cur.rowcount
+        conn.execute("BEGIN")
+        try:
+            self._bounded = self._timeouts
+            conn.execute(self._set_timeouts, self._timeouts)
+            cur = conn.execute(query, params)
             rows = cur.fetchall() if cur.description is not None else []
-            return rows, cur.rowcount
+            conn.execute("COMMIT")
+            self._bounded = {}
+        except BaseException:
+            if not (conn.closed or conn.broken):
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+            raise  # _statement_problem reads (and clears) _bounded
+        return rows, cur.rowcount
+
+    def _reset(self, why: str) -> None:
+        """Replace a connection that broke while the database is up (not an outage)."""
+        self._drop_connection()
+        log.info(
+            "database connection closed (%s); connecting again",
+            why,
+            extra={"action": "db_connection_reset", "database": describe_url(self.url)},
+        )
 
     @contextlib.contextmanager
     def _outage_guard(self) -> Iterator[None]:
         """Turn a lost or unreachable database into :class:`DatabaseUnavailable`
-        (logged once per outage); the next call reconnects."""
+        (logged once per outage; the next call reconnects), and a statement that
+        PostgreSQL cut short into :class:`StatementTimeout` or :class:`LockTimeout`."""
+        self._bounded = {}
         try:
             yield
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self._lost(exc)
-            raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
-        except (OutboxNotInstalledError, DatabaseUnavailable):
+            problem = self._statement_problem(exc)
+            if problem is None and self._conn_worked and self._conn is not None:
+                # A connection that worked broke (terminated, or closed by a proxy under
+                # a statement): connect again at the next call, at once. Only if that
+                # fails is the database down.
+                self._reset(_first_line(exc))
+                raise ConnectionReset(f"database connection lost: {_first_line(exc)}") from exc
+            if problem is None:
+                self._lost(exc)
+                problem = DatabaseUnavailable(f"database unavailable: {_first_line(exc)}")
+            self.health.note(problem)
+            raise problem from exc
+        except (OutboxNotInstalledError, DatabaseUnavailable, DatabaseTimeout) as exc:
+            self.health.note(exc)
             raise
         except OutboxDatabaseError as exc:
             if self._conn is None:  # could not connect at all
                 self._lost(exc)
-                raise DatabaseUnavailable(str(exc)) from exc
+                unavailable = DatabaseUnavailable(str(exc))
+                self.health.note(unavailable)
+                raise unavailable from exc
+            self.health.note(exc)
             raise
+        self._conn_worked = self._conn is not None
+        if self._batch is None:  # a claimed batch's outcome tells whether it worked
+            self.health.note(None)
+
+    def _statement_problem(self, exc: psycopg.Error) -> OutboxDatabaseError | None:
+        """What a statement's failure means when the database is still up: a timeout,
+        or a canceled statement (its transaction is rolled back). None when the
+        connection itself was lost."""
+        if not isinstance(exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
+            return None
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:  # nothing left to ask the session
+            if isinstance(exc, psycopg.errors.LockNotAvailable):
+                return LockTimeout(f"{_first_line(exc)}; an outbox table is locked")
+            return _canceled(exc, self._session_statement_timeout)
+        # The rollback undid the transaction's own settings: keep what was set.
+        in_force, self._bounded = self._bounded, {}
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            in_force = {"lock_timeout": str(queries.LOCK_TIMEOUT_MS)}  # a batch's
+            self._abort()  # the batch's transaction is aborted
+        if self._conn is None:
+            return DatabaseUnavailable(f"database unavailable: {_first_line(exc)}")
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            try:
+                value = _duration(in_force.get("lock_timeout")) or _setting(conn, "lock_timeout")
+                return LockTimeout(f"{_first_line(exc)} ({value}): {lock_holders(conn)}")
+            except psycopg.Error:  # the diagnosis failed too: say what is known
+                self._drop_connection()
+                return LockTimeout(f"{_first_line(exc)}; an outbox table is locked")
+        ours = "statement_timeout" in in_force
+        value = _duration(in_force.get("statement_timeout")) or self._session_statement_timeout
+        # A fresh session picks up a corrected ALTER ROLE/DATABASE ... SET statement_timeout.
+        self._drop_connection()
+        return _canceled(exc, value, ours=ours)
 
     def _drop_connection(self) -> None:
         """Close and forget the connection (and the batch whose transaction it held);
@@ -315,12 +537,12 @@ class Store:
 
     def ping_or_raise(self) -> None:
         """Run a trivial query; raise what went wrong (connection, missing tables)."""
-        self._execute("SELECT 1")
+        self._run("SELECT 1", bounded=False)
 
     def ping(self) -> bool:
         """True when a trivial query succeeds."""
         try:
-            self._execute("SELECT 1")
+            self.ping_or_raise()
         except OutboxDatabaseError:
             return False
         return True
@@ -411,7 +633,12 @@ class Store:
                         },
                     )
                 conn.execute("COMMIT")
+                self.health.note(None)
             except psycopg.Error as exc:
+                problem = self._statement_problem(exc)
+                if problem is not None:  # a timeout: the transaction is rolled back
+                    self.health.note(problem)
+                    raise BatchLostError(f"the batch's outcome was not written: {problem}") from exc
                 if _connection_gone(conn, exc):
                     # Often the server ended an idle transaction (the lease ran out):
                     # not an outage. If the database is down, the next claim finds out.
@@ -580,3 +807,77 @@ def _connection_gone(conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _broken(conn: psycopg.Connection[Any]) -> bool:
+    return bool(conn.closed or conn.broken)
+
+
+def _closed_by_peer(conn: psycopg.Connection[Any]) -> bool:
+    """An idle connection has something to read: the server's goodbye (a FATAL error,
+    then end of file), since none of the store's sessions LISTENs. Costs one poll."""
+    try:
+        fd = conn.fileno()
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
+
+
+def _milliseconds(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
+
+
+def _canceled(
+    exc: psycopg.Error, statement_timeout: str, *, ours: bool = False
+) -> OutboxDatabaseError:
+    """A canceled statement: :class:`StatementTimeout` with the setting in force (the
+    store's own when ``ours``, else the session's), or a plain error when none was
+    (someone canceled it)."""
+    if ours:
+        return StatementTimeout(f"{_first_line(exc)} (gave up after {statement_timeout})")
+    if statement_timeout in ("0", ""):
+        return OutboxDatabaseError(f"statement canceled: {_first_line(exc)}")
+    return StatementTimeout(
+        f"{_first_line(exc)} (statement_timeout is {statement_timeout} for the worker's "
+        "sessions: see ALTER ROLE/ALTER DATABASE ... SET statement_timeout)"
+    )
+
+
+def _duration(milliseconds: str | None) -> str:
+    """A timeout in PostgreSQL's own notation (``2s``, ``500ms``); "" for None."""
+    if milliseconds is None:
+        return ""
+    ms = int(milliseconds)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def _setting(conn: psycopg.Connection[Any], name: str) -> str:
+    row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+    return str(row[0]) if row else ""
+
+
+def lock_holders(conn: psycopg.Connection[Any], modes: Sequence[str] | None = None) -> str:
+    """The other sessions holding (or waiting for) a lock of ``modes`` (by default
+    those that block the worker) on the outbox tables, in one bounded line: pid,
+    application name, lock mode, table, and how old its transaction is."""
+    params = {"modes": list(modes if modes is not None else queries.BLOCKING_MODES)}
+    sessions = [
+        f"pid {pid} ({_printable(app) or 'no application_name'}) "
+        f"{'holds' if granted else 'waits for'} {mode} on {relation} "
+        f"for {float(age or 0):.0f}s"
+        for pid, relation, mode, granted, app, age in conn.execute(queries.LOCK_HOLDERS, params)
+    ]
+    if not sessions:
+        return "the session that held the lock has let go since"
+    return "; ".join(sessions)
+
+
+def _printable(text: str, limit: int = 60) -> str:
+    """``text`` with control characters escaped, at most ``limit`` characters."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[: limit - 3] + "..."

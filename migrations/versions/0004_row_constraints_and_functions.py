@@ -13,8 +13,9 @@ of refusing to read it, and a dead row is not sent again until ``retry`` makes i
 pending, which these constraints then refuse for such a row (``retry`` skips it).
 
 The constraints are added ``NOT VALID`` (a catalogue change that holds the table's
-lock for an instant, retried with a short ``lock_timeout`` so a long batch cannot
-queue the application's inserts behind it), and committed. Then, outside any
+lock for an instant; under the session's short ``lock_timeout``, which
+``outbox-worker migrate`` and ``env.py`` set, a long batch cannot queue the
+application's inserts behind it), and committed. Then, outside any
 transaction that locks the table against writes, pending rows that break them are
 made dead with an error naming the column and the problem, and each constraint is
 validated (``VALIDATE CONSTRAINT`` scans the table under a lock that lets inserts
@@ -45,7 +46,6 @@ the application, ``UPDATE, DELETE`` on both tables for the worker).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -277,11 +277,6 @@ $do$
 """
 
 
-#: Attempts at taking the table's lock for the instant ADD CONSTRAINT needs.
-LOCK_ATTEMPTS = 60
-LOCK_TIMEOUT = "1s"
-
-
 def upgrade() -> None:
     body = _FUNCTIONS.replace("'", "''")
     op.execute(f"DO $do$ BEGIN EXECUTE format('{body}', current_schema()); END $do$")
@@ -298,8 +293,7 @@ def upgrade() -> None:
 
 
 def _add_constraints() -> None:
-    """ADD CONSTRAINT ... NOT VALID for those not there yet, in one statement that
-    gives up on the table's lock after LOCK_TIMEOUT and tries again."""
+    """ADD CONSTRAINT ... NOT VALID for those not there yet, in one statement."""
     if context.is_offline_mode():
         missing = list(CHECKS)
     else:
@@ -318,21 +312,12 @@ def _add_constraints() -> None:
         f"ADD CONSTRAINT {name} CHECK (status = 'dead' OR ({CHECKS[name]})) NOT VALID"
         for name in missing
     )
-    op.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
-    try:
-        if context.is_offline_mode():
-            op.execute(alter)
-            return
-        for attempt in range(LOCK_ATTEMPTS):
-            try:
-                op.execute(alter)
-                return
-            except sa.exc.OperationalError as exc:
-                if getattr(exc.orig, "sqlstate", None) != "55P03" or attempt + 1 == LOCK_ATTEMPTS:
-                    raise  # not a lock timeout, or the table stayed busy for a minute
-                time.sleep(0.1)
-    finally:
-        op.execute("RESET lock_timeout")
+    # The table's lock is needed for an instant, but ADD CONSTRAINT waits for it behind
+    # any batch in flight, and the application's INSERTs would queue behind the ALTER.
+    # So it waits at most the session's lock_timeout: `outbox-worker migrate` sets one
+    # (1 s) and tries the migration again after a timeout; env.py sets the same for
+    # `alembic upgrade` run by hand, which then fails in one line instead of waiting.
+    op.execute(alter)
 
 
 def downgrade() -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -239,9 +242,19 @@ def test_bad_database_url_is_one_clear_line(url: str, expected: str) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A directory for an embedded PostgreSQL, outside pytest's temporary directory:
+    a second pytest run starting meanwhile makes that private to root again
+    (chmod 0700), and the server's own user could no longer read its files."""
+    path = Path(tempfile.mkdtemp(prefix="outbox-demo-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_demo_runs_on_the_embedded_default(data_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "POSTHOG_API_KEY")}
-    env["OUTBOX_DATA_DIR"] = str(tmp_path / "data")
+    env["OUTBOX_DATA_DIR"] = str(data_dir / "data")
     result = run_cli(env, "demo", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "embedded PostgreSQL" in result.stderr

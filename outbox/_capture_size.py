@@ -39,6 +39,7 @@ serde_json then reads it as a u64, an i64 or an f64 and writes it its own way
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from decimal import Decimal
@@ -133,7 +134,7 @@ def _name_cost(text: str) -> int:
     else:
         size, once = len(text.encode()), len(literal.encode())
     twice = once + literal.count('"') + literal.count("\\")
-    return size + _NAME_VARINT + once + twice
+    return size + (1 if size < 64 else _NAME_VARINT) + once + twice  # 1-byte varint to 63
 
 
 # Per character of a name at most 16 bytes (4 bytes of UTF-8 in each of the key, a
@@ -183,6 +184,7 @@ def _serde_float_len(value: float) -> int:
     return sign + mantissa + 2 + len(str(abs(exponent)))
 
 
+@functools.lru_cache(maxsize=1024)  # the same values come back: 0.0, 1e-05...
 def number_growth(token: str) -> int:
     """How many bytes more than ``token`` (a JSON number as Python's json writes it)
     the number takes in capture's record: PostgreSQL's text or serde_json's, the

@@ -205,12 +205,40 @@ def number_growth(token: str) -> int:
     return max(postgres, serde) - len(token)
 
 
+def _float_growth(token: str) -> int:
+    """:func:`number_growth` of a float as Python writes it in scientific notation
+    (``-d.ddde-XX``: the shortest digits, none trailing), by counting characters."""
+    negative = 1 if token[0] == "-" else 0
+    mantissa, _, exponent_text = token[negative:].partition("e")
+    exponent = int(exponent_text)
+    digits = len(mantissa) - 1 if len(mantissa) > 1 else 1  # "d.ddd" or "d"
+    if exponent < 0:
+        postgres = negative + digits + 1 - exponent  # 0.000ddd
+        if exponent == -5:
+            serde = postgres  # serde_json writes 0.0000ddd too
+        else:
+            serde = negative + (digits + 1 if digits > 1 else 1) + 2 + len(str(-exponent))
+    else:  # at least 16: PostgreSQL writes every digit of the integer
+        postgres = negative + exponent + 1
+        if exponent <= 17:
+            serde = postgres  # an i64 or u64: written back as it came
+        elif exponent <= 19:
+            return number_growth(token)  # near the i64/u64 bounds
+        else:
+            serde = negative + (digits + 1 if digits > 1 else 1) + 2 + len(str(exponent))
+    return max(postgres, serde) - len(token)
+
+
 def _numbers_growth(properties_json: str) -> int:
     """The growth of every number in ``properties_json``, added up."""
     growth = 0
     for match in _TOKENS.finditer(properties_json):
         token = match.group(1)
-        if token is not None and ("e" in token or len(token) >= _BIG_INT_DIGITS):
+        if token is None:
+            continue
+        if "e" in token:
+            growth += _float_growth(token)
+        elif len(token) >= _BIG_INT_DIGITS or "E" in token:
             growth += number_growth(token)
     return growth
 

@@ -229,7 +229,8 @@ def enqueue_many(
     Returns one entry per item, in order: the uuid, or ``None`` for a duplicate
     dedup key (including a key repeated within ``events``), or ``None`` for every
     item when analytics is disabled. Nothing is written when any item is invalid;
-    the error names it, e.g. ``events[3].distinct_id``.
+    the error names it, e.g. ``events[3].distinct_id``, or ``events[3].uuid`` for a
+    ``uuid`` an earlier item has too.
     """
     cfg = config or get_config()
     if cfg.disabled:

@@ -854,10 +854,11 @@ def prepare_event(
 
     What is accepted, and how it is normalised:
 
-    * ``event``: a str, stripped, 1 to ``MAX_NAME_LENGTH`` characters.
+    * ``event``: a str, stripped, 1 to ``MAX_NAME_LENGTH`` characters, at least one
+      of them visible (not only format, control or blank characters such as U+200B).
     * ``distinct_id``: a str, an int (not bool) or a UUID, turned into a str,
-      stripped, 1 to ``MAX_NAME_LENGTH`` characters, and not one of PostHog's
-      placeholder ids (see :data:`RESERVED_DISTINCT_IDS`).
+      stripped, 1 to ``MAX_NAME_LENGTH`` characters, one of them visible, and not one
+      of PostHog's placeholder ids (see :data:`RESERVED_DISTINCT_IDS`).
     * ``properties``: ``None`` (meaning ``{}``) or a mapping with str keys. Values
       may be str, int, float, bool, None, list, tuple and mappings, nested at most
       ``MAX_NESTING_DEPTH`` levels and without cycles. Converted: datetime to ISO 8601
@@ -865,15 +866,22 @@ def prepare_event(
       to float when that float is exactly the same number and to a str otherwise
       (non-finite Decimals to null), Enum to its value, set and frozenset to a list
       (sorted when the elements can be ordered), tuple to a list. NaN and infinite
-      floats become null. Anything else (bytes, arbitrary objects...) is refused.
+      floats become null. Anything else (bytes, arbitrary objects...) is refused, and
+      so is an int beyond ±1.8e308, which PostHog's capture cannot read.
+    * ``$set`` and ``$set_once`` in properties must be mappings, ``$unset`` a list,
+      tuple or set of str (or a mapping), ``$groups`` a mapping of non-empty str
+      group types to non-empty str, int or UUID group keys; ``None`` passes.
     * Every string (event, distinct_id, dedup_key, property keys and values) has NUL
       characters and lone surrogates replaced with U+FFFD, which PostgreSQL requires;
       surrogate pairs are joined into the character they encode.
-    * The UTF-8 size of the properties JSON plus the event name and distinct_id must
-      not exceed ``MAX_EVENT_BYTES`` (error on ``properties``).
+    * The event must fit in the Kafka message PostHog's capture makes of it, at most
+      ``MAX_EVENT_BYTES`` with what the worker and capture add (error on
+      ``properties``; see :mod:`outbox._capture_size`).
     * ``timestamp``: ``None`` (the database's ``now()``), a datetime (naive means UTC;
       aware ones are converted to UTC) or an ISO 8601 str with a time of day
-      (a trailing ``Z`` is accepted). A bare date is refused as ambiguous.
+      (a trailing ``Z`` is accepted), from ``outbox.schema.TIMESTAMP_MIN`` (the Unix
+      epoch) to ``TIMESTAMP_MAX_AHEAD`` (23 hours) after now. A bare date is refused
+      as ambiguous.
     * ``uuid``: ``None`` for a fresh :func:`new_event_uuid`, a UUID, or a str UUID.
     * ``dedup_key``: ``None``, a str (stripped, 1 to ``MAX_NAME_LENGTH`` characters)
       or an int turned into a str.

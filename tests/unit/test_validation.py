@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
+from outbox import AnalyticsConfig, validation
 from outbox import _capture_size as capture_size
-from outbox import validation
+from outbox.enqueue import prepare_enqueue
 from outbox.exceptions import OutboxError, OutboxValidationError
 from outbox.schema import TIMESTAMP_MAX_AHEAD, TIMESTAMP_MIN
 from outbox.validation import (
@@ -666,8 +667,28 @@ def v_json(properties: dict[str, Any]) -> str:
 def test_plain_text_gets_almost_the_whole_megabyte() -> None:
     # Capture's envelope, key and headers, and the worker's two properties, cost
     # about 1.3 kB; the rest is the event's.
-    assert 998_000 < _largest_accepted("x") < 999_000
-    assert 249_000 < _largest_accepted('"') < 250_000
+    assert 998_650 < _largest_accepted("x") < 998_750
+    assert 249_600 < _largest_accepted('"') < 249_700
+
+
+def test_what_the_readme_says_fits() -> None:
+    # "About 998,600 bytes of plain text fit, or about 249,600 double quotes."
+    config = AnalyticsConfig()
+
+    def largest(unit: str) -> int:
+        low, high = 0, MAX_EVENT_BYTES
+        while low < high:
+            mid = (low + high + 1) // 2
+            try:
+                prepare_enqueue("signup", "user-42", {"p": unit * mid}, config=config)
+            except OutboxValidationError:
+                high = mid - 1
+            else:
+                low = mid
+        return low
+
+    assert 998_550 <= largest("x") <= 998_650
+    assert 249_550 <= largest('"') <= 249_650
 
 
 def test_names_take_their_share_of_the_limit() -> None:
@@ -794,6 +815,18 @@ def test_no_number_grows_more_than_the_bound() -> None:
     assert worst == capture_size._MAX_NUMBER_GROWTH
     # The per-character bound of the cheapest tier covers it.
     assert capture_size._CHAR_MAX * 5 >= 4 * 5 + capture_size._MAX_NUMBER_GROWTH + 2
+
+
+def test_the_counting_float_growth_agrees_with_the_decimal_one() -> None:
+    values = [10.0**e for e in range(-323, 309)] + [
+        1.2345678901234567 * 10.0**e for e in range(-300, 300)
+    ]
+    values += [9.223372036854776e18, 1.8446744073709552e19, 9.999999999999999e19, 5e-324]
+    for value in values:
+        for number in (value, -value):
+            token = json.dumps(number)
+            if "e" in token:
+                assert capture_size._float_growth(token) == capture_size.number_growth(token), token
 
 
 @pytest.mark.parametrize(

@@ -64,12 +64,13 @@ DESTINATION_METRICS: Final = "metrics"
 # (FUTURE_EVENT_HOURS_CUTOFF_MILLIS), and one whose year is outside 0..9999 with
 # the Unix epoch; the ingestion pipeline (nodejs/src/worker/ingestion/timestamps.ts)
 # replaces out-of-range years with the time of ingestion. So the epoch is where
-# PostHog puts timestamps it could not use, and ClickHouse's DateTime64 column
-# clamps anything before 1900 silently: an analytics event before 1970 is a bug
-# (datetime.min, a zero Unix time), not history. enqueue() refuses a timestamp
-# outside [TIMESTAMP_MIN, now + TIMESTAMP_MAX_AHEAD]; since the worker sends an
-# event after it was enqueued, a timestamp accepted then is at most 23 hours ahead
-# when capture receives it too (as long as the clocks agree).
+# PostHog puts timestamps it could not use, and the events table's
+# DateTime64(6, 'UTC') column clamps anything before 1900 silently: an analytics
+# event before 1970 is a bug (datetime.min, a zero Unix time), not history.
+# enqueue() refuses a timestamp outside [TIMESTAMP_MIN, now + TIMESTAMP_MAX_AHEAD];
+# since the worker sends an event after it was enqueued, a timestamp accepted then
+# is at most 23 hours ahead when capture receives it too (as long as the clocks
+# agree). The sources are in PostHog/posthog.
 
 #: Earliest accepted event timestamp (inclusive): the Unix epoch, UTC.
 TIMESTAMP_MIN: Final = datetime(1970, 1, 1, tzinfo=UTC)

@@ -528,13 +528,12 @@ def _nested_keys_are_str(value: dict[Any, Any] | list[Any] | tuple[Any, ...]) ->
     return True
 
 
-def _has_long_digit_run(text: str) -> bool:
+def _has_long_digit_run(text: str, sample: str, match: re.Match[str] | None) -> bool:
     """Whether ``text`` may hold ``_F64_OVERFLOW_DIGITS`` digits in a row (never a
-    false ``False``). Such a run covers two consecutive characters of the sample and
-    every character between them."""
+    false ``False``). Such a run covers two consecutive characters of ``sample``
+    (``text[step - 1 :: step]``; ``match`` is the first such pair in it) and every
+    character between them."""
     step = _DIGIT_SAMPLE_STEP
-    sample = text[step - 1 :: step]
-    match = _two_digits(sample)
     while match is not None:
         start = step - 1 + step * match.start()
         if text[start : start + step + 1].isdigit():
@@ -565,12 +564,11 @@ def _try_fast_encode(properties: dict[Any, Any], keys_checked: bool = False) -> 
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate somewhere
             return None
-    if (
-        len(text) >= _F64_OVERFLOW_DIGITS
-        and _two_digits(text[_DIGIT_SAMPLE_STEP - 1 :: _DIGIT_SAMPLE_STEP]) is not None
-        and _has_long_digit_run(text)
-    ):
-        return None  # perhaps an integer too large for PostHog: the walk checks each one
+    if len(text) >= _F64_OVERFLOW_DIGITS:
+        sample = text[_DIGIT_SAMPLE_STEP - 1 :: _DIGIT_SAMPLE_STEP]
+        match = _two_digits(sample)
+        if match is not None and _has_long_digit_run(text, sample, match):
+            return None  # perhaps an integer too large for PostHog: the walk checks each
     objects = text.count("{")
     # Brackets inside strings only over-count, so this bound is safe.
     if objects + text.count("[") > MAX_NESTING_DEPTH:

@@ -869,8 +869,12 @@ def test_long_digit_strings_are_not_integers() -> None:
 @pytest.mark.parametrize("offset", range(0, 700, 13))
 def test_the_long_digit_run_sample_never_misses(offset: int) -> None:
     text = "x" * offset + "1" * validation._F64_OVERFLOW_DIGITS + "]"
-    assert validation._has_long_digit_run(text)
-    assert validation._two_digits(text[153::154]) is not None
+    sample = text[153::154]
+    assert validation._has_long_digit_run(text, sample, validation._two_digits(sample))
+    # A run must span step + 1 = 155 digits to be looked at more closely.
+    short = "x" * offset + ("1" * 150 + ",") * 6
+    sample = short[153::154]
+    assert not validation._has_long_digit_run(short, sample, validation._two_digits(sample))
 
 
 # --------------------------------------------------------------------------- timestamp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -333,6 +334,34 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
+def _refused_in_a_transaction(
+    kind: str,
+    engine: Engine,
+    database_url: str,
+    refused: Callable[[Any], object],
+    then: Callable[[Any], Any] = lambda conn: None,
+) -> tuple[outbox.OutboxValidationError, Any]:
+    """Between two writes of the caller's own in one transaction, run ``refused(conn)``
+    (it must raise) and then ``then(conn)``, and commit; returns the error and what
+    ``then`` returned."""
+    with contextlib.ExitStack() as stack:
+        if kind == "sqlalchemy":
+            conn: Any = stack.enter_context(Session(engine))
+            conn.execute(text("INSERT INTO domain VALUES (1, 'before')"))
+        else:
+            conn = stack.enter_context(psycopg.connect(database_url))
+            conn.execute("INSERT INTO domain VALUES (1, 'before')")
+        with pytest.raises(outbox.OutboxValidationError) as info:
+            refused(conn)
+        result = then(conn)
+        if kind == "sqlalchemy":
+            conn.execute(text("INSERT INTO domain VALUES (2, 'after')"))
+        else:
+            conn.execute("INSERT INTO domain VALUES (2, 'after')")
+        conn.commit()
+    return info.value, result
+
+
 @pytest.mark.parametrize(("case", "kwargs", "field"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 @pytest.mark.parametrize("kind", ["sqlalchemy", "psycopg"])
 def test_bad_input_names_the_field_and_the_transaction_still_commits(
@@ -347,22 +376,14 @@ def test_bad_input_names_the_field_and_the_transaction_still_commits(
     kwargs = dict(kwargs)
     event_name = kwargs.pop("event")
     distinct_id = kwargs.pop("distinct_id")
-    if kind == "sqlalchemy":
-        with Session(engine) as session:
-            session.execute(text("INSERT INTO domain VALUES (1, 'before')"))
-            with pytest.raises(outbox.OutboxValidationError) as info:
-                outbox.enqueue(session, event_name, distinct_id, **kwargs)
-            session.execute(text("INSERT INTO domain VALUES (2, 'after')"))
-            session.commit()
-    else:
-        with psycopg.connect(database_url) as conn:
-            conn.execute("INSERT INTO domain VALUES (1, 'before')")
-            with pytest.raises(outbox.OutboxValidationError) as info:
-                outbox.enqueue(conn, event_name, distinct_id, **kwargs)
-            conn.execute("INSERT INTO domain VALUES (2, 'after')")
-            conn.commit()
-    assert info.value.field == field
-    assert isinstance(info.value, outbox.OutboxError)
+    error, _ = _refused_in_a_transaction(
+        kind,
+        engine,
+        database_url,
+        lambda conn: outbox.enqueue(conn, event_name, distinct_id, **kwargs),
+    )
+    assert error.field == field
+    assert isinstance(error, outbox.OutboxError)
     assert db.execute("SELECT count(*) FROM domain").fetchone() == (2,)
     assert rows(db) == []
 
@@ -402,24 +423,15 @@ def test_a_repeated_uuid_is_refused_and_the_transaction_still_commits(
         {"event": "b", "distinct_id": "u"},
         {"event": "c", "distinct_id": "u", "uuid": given},
     ]
-    if kind == "sqlalchemy":
-        with Session(engine) as session:
-            session.execute(text("INSERT INTO domain VALUES (1, 'before')"))
-            with pytest.raises(outbox.OutboxValidationError) as info:
-                outbox.enqueue_many(session, items)
-            written = outbox.enqueue_many(session, items[:2])  # still usable
-            session.execute(text("INSERT INTO domain VALUES (2, 'after')"))
-            session.commit()
-    else:
-        with psycopg.connect(database_url) as conn:
-            conn.execute("INSERT INTO domain VALUES (1, 'before')")
-            with pytest.raises(outbox.OutboxValidationError) as info:
-                outbox.enqueue_many(conn, items)
-            written = outbox.enqueue_many(conn, items[:2])
-            conn.execute("INSERT INTO domain VALUES (2, 'after')")
-            conn.commit()
-    assert info.value.field == "events[2].uuid"
-    assert "events[0]" in info.value.problem
+    error, written = _refused_in_a_transaction(
+        kind,
+        engine,
+        database_url,
+        lambda conn: outbox.enqueue_many(conn, items),
+        lambda conn: outbox.enqueue_many(conn, items[:2]),  # the transaction is still usable
+    )
+    assert error.field == "events[2].uuid"
+    assert "events[0]" in error.problem
     assert db.execute("SELECT count(*) FROM domain").fetchone() == (2,)
     assert [r[0] for r in rows(db)] == written
     assert written[0] == given

@@ -224,7 +224,8 @@ def enqueue_many(
     Returns one entry per item, in order: the uuid, or ``None`` for a duplicate
     dedup key (including a key repeated within ``events``), or ``None`` for every
     item when analytics is disabled. Nothing is written when any item is invalid;
-    the error names it, e.g. ``events[3].distinct_id``.
+    the error names it, e.g. ``events[3].distinct_id``, or ``events[3].uuid`` for a
+    ``uuid`` an earlier item has too.
     """
     cfg = config or get_config()
     if cfg.disabled:
@@ -322,6 +323,7 @@ _ENQUEUE_KEYS = frozenset(
 
 def _prepare_all(cfg: AnalyticsConfig, events: Iterable[Mapping[str, Any]]) -> list[PreparedEvent]:
     prepared: list[PreparedEvent] = []
+    given_uuids = False
     for index, item in enumerate(events):
         prefix = f"events[{index}]."
         if type(item) is not dict and not isinstance(item, Mapping):
@@ -335,6 +337,9 @@ def _prepare_all(cfg: AnalyticsConfig, events: Iterable[Mapping[str, Any]]) -> l
             if required not in item:
                 raise OutboxValidationError(prefix + required, "is required")
         get = item.get
+        uuid = get("uuid")
+        if uuid is not None:
+            given_uuids = True
         prepared.append(
             _prepare(
                 cfg,
@@ -346,11 +351,26 @@ def _prepare_all(cfg: AnalyticsConfig, events: Iterable[Mapping[str, Any]]) -> l
                 get("groups"),
                 get("timestamp"),
                 get("dedup_key"),
-                get("uuid"),
+                uuid,
                 prefix,
             )
         )
+    if given_uuids:
+        _check_unique_uuids(prepared)
     return prepared
+
+
+def _check_unique_uuids(events: Sequence[PreparedEvent]) -> None:
+    """Refuse a uuid given twice: the INSERT would fail on the outbox's unique uuid
+    and abort the caller's transaction. (Fresh UUIDv7s never repeat.)"""
+    first: dict[uuid_module.UUID, int] = {}
+    for index, event in enumerate(events):
+        earlier = first.setdefault(event.uuid, index)
+        if earlier != index:
+            raise OutboxValidationError(
+                f"events[{index}].uuid",
+                f"{event.uuid} is also the uuid of events[{earlier}]; each event needs its own",
+            )
 
 
 # --------------------------------------------------------------------------- stamping

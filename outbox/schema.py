@@ -27,6 +27,9 @@ Operators query these tables by hand, so the column names are part of the interf
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -42,8 +45,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
-from outbox.validation import DESTINATION_METRICS, DESTINATION_POSTHOG
-
 EVENTS_TABLE = "outbox_events"
 DEDUP_TABLE = "outbox_dedup_keys"
 STUCK_VIEW = "outbox_stuck"
@@ -56,6 +57,31 @@ NOTIFY_CHANNEL = "outbox_events"
 STATUS_PENDING = "pending"
 STATUS_DEAD = "dead"
 
+#: ``destination`` of an ordinary event, shipped to PostHog.
+DESTINATION_POSTHOG: Final = "posthog"
+#: ``destination`` of a metrics-only event: counted in the worker's Prometheus
+#: metrics, never sent to PostHog.
+DESTINATION_METRICS: Final = "metrics"
+
+# The event timestamps PostHog keeps as they are. PostHog's capture
+# (rust/common/types/src/timestamp.rs, parse_event_timestamp) replaces a timestamp
+# more than 23 hours ahead of the time it receives the event with that time
+# (FUTURE_EVENT_HOURS_CUTOFF_MILLIS), and one whose year is outside 0..9999 with
+# the Unix epoch; the ingestion pipeline (nodejs/src/worker/ingestion/timestamps.ts)
+# replaces out-of-range years with the time of ingestion. So the epoch is where
+# PostHog puts timestamps it could not use, and the events table's
+# DateTime64(6, 'UTC') column clamps anything before 1900 silently: an analytics
+# event before 1970 is a bug (datetime.min, a zero Unix time), not history.
+# enqueue() refuses a timestamp outside [TIMESTAMP_MIN, now + TIMESTAMP_MAX_AHEAD];
+# since the worker sends an event after it was enqueued, a timestamp accepted then
+# is at most 23 hours ahead when capture receives it too (as long as the clocks
+# agree). The sources are in PostHog/posthog.
+
+#: Earliest accepted event timestamp (inclusive): the Unix epoch, UTC.
+TIMESTAMP_MIN: Final = datetime(1970, 1, 1, tzinfo=UTC)
+#: Furthest an event timestamp may be ahead of now (inclusive): capture's 23 hours.
+TIMESTAMP_MAX_AHEAD: Final = timedelta(hours=23)
+
 __all__ = [
     "DEDUP_TABLE",
     "DESTINATION_METRICS",
@@ -64,6 +90,8 @@ __all__ = [
     "STATUS_DEAD",
     "STATUS_PENDING",
     "STUCK_VIEW",
+    "TIMESTAMP_MAX_AHEAD",
+    "TIMESTAMP_MIN",
     "VERSION_TABLE",
     "WORKER_STATE_TABLE",
     "metadata",

@@ -24,6 +24,7 @@ import os
 import re
 import threading
 import time
+import unicodedata
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -34,7 +35,14 @@ from enum import Enum
 from typing import Any, Final, Literal
 from uuid import UUID
 
+from outbox._capture_size import MAX_MESSAGE_BYTES, always_fits, oversize
 from outbox.exceptions import OutboxValidationError
+from outbox.schema import (
+    DESTINATION_METRICS,
+    DESTINATION_POSTHOG,
+    TIMESTAMP_MAX_AHEAD,
+    TIMESTAMP_MIN,
+)
 
 __all__ = [
     "DESTINATION_METRICS",
@@ -54,27 +62,31 @@ __all__ = [
 Destination = Literal["posthog", "metrics"]
 """Where the worker sends an event: to PostHog, or into its Prometheus metrics."""
 
-DESTINATION_POSTHOG: Final = "posthog"
-"""An ordinary event, shipped to PostHog."""
-
-DESTINATION_METRICS: Final = "metrics"
-"""A metrics-only event: counted in the worker's Prometheus metrics, never sent to PostHog."""
-
 MAX_NAME_LENGTH: Final = 200
 """Longest accepted event name, distinct_id and dedup_key, in characters (after stripping)."""
 
-MAX_EVENT_BYTES: Final = 900 * 1024
-"""Largest accepted event: UTF-8 bytes of the properties JSON plus the event name and distinct_id.
+MAX_EVENT_BYTES: Final = MAX_MESSAGE_BYTES
+"""Largest accepted event, measured as PostHog's capture measures it: 1,000,000 bytes.
 
-PostHog refuses events of about a megabyte; this leaves room for the envelope the
-worker adds when it ships the event.
+That is the Kafka record capture writes for the event, where the event (its
+properties, with what the worker adds) is JSON inside a JSON string, so every ``"``
+and ``\\`` costs two bytes, next to capture's envelope fields, key and headers
+(see :mod:`outbox._capture_size`). About 998,700 bytes of plain text properties fit.
 """
 
 MAX_NESTING_DEPTH: Final = 64
 """Deepest accepted nesting of containers in properties; the properties object itself is level 1."""
 
-RESERVED_DISTINCT_IDS: Final[frozenset[str]] = frozenset(
-    {
+
+def _with_quoted(ids: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(variant for i in ids for variant in (i, f"'{i}'", f'"{i}"'))
+
+
+# PostHog's isDistinctIdIllegal (nodejs/src/common/persons/person-utils.ts, mirrored
+# in rust/personhog-*): ids that "stem from a bug or mistake", never allowed to
+# drive a merge, also when wrapped in single or double quotes.
+RESERVED_DISTINCT_IDS: Final[frozenset[str]] = _with_quoted(
+    (
         "anonymous",
         "guest",
         "distinctid",
@@ -85,23 +97,39 @@ RESERVED_DISTINCT_IDS: Final[frozenset[str]] = frozenset(
         "undefined",
         "true",
         "false",
-    }
+    )
 )
 """distinct_ids PostHog refuses whatever their case; compared stripped and lower-cased.
 
 PostHog treats these as placeholders that would merge unrelated users into one
 person. A second, case-sensitive set (``"[object Object]"``, ``"NaN"``, ``"None"``,
 ``"none"``, ``"null"``, ``"0"``, ``"undefined"``) is compared exactly, after
-stripping; a distinct_id matching either set is refused.
+stripping; a distinct_id matching either set is refused. Both sets hold each id
+bare and wrapped in single and in double quotes (``'null'``, ``"anonymous"``), as
+PostHog's do.
 """
 
-_RESERVED_DISTINCT_IDS_EXACT: Final[frozenset[str]] = frozenset(
-    {"[object Object]", "NaN", "None", "none", "null", "0", "undefined"}
+_RESERVED_DISTINCT_IDS_EXACT: Final[frozenset[str]] = _with_quoted(
+    ("[object Object]", "NaN", "None", "none", "null", "0", "undefined")
 )
+
+# Characters that show nothing: a name made only of these (after stripping the
+# whitespace Python strips) is refused. Control and format characters (U+200B zero
+# width space, U+FEFF, bidi marks...), separators and combining marks by category;
+# blank letters and the Braille blank by code point.
+_INVISIBLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
+_BLANK_CHARACTERS: Final = frozenset("\u115f\u1160\u2800\u3164\uffa0")
 
 _REPLACEMENT: Final = "\ufffd"
 _JSON_ESCAPED_NUL: Final = "\\u0000"
-_MAX_INT_BITS_WITHOUT_CHECK: Final = 14_000  # ~4,200 decimal digits, under sys.int_info's 4,300
+# capture's serde_json reads a JSON integer past u64/i64 as an f64 and refuses the
+# whole request when that overflows: an int of more than 1,023 bits may not fit, and
+# one that does not has at least 309 digits.
+_F64_MAX_INT_BITS: Final = 1023
+_F64_OVERFLOW_DIGITS: Final = 309
+# Any run of 309 digits holds two consecutive characters of text[153::154].
+_DIGIT_SAMPLE_STEP: Final = (_F64_OVERFLOW_DIGITS - 1) // 2
+_two_digits: Final = re.compile(r"[0-9][0-9]").search
 _PLAIN_KEY: Final = re.compile(r"[\w$-]+")
 _SCALAR_TYPES: Final[frozenset[type]] = frozenset({str, int, float, bool, type(None)})
 
@@ -242,21 +270,39 @@ def _short_repr(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
 # --------------------------------------------------------------------------- names
 
 
+def _is_blank(text: str) -> bool:
+    """True when no character of ``text`` shows anything (see ``_INVISIBLE_CATEGORIES``)."""
+    for char in text:
+        if char not in _BLANK_CHARACTERS and unicodedata.category(char) not in (
+            _INVISIBLE_CATEGORIES
+        ):
+            return False
+    return True
+
+
+def _code_points(text: str, limit: int = 5) -> str:
+    shown = " ".join(f"U+{ord(c):04X}" for c in text[:limit])
+    return shown + (" ..." if len(text) > limit else "")
+
+
 def _check_name(value: str, field: str, what: str) -> str:
-    """Strip, refuse empty or over-long, and clean a name-like string."""
-    text = _clean_text(value.strip())
-    if not text:
+    """Strip, refuse empty, invisible or over-long, and clean a name-like string."""
+    stripped = value.strip()
+    if not stripped:
         raise OutboxValidationError(field, f"{what} must not be empty or only whitespace")
+    text = _clean_text(stripped)
     if len(text) > MAX_NAME_LENGTH:
         raise OutboxValidationError(
             field, f"{what} is {len(text)} characters long, over the {MAX_NAME_LENGTH} limit"
+        )
+    if _is_blank(stripped):  # before cleaning: a NUL shows nothing either
+        raise OutboxValidationError(
+            field,
+            f"{what} has no visible character ({_code_points(stripped)}), only "
+            "invisible format, control or blank ones",
         )
     return text
 
@@ -344,13 +390,33 @@ def _check_timestamp(timestamp: object, field: str) -> datetime | None:
             field, f"must be a datetime, an ISO 8601 str or None, got {_type_name(timestamp)}"
         )
     try:
-        if parsed.utcoffset() is None:
-            return parsed.replace(tzinfo=UTC)
-        return parsed.astimezone(UTC)
+        when = parsed.replace(tzinfo=UTC) if parsed.utcoffset() is None else parsed.astimezone(UTC)
     except (OverflowError, ValueError):
         raise OutboxValidationError(
             field, f"{_short_repr(timestamp)} cannot be expressed in UTC"
         ) from None
+    return _check_timestamp_range(when, field)
+
+
+def _check_timestamp_range(when: datetime, field: str) -> datetime:
+    """Refuse a UTC timestamp PostHog would not keep (see ``outbox.schema.TIMESTAMP_MIN``)."""
+    if when < TIMESTAMP_MIN:
+        raise OutboxValidationError(
+            field,
+            f"{when.isoformat()} is before {TIMESTAMP_MIN.isoformat()}: PostHog puts the "
+            "timestamps it cannot use at the Unix epoch, so an earlier one is a mistake "
+            "(datetime.min, a zero Unix time)",
+        )
+    latest = datetime.now(UTC) + TIMESTAMP_MAX_AHEAD
+    if when > latest:
+        hours = TIMESTAMP_MAX_AHEAD.total_seconds() / 3600
+        raise OutboxValidationError(
+            field,
+            f"{when.isoformat()} is more than {hours:g} hours ahead of now: PostHog would "
+            "replace it with the time it receives the event (pass None for now; datetime.max "
+            "is no event time)",
+        )
+    return when
 
 
 # --------------------------------------------------------------------------- uuid
@@ -462,6 +528,20 @@ def _nested_keys_are_str(value: dict[Any, Any] | list[Any] | tuple[Any, ...]) ->
     return True
 
 
+def _has_long_digit_run(text: str, sample: str, match: re.Match[str] | None) -> bool:
+    """Whether ``text`` may hold ``_F64_OVERFLOW_DIGITS`` digits in a row (never a
+    false ``False``). Such a run covers two consecutive characters of ``sample``
+    (``text[step - 1 :: step]``; ``match`` is the first such pair in it) and every
+    character between them."""
+    step = _DIGIT_SAMPLE_STEP
+    while match is not None:
+        start = step - 1 + step * match.start()
+        if text[start : start + step + 1].isdigit():
+            return True
+        match = _two_digits(sample, match.start() + 1)
+    return False
+
+
 def _try_fast_encode(properties: dict[Any, Any], keys_checked: bool = False) -> str | None:
     """Encode plain properties in one C-level pass; ``None`` means "walk instead".
 
@@ -484,6 +564,11 @@ def _try_fast_encode(properties: dict[Any, Any], keys_checked: bool = False) -> 
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate somewhere
             return None
+    if len(text) >= _F64_OVERFLOW_DIGITS:
+        sample = text[_DIGIT_SAMPLE_STEP - 1 :: _DIGIT_SAMPLE_STEP]
+        match = _two_digits(sample)
+        if match is not None and _has_long_digit_run(text, sample, match):
+            return None  # perhaps an integer too large for PostHog: the walk checks each
     objects = text.count("{")
     # Brackets inside strings only over-count, so this bound is safe.
     if objects + text.count("[") > MAX_NESTING_DEPTH:
@@ -541,12 +626,14 @@ def _normalise(value: object, path: str, depth: int, active: set[int]) -> object
 
 
 def _check_int(value: int, path: str) -> int:
-    if value.bit_length() > _MAX_INT_BITS_WITHOUT_CHECK:
+    if value.bit_length() > _F64_MAX_INT_BITS:
         try:
-            int.__repr__(value)
-        except ValueError:
+            float(value)
+        except OverflowError:  # also what is too long to print at all
             raise OutboxValidationError(
-                path, "integer has too many digits to serialise; send it as a str"
+                path,
+                "integer is beyond ±1.8e308, the largest number PostHog's capture reads "
+                "(it would refuse the whole request); send it as a str",
             ) from None
     return value
 
@@ -593,6 +680,67 @@ def _normalise_sequence(
     ]
     active.discard(marker)
     return result
+
+
+# --------------------------------------------------------------------------- $set, $groups
+
+_GROUP_KEY_TYPES: Final = (str, int, UUID)
+
+
+def _check_person_and_groups(properties: Mapping[Any, Any], field: str) -> None:
+    """Refuse ``$set``, ``$set_once``, ``$unset`` and ``$groups`` of a shape PostHog
+    cannot use (``None`` is left alone: PostHog reads it as absent).
+
+    ``$set``/``$set_once`` must be mappings; ``$unset`` a list (tuple, set) of
+    property names or a mapping whose keys are the names, never a str (PostHog would
+    unset one property per character); ``$groups`` a mapping of non-empty group types
+    to non-empty str, int or UUID group keys.
+    """
+    for key in ("$set", "$set_once"):
+        value = properties.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise OutboxValidationError(
+                _key_path(field, key),
+                f"must be a mapping of person property names to values, got {_type_name(value)}",
+            )
+    unset = properties.get("$unset")
+    if unset is not None and not isinstance(unset, Mapping):
+        where = _key_path(field, "$unset")
+        if not isinstance(unset, list | tuple | set | frozenset):
+            raise OutboxValidationError(
+                where,
+                f"must be a list of person property names, got {_type_name(unset)}"
+                + (
+                    " (PostHog would unset one property per character)"
+                    if isinstance(unset, str)
+                    else ""
+                ),
+            )
+        for index, name in enumerate(unset):
+            if not isinstance(name, str):
+                raise OutboxValidationError(
+                    f"{where}[{index}]", f"must be a str property name, got {_type_name(name)}"
+                )
+    groups = properties.get("$groups")
+    if groups is None:
+        return
+    where = _key_path(field, "$groups")
+    if not isinstance(groups, Mapping):
+        raise OutboxValidationError(
+            where, f"must be a mapping of group type to group key, got {_type_name(groups)}"
+        )
+    for group_type, group_key in groups.items():
+        if not isinstance(group_type, str) or not group_type.strip():
+            raise OutboxValidationError(
+                where, f"group type {_short_repr(group_type)} must be a non-empty str"
+            )
+        if isinstance(group_key, bool) or not isinstance(group_key, _GROUP_KEY_TYPES):
+            raise OutboxValidationError(
+                _key_path(where, group_type),
+                f"must be a str, int or uuid.UUID group key, got {_type_name(group_key)}",
+            )
+        if isinstance(group_key, str) and not group_key.strip():
+            raise OutboxValidationError(_key_path(where, group_type), "must not be empty")
 
 
 # --------------------------------------------------------------------------- jsonb order
@@ -704,10 +852,11 @@ def prepare_event(
 
     What is accepted, and how it is normalised:
 
-    * ``event``: a str, stripped, 1 to ``MAX_NAME_LENGTH`` characters.
+    * ``event``: a str, stripped, 1 to ``MAX_NAME_LENGTH`` characters, at least one
+      of them visible (not only format, control or blank characters such as U+200B).
     * ``distinct_id``: a str, an int (not bool) or a UUID, turned into a str,
-      stripped, 1 to ``MAX_NAME_LENGTH`` characters, and not one of PostHog's
-      placeholder ids (see :data:`RESERVED_DISTINCT_IDS`).
+      stripped, 1 to ``MAX_NAME_LENGTH`` characters, one of them visible, and not one
+      of PostHog's placeholder ids (see :data:`RESERVED_DISTINCT_IDS`).
     * ``properties``: ``None`` (meaning ``{}``) or a mapping with str keys. Values
       may be str, int, float, bool, None, list, tuple and mappings, nested at most
       ``MAX_NESTING_DEPTH`` levels and without cycles. Converted: datetime to ISO 8601
@@ -715,15 +864,22 @@ def prepare_event(
       to float when that float is exactly the same number and to a str otherwise
       (non-finite Decimals to null), Enum to its value, set and frozenset to a list
       (sorted when the elements can be ordered), tuple to a list. NaN and infinite
-      floats become null. Anything else (bytes, arbitrary objects...) is refused.
+      floats become null. Anything else (bytes, arbitrary objects...) is refused, and
+      so is an int beyond ±1.8e308, which PostHog's capture cannot read.
+    * ``$set`` and ``$set_once`` in properties must be mappings, ``$unset`` a list,
+      tuple or set of str (or a mapping), ``$groups`` a mapping of non-empty str
+      group types to non-empty str, int or UUID group keys; ``None`` passes.
     * Every string (event, distinct_id, dedup_key, property keys and values) has NUL
       characters and lone surrogates replaced with U+FFFD, which PostgreSQL requires;
       surrogate pairs are joined into the character they encode.
-    * The UTF-8 size of the properties JSON plus the event name and distinct_id must
-      not exceed ``MAX_EVENT_BYTES`` (error on ``properties``).
+    * The event must fit in the Kafka message PostHog's capture makes of it, at most
+      ``MAX_EVENT_BYTES`` with what the worker and capture add (error on
+      ``properties``; see :mod:`outbox._capture_size`).
     * ``timestamp``: ``None`` (the database's ``now()``), a datetime (naive means UTC;
       aware ones are converted to UTC) or an ISO 8601 str with a time of day
-      (a trailing ``Z`` is accepted). A bare date is refused as ambiguous.
+      (a trailing ``Z`` is accepted), from ``outbox.schema.TIMESTAMP_MIN`` (the Unix
+      epoch) to ``TIMESTAMP_MAX_AHEAD`` (23 hours) after now. A bare date is refused
+      as ambiguous.
     * ``uuid``: ``None`` for a fresh :func:`new_event_uuid`, a UUID, or a str UUID.
     * ``dedup_key``: ``None``, a str (stripped, 1 to ``MAX_NAME_LENGTH`` characters)
       or an int turned into a str.
@@ -745,6 +901,9 @@ def prepare_event(
     )
 
 
+# Properties JSON up to this many characters fits in PostHog's capture whatever it
+# holds (about 14,000); only a longer one is measured.
+_ALWAYS_FITS: Final = always_fits(2 * MAX_NAME_LENGTH)
 _LONGEST_RESERVED: Final = max(map(len, RESERVED_DISTINCT_IDS | _RESERVED_DISTINCT_IDS_EXACT))
 
 
@@ -767,10 +926,11 @@ def _prepare_event(
     else goes to the same checks as always, and field names are built only for them.
     """
     # Cheap checks first, so a bad scalar is reported without encoding properties.
+    # In ASCII, a name whose first character is printable has a visible one.
     if type(event) is str and event.isascii() and "\x00" not in event:
         name = event.strip()
-        if not name or len(name) > MAX_NAME_LENGTH:
-            name = _check_event(event, field_prefix + "event")  # raises
+        if not name or len(name) > MAX_NAME_LENGTH or not "!" <= name[0] <= "~":
+            name = _check_event(event, field_prefix + "event")
     else:
         name = _check_event(event, field_prefix + "event")
     if type(distinct_id) is str and distinct_id.isascii() and "\x00" not in distinct_id:
@@ -778,6 +938,7 @@ def _prepare_event(
         if (
             not person
             or len(person) > MAX_NAME_LENGTH
+            or not "!" <= person[0] <= "~"
             or (
                 len(person) <= _LONGEST_RESERVED
                 and (
@@ -786,12 +947,19 @@ def _prepare_event(
                 )
             )
         ):
-            person = _check_distinct_id(distinct_id, field_prefix + "distinct_id")  # raises
+            person = _check_distinct_id(distinct_id, field_prefix + "distinct_id")
     else:
         person = _check_distinct_id(distinct_id, field_prefix + "distinct_id")
     when = None if timestamp is None else _check_timestamp(timestamp, field_prefix + "timestamp")
     dedup = None if dedup_key is None else _check_dedup_key(dedup_key, field_prefix + "dedup_key")
     if type(properties) is dict and properties:
+        if (
+            "$set" in properties
+            or "$set_once" in properties
+            or "$unset" in properties
+            or "$groups" in properties
+        ):
+            _check_person_and_groups(properties, field_prefix + "properties")
         if jsonb_order and len(properties) >= _JSONB_ORDER_MIN_KEYS:
             ordered = _jsonb_ordered(properties)
             fast = None if ordered is None else _try_fast_encode(ordered, keys_checked=True)
@@ -802,12 +970,15 @@ def _prepare_event(
         else:
             properties_json = fast
     else:
+        if isinstance(properties, Mapping):
+            _check_person_and_groups(properties, field_prefix + "properties")
         properties_json = _encode_properties(properties, field_prefix + "properties")
-    size = _utf8_len(properties_json) + _utf8_len(name) + _utf8_len(person)
-    if size > MAX_EVENT_BYTES:
+    if len(properties_json) > _ALWAYS_FITS and (size := oversize(name, person, properties_json)):
         raise OutboxValidationError(
             field_prefix + "properties",
-            f"the serialised event is {size} bytes, over the {MAX_EVENT_BYTES} byte limit",
+            f"the event would be {size} bytes in PostHog's capture, over its "
+            f"{MAX_EVENT_BYTES} byte limit (the properties travel as JSON inside a JSON "
+            'string there, so each " and \\ counts twice)',
         )
     return PreparedEvent(
         new_event_uuid() if uuid is None else _check_uuid(uuid, field_prefix + "uuid"),

@@ -9,13 +9,14 @@ are functions of migration 0004 (``outbox_ack``, ``outbox_purge_dead``,
 
 from __future__ import annotations
 
+from outbox import schema
 from outbox.validation import MAX_NAME_LENGTH
 
-# The timestamps PostHog takes as they are: from TIMESTAMP_MIN to TIMESTAMP_AHEAD_HOURS
-# past the database's now(). TODO(outbox/schema.py): the validation helper defines
-# these bounds there; take them from there (migration 0004's CHECK holds the fixed part).
-TIMESTAMP_MIN = "1970-01-01T00:00:00Z"
-TIMESTAMP_AHEAD_HOURS = 23
+# The timestamps PostHog takes as they are, the bounds enqueue() checks (outbox/schema.py
+# says where they come from): from TIMESTAMP_MIN to TIMESTAMP_AHEAD_HOURS past the
+# database's now(). Migration 0004's CHECK holds the fixed part.
+TIMESTAMP_MIN = schema.TIMESTAMP_MIN.isoformat().replace("+00:00", "Z")
+TIMESTAMP_AHEAD_HOURS = round(schema.TIMESTAMP_MAX_AHEAD.total_seconds() / 3600)
 
 # The ASCII whitespace Python's str.strip() strips too (see migration 0004).
 _SPACE = r"E' \t\n\r\f\x0b'"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -15,8 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import outbox
+from outbox.enqueue import prepare_enqueue
+from outbox.validation import MAX_EVENT_BYTES
+from tests.capture_record import record_size
 from tests.conftest import STAMP, record_statements
 from worker.database import sqlalchemy_url
+from worker.store import ClaimedEvent, Store
 
 pytestmark = pytest.mark.usefixtures("default_config")
 
@@ -290,13 +295,71 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
         "properties.o",
     ),
     (
+        # 300,000 quotes: 600 kB stored, 1.2 MB in PostHog's capture.
         "too big",
-        {"event": "e", "distinct_id": "u", "properties": {"s": "x" * 950_000}},
+        {"event": "e", "distinct_id": "u", "properties": {"s": '"' * 300_000}},
         "properties",
     ),
     ("bad timestamp", {"event": "e", "distinct_id": "u", "timestamp": "yesterday"}, "timestamp"),
+    (
+        "timestamp before 1970",
+        {"event": "e", "distinct_id": "u", "timestamp": datetime(1, 1, 1, tzinfo=UTC)},
+        "timestamp",
+    ),
+    ("timestamp never", {"event": "e", "distinct_id": "u", "timestamp": datetime.max}, "timestamp"),
     ("bad uuid", {"event": "e", "distinct_id": "u", "uuid": "not-a-uuid"}, "uuid"),
+    ("zero-width distinct_id", {"event": "e", "distinct_id": "\u200b"}, "distinct_id"),
+    ("quoted placeholder", {"event": "e", "distinct_id": "'null'"}, "distinct_id"),
+    ("zero-width event", {"event": "\u200b\u200b", "distinct_id": "u"}, "event"),
+    (
+        "$set as a str",
+        {"event": "e", "distinct_id": "u", "properties": {"$set": "plan=pro"}},
+        "properties.$set",
+    ),
+    (
+        "$unset as a str",
+        {"event": "e", "distinct_id": "u", "properties": {"$unset": "plan"}},
+        "properties.$unset",
+    ),
+    (
+        "$groups without a key",
+        {"event": "e", "distinct_id": "u", "properties": {"$groups": {"company": None}}},
+        "properties.$groups.company",
+    ),
+    (
+        "integer past f64",
+        {"event": "e", "distinct_id": "u", "properties": {"n": [1, 2**1100]}},
+        "properties.n[1]",
+    ),
 ]
+
+
+def _refused_in_a_transaction(
+    kind: str,
+    engine: Engine,
+    database_url: str,
+    refused: Callable[[Any], object],
+    then: Callable[[Any], Any] = lambda conn: None,
+) -> tuple[outbox.OutboxValidationError, Any]:
+    """Between two writes of the caller's own in one transaction, run ``refused(conn)``
+    (it must raise) and then ``then(conn)``, and commit; returns the error and what
+    ``then`` returned."""
+    with contextlib.ExitStack() as stack:
+        if kind == "sqlalchemy":
+            conn: Any = stack.enter_context(Session(engine))
+            conn.execute(text("INSERT INTO domain VALUES (1, 'before')"))
+        else:
+            conn = stack.enter_context(psycopg.connect(database_url))
+            conn.execute("INSERT INTO domain VALUES (1, 'before')")
+        with pytest.raises(outbox.OutboxValidationError) as info:
+            refused(conn)
+        result = then(conn)
+        if kind == "sqlalchemy":
+            conn.execute(text("INSERT INTO domain VALUES (2, 'after')"))
+        else:
+            conn.execute("INSERT INTO domain VALUES (2, 'after')")
+        conn.commit()
+    return info.value, result
 
 
 @pytest.mark.parametrize(("case", "kwargs", "field"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
@@ -313,22 +376,14 @@ def test_bad_input_names_the_field_and_the_transaction_still_commits(
     kwargs = dict(kwargs)
     event_name = kwargs.pop("event")
     distinct_id = kwargs.pop("distinct_id")
-    if kind == "sqlalchemy":
-        with Session(engine) as session:
-            session.execute(text("INSERT INTO domain VALUES (1, 'before')"))
-            with pytest.raises(outbox.OutboxValidationError) as info:
-                outbox.enqueue(session, event_name, distinct_id, **kwargs)
-            session.execute(text("INSERT INTO domain VALUES (2, 'after')"))
-            session.commit()
-    else:
-        with psycopg.connect(database_url) as conn:
-            conn.execute("INSERT INTO domain VALUES (1, 'before')")
-            with pytest.raises(outbox.OutboxValidationError) as info:
-                outbox.enqueue(conn, event_name, distinct_id, **kwargs)
-            conn.execute("INSERT INTO domain VALUES (2, 'after')")
-            conn.commit()
-    assert info.value.field == field
-    assert isinstance(info.value, outbox.OutboxError)
+    error, _ = _refused_in_a_transaction(
+        kind,
+        engine,
+        database_url,
+        lambda conn: outbox.enqueue(conn, event_name, distinct_id, **kwargs),
+    )
+    assert error.field == field
+    assert isinstance(error, outbox.OutboxError)
     assert db.execute("SELECT count(*) FROM domain").fetchone() == (2,)
     assert rows(db) == []
 
@@ -353,3 +408,85 @@ def test_missing_table_is_a_clear_error(empty_database: str) -> None:
     ):
         outbox.enqueue(conn, "e", "u")
     assert "outbox-worker migrate" in str(info.value)
+
+
+# -- enqueue_many: a uuid given twice ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlalchemy", "psycopg"])
+def test_a_repeated_uuid_is_refused_and_the_transaction_still_commits(
+    kind: str, engine: Engine, database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    given = uuid.uuid4()
+    items: list[dict[str, Any]] = [
+        {"event": "a", "distinct_id": "u", "uuid": given},
+        {"event": "b", "distinct_id": "u"},
+        {"event": "c", "distinct_id": "u", "uuid": given},
+    ]
+    error, written = _refused_in_a_transaction(
+        kind,
+        engine,
+        database_url,
+        lambda conn: outbox.enqueue_many(conn, items),
+        lambda conn: outbox.enqueue_many(conn, items[:2]),  # the transaction is still usable
+    )
+    assert error.field == "events[2].uuid"
+    assert "events[0]" in error.problem
+    assert db.execute("SELECT count(*) FROM domain").fetchone() == (2,)
+    assert [r[0] for r in rows(db)] == written
+    assert written[0] == given
+
+
+# -- the size bound, through PostgreSQL and the worker's own outbound ----------------------
+
+
+def _claimed(db: psycopg.Connection[Any]) -> ClaimedEvent:
+    """The one row, read back by the worker's own claim."""
+    store = Store(db.info.dsn)
+    try:
+        batch = store.claim(10, 10**9, 30.0)
+        assert batch is not None and len(batch.events) == 1
+        store.release(batch)
+        return batch.events[0]
+    finally:
+        store.close()
+
+
+def _heavy(count: int) -> dict[str, Any]:
+    """Properties heavy in quotes, backslashes, non-ASCII and growing numbers."""
+    return {
+        "text": 'a "quoted" \\path\\ é 🚀 \x01 ' * count,
+        "numbers": [1e-300, 1e300, 1.5] * (count // 40),
+        "$set": {"note": '"' * (count // 4)},
+    }
+
+
+def test_an_event_at_the_limit_fits_capture_as_the_worker_ships_it(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    event, person = 'checkout "done"', "usér\\42"
+
+    def accepted(count: int) -> bool:
+        try:
+            prepare_enqueue(event, person, _heavy(count))
+        except outbox.OutboxValidationError:
+            return False
+        return True
+
+    low, high = 1, 100_000
+    while low < high:  # the largest accepted count
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if accepted(mid) else (low, mid - 1)
+    assert 10_000 < low < 20_000
+    with pytest.raises(outbox.OutboxValidationError) as info:
+        prepare_enqueue(event, person, _heavy(low + 1))
+    assert info.value.field == "properties"
+
+    with psycopg.connect(database_url) as conn:
+        outbox.enqueue(conn, event, person, _heavy(low))
+        conn.commit()
+    outbound = _claimed(db).outbound().json
+    size = record_size(outbound)
+    assert size <= MAX_EVENT_BYTES
+    # Close, not just safe: one more count adds about 70 bytes, one more 40th 600.
+    assert size > MAX_EVENT_BYTES - 1_000

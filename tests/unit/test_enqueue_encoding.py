@@ -21,7 +21,14 @@ import pytest
 
 from outbox import AnalyticsConfig, OutboxValidationError
 from outbox import validation as v
-from outbox.enqueue import _Call, _one_params, _rows_param, prepare_enqueue
+from outbox.enqueue import (
+    _Call,
+    _one_params,
+    _prepare_all,
+    _rows_param,
+    enqueue_many,
+    prepare_enqueue,
+)
 from outbox.validation import PreparedEvent, prepare_event
 
 CONFIG = AnalyticsConfig(environment="test")
@@ -48,6 +55,8 @@ ENCODABLE: list[Any] = [
     {"day": date(2026, 1, 2), "id": uuid.UUID(int=42), "dec": Decimal("1.10")},
     {"colour": Colour.RED, "set": {3, 1, 2}, "fs": frozenset({"b", "a"})},
     {"ключ": "значение", "键": "值", "😀": ["😀"]},
+    {"digits": "7" * 1000, "n": 10**308, "m": -(10**200)},  # long digit runs: the walk checks
+    {"$set": {"plan": "pro"}, "$unset": ["seats"], "$groups": {"company": "acme", "n": 7}},
 ]
 
 
@@ -183,6 +192,17 @@ NAMES = [
     "not_authenticated",
     "NOT_AUTHENTICATED",
     "distinct_id",
+    "'null'",
+    '"Anonymous"',
+    "\x01",
+    "\x01visible",
+    "\x7f",
+    " \x08 ",
+    "~",
+    "!",
+    "\u200b",
+    "\u200bx",
+    "\ufeff",
 ]
 
 
@@ -293,3 +313,33 @@ def test_new_uuids_are_ordinary_uuid_objects() -> None:
     assert pickle.loads(pickle.dumps(made)) == made == copy.deepcopy(made)
     with pytest.raises(TypeError):
         made.int = 1  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- enqueue_many
+
+
+class _Unused:
+    """A connection enqueue_many must not reach: the check is in Python."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the connection was used ({name})")
+
+
+def test_a_uuid_repeated_in_enqueue_many_is_refused_before_the_database() -> None:
+    given = uuid.uuid4()
+    items: list[dict[str, Any]] = [
+        {"event": "a", "distinct_id": "u", "uuid": given},
+        {"event": "b", "distinct_id": "u"},
+        {"event": "c", "distinct_id": "u", "uuid": str(given).upper()},  # the same uuid
+    ]
+    with pytest.raises(OutboxValidationError) as info:
+        enqueue_many(_Unused(), items, config=CONFIG)
+    assert info.value.field == "events[2].uuid"
+    assert "events[0]" in info.value.problem
+    assert str(given) in info.value.problem
+
+
+def test_distinct_given_uuids_pass_the_check() -> None:
+    items = [{"event": "e", "distinct_id": "u", "uuid": uuid.uuid4()} for _ in range(3)]
+    prepared = _prepare_all(CONFIG, items)
+    assert [p.uuid for p in prepared] == [i["uuid"] for i in items]

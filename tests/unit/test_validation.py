@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import itertools
 import json
+import math
 import threading
 import time
 import types
@@ -19,8 +20,11 @@ from typing import Any
 
 import pytest
 
-from outbox import validation
+from outbox import AnalyticsConfig, validation
+from outbox import _capture_size as capture_size
+from outbox.enqueue import prepare_enqueue
 from outbox.exceptions import OutboxError, OutboxValidationError
+from outbox.schema import TIMESTAMP_MAX_AHEAD, TIMESTAMP_MIN
 from outbox.validation import (
     MAX_EVENT_BYTES,
     MAX_NAME_LENGTH,
@@ -29,6 +33,7 @@ from outbox.validation import (
     new_event_uuid,
     prepare_event,
 )
+from tests.capture_record import outbound_for, record_size
 
 NAN = float("nan")
 INF = float("inf")
@@ -211,6 +216,9 @@ def test_distinct_id_length_limit() -> None:
         "true",
         "True",
         "FALSE",
+        "'anonymous'",  # PostHog's list has each id bare and in single and double quotes
+        '"Anonymous"',
+        ' "guest" ',
     ],
 )
 def test_reserved_distinct_ids_case_insensitive(distinct_id: str) -> None:
@@ -221,7 +229,22 @@ def test_reserved_distinct_ids_case_insensitive(distinct_id: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "distinct_id", ["[object Object]", "NaN", "None", "none", "null", "0", 0, " null ", "undefined"]
+    "distinct_id",
+    [
+        "[object Object]",
+        "NaN",
+        "None",
+        "none",
+        "null",
+        "0",
+        0,
+        " null ",
+        "undefined",
+        "'null'",
+        '"null"',
+        "'NaN'",
+        "'0'",
+    ],
 )
 def test_reserved_distinct_ids_case_sensitive(distinct_id: object) -> None:
     exc = _error(distinct_id=distinct_id)
@@ -229,7 +252,48 @@ def test_reserved_distinct_ids_case_sensitive(distinct_id: object) -> None:
     assert "reserved" in exc.problem
 
 
-@pytest.mark.parametrize("distinct_id", ["nan", "NULL", "NONE", "[OBJECT OBJECT]", "00", "id-1"])
+@pytest.mark.parametrize(
+    "distinct_id",
+    [
+        "\u200b",  # zero width space: not whitespace to Python, PostHog or JavaScript
+        "\u200b\u200c\u200d",
+        " \u200b ",
+        "\ufeff",  # byte order mark
+        "\u2060",  # word joiner
+        "\u00ad",  # soft hyphen
+        "\u200e\u200f",  # bidi marks
+        "\u3164",  # Hangul filler
+        "\u2800",  # Braille blank
+        "\ufe0f",  # a variation selector alone
+        "\x01",
+        "\x7f",
+        "\x00",
+        "\x00\u200b",
+    ],
+)
+def test_invisible_distinct_ids_are_refused(distinct_id: str) -> None:
+    exc = _error(distinct_id=distinct_id)
+    assert exc.field == "distinct_id"
+    assert "no visible character" in exc.problem
+    assert "U+" in exc.problem
+
+
+@pytest.mark.parametrize("name", ["\u200b", "\ufeff\u200b", "\x01\x02"])
+def test_invisible_event_names_and_dedup_keys_are_refused(name: str) -> None:
+    assert "no visible character" in _error(event=name).problem
+    assert _error(dedup_key=name).field == "dedup_key"
+
+
+@pytest.mark.parametrize(
+    "distinct_id", ["user\u200b", "\u200bx", "é", "🚀", "\x01a", "ユーザー", "0x0", "nul\x00l"]
+)
+def test_ids_with_a_visible_character_are_kept_as_they_are(distinct_id: str) -> None:
+    assert prepare_event("e", distinct_id).distinct_id == distinct_id.replace("\x00", "\ufffd")
+
+
+@pytest.mark.parametrize(
+    "distinct_id", ["nan", "NULL", "NONE", "[OBJECT OBJECT]", "00", "id-1", "'NULL'", '"nan"']
+)
 def test_case_sensitive_reserved_ids_only_match_exactly(distinct_id: str) -> None:
     assert prepare_event("e", distinct_id).distinct_id == distinct_id
 
@@ -496,35 +560,330 @@ def test_shared_reference_is_not_a_cycle() -> None:
     assert _props({"a": shared, "b": shared, "bad": NAN})["b"] == {"x": 1}
 
 
+# --------------------------------------------------------------------------- $set, $groups
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {"$set": {"plan": "pro"}, "$set_once": {"first_seen": "2024-01-01"}},
+        {"$set": None, "$set_once": {}},  # None reads as absent in PostHog
+        {"$unset": ["plan", "seats"]},
+        {"$unset": ("plan",)},
+        {"$unset": frozenset({"plan"})},
+        {"$unset": {"plan": True}},  # PostHog takes the keys of an object
+        {"$unset": []},
+        {"$groups": {"company": "acme", "team": 42, "project": uuid.UUID(int=1)}},
+        {"$groups": {}},
+        {"$groups": None},
+        {"set": "not the person", "groups": "plain properties"},
+    ],
+)
+def test_person_and_group_properties_accepted(properties: dict[str, Any]) -> None:
+    prepare_event("e", "u", properties)
+    prepare_event("e", "u", types.MappingProxyType(properties))  # the general path
+
+
+@pytest.mark.parametrize(
+    ("properties", "field", "says"),
+    [
+        ({"$set": "pro"}, "properties.$set", "mapping of person property names"),
+        ({"$set": ["plan", "pro"]}, "properties.$set", "got list"),
+        ({"$set_once": 1}, "properties.$set_once", "got int"),
+        ({"$unset": "plan"}, "properties.$unset", "one property per character"),
+        ({"$unset": 5}, "properties.$unset", "list of person property names"),
+        ({"$unset": ["plan", 3]}, "properties.$unset[1]", "str property name"),
+        ({"$groups": "acme"}, "properties.$groups", "mapping of group type to group key"),
+        ({"$groups": {"company": None}}, "properties.$groups.company", "got NoneType"),
+        ({"$groups": {"company": True}}, "properties.$groups.company", "got bool"),
+        ({"$groups": {"company": 1.5}}, "properties.$groups.company", "got float"),
+        ({"$groups": {"company": {"id": 1}}}, "properties.$groups.company", "got dict"),
+        ({"$groups": {"company": "  "}}, "properties.$groups.company", "must not be empty"),
+        ({"$groups": {"": "acme"}}, "properties.$groups", "non-empty str"),
+        ({"$groups": {1: "acme"}}, "properties.$groups", "non-empty str"),
+    ],
+)
+def test_person_and_group_properties_of_the_wrong_shape_are_refused(
+    properties: dict[str, Any], field: str, says: str
+) -> None:
+    for given in (properties, types.MappingProxyType(properties)):
+        exc = _error(properties=given)
+        assert exc.field == field
+        assert says in exc.problem
+    assert _error(properties=properties, field_prefix="events[4].").field == "events[4]." + field
+
+
 # --------------------------------------------------------------------------- size
+#
+# An event is measured as PostHog's capture builds its Kafka record (see
+# outbox._capture_size); tests.capture_record builds that record's text independently.
 
 
-def _sized_event(total: int, event: str = "e", distinct_id: str = "u") -> dict[str, str]:
-    """Properties making (properties JSON bytes + event + distinct_id) exactly ``total``."""
-    overhead = len('{"p":""}') + len(event.encode()) + len(distinct_id.encode())
-    return {"p": "x" * (total - overhead)}
+def _record(prepared: PreparedEvent) -> int:
+    return record_size(outbound_for(prepared.event, prepared.distinct_id, prepared.properties_json))
 
 
-def test_size_limit_boundary() -> None:
-    at_limit = prepare_event("e", "u", _sized_event(MAX_EVENT_BYTES))
-    assert len(at_limit.properties_json.encode()) + 2 == MAX_EVENT_BYTES
-    exc = _error(event="e", distinct_id="u", properties=_sized_event(MAX_EVENT_BYTES + 1))
+def _filler(unit: str, count: int) -> dict[str, Any]:
+    return {"p": unit * count}
+
+
+def _largest_accepted(unit: str, event: str = "e", distinct_id: str = "u") -> int:
+    """The largest ``count`` for which ``{"p": unit * count}`` is accepted."""
+    low, high = 0, MAX_EVENT_BYTES
+    while low < high:
+        mid = (low + high + 1) // 2
+        try:
+            prepare_event(event, distinct_id, _filler(unit, mid))
+        except OutboxValidationError:
+            high = mid - 1
+        else:
+            low = mid
+    return low
+
+
+@pytest.mark.parametrize(
+    ("unit", "cost"),
+    [
+        ("x", 1),  # one byte
+        ('"', 4),  # \" in the stored JSON, each of the two escaped again inside data
+        ("\\", 4),
+        ("\n", 3),  # \n, then its backslash escaped again
+        ("\x01", 7),  # \u0001, then its backslash escaped again
+        ("é", 2),  # UTF-8 bytes, never escaped
+        ("€", 3),
+        ("🚀", 4),
+    ],
+    ids=["ascii", "quote", "backslash", "newline", "control", "2-byte", "3-byte", "4-byte"],
+)
+def test_size_limit_edge_is_capture_record_size(unit: str, cost: int) -> None:
+    count = _largest_accepted(unit)
+    under = prepare_event("e", "u", _filler(unit, count))
+    measured = capture_size.message_size("e", "u", under.properties_json)
+    assert MAX_EVENT_BYTES - cost < measured <= MAX_EVENT_BYTES  # one more would not fit
+    assert _record(under) == measured
+    exc = _error(event="e", distinct_id="u", properties=_filler(unit, count + 1))
     assert exc.field == "properties"
-    assert str(MAX_EVENT_BYTES + 1) in exc.problem
-    assert str(MAX_EVENT_BYTES) in exc.problem
+    over = capture_size.message_size("e", "u", v_json(_filler(unit, count + 1)))
+    assert f"would be {over} bytes" in exc.problem
+    assert f"{MAX_EVENT_BYTES} byte limit" in exc.problem
+    assert over > MAX_EVENT_BYTES
 
 
-def test_size_counts_event_and_distinct_id() -> None:
-    event, person = "e" * 150, "u" * 150
-    prepare_event(event, person, _sized_event(MAX_EVENT_BYTES, event, person))
-    over = _sized_event(MAX_EVENT_BYTES, event, person)
-    assert _error(event=event + "e", distinct_id=person, properties=over).field == "properties"
+def v_json(properties: dict[str, Any]) -> str:
+    return json.dumps(properties, separators=(",", ":"), ensure_ascii=False)
 
 
-def test_size_counts_utf8_bytes() -> None:
-    half = (MAX_EVENT_BYTES - 20) // 2  # each "é" is two bytes
-    prepare_event("e", "u", {"p": "é" * half})
-    assert _error(properties={"p": "é" * (half + 20)}).field == "properties"
+def test_plain_text_gets_almost_the_whole_megabyte() -> None:
+    # Capture's envelope, key and headers, and the worker's two properties, cost
+    # about 1.3 kB; the rest is the event's.
+    assert 998_650 < _largest_accepted("x") < 998_750
+    assert 249_600 < _largest_accepted('"') < 249_700
+
+
+def test_what_the_readme_says_fits() -> None:
+    # "About 998,600 bytes of plain text fit, or about 249,600 double quotes."
+    config = AnalyticsConfig()
+
+    def largest(unit: str) -> int:
+        low, high = 0, MAX_EVENT_BYTES
+        while low < high:
+            mid = (low + high + 1) // 2
+            try:
+                prepare_enqueue("signup", "user-42", {"p": unit * mid}, config=config)
+            except OutboxValidationError:
+                high = mid - 1
+            else:
+                low = mid
+        return low
+
+    assert 998_550 <= largest("x") <= 998_650
+    assert 249_550 <= largest('"') <= 249_650
+
+
+def test_names_take_their_share_of_the_limit() -> None:
+    plain = _largest_accepted("x")
+    event, person = 'e"' * 100, "é\\" * 100
+    with_names = _largest_accepted("x", event, person)
+    prepared = prepare_event(event, person, _filler("x", with_names))
+    assert MAX_EVENT_BYTES - 1 <= _record(prepared) <= MAX_EVENT_BYTES
+    # Each name is in a header and twice in the record's value (once escaped again);
+    # the distinct_id is in the key too.
+    assert plain - with_names > 1500
+
+
+@pytest.mark.parametrize(
+    ("properties", "slack"),
+    [
+        ({"s": 'quote " backslash \\ newline \n tab \t \x01 \u2028 é 🚀 ' * 20}, 0),
+        ({"nested": {"deeper": [{"k": 'v"\\'}, ["1e-300"]]}, "é": {"😀": ["😀"]}}, 0),
+        ({}, 1),  # "{}" gains one comma less than counted
+        # Each number is counted at the longer of PostgreSQL's text and serde_json's,
+        # while capture writes all of them one way: 2**64 and -(2**63) - 1 are 2 bytes
+        # longer as serde_json floats, the others longer as PostgreSQL wrote them; and
+        # -0.0 comes back a byte shorter (0.0), which is not looked for.
+        ({"n": [0, -1, 2**63, 2**64, -(2**63) - 1, 10**25, 1.5, -0.0, 1e-5, 1e-7, 1e300]}, 5),
+        ({"n": [5e-324, 1.7976931348623157e308, 2.2250738585072014e-308, 1.5e-10]}, 0),
+    ],
+    ids=["escapes", "nested", "empty", "numbers", "extreme-floats"],
+)
+def test_measure_matches_the_record(properties: dict[str, Any], slack: int) -> None:
+    prepared = prepare_event('ev"ent\\', "pérson\x01", properties)
+    measured = capture_size.message_size(
+        prepared.event, prepared.distinct_id, prepared.properties_json
+    )
+    assert measured == _record(prepared) + slack
+
+
+def _numbers(token: str, count: int) -> str:
+    return '{"p":[' + ",".join([token] * count) + "]}"
+
+
+def test_numbers_are_counted_as_they_come_back_from_postgresql() -> None:
+    # 5e-324 takes 6 characters in the stored JSON, but PostgreSQL writes it back as
+    # 0.000...005 (326 characters) and capture may keep that text: 3,100 of them are
+    # about 22 kB stored and over 1 MB in capture.
+    properties = {"p": [5e-324] * 3100}
+    text = v_json(properties)
+    assert len(text) < 22_000
+    assert record_size(outbound_for("e", "u", text)) > 3100 * 326 > MAX_EVENT_BYTES
+    exc = _error(properties=properties)
+    assert exc.field == "properties"
+    assert _record(prepare_event("e", "u", {"p": [5e-324] * 3000})) <= MAX_EVENT_BYTES
+
+
+def _boundary(make: Any) -> int:
+    """The largest ``count`` whose ``make(count)`` measures at most the limit (the
+    measure grows linearly with ``count``)."""
+    one = capture_size.message_size("e", "u", make(1))
+    step = capture_size.message_size("e", "u", make(2)) - one
+    return 1 + (MAX_EVENT_BYTES - one) // step
+
+
+def test_the_cheap_tiers_never_accept_what_the_exact_measure_refuses() -> None:
+    # Up to always_fits() characters nothing is measured: the worst content there is
+    # (the most growing number, 4-byte characters, 200 control characters as names).
+    worst_name = "\x01" * MAX_NAME_LENGTH
+    chars = validation._ALWAYS_FITS
+    numbers = _numbers("5e-324", (chars - 8) // 7)
+    assert len(numbers) <= chars
+    assert capture_size.message_size(worst_name, worst_name, numbers) <= MAX_EVENT_BYTES
+    emoji = '{"p":"' + "🚀" * (chars - 8) + '"}'
+    assert capture_size.message_size(worst_name, worst_name, emoji) <= MAX_EVENT_BYTES
+    # Past it, the counting tier and the exact one agree on either side of the limit.
+    makers = [
+        lambda n: '{"p":"' + "x" * n + '"}',
+        lambda n: '{"p":"' + '\\"' * n + '"}',
+        lambda n: '{"p":"' + "é" * n + '"}',
+        lambda n: '{"p":"' + "1e+16 " * n + '"}',  # looks like numbers, in a string
+        lambda n: _numbers("1e+16", n),
+        lambda n: _numbers("5e-324", n),
+        lambda n: _numbers("18446744073709551616", n),
+        lambda n: _numbers("1.5", n),
+    ]
+    for make in makers:
+        edge = _boundary(make)
+        for count, fits in ((edge, True), (edge + 1, False)):
+            text = make(count)
+            assert (capture_size.message_size("e", "u", text) <= MAX_EVENT_BYTES) is fits
+            assert (capture_size.oversize("e", "u", text) is None) is fits
+
+
+@pytest.mark.parametrize(
+    ("token", "growth"),
+    [
+        ("123", 0),
+        ("-9223372036854775808", 0),  # i64::MIN stays an integer
+        ("18446744073709551615", 0),  # u64::MAX too
+        ("18446744073709551616", 2),  # past u64: 1.8446744073709552e+19
+        ("1.5", 0),
+        ("1000000000000000.0", 0),
+        ("-0.0", -1),  # PostgreSQL writes 0.0
+        ("1e-05", 2),  # 0.00001 from PostgreSQL and from serde_json
+        ("1.5e-07", 3),  # 0.00000015
+        ("1e+16", 12),  # 10000000000000000
+        ("1e+308", 303),
+        ("5e-324", 320),
+    ],
+)
+def test_number_growth(token: str, growth: int) -> None:
+    assert capture_size.number_growth(token) == growth
+
+
+def test_no_number_grows_more_than_the_bound() -> None:
+    worst = 0
+    for exponent in range(-324, 309):
+        for mantissa in ("1", "5", "9.999999999999999", "1.2345678901234567"):
+            try:
+                value = float(f"{mantissa}e{exponent}")
+            except OverflowError:
+                continue
+            if value in (0.0, math.inf):
+                continue
+            for number in (value, -value):
+                worst = max(worst, capture_size.number_growth(json.dumps(number)))
+    assert worst == capture_size._MAX_NUMBER_GROWTH
+    # The per-character bound of the cheapest tier covers it.
+    assert capture_size._CHAR_MAX * 5 >= 4 * 5 + capture_size._MAX_NUMBER_GROWTH + 2
+
+
+def test_the_counting_float_growth_agrees_with_the_decimal_one() -> None:
+    values = [10.0**e for e in range(-323, 309)] + [
+        1.2345678901234567 * 10.0**e for e in range(-300, 300)
+    ]
+    values += [9.223372036854776e18, 1.8446744073709552e19, 9.999999999999999e19, 5e-324]
+    for value in values:
+        for number in (value, -value):
+            token = json.dumps(number)
+            if "e" in token:
+                assert capture_size._float_growth(token) == capture_size.number_growth(token), token
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1e15, "1000000000000000.0"),
+        (1e16, "1e+16"),
+        (1e-5, "0.00001"),
+        (1e-6, "1e-6"),
+        (0.1, "0.1"),
+        (0.3, "0.3"),
+        (1.234e33, "1.234e+33"),
+        (12.34, "12.34"),
+        (-0.001234, "-0.001234"),
+        (5e-324, "5e-324"),
+    ],
+)
+def test_serde_float_length_follows_its_formatter(value: float, text: str) -> None:
+    # serde_json's formatter (zmij; ryu before it, without the "+"), as its tests spell it.
+    assert capture_size._serde_float_len(value) == len(text)
+
+
+def test_integers_past_f64_are_refused_naming_the_field() -> None:
+    assert _props({"n": 10**308}) == {"n": 10**308}  # still an f64 to PostHog
+    for properties, field in [
+        ({"n": 2**1024}, "properties.n"),
+        ({"a": [1, -(10**400)]}, "properties.a[1]"),
+        ({"deep": {"x": 10**5000}}, "properties.deep.x"),  # too long to print at all
+    ]:
+        exc = _error(properties=properties)
+        assert exc.field == field
+        assert "1.8e308" in exc.problem
+
+
+def test_long_digit_strings_are_not_integers() -> None:
+    digits = "7" * 1000
+    assert _props({"s": digits, "n": 5}) == {"s": digits, "n": 5}
+
+
+@pytest.mark.parametrize("offset", range(0, 700, 13))
+def test_the_long_digit_run_sample_never_misses(offset: int) -> None:
+    text = "x" * offset + "1" * validation._F64_OVERFLOW_DIGITS + "]"
+    sample = text[153::154]
+    assert validation._has_long_digit_run(text, sample, validation._two_digits(sample))
+    # A run must span step + 1 = 155 digits to be looked at more closely.
+    short = "x" * offset + ("1" * 150 + ",") * 6
+    sample = short[153::154]
+    assert not validation._has_long_digit_run(short, sample, validation._two_digits(sample))
 
 
 # --------------------------------------------------------------------------- timestamp
@@ -569,6 +928,51 @@ def test_timestamp_accepted(timestamp: Any, expected: datetime | None) -> None:
 )
 def test_timestamp_refused(timestamp: Any) -> None:
     assert _error(timestamp=timestamp).field == "timestamp"
+
+
+def test_timestamp_range_is_epoch_to_23_hours_ahead() -> None:
+    now = datetime.now(UTC)
+    accepted = [
+        TIMESTAMP_MIN,
+        "1970-01-01T00:00:00Z",
+        datetime(1970, 1, 1),  # naive: UTC
+        datetime(1970, 1, 1, 1, 0, tzinfo=timezone(timedelta(hours=1))),  # the epoch, in +01:00
+        now - timedelta(days=3650),
+        now + TIMESTAMP_MAX_AHEAD - timedelta(minutes=1),
+    ]
+    for timestamp in accepted:
+        assert prepare_event("e", "u", timestamp=timestamp).timestamp is not None
+    assert datetime(1970, 1, 1, tzinfo=UTC) == TIMESTAMP_MIN
+    assert timedelta(hours=23) == TIMESTAMP_MAX_AHEAD
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "says"),
+    [
+        (datetime.min, "before 1970-01-01"),
+        (datetime(1, 1, 1, tzinfo=UTC), "before 1970-01-01"),
+        ("0001-01-01T00:00:00Z", "before 1970-01-01"),
+        (datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC), "before 1970-01-01"),
+        (datetime(1970, 1, 1, 0, 59, tzinfo=timezone(timedelta(hours=1))), "before 1970-01-01"),
+        (datetime.max, "more than 23 hours ahead"),  # the usual "never"
+        ("9999-12-31T23:59:59Z", "more than 23 hours ahead"),
+        (datetime.max.replace(tzinfo=UTC), "more than 23 hours ahead"),
+        (datetime(2200, 1, 1, tzinfo=UTC), "more than 23 hours ahead"),
+    ],
+)
+def test_timestamp_outside_what_posthog_keeps_is_refused(timestamp: Any, says: str) -> None:
+    exc = _error(timestamp=timestamp)
+    assert exc.field == "timestamp"
+    assert says in exc.problem
+    assert "PostHog" in exc.problem
+
+
+def test_timestamp_just_past_23_hours_ahead_is_refused() -> None:
+    soon = datetime.now(UTC) + TIMESTAMP_MAX_AHEAD + timedelta(minutes=1)
+    assert "more than 23 hours ahead" in _error(timestamp=soon).problem
+    assert _error(timestamp=soon.isoformat(), field_prefix="events[2].").field == (
+        "events[2].timestamp"
+    )
 
 
 # --------------------------------------------------------------------------- uuid
@@ -748,6 +1152,7 @@ def test_plain_properties_take_the_fast_path(
         {"nested": {1: "int key"}},
         {"raw": b"x"},
         _nested(validation.MAX_NESTING_DEPTH + 1),
+        {"huge": [1, 2**1100]},
     ],
 )
 def test_properties_needing_work_take_the_walk(

@@ -19,9 +19,12 @@ import outbox
 from tests.conftest import wait_for
 from tests.integration.test_drain import enqueue_n, make_drainer, remaining
 from worker import commands
+from worker.app import Worker
+from worker.commands import status_report
 from worker.settings import Settings
 from worker.sinks import PostHogSink
-from worker.testing import CaptureServer
+from worker.store import Store
+from worker.testing import CaptureServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,3 +165,46 @@ async def test_the_identity_calls_refuse_an_async_connection(database_url: str) 
         for call in calls:
             with pytest.raises(outbox.UnsupportedConnectionError, match="aenqueue"):
                 call()
+
+
+# -- README and docs/design.md: the states `outbox-worker status` shows ------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "state"),
+    [
+        (Reply(status=301, location="https://elsewhere.example/batch/"), "redirected"),
+        (Reply(status=400, body="request holds no event"), "request_rejected"),
+        (Reply(status=429, retry_after=30), "rate_limited"),
+        (Reply(status=401), "unauthorized"),
+        (Reply(status=503), "backing_off"),
+    ],
+)
+def test_status_shows_each_sink_state_a_worker_reports(
+    database_url: str,
+    capture: CaptureServer,
+    settings_for: Callable[..., Settings],
+    answer: Reply,
+    state: str,
+) -> None:
+    enqueue_n(database_url, 3)
+    capture.enqueue_reply(answer)
+    settings = settings_for(
+        posthog_api_key="phc_test",
+        posthog_host=capture.url,
+        verify_api_key=False,  # the answer comes from capture, not from the key check
+        worker_id="w-states",
+    )
+    worker = Worker(settings)
+    try:
+        worker.drainer.drain()
+        worker.report_state()
+        store = Store(database_url, log_outages=False)
+        try:
+            (entry,) = status_report(store)["workers"]
+        finally:
+            store.close()
+    finally:
+        worker.close()
+    assert (entry["worker"], entry["state"]) == ("w-states", state)
+    assert entry["reason"].startswith("HTTP ")

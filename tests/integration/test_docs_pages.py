@@ -35,9 +35,7 @@ def python_of(page: str) -> str:
     return "\n\n".join(blocks)
 
 
-def run_script(
-    script: Path, database_url: str, *args: str
-) -> subprocess.CompletedProcess[str]:
+def run_script(script: Path, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANALYTICS_", "APP_ENV"))}
     env["DATABASE_URL"] = database_url
     # The testing guide starts `outbox-worker` by name: the one of this environment.

@@ -39,4 +39,10 @@ class OutboxNotInstalledError(OutboxDatabaseError):
 
 
 class UnsupportedConnectionError(OutboxError, TypeError):
-    """enqueue() needs a SQLAlchemy Session or Connection, or a psycopg Connection."""
+    """The call cannot write on this connection.
+
+    The sync calls (``enqueue()``, the guards, ``identify()``...) take a SQLAlchemy
+    ``Session`` or ``Connection``, or a psycopg ``Connection``; the async ones
+    (``aenqueue()``, ``aupsert_first()``...) their async forms. The message names
+    the object that was passed and what the call needs.
+    """

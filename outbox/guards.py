@@ -475,7 +475,8 @@ def upsert_first(
     quoted, so write it as stored), a SQLAlchemy ``Table`` or a mapped class.
     ``distinct_id`` and ``properties`` may be functions of the returned row (a
     mapping of column name to value), e.g. ``lambda row: {"runtime_id":
-    row["id"]}``. The other event arguments are those of :func:`outbox.enqueue`.
+    row["id"]}``. The other event arguments (``set``, ``set_once``, ``groups``,
+    ``timestamp``, ``config``) are those of :func:`outbox.enqueue`.
 
     The statement runs even when analytics is disabled (it is your data); only the
     event is skipped. Returns a :class:`FirstTime`.

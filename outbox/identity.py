@@ -1,8 +1,10 @@
 """Person and group calls: identify, person properties, groups, aliases.
 
 Each call enqueues one PostHog event in the caller's transaction, exactly like
-:func:`outbox.enqueue` (same connection kinds, same validation, same stamping, same
-off switch), so a person is only identified if the signup that created them commits.
+:func:`outbox.enqueue` (the same synchronous connections, validation, stamping and off
+switch), so a person is only identified if the signup that created them commits.
+There are no async forms: an async connection raises
+:class:`~outbox.exceptions.UnsupportedConnectionError`.
 
 * :func:`identify` names a user's person, within the configured privacy mode.
 * :func:`identify_actor` names the person of an automation, agent or workspace.

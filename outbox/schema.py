@@ -1,9 +1,11 @@
 """The outbox tables, as SQLAlchemy Core metadata.
 
-The Alembic migrations under ``migrations/`` create exactly these objects (a test
-runs ``alembic check`` against this metadata). An application that manages its own
-schema with Alembic can pass :data:`metadata` to its ``include_object`` hook so that
-autogenerate neither drops nor duplicates the outbox tables.
+The Alembic migrations under ``migrations/`` create these tables (a test runs
+``alembic check`` against this metadata), and also what it leaves out: the
+``outbox_stuck`` view, migration 0004's functions and its constraints on pending rows.
+An application that manages its own schema with Alembic can skip the tables named
+here in its ``include_object`` hook (and :data:`VERSION_TABLE`), so that autogenerate
+neither drops nor duplicates them; the README shows such a hook.
 
 Operators query these tables by hand, so the column names are part of the interface:
 

@@ -64,9 +64,9 @@ USER_AGENT = f"posthog-outbox/{__version__} (posthog-python/{POSTHOG_VERSION})"
 GZIP_LEVEL = 5
 #: How PostHog's capture words the 400s that describe the request rather than an
 #: event (``CaptureError`` in ``rust/capture/src/api.rs``): ``EmptyPayload``,
-#: ``EmptyBatch``, ``RequestDecodingError`` (undecodable body), ``RequestParsingError``
-#: (broken envelope), and ``MultipleTokensError`` (400 in some capture versions). Matched
-#: at the start of the answer's text, case-insensitively.
+#: ``EmptyBatch``, ``RequestDecodingError`` (undecodable body) and
+#: ``MultipleTokensError`` (400 in some capture versions). Matched at the start of the
+#: answer's text, case-insensitively.
 #: "failed to parse request" is not here: one event can cause it (a number beyond what
 #: PostHog's JSON parser holds), so it is split like any 400 about an event, and the
 #: rejection breaker holds a batch whose every event gets the same parse error.

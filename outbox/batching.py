@@ -16,6 +16,7 @@ from typing import Any
 
 from outbox.config import AnalyticsConfig, get_config
 from outbox.enqueue import DistinctId, aenqueue_prepared, enqueue_prepared, prepare_enqueue
+from outbox.exceptions import OutboxValidationError
 from outbox.validation import PreparedEvent
 
 __all__ = ["Batch", "batch"]
@@ -38,6 +39,7 @@ class Batch:
         self._order: list[int | None] = []
         self.results: list[uuid_module.UUID | None] = []
         self._done = False
+        self._uuids: set[uuid_module.UUID] = set()
 
     def enqueue(
         self,
@@ -54,6 +56,13 @@ class Batch:
         if prepared is None:  # analytics is disabled
             self._order.append(None)
             return None
+        if prepared.uuid in self._uuids:
+            # The one statement would fail on the unique uuid and abort the caller's
+            # transaction: refuse it here, as enqueue_many does.
+            raise OutboxValidationError(
+                "uuid", f"{prepared.uuid} is already the uuid of an event in this batch"
+            )
+        self._uuids.add(prepared.uuid)
         self._order.append(len(self._events))
         self._events.append(prepared)
         return prepared.uuid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,3 +71,21 @@ async def test_async_batch(database_url: str, db: psycopg.Connection[Any]) -> No
             events.enqueue("b", "u")
         await conn.commit()
     assert db.execute("SELECT count(*) FROM outbox_events").fetchone() == (2,)
+
+
+def test_a_uuid_given_twice_in_a_batch_is_refused_and_the_transaction_survives(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    chosen = uuid.uuid4()
+    with psycopg.connect(database_url) as conn:
+        conn.execute("CREATE TABLE mine (n int)")
+        conn.execute("INSERT INTO mine VALUES (1)")
+        with outbox.batch(conn) as events:
+            events.enqueue("a", "u", uuid=chosen)
+            with pytest.raises(outbox.OutboxValidationError) as info:
+                events.enqueue("b", "u", uuid=chosen)
+            events.enqueue("c", "u")
+        conn.commit()  # the caller's own write and the batch commit
+    assert info.value.field == "uuid" and str(chosen) in str(info.value)
+    assert db.execute("SELECT count(*) FROM mine").fetchone() == (1,)
+    assert [r[0] for r in db.execute("SELECT event FROM outbox_events ORDER BY id")] == ["a", "c"]

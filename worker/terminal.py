@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import unicodedata
 
-__all__ = ["DEFAULT_LIMIT", "has_control_characters", "printable"]
+__all__ = ["DEFAULT_LIMIT", "has_control_characters", "json_terminal_safe", "printable"]
 
 #: Longest text (in characters, after escaping) :func:`printable` returns by default.
 DEFAULT_LIMIT = 200
@@ -35,6 +35,26 @@ def _escape_char(char: str) -> str:
     if code < 0x10000:
         return f"\\u{code:04x}"
     return f"\\U{code:08x}"
+
+
+def json_terminal_safe(text: str) -> str:
+    """JSON text with every character :func:`printable` would escape written as a JSON
+    ``\\u`` escape instead: the same JSON value, safe to print (a terminal sees no
+    escape sequence, bidi override or line separator). For JSON lines on stdout."""
+    if text.isascii() and "\x7f" not in text:
+        return text  # JSON already escapes the C0 controls; nothing else is unsafe
+    out: list[str] = []
+    for char in text:
+        if char in _NAMED or unicodedata.category(char) not in _UNSAFE_CATEGORIES:
+            out.append(char)
+            continue
+        code = ord(char)
+        if code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:  # a UTF-16 surrogate pair, as JSON spells characters beyond the BMP
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+    return "".join(out)
 
 
 def has_control_characters(text: str) -> bool:

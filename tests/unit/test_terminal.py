@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from worker.terminal import DEFAULT_LIMIT, has_control_characters, printable
@@ -49,3 +51,22 @@ def test_has_control_characters() -> None:
     assert not has_control_characters("plain text, ünïcode\\")
     assert has_control_characters("a\nb")
     assert has_control_characters("a\u202eb")
+
+
+def test_json_lines_keep_their_value_and_lose_every_terminal_escape() -> None:
+    import io
+
+    from worker.sinks import Outbound, StdoutSink
+    from worker.terminal import json_terminal_safe
+
+    hostile = '\x1b]0;owned\x07 \x1b[2J \x7f \x85 \u202e \u2028 \U000e0041 é 🚀 \\ "'
+    event = {"event": hostile, "distinct_id": "u", "properties": {"k": hostile}}
+    stream = io.StringIO()
+    # As PostgreSQL renders jsonb: non-ASCII characters raw, C0 controls escaped.
+    StdoutSink(stream).send([Outbound(json.dumps(event, ensure_ascii=False))])
+    line = stream.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert json.loads(line) == event  # the same event
+    assert not has_control_characters(line[:-1].replace("\\", ""))
+    assert "é 🚀" in line  # printable text stays as it is
+    assert json_terminal_safe('{"a": "plain"}') == '{"a": "plain"}'

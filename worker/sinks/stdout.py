@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from worker.sinks.base import Outbound, RetryableSinkError
+from worker.terminal import json_terminal_safe
 
 
 class StdoutSink:
@@ -22,7 +23,9 @@ class StdoutSink:
         """Write one line per event; a closed or broken stream is a retryable failure."""
         stream = self.stream or sys.stdout
         try:
-            stream.write("".join(e.json + "\n" for e in events))
+            # Event data may hold terminal escapes (JSON leaves DEL, C1 controls, bidi
+            # overrides raw): written as JSON escapes, the lines decode to the same events.
+            stream.write("".join(json_terminal_safe(e.json) + "\n" for e in events))
             stream.flush()
         except (OSError, ValueError) as exc:
             raise RetryableSinkError(f"cannot write to stdout: {exc}") from exc

@@ -35,7 +35,7 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -818,37 +818,29 @@ class CaptureServer:
         parsed = _parse_capture(raw, exchange.headers, exchange.query)
         reply = self._next_reply() if exchange.method == "POST" else Reply()
         events = parsed.events if parsed.events is not None else []
-        if reply.is_redirect:
-            assert reply.location is not None
-            request = ReceivedRequest(
-                path=exchange.path,
-                headers=exchange.headers,
-                status=reply.status,
-                api_key=parsed.api_key,
-                events=events if self.record_events else [],
-                raw_size=len(raw),
-                gzip=parsed.is_gzip,
-                received_at=exchange.received_at,
-                event_count=len(events),
-                method=exchange.method,
-                location=reply.location,
-            )
-            self._answer_redirect(exchange, reply.location, reply.status, request, reply)
-            return
-        verdict = self._judge(reply, parsed, ai=ai)
-        keep = events[: verdict.keep]
-        request = ReceivedRequest(
+        received = ReceivedRequest(
             path=exchange.path,
             headers=exchange.headers,
-            status=verdict.status,
+            status=reply.status,
             api_key=parsed.api_key,
             events=events if self.record_events else [],
             raw_size=len(raw),
             gzip=parsed.is_gzip,
             received_at=exchange.received_at,
             event_count=len(events),
-            detail=verdict.detail,
             method=exchange.method,
+        )
+        if reply.is_redirect:
+            assert reply.location is not None
+            request = replace(received, location=reply.location)
+            self._answer_redirect(exchange, reply.location, reply.status, request, reply)
+            return
+        verdict = self._judge(reply, parsed, ai=ai)
+        keep = events[: verdict.keep]
+        request = replace(
+            received,
+            status=verdict.status,
+            detail=verdict.detail,
             delivered=len(keep),
             dropped=bool(keep) and self._is_dropped(parsed.api_key),
         )

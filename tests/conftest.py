@@ -128,6 +128,27 @@ def settings_for(database_url: str) -> Callable[..., Settings]:
     return make
 
 
+@pytest.fixture
+def in_process_workers(
+    settings_for: Callable[..., Settings],
+) -> Iterator[Callable[..., Any]]:
+    """Start a scheduled worker (``Worker.start``) in this process with
+    ``settings_for(**overrides)``; every one is stopped when the test ends."""
+    from worker.app import Worker
+
+    workers: list[Worker] = []
+
+    def start(**overrides: Any) -> Worker:
+        worker = Worker(settings_for(**overrides))
+        worker.start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for w in workers:
+        w.stop()
+
+
 def worker_env(
     database_url: str, capture: CaptureServer | None = None, **extra: str
 ) -> dict[str, str]:

@@ -5,7 +5,7 @@ uuid) and what is left in the table."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -41,22 +41,14 @@ def left(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
 
 @pytest.fixture
 def running(
-    capture: CaptureServer, settings_for: Callable[..., Settings]
-) -> Iterator[Callable[..., Worker]]:
-    workers: list[Worker] = []
-
+    capture: CaptureServer, in_process_workers: Callable[..., Worker]
+) -> Callable[..., Worker]:
     def start(**overrides: Any) -> Worker:
-        settings = settings_for(
+        return in_process_workers(
             posthog_api_key="phc_test", posthog_host=capture.url, gzip=False, **overrides
         )
-        worker = Worker(settings)
-        worker.start()
-        workers.append(worker)
-        return worker
 
-    yield start
-    for w in workers:
-        w.stop()
+    return start
 
 
 def test_413_on_one_big_event_buries_it_and_ships_the_rest(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -59,20 +59,12 @@ def state_row(db: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
 
 @pytest.fixture
 def running(
-    capture: CaptureServer, settings_for: Callable[..., Settings]
-) -> Iterator[Callable[..., Worker]]:
-    workers: list[Worker] = []
-
+    capture: CaptureServer, in_process_workers: Callable[..., Worker]
+) -> Callable[..., Worker]:
     def start(key: str = RIGHT, **overrides: Any) -> Worker:
-        settings = settings_for(posthog_api_key=key, posthog_host=capture.url, **overrides)
-        worker = Worker(settings)
-        worker.start()
-        workers.append(worker)
-        return worker
+        return in_process_workers(posthog_api_key=key, posthog_host=capture.url, **overrides)
 
-    yield start
-    for w in workers:
-        w.stop()
+    return start
 
 
 def test_a_wrong_key_sends_nothing_and_deletes_nothing(

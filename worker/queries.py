@@ -172,10 +172,12 @@ RETURNING id, status
 
 # Not the events' fault (rate limited, unauthorised): try again after :delay seconds
 # without counting an attempt. (Events merely handed back unsent need no statement:
-# they are still due when the transaction releases them.)
+# they are still due when the transaction releases them.) Every row gets the same
+# due time (the uncorrelated subquery runs once), so a held batch comes back whole
+# rather than as the part a poll at the boundary happens to see.
 DEFER = """
 UPDATE outbox_events
-SET next_attempt_at = clock_timestamp() + %(delay)s * interval '1 second',
+SET next_attempt_at = (SELECT clock_timestamp()) + %(delay)s * interval '1 second',
     last_error = coalesce(%(error)s, last_error)
 WHERE id = ANY(%(ids)s)
 """

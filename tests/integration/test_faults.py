@@ -295,6 +295,27 @@ def test_400s_about_the_request_bury_nothing(
     assert sorted(capture.uuids()) == sorted(uuids)
 
 
+def test_a_held_batch_comes_back_whole(
+    database_url: str,
+    db: psycopg.Connection[Any],
+    capture: CaptureServer,
+    running: Callable[..., Worker],
+) -> None:
+    # Every held row gets one due time, so no poll can see part of the batch due.
+    capture.default_reply = Reply(status=400, body=texts.EMPTY_BATCH)
+    enqueue(database_url, 200)
+    running(unauthorized_pause=60.0, max_attempts=1)
+    wait_for(lambda: len(capture_requests(capture)) >= 1)
+    wait_for(
+        lambda: db.execute(
+            "SELECT count(*) FROM outbox_events WHERE next_attempt_at > now() + interval '30s'"
+        ).fetchone()
+        == (200,)
+    )
+    due = db.execute("SELECT count(DISTINCT next_attempt_at) FROM outbox_events").fetchone()
+    assert due == (1,)
+
+
 def test_the_breaker_stops_a_split_that_keeps_ending_in_the_same_400(
     database_url: str,
     db: psycopg.Connection[Any],

@@ -6,9 +6,11 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from outbox.schema import STATUS_DEAD, STATUS_PENDING
+from psycopg import sql
+
+from outbox.schema import STATUS_DEAD, STATUS_PENDING, VERSION_TABLE
+from worker.database import connect, resolve_database_url
 from worker.database import migrate as apply_migrations
-from worker.database import resolve_database_url
 from worker.settings import Settings
 from worker.store import DatabaseTimeout, Store
 from worker.terminal import DEFAULT_LIMIT, printable
@@ -29,11 +31,34 @@ def _store(settings: Settings, *, statement_timeout: float | None = None) -> Sto
 
 
 def migrate(settings: Settings) -> int:
-    """Apply the outbox migrations."""
+    """Apply the outbox migrations and say what that did: created the tables,
+    upgraded them from one revision to another, or found them up to date."""
     url = resolve_database_url(settings.database_url, settings.data_dir)
+    before = schema_revision(url)
     apply_migrations(url)
-    print("outbox tables are up to date")
+    print(migrate_report(before, schema_revision(url)))
     return 0
+
+
+def schema_revision(url: str) -> str | None:
+    """The outbox migration the database at ``url`` is at, or None before the first."""
+    with connect(url, autocommit=True) as conn:
+        found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (VERSION_TABLE,)).fetchone()
+        if not found or not found[0]:
+            return None
+        row = conn.execute(
+            sql.SQL("SELECT version_num FROM {}").format(sql.Identifier(VERSION_TABLE))
+        ).fetchone()
+    return str(row[0]) if row else None
+
+
+def migrate_report(before: str | None, after: str | None) -> str:
+    """The line ``migrate`` prints, from the revisions before and after it ran."""
+    if before == after:
+        return f"outbox tables were already up to date (revision {after})"
+    if before is None:
+        return f"created the outbox tables (revision {after})"
+    return f"upgraded the outbox tables from revision {before} to {after}"
 
 
 def _age(seconds: float) -> str:

@@ -295,13 +295,10 @@ def test_statements_are_never_prepared_even_when_the_connection_prepares_everyth
             distinct_id=lambda row: "u",
         )
         conn.execute("SELECT 1")  # the caller's own statement is prepared, as configured
-        prepared = [
-            row[0] for row in conn.execute("SELECT statement FROM pg_prepared_statements")
-        ]
+        prepared = [row[0] for row in conn.execute("SELECT statement FROM pg_prepared_statements")]
         conn.rollback()
     assert not [s for s in prepared if "outbox" in s], prepared
     assert any("SELECT 1" in s for s in prepared)  # so the check above can fail
-
 
 
 # --------------------------------------------------------------------------- async

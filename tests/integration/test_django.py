@@ -160,6 +160,30 @@ def test_a_connection_django_has_not_opened_yet_is_connected(
     assert names(database_url) == ["first_request"]
 
 
+def test_the_database_wrapper_itself_is_accepted(django_db: Any, database_url: str) -> None:
+    # django.db.connection is a proxy in front of connections["default"].
+    wrapper = connections["default"]
+    assert type(wrapper).__name__ == "DatabaseWrapper"
+    with transaction.atomic():
+        outbox.enqueue(wrapper, "from_the_wrapper", "u")
+        outbox.enqueue_many(wrapper, [{"event": "many", "distinct_id": "u"}] * 2)
+    assert names(database_url) == ["from_the_wrapper", "many", "many"]
+
+
+def test_a_guard_outside_atomic_is_refused_and_django_carries_on(
+    django_db: Any, database_url: str
+) -> None:
+    with django_db.cursor() as cursor:
+        cursor.execute("CREATE TABLE workspace (id text PRIMARY KEY)")
+    with pytest.raises(outbox.UnsupportedConnectionError, match="autocommit"):
+        outbox.upsert_first(
+            django_db, "workspace", {"id": "w1"}, conflict=["id"], event="e", distinct_id="u"
+        )
+    with transaction.atomic():
+        outbox.enqueue(django_db, "still_fine", "u")
+    assert names(database_url) == ["still_fine"]
+
+
 def test_batch_guards_and_identity_take_djangos_connection(
     django_db: Any, database_url: str
 ) -> None:
@@ -330,5 +354,5 @@ def test_djangos_test_runner_gives_its_test_database_the_tables(
     assert result.returncode == 0, output
     assert f"Creating test database for alias 'default' ('{test_db}')" in output
     assert "Applying posthog_outbox.0001_outbox_tables... OK" in output
-    assert "Ran 3 tests" in output and "\nOK" in output, output
+    assert "Ran 5 tests" in output and "\nOK" in output, output
     assert revision(empty_database) is None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from django.db import connection
-from django.test import TestCase
+from django.test import TestCase, TransactionTestCase
 
 from shop.models import Order
 
@@ -44,3 +44,19 @@ class PlaceOrderTests(TestCase):
         assert response.status_code == 500
         assert enqueued() == []
         assert not Order.objects.exists()
+
+
+class CommittedEventsStayTests(TransactionTestCase):
+    """Django empties the tables of its models after each TransactionTestCase test, not
+    the outbox's (its tables are no model's): what a test committed stays."""
+
+    def test_1_the_view_commits_its_event(self) -> None:
+        response = self.client.post(
+            "/orders/", {"user_id": "user-42", "total_cents": 1250}, content_type="application/json"
+        )
+        assert response.status_code == 201
+        assert [e for e, _, _ in enqueued()] == ["order_placed"]
+
+    def test_2_the_event_outlives_the_flush(self) -> None:
+        assert not Order.objects.exists()
+        assert [e for e, _, _ in enqueued()] == ["order_placed"]

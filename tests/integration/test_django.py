@@ -356,3 +356,42 @@ def test_djangos_test_runner_gives_its_test_database_the_tables(
     assert "Applying posthog_outbox.0001_outbox_tables... OK" in output
     assert "Ran 5 tests" in output and "\nOK" in output, output
     assert revision(empty_database) is None
+
+
+def test_the_migration_runs_in_the_role_django_assumes(
+    django_project: None, empty_database: str
+) -> None:
+    from django.core.management import call_command
+
+    role = f"outbox_app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(empty_database, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}"')
+        admin.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    try:
+        _point_at("default", empty_database)
+        connection.settings_dict["OPTIONS"]["assume_role"] = role
+        call_command("migrate", "posthog_outbox", verbosity=0)
+        connections.close_all()
+        with psycopg.connect(empty_database, autocommit=True) as admin:
+            owner = admin.execute(
+                "SELECT tableowner FROM pg_tables WHERE tablename = 'outbox_events'"
+            ).fetchone()
+        assert owner == (role,)
+    finally:
+        connections.close_all()
+        with psycopg.connect(empty_database, autocommit=True) as admin:
+            admin.execute(f'DROP OWNED BY "{role}"')
+            admin.execute(f'DROP ROLE "{role}"')
+
+
+def test_the_migration_refuses_a_database_that_is_not_postgresql(django_project: None) -> None:
+    from django.db.backends.sqlite3.base import DatabaseWrapper
+
+    from outbox.contrib.django.schema import upgrade
+
+    lite = DatabaseWrapper({"NAME": ":memory:"}, alias="lite")
+    with pytest.raises(outbox.UnsupportedConnectionError) as refused:
+        upgrade(lite)
+    assert str(refused.value) == (
+        "DATABASES['lite'] is a sqlite database; the outbox tables need PostgreSQL"
+    )

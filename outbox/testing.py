@@ -22,12 +22,12 @@ Which rows count (``scope``):
     from a savepoint rolled back to is gone, so it is not seen). Rows committed
     earlier, by this connection or any other, are left out, so a row left behind by
     an earlier test cannot make an assertion pass. A row is the transaction's own
-    when PostgreSQL reports the transaction that inserted it (its ``xmin``) as in
-    progress (``pg_xact_status``): a visible row whose inserter is still in progress
-    can only come from this transaction or one of its subtransactions, since other
-    transactions' uncommitted rows are invisible. This needs no transaction id of
-    its own (``txid_current()`` would assign one) and works under every isolation
-    level. A connection in autocommit mode outside a transaction is refused with
+    when the transaction that inserted it (its ``xmin``) is this one or one of its
+    subtransactions, which PostgreSQL reports as still in progress
+    (``pg_xact_status``): a visible row whose inserter is in progress can only be
+    the transaction's own, since other transactions' uncommitted rows are invisible.
+    This assigns no transaction id (``txid_current()`` would) and works under every
+    isolation level. A connection in autocommit mode outside a transaction is refused with
     this scope, since nothing it wrote can be uncommitted.
 ``"all"``
     Every row the connection can see: its transaction's uncommitted rows and the
@@ -59,7 +59,7 @@ import psycopg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from outbox.enqueue import PSYCOPG_ASYNC, PSYCOPG_SYNC, SQLALCHEMY_ASYNC, SQLALCHEMY_SYNC
+from outbox.enqueue import SQLALCHEMY_ASYNC, SQLALCHEMY_SYNC
 from outbox.exceptions import (
     OutboxDatabaseError,
     OutboxNotInstalledError,
@@ -126,10 +126,21 @@ class EnqueuedEvent:
 #
 # Every column comes back as text, an integer or a boolean, so the result is the
 # same whatever loaders the connection has registered (Django's return jsonb as
-# text, for one). A row's xmin is a 32-bit transaction id; pg_xact_status takes a
-# 64-bit one, so the epoch is taken from the snapshot's xmax: of the two or three
-# 64-bit ids that end in these 32 bits, the one nearest xmax (every unfrozen xid is
-# within 2^31 of it). Ids below 3 are PostgreSQL's special ones (a frozen row).
+# text, for one).
+#
+# Which rows are the open transaction's. Nothing is ours when the transaction has no
+# id yet (pg_current_xact_id_if_assigned() is null: it wrote nothing; asking for one
+# with txid_current() would assign one). Otherwise every row it or one of its
+# subtransactions inserted has an xmin at or after its own id ("top"), since a
+# subtransaction gets its id after its parent. xmin is 32 bits; it is placed within
+# 2^31 of top (every unfrozen xid is) to get the 64-bit id pg_xact_status takes, and
+# the status is asked only of ids known to be in the past (below the snapshot's
+# xmax), since it raises an error for a future one. A row whose xmin is at or after
+# the snapshot's xmax is visible only because it is ours: other transactions' rows
+# are visible once committed before the snapshot. A visible row below it is ours when
+# its inserter is still in progress, as only our own uncommitted rows are visible.
+# (A row frozen after more than 2^31 transactions could be misplaced; an outbox row
+# does not live that long in a test database.)
 
 _PROBE: Final = """
 SELECT to_regclass('outbox_events') IS NOT NULL AS installed,
@@ -137,27 +148,23 @@ SELECT to_regclass('outbox_events') IS NOT NULL AS installed,
 
 _ROWS: Final = """
 WITH reference AS (
-    SELECT r, r - mod(r, 4294967296) AS base
-    FROM (SELECT CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint) AS r) AS s
+    SELECT CAST(CAST(pg_current_xact_id_if_assigned() AS text) AS bigint) AS top,
+           CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint) AS r
 ), inserted AS (
-    SELECT e.*, x, base + x AS c, r
+    SELECT e.*, top, r, x, mod(x - mod(top, 4294967296) + 4294967296, 4294967296) AS d
     FROM outbox_events AS e
     CROSS JOIN reference
     CROSS JOIN LATERAL (SELECT CAST(CAST(e.xmin AS text) AS bigint) AS x) AS xid
-), widened AS (
-    SELECT i.*,
-        CASE WHEN x < 3 THEN NULL
-             WHEN c > r + 2147483648 THEN c - 4294967296
-             WHEN c < r - 2147483648 THEN c + 4294967296
-             ELSE c
-        END AS fx
+), placed AS (
+    SELECT i.*, top + CASE WHEN d >= 2147483648 THEN d - 4294967296 ELSE d END AS c
     FROM inserted AS i
 ), judged AS (
-    SELECT w.*,
-        CASE WHEN w.fx IS NULL OR w.fx < 0 THEN false
-             ELSE coalesce(pg_xact_status(CAST(CAST(w.fx AS text) AS xid8)) = 'in progress', false)
+    SELECT p.*,
+        CASE WHEN top IS NULL OR x < 3 OR c < top THEN false
+             WHEN c >= r THEN true
+             ELSE coalesce(pg_xact_status(CAST(CAST(c AS text) AS xid8)) = 'in progress', false)
         END AS in_transaction
-    FROM widened AS w
+    FROM placed AS p
 )
 SELECT id, CAST(uuid AS text) AS uuid, event, distinct_id,
        CAST(properties AS text) AS properties,
@@ -331,7 +338,7 @@ def _check(conn: Any, scope: Scope, *, sync: bool) -> Any:
     """The object to run statements on (a cursor's connection), or raise."""
     if isinstance(conn, psycopg.Cursor | psycopg.AsyncCursor):
         conn = conn.connection
-    if isinstance(conn, PSYCOPG_SYNC + PSYCOPG_ASYNC):
+    if isinstance(conn, psycopg.Connection | psycopg.AsyncConnection):
         if isinstance(conn, psycopg.Connection) != sync:
             raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
         idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

@@ -57,9 +57,8 @@ from typing import Any, Final, Literal
 
 import psycopg
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
 
-from outbox.enqueue import SQLALCHEMY_ASYNC, SQLALCHEMY_SYNC
+from outbox import _db
 from outbox.exceptions import (
     OutboxDatabaseError,
     OutboxNotInstalledError,
@@ -335,7 +334,8 @@ def _name(conn: Any) -> str:
 
 
 def _check(conn: Any, scope: Scope, *, sync: bool) -> Any:
-    """The object to run statements on (a cursor's connection), or raise."""
+    """The object to run statements on (Django's connection resolved), or raise."""
+    conn = _db.resolve(conn)
     if isinstance(conn, psycopg.Cursor | psycopg.AsyncCursor):
         conn = conn.connection
     if isinstance(conn, psycopg.Connection | psycopg.AsyncConnection):
@@ -344,23 +344,20 @@ def _check(conn: Any, scope: Scope, *, sync: bool) -> Any:
         idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         if scope == "transaction" and conn.autocommit and idle:
             raise UnsupportedConnectionError(
-                "this psycopg connection is in autocommit mode outside a transaction, so "
-                "nothing it enqueued is uncommitted: run the code under test in "
-                "`with conn.transaction():`, or pass scope='all' to read committed events"
+                "this connection is in autocommit mode outside a transaction, so nothing "
+                "it enqueued is uncommitted: run the code under test in a transaction "
+                "(`with conn.transaction():`, Django's `transaction.atomic()`), or pass "
+                "scope='all' to read committed events"
             )
         return conn
-    if isinstance(conn, SQLALCHEMY_SYNC):
-        if sync:
-            return conn
-        raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
-    if isinstance(conn, SQLALCHEMY_ASYNC):
-        if not sync:
-            return conn
+    if _db.is_sync(conn) if sync else _db.is_async(conn):
+        return conn
+    if _db.is_sync(conn) or _db.is_async(conn):
         raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
     raise UnsupportedConnectionError(
         f"outbox.testing got {_name(conn)}; it reads on a SQLAlchemy Session or Connection, "
-        "or a psycopg Connection (AsyncSession, AsyncConnection or psycopg.AsyncConnection "
-        "for aenqueued, aassert_enqueued and aassert_not_enqueued)"
+        "a psycopg Connection or Django's connection (AsyncSession, AsyncConnection or "
+        "psycopg.AsyncConnection for aenqueued, aassert_enqueued and aassert_not_enqueued)"
     )
 
 
@@ -373,11 +370,6 @@ def _wrong_kind(conn: Any, *, sync: bool) -> str:
     return f"{_name(conn)} is synchronous: use enqueued, assert_enqueued or assert_not_enqueued"
 
 
-def _rows(description: Any, values: list[Any]) -> list[Row]:
-    names = [column.name for column in description]
-    return [dict(zip(names, row, strict=True)) for row in values]
-
-
 def _failed(exc: Exception) -> OutboxDatabaseError:
     orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
     first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
@@ -386,21 +378,14 @@ def _failed(exc: Exception) -> OutboxDatabaseError:
 
 def _execute(conn: Any, statement: str) -> list[Row]:
     try:
-        if isinstance(conn, psycopg.Connection):
-            cursor = conn.execute(statement, prepare=False)
-            return _rows(cursor.description, cursor.fetchall())
-        return [dict(m) for m in conn.execute(text(statement)).mappings().all()]
+        return list(_db.execute(conn, statement))
     except (sa_exc.DBAPIError, psycopg.Error) as exc:
         raise _failed(exc) from exc
 
 
 async def _aexecute(conn: Any, statement: str) -> list[Row]:
     try:
-        if isinstance(conn, psycopg.AsyncConnection):
-            cursor = await conn.execute(statement, prepare=False)
-            return _rows(cursor.description, await cursor.fetchall())
-        result = await conn.execute(text(statement))
-        return [dict(m) for m in result.mappings().all()]
+        return list(await _db.aexecute(conn, statement))
     except (sa_exc.DBAPIError, psycopg.Error) as exc:
         raise _failed(exc) from exc
 

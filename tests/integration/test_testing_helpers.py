@@ -505,3 +505,16 @@ def test_deliver_takes_a_sqlalchemy_url(database_url: str, capture: CaptureServe
     assert [e["event"] for e in deliver(sqlalchemy_url(database_url), capture)] == [
         "via_sqlalchemy_url"
     ]
+
+
+def test_the_reads_are_never_prepared(database_url: str) -> None:
+    """Behind a transaction pooler a prepared statement breaks on the next server
+    connection: the helpers' statements are never prepared, whatever the driver says."""
+    with psycopg.connect(database_url, prepare_threshold=0) as eager:
+        outbox.enqueue(eager, "a", "u")
+        for _ in range(3):
+            assert_enqueued(eager, "a")
+            assert_not_enqueued(eager, "b")
+        prepared = eager.execute("SELECT statement FROM pg_prepared_statements").fetchall()
+        assert not [s for (s,) in prepared if "outbox_events" in s]
+        eager.rollback()

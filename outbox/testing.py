@@ -10,9 +10,11 @@ outbox before anything commits::
     assert_enqueued(session, "order_placed", distinct_id="user-42", properties={"total": 30})
 
 Every function takes the connection or session the code under test wrote on, of any
-kind ``enqueue()`` takes (psycopg, SQLAlchemy ``Session``/``Connection``; the ``a``
-functions their async forms), reads ``outbox_events`` on it, and never begins,
-commits or rolls back anything but the reads themselves.
+kind ``enqueue()`` takes (psycopg, SQLAlchemy ``Session``/``Connection``, Django's
+connection; the ``a`` functions the async forms), reads ``outbox_events`` on it
+(never as a prepared statement, see :mod:`outbox._db`), and begins, commits or rolls
+back nothing: a read on a connection outside a transaction begins one only where the
+driver always does (psycopg outside autocommit, SQLAlchemy's autobegin).
 
 Which rows count (``scope``):
 
@@ -27,8 +29,8 @@ Which rows count (``scope``):
     (``pg_xact_status``): a visible row whose inserter is in progress can only be
     the transaction's own, since other transactions' uncommitted rows are invisible.
     This assigns no transaction id (``txid_current()`` would) and works under every
-    isolation level. A connection in autocommit mode outside a transaction is refused with
-    this scope, since nothing it wrote can be uncommitted.
+    isolation level. A connection in autocommit mode outside a transaction is
+    refused with this scope, since nothing it wrote can be uncommitted.
 ``"all"``
     Every row the connection can see: its transaction's uncommitted rows and the
     committed ones. :attr:`EnqueuedEvent.in_transaction` tells them apart.

@@ -493,6 +493,12 @@ def test_deliver_reports_a_key_the_server_does_not_verify(
     assert deliver(database_url, capture, api_key="phc_right")[0]["event"] == "held"
 
 
+def test_deliver_without_outbox_tables_says_so(empty_database: str, capture: CaptureServer) -> None:
+    with pytest.raises(outbox.OutboxNotInstalledError, match="outbox-worker migrate"):
+        deliver(empty_database, capture)
+    assert capture.requests == []
+
+
 def test_deliver_refuses_a_bad_timeout(database_url: str, capture: CaptureServer) -> None:
     with pytest.raises(outbox.OutboxValidationError, match=r"^timeout: must be a number"):
         deliver(database_url, capture, timeout=0)

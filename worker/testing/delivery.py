@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import psycopg
 
-from outbox.exceptions import OutboxValidationError
+from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError, OutboxValidationError
 from worker.app import Worker
 from worker.database import libpq_url
 from worker.keycheck import ApiKeyNotVerifiedError
@@ -76,13 +76,19 @@ def _short(value: object) -> str:
 
 
 def _look(url: str) -> _Outbox:
-    with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
-        pending = conn.execute(_PENDING).fetchone()
-        assert pending is not None
-        dead = {
-            int(row[0]): f"{row[1]!r} {row[2]} ({_short(row[3])})"
-            for row in conn.execute(_DEAD).fetchall()
-        }
+    try:
+        with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
+            pending = conn.execute(_PENDING).fetchone()
+            assert pending is not None
+            dead = {
+                int(row[0]): f"{row[1]!r} {row[2]} ({_short(row[3])})"
+                for row in conn.execute(_DEAD).fetchall()
+            }
+    except psycopg.errors.UndefinedTable as exc:
+        raise OutboxNotInstalledError() from exc
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OutboxDatabaseError(f"deliver could not read the outbox: {first}") from exc
     return _Outbox(int(pending[0]), float(pending[1] or 0.0), pending[2], dead)
 
 
@@ -106,7 +112,10 @@ def deliver(
 
     Raises :class:`NotDeliveredError` when, after ``timeout`` seconds, events are still
     pending (the message gives the worker's last error for them), at once when an
-    event went dead during the call, or when the server does not verify the key.
+    event went dead during the call, or when the server does not verify the key;
+    :class:`~outbox.exceptions.OutboxNotInstalledError` when the outbox tables are
+    missing, and :class:`~outbox.exceptions.OutboxDatabaseError` when the database
+    cannot be used.
     """
     if not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0:
         raise OutboxValidationError("timeout", f"must be a number of seconds > 0, got {timeout!r}")

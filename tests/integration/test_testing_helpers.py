@@ -172,6 +172,21 @@ def test_keyed_and_batched_events_are_the_transactions_too(
     assert events[0].dedup_key == "invoice-1"
 
 
+def test_an_event_reads_back_as_stored(conn: psycopg.Connection[Any]) -> None:
+    when = datetime(2026, 11, 30, 23, 59, 58, 123456, tzinfo=UTC)
+    given = uuid.UUID("01900000-0000-7000-8000-000000000042")
+    outbox.enqueue(conn, "order_placed", "user-42", {"note": "café ✓"}, timestamp=when, uuid=given)
+
+    [event] = enqueued(conn)
+    [row] = conn.execute(
+        "SELECT id, created_at, properties FROM outbox_events WHERE uuid = %s", [given]
+    ).fetchall()
+
+    assert (event.uuid, event.timestamp) == (given, when)
+    assert (event.id, event.created_at, event.properties) == row
+    assert event.properties["note"] == "café ✓" and event.attempts == 0
+
+
 # --------------------------------------------------------------------------- matching
 
 

@@ -445,8 +445,8 @@ def assert_enqueued(
     """Fail unless a matching event was enqueued (``count``: exactly that many).
 
     Returns the matching events. The :class:`AssertionError` says what was looked for
-    and lists what was enqueued instead; with the default scope, it also says how
-    many committed events it left out.
+    and lists what was enqueued instead; when nothing matched with the default scope,
+    it also says how many committed events it left out.
     """
     s = _scope(scope)
     steps = _assert_steps(_filter(event, distinct_id, properties), s, _count(count))

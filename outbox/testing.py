@@ -115,10 +115,14 @@ class EnqueuedEvent:
     id: int
     in_transaction: bool
 
-    def describe(self) -> str:
-        """One line naming the event, for messages: bounded and terminal-safe."""
-        line = f"{self.event!r} distinct_id={self.distinct_id!r} properties={self.properties!r}" + (
-            "" if self.in_transaction else " (committed)"
+    def describe(self, note: str = "") -> str:
+        """One line naming the event, for messages: bounded and terminal-safe.
+        ``note`` goes before the properties, so that cutting the line keeps it."""
+        line = (
+            f"{self.event!r} distinct_id={self.distinct_id!r}"
+            + ("" if self.in_transaction else " (committed)")
+            + (f" ({note})" if note else "")
+            + f" properties={self.properties!r}"
         )
         return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
@@ -206,6 +210,20 @@ class _Filter:
                     return False
         return True
 
+    def differences(self, e: EnqueuedEvent) -> str:
+        """How ``e`` differs from what is looked for ("" when it matches)."""
+        found = []
+        if self.event is not None and e.event != self.event:
+            found.append("event differs")
+        if self.distinct_id is not None and e.distinct_id != self.distinct_id:
+            found.append("distinct_id differs")
+        for key, value in (self.properties or {}).items():
+            if key not in e.properties:
+                found.append(f"no {key!r}")
+            elif e.properties[key] != value:
+                found.append(f"{key!r} is {_cut(e.properties[key])}, not {_cut(value)}")
+        return "; ".join(found)
+
     def describe(self) -> str:
         parts = ["event" if self.event is None else f"event {self.event!r}"]
         if self.distinct_id is not None:
@@ -267,8 +285,17 @@ def _read(scope: Scope) -> _Steps:
     return [_event(row) for row in rows]
 
 
-def _listing(events: Sequence[EnqueuedEvent]) -> str:
-    lines = [f"  {i}. {e.describe()}" for i, e in enumerate(events[:MAX_LISTED], 1)]
+def _cut(value: object, limit: int = 40) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _listing(events: Sequence[EnqueuedEvent], wanted: _Filter | None = None) -> str:
+    """The events, one line each; with ``wanted``, each says how it differs."""
+    lines = [
+        f"  {i}. {e.describe(wanted.differences(e) if wanted else '')}"
+        for i, e in enumerate(events[:MAX_LISTED], 1)
+    ]
     if len(events) > MAX_LISTED:
         lines.append(f"  ... and {len(events) - MAX_LISTED} more")
     return "\n".join(lines)
@@ -297,7 +324,7 @@ def _assert_steps(wanted: _Filter, scope: Scope, count: int | None) -> _Steps:
         message.append(_listing(found))
     elif events:
         message.append(f"Enqueued {_where(scope)} ({len(events)}):")
-        message.append(_listing(events))
+        message.append(_listing(events, wanted))
     else:
         message.append(f"Nothing was enqueued {_where(scope)}.")
     if scope == "transaction" and not found:

@@ -232,8 +232,26 @@ def test_a_failed_assertion_lists_what_was_enqueued(
         message.splitlines()[2],
         "1 committed event(s) are in the outbox too; scope='all' includes them.",
     ]
-    assert message.splitlines()[2].startswith("  1. 'order_placed' distinct_id='user-41' ")
+    assert message.splitlines()[2].startswith(
+        "  1. 'order_placed' distinct_id='user-41' (distinct_id differs) properties={"
+    )
     assert "'total': 30" in message.splitlines()[2]
+
+
+def test_each_listed_event_says_how_it_differs(conn: psycopg.Connection[Any]) -> None:
+    outbox.enqueue(conn, "order_placed", "user-42", {"total": 25})
+    outbox.enqueue(conn, "order_shipped", "user-42", {"total": 30, "currency": "EUR"})
+
+    with pytest.raises(AssertionError) as failed:
+        assert_enqueued(
+            conn, "order_placed", distinct_id="user-42", properties={"total": 30, "currency": "EUR"}
+        )
+
+    first, second = [line.split(" properties=")[0] for line in str(failed.value).splitlines()[2:]]
+    assert (
+        first == "  1. 'order_placed' distinct_id='user-42' ('total' is 25, not 30; no 'currency')"
+    )
+    assert second == "  2. 'order_shipped' distinct_id='user-42' (event differs)"
 
 
 def test_a_wrong_count_lists_the_matches(conn: psycopg.Connection[Any]) -> None:

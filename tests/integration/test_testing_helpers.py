@@ -526,6 +526,14 @@ def test_deliver_reports_a_key_the_server_does_not_verify(
     assert deliver(database_url, capture, api_key="phc_right")[0]["event"] == "held"
 
 
+def test_deliver_reports_a_server_that_is_down(database_url: str, capture: CaptureServer) -> None:
+    commit_one(database_url, "waiting")
+    capture.stop()
+
+    with pytest.raises(NotDeliveredError, match="could not be asked to verify the API key"):
+        deliver(database_url, capture, timeout=2)
+
+
 def test_deliver_without_outbox_tables_says_so(empty_database: str, capture: CaptureServer) -> None:
     with pytest.raises(outbox.OutboxNotInstalledError, match="outbox-worker migrate"):
         deliver(empty_database, capture)

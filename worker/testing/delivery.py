@@ -22,7 +22,7 @@ import psycopg
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError, OutboxValidationError
 from worker.app import Worker
 from worker.database import libpq_url
-from worker.keycheck import ApiKeyNotVerifiedError
+from worker.keycheck import KEY_UNREACHABLE, ApiKeyNotVerifiedError
 from worker.settings import Settings
 
 from .capture_server import CaptureServer
@@ -144,8 +144,13 @@ def deliver(
         try:
             stats = Worker(built).run_until_empty()
         except ApiKeyNotVerifiedError as exc:
+            what = (
+                "could not be asked to verify the API key"
+                if exc.state == KEY_UNREACHABLE
+                else "did not verify the API key"
+            )
             raise NotDeliveredError(
-                f"the capture server at {server.url} did not verify the API key "
+                f"the capture server at {server.url} {what} "
                 f"({exc.state}: {_short(str(exc))}); nothing was sent",
                 accepted(),
             ) from exc

@@ -241,6 +241,30 @@ def test_a_view_enqueues_in_its_atomic_block(django_db: Any, database_url: str) 
     ]
 
 
+def test_the_testing_helpers_read_what_the_atomic_block_enqueued(
+    django_db: Any, database_url: str
+) -> None:
+    from outbox.testing import assert_enqueued, assert_not_enqueued, enqueued
+
+    with transaction.atomic():
+        outbox.enqueue(django_db, "kept", "user-42", {"n": 1})
+        with suppress(Rollback), transaction.atomic():
+            outbox.enqueue(django_db, "dropped", "user-42")
+            assert [e.event for e in enqueued(django_db)] == ["kept", "dropped"]
+            raise Rollback
+        [kept] = assert_enqueued(
+            django_db, "kept", distinct_id="user-42", properties={"n": 1}, count=1
+        )
+        assert kept.in_transaction
+        assert_not_enqueued(django_db, "dropped")
+        with django_db.cursor() as cursor:
+            assert [e.event for e in enqueued(cursor)] == ["kept"]
+        with pytest.raises(AssertionError, match="dropped"):
+            assert_enqueued(django_db, "dropped")
+        transaction.set_rollback(True)
+    assert events(database_url) == []
+
+
 # --- the migration -------------------------------------------------------------------
 
 
@@ -354,7 +378,7 @@ def test_djangos_test_runner_gives_its_test_database_the_tables(
     assert result.returncode == 0, output
     assert f"Creating test database for alias 'default' ('{test_db}')" in output
     assert "Applying posthog_outbox.0001_outbox_tables... OK" in output
-    assert "Ran 5 tests" in output and "\nOK" in output, output
+    assert "Ran 6 tests" in output and "\nOK" in output, output
     assert revision(empty_database) is None
 
 

@@ -117,7 +117,7 @@ def test_the_django_guide_runs(
             result = run(tmp_path, empty_database, *command)
             assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
             if command[1] == "test":
-                assert "Ran 2 tests" in result.stderr and "\nOK" in result.stderr, result.stderr
+                assert "Ran 3 tests" in result.stderr and "\nOK" in result.stderr, result.stderr
     finally:
         drop_database(server_url, test_db)
     with psycopg.connect(empty_database) as conn:

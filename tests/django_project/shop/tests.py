@@ -1,62 +1,81 @@
-"""Run by Django's own test runner (``manage.py test shop``): each TestCase test is one
-transaction that rolls back, and it reads what the view enqueued before that."""
+"""Run by Django's own test runner (``manage.py test shop``).
+
+A TestCase test is one transaction that Django rolls back: outbox.testing reads what
+the view enqueued in it, uncommitted. A TransactionTestCase test commits: the
+events stay (Django empties its models' tables, not the outbox's) and
+worker.testing.deliver ships them to a capture server with the real worker.
+"""
 
 from __future__ import annotations
 
-import json
-
 from django.db import connection
-from django.test import TestCase, TransactionTestCase
+from django.http import HttpResponse
+from django.test import Client, TestCase, TransactionTestCase
+from psycopg.conninfo import make_conninfo
 
+from outbox.testing import assert_enqueued, assert_not_enqueued, enqueued
 from shop.models import Order
+from worker.testing import CaptureServer, deliver
 
 
-def enqueued() -> list[tuple[str, str, dict[str, object]]]:
-    """The events this test's transaction wrote, committed or not."""
-    with connection.cursor() as cursor:
-        # Django's connection reads jsonb as text (its JSONField decodes it).
-        cursor.execute("SELECT event, distinct_id, properties FROM outbox_events ORDER BY id")
-        return [(e, d, json.loads(p)) for e, d, p in cursor.fetchall()]
+def place(user_id: str, total_cents: int, client: Client) -> HttpResponse:
+    return client.post(
+        "/orders/",
+        {"user_id": user_id, "total_cents": total_cents},
+        content_type="application/json",
+    )
 
 
 class PlaceOrderTests(TestCase):
     def test_the_test_database_has_the_outbox_tables(self) -> None:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM outbox_events")
-            assert cursor.fetchone() == (0,)
+        assert enqueued(connection) == []
 
     def test_the_view_enqueues_order_placed(self) -> None:
-        response = self.client.post(
-            "/orders/", {"user_id": "user-42", "total_cents": 1250}, content_type="application/json"
-        )
+        response = place("user-42", 1250, self.client)
         assert response.status_code == 201
         order = Order.objects.get()
-        [(event, distinct_id, properties)] = enqueued()
-        assert (event, distinct_id) == ("order_placed", "user-42")
-        assert properties["order_id"] == order.id
-        assert properties["total_cents"] == 1250
+        [event] = assert_enqueued(
+            connection,
+            "order_placed",
+            distinct_id="user-42",
+            properties={"order_id": order.id, "total_cents": 1250},
+        )
+        assert event.in_transaction  # not committed: Django rolls it back after the test
 
     def test_a_refused_order_enqueues_nothing(self) -> None:
         self.client.raise_request_exception = False
-        response = self.client.post(
-            "/orders/", {"user_id": "user-43", "total_cents": 0}, content_type="application/json"
-        )
+        response = place("user-43", 0, self.client)
         assert response.status_code == 500
-        assert enqueued() == []
+        assert_not_enqueued(connection)
         assert not Order.objects.exists()
 
 
-class CommittedEventsStayTests(TransactionTestCase):
-    """Django empties the tables of its models after each TransactionTestCase test, not
-    the outbox's (its tables are no model's): what a test committed stays."""
-
-    def test_1_the_view_commits_its_event(self) -> None:
-        response = self.client.post(
-            "/orders/", {"user_id": "user-42", "total_cents": 1250}, content_type="application/json"
-        )
+class CommittedEventsTests(TransactionTestCase):
+    def test_1_the_view_commits_its_event_and_deliver_ships_it(self) -> None:
+        response = place("user-42", 1250, self.client)
         assert response.status_code == 201
-        assert [e for e, _, _ in enqueued()] == ["order_placed"]
+        with CaptureServer() as capture:
+            [event] = deliver(database_url(), capture)
+        assert (event["event"], event["distinct_id"]) == ("order_placed", "user-42")
+        assert event["properties"]["total_cents"] == 1250
 
-    def test_2_the_event_outlives_the_flush(self) -> None:
-        assert not Order.objects.exists()
-        assert [e for e, _, _ in enqueued()] == ["order_placed"]
+    def test_2_a_committed_event_outlives_djangos_flush(self) -> None:
+        assert place("user-44", 700, self.client).status_code == 201
+
+    def test_3_the_event_is_still_there(self) -> None:
+        assert not Order.objects.exists()  # Django flushed its own table
+        [event] = enqueued(connection, scope="all")
+        assert (event.event, event.distinct_id) == ("order_placed", "user-44")
+
+
+def database_url() -> str:
+    """The test database (``test_<NAME>``) as libpq connection parameters."""
+    s = connection.settings_dict
+    params = {
+        "dbname": s["NAME"],
+        "user": s["USER"],
+        "password": s["PASSWORD"],
+        "host": s["HOST"],
+        "port": s["PORT"],
+    }
+    return make_conninfo(**{k: v for k, v in params.items() if v}, **s["OPTIONS"])

@@ -42,20 +42,12 @@ from datetime import datetime
 from typing import Any, ClassVar, Generic, Never, NoReturn, TypeVar
 
 from outbox import contexts
+from outbox._db import is_async, is_sync
 from outbox.actors import Actor
 from outbox.builders import exception_event
 from outbox.config import AnalyticsConfig
 from outbox.contexts import current_scope
-from outbox.enqueue import (
-    PSYCOPG_ASYNC,
-    PSYCOPG_SYNC,
-    SQLALCHEMY_ASYNC,
-    SQLALCHEMY_SYNC,
-    _unsupported,
-    awrite,
-    prepare_enqueue,
-    write,
-)
+from outbox.enqueue import _unsupported, awrite, prepare_enqueue, write
 from outbox.exceptions import (
     OutboxValidationError,
     UnsupportedCallError,
@@ -236,10 +228,10 @@ def _check_flags(flags: object, send_feature_flags: object) -> None:
 
 def _fits(conn: Any, *, sync: bool) -> bool:
     if sync:
-        # Django's connection and cursors are sync; outbox resolves them when it writes.
-        django = type(conn).__module__.startswith("django.")
-        return django or isinstance(conn, PSYCOPG_SYNC + SQLALCHEMY_SYNC)
-    return isinstance(conn, PSYCOPG_ASYNC + SQLALCHEMY_ASYNC)
+        # Django's connection and cursors are sync; outbox resolves (and connects) them
+        # when it writes, not here.
+        return type(conn).__module__.startswith("django.") or is_sync(conn)
+    return is_async(conn)
 
 
 def _text(value: uuid_module.UUID | None) -> str | None:

@@ -401,8 +401,31 @@ def test_the_client_context_methods_are_the_module_functions() -> None:
     with client.new_context():
         client.identify_context("user-42")
         client.tag("a", 1)
+        client.set_context_session("s-1")
         assert client.get_tags() == {"a": 1}
-        assert capture().distinct_id == "user-42"
+        prepared = capture()
+    assert prepared.distinct_id == "user-42"
+    assert props(prepared) == {"a": 1, "$context_tags": ["a"], "$session_id": "s-1"}
+
+    @client.scoped(fresh=True)
+    def handler() -> PreparedEvent:
+        client.tag("b", 2)
+        return capture()
+
+    with client.new_context():
+        client.tag("a", 1)
+        assert props(handler()) == {
+            "b": 2,
+            "$context_tags": ["b"],
+            "$process_person_profile": False,
+        }
+        assert client.get_tags() == {"a": 1}
+
+
+def test_an_empty_distinct_id_is_refused_not_taken_as_missing() -> None:
+    with pytest.raises(OutboxValidationError) as caught:
+        capture(distinct_id="")
+    assert caught.value.field == "distinct_id"
 
 
 async def test_scoped_gives_each_call_its_own_context() -> None:

@@ -8,7 +8,8 @@ reaches the database and the caller's transaction stays usable.
 
 Before validation each event is stamped (:func:`prepare_enqueue`): the
 configuration's standard and super properties go under the event's own, an
-:class:`~outbox.actors.Actor`'s properties likewise, ``set=``/``set_once=``/``groups=``
+:class:`~outbox.actors.Actor`'s properties and the tags of the current
+:func:`outbox.new_context` likewise, ``set=``/``set_once=``/``groups=``
 become ``$set``/``$set_once``/``$groups``, and the event contract decides whether
 the event is person-less or metrics-only, and in strict mode whether it is allowed.
 What is validated is exactly what is stored.

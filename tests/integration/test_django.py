@@ -223,6 +223,17 @@ def test_batch_guards_and_identity_take_djangos_connection(
     ]
 
 
+def test_the_posthog_client_writes_on_djangos_connection(django_db: Any, database_url: str) -> None:
+    posthog = outbox.Posthog(django_db)  # made before Django connects
+    assert django_db.connection is None
+    with transaction.atomic():
+        posthog.capture("kept", distinct_id="user-42", properties={"n": 1})
+        with suppress(Rollback), transaction.atomic():
+            posthog.capture("dropped", distinct_id="user-42")
+            raise Rollback
+    assert events(database_url) == [("kept", "user-42", {"n": 1})]
+
+
 def test_a_view_enqueues_in_its_atomic_block(django_db: Any, database_url: str) -> None:
     from django.test import Client
 

@@ -1,0 +1,80 @@
+"""outbox.install: the library's migration runner, on a URL and on a SQLAlchemy Connection."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, pool, text
+
+import outbox
+from outbox import install
+from outbox.exceptions import OutboxDatabaseError, UnsupportedConnectionError
+from outbox.schema import VERSION_TABLE
+
+ALL = ["0001", "0002", "0003", "0004", "0005"]
+
+
+def test_upgrade_on_a_url_returns_what_it_applied_then_nothing(empty_database: str) -> None:
+    assert install.current(empty_database) is None
+    assert install.upgrade(empty_database) == ALL
+    assert install.current(empty_database) == install.head() == ALL[-1]
+    assert install.upgrade(empty_database) == []
+    with psycopg.connect(empty_database) as conn:
+        assert outbox.enqueue(conn, "e", "u", dedup_key="k") is not None  # 0004's function
+
+
+def test_upgrade_in_steps_and_downgrade_name_their_revisions(empty_database: str) -> None:
+    assert install.upgrade(empty_database, "0003") == ["0001", "0002", "0003"]
+    assert install.upgrade(empty_database) == ["0004", "0005"]
+    assert install.downgrade(empty_database, "0002") == ["0005", "0004", "0003"]
+    assert install.current(empty_database) == "0002"
+    assert install.downgrade(empty_database, "base") == ["0002", "0001"]
+    assert install.current(empty_database) is None
+
+
+def test_upgrade_on_a_connection_leaves_it_usable_with_its_lock_timeout(
+    empty_database: str,
+) -> None:
+    engine = create_engine(install.sqlalchemy_url(empty_database), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SET lock_timeout = '7s'"))
+            connection.commit()
+            assert install.upgrade(connection) == ALL
+            assert not connection.in_transaction()
+            assert connection.execute(text("SHOW lock_timeout")).scalar_one() == "7s"
+            assert install.current(connection) == ALL[-1]
+            count = connection.execute(text(f"SELECT count(*) FROM {VERSION_TABLE}"))
+            assert count.scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_inside_a_transaction_is_refused_untouched(empty_database: str) -> None:
+    engine = create_engine(install.sqlalchemy_url(empty_database), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("CREATE TABLE mine (id int)"))
+            with pytest.raises(UnsupportedConnectionError, match="no transaction open") as raised:
+                install.upgrade(connection)
+            assert "\n" not in str(raised.value)
+            connection.commit()  # the caller's transaction was left as it was
+        assert install.current(empty_database) is None
+        with psycopg.connect(empty_database) as conn:
+            assert conn.execute("SELECT to_regclass('mine') IS NOT NULL").fetchone() == (True,)
+    finally:
+        engine.dispose()
+
+
+def test_something_else_is_refused_in_one_line() -> None:
+    with pytest.raises(UnsupportedConnectionError, match="database URL or a SQLAlchemy Connection"):
+        install.upgrade(42)  # type: ignore[arg-type]
+
+
+def test_a_bad_or_unreachable_url_is_one_line_without_the_password(server_url: str) -> None:
+    with pytest.raises(OutboxDatabaseError, match="not a valid PostgreSQL URL") as bad:
+        install.upgrade("postgresql://user:hunter2@host:notaport/db")
+    assert "hunter2" not in str(bad.value)
+    with pytest.raises(OutboxDatabaseError, match="cannot connect to PostgreSQL") as down:
+        install.upgrade("postgresql://user:hunter2@127.0.0.1:1/db")
+    assert "hunter2" not in str(down.value) and "\n" not in str(down.value)

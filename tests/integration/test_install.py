@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
+from urllib.parse import quote
+
 import psycopg
 import pytest
 from sqlalchemy import create_engine, pool, text
 
 import outbox
 from outbox import install
-from outbox.exceptions import OutboxDatabaseError, UnsupportedConnectionError
+from outbox.exceptions import OutboxDatabaseError, OutboxError, UnsupportedConnectionError
 from outbox.schema import VERSION_TABLE
 
 ALL = ["0001", "0002", "0003", "0004", "0005"]
@@ -78,3 +81,27 @@ def test_a_bad_or_unreachable_url_is_one_line_without_the_password(server_url: s
     with pytest.raises(OutboxDatabaseError, match="cannot connect to PostgreSQL") as down:
         install.upgrade("postgresql://user:hunter2@127.0.0.1:1/db")
     assert "hunter2" not in str(down.value) and "\n" not in str(down.value)
+
+
+def test_an_unknown_revision_is_one_line(empty_database: str) -> None:
+    with pytest.raises(OutboxError, match=r"^migrate failed: .*'nonsense'") as raised:
+        install.upgrade(empty_database, "nonsense")
+    assert "\n" not in str(raised.value)
+    assert install.current(empty_database) is None
+
+
+def test_a_refused_statement_is_one_line_naming_the_privilege(empty_database: str) -> None:
+    role = f"outbox_install_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+    separator = "&" if "?" in empty_database else "?"
+    as_role = f"{empty_database}{separator}options={quote(f'-c role={role}')}"
+    try:
+        with pytest.raises(OutboxDatabaseError, match="lacks a privilege") as raised:
+            install.upgrade(as_role)
+        assert str(raised.value).startswith("migrate failed: the database refused it: ")
+        assert "permission denied" in str(raised.value) and "\n" not in str(raised.value)
+    finally:
+        with psycopg.connect(empty_database, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")

@@ -8,13 +8,16 @@ base dependencies made unimportable.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.isolation import (
+    PROJECT,
     ROOT,
     blocked_modules,
     closure,
@@ -118,7 +121,12 @@ def test_outbox_worker_on_an_enqueue_only_install_names_its_extra() -> None:
     assert {"apscheduler", "posthog", "prometheus_client", "alembic"} <= set(blocked)
     for argv in (["run"], ["migrate"], ["status"], ["--help"]):
         result = run_without(blocked, RUN_ENTRY_POINT.format(argv=argv))
-        _one_line_error(result, "pip install 'posthog-outbox[worker]'")
+        # The line the README's "Install" section shows.
+        _one_line_error(
+            result,
+            "outbox-worker: error: outbox-worker needs apscheduler, which is not installed: "
+            "pip install 'posthog-outbox[worker]'",
+        )
         assert result.stdout == ""
 
 
@@ -174,3 +182,29 @@ def test_the_wheel_ships_the_migrations_where_outbox_install_finds_them() -> Non
     # In this checkout (an editable install) they are the repository's.
     assert migrations_dir() == ROOT / "migrations"
     assert (ROOT / "alembic.ini").read_text().count("script_location = %(here)s/migrations") == 1
+
+
+def _as_written(texts: list[str]) -> set[str]:
+    """A dependency list as the README's install table writes it: each distribution
+    with its extras, the project's own extras by name."""
+    written = set()
+    for text in texts:
+        requirement = Requirement(text)
+        if canonicalize_name(requirement.name) == PROJECT:
+            written.update(requirement.extras)
+        else:
+            extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+            written.add(requirement.name + extras)
+    return written
+
+
+def test_the_readmes_install_table_is_pyproject() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (`\w+`|\(none\)) \| .* \| (.*) \|$", section, re.MULTILINE)
+    table = {extra.strip("`"): set(re.findall(r"`([^`]+)`", adds)) for extra, adds in rows}
+    project = pyproject()["project"]
+    expected = {"(none)": _as_written(project["dependencies"])}
+    for extra, texts in project["optional-dependencies"].items():
+        expected[extra] = _as_written(texts)
+    assert table == expected

@@ -13,6 +13,7 @@ import outbox
 from outbox import install
 from outbox.exceptions import OutboxDatabaseError, OutboxError, UnsupportedConnectionError
 from outbox.schema import VERSION_TABLE
+from tests.conftest import pend_a_migration_that_alters_outbox_events
 
 ALL = ["0001", "0002", "0003", "0004", "0005"]
 
@@ -105,3 +106,27 @@ def test_a_refused_statement_is_one_line_naming_the_privilege(empty_database: st
     finally:
         with psycopg.connect(empty_database, autocommit=True) as conn:
             conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_on_a_connection_a_held_lock_is_retried_then_named(database_url: str) -> None:
+    """The retries run on the caller's connection too: each try rolled back, the lock
+    holders named when they are over, and the connection left usable."""
+    pend_a_migration_that_alters_outbox_events(database_url)
+    engine = create_engine(install.sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    separator = "&" if "?" in database_url else "?"
+    holder = psycopg.connect(f"{database_url}{separator}application_name=holding_a_batch")
+    try:
+        holder.execute("SELECT id FROM outbox_events FOR UPDATE")  # RowShareLock
+        with engine.connect() as connection:
+            connection.execute(text("SET lock_timeout = '3s'"))
+            connection.commit()
+            with pytest.raises(OutboxDatabaseError, match="could not take its locks") as raised:
+                install.upgrade(connection, lock_timeout=0.1, retry_for=0.5)
+            assert "(holding_a_batch) holds RowShareLock on outbox_events" in str(raised.value)
+            assert connection.execute(text("SHOW lock_timeout")).scalar_one() == "3s"
+            connection.rollback()
+            holder.rollback()  # the batch ends
+            assert install.upgrade(connection, lock_timeout=0.1) == ["0004", "0005"]
+    finally:
+        holder.close()
+        engine.dispose()

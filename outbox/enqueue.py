@@ -26,11 +26,8 @@ from typing import Any, cast
 import psycopg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
-from sqlalchemy.engine import Connection as SAConnection
-from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
-from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
-from sqlalchemy.orm import Session, scoped_session
 
+from outbox._db import aexecute, execute, is_async, is_sync, resolve
 from outbox.actors import Actor
 from outbox.config import AnalyticsConfig, get_config
 from outbox.exceptions import (
@@ -51,12 +48,8 @@ from outbox.validation import (
 
 __all__ = ["aenqueue", "aenqueue_many", "enqueue", "enqueue_many", "prepare_enqueue"]
 
-# The connections the library writes on, by driver and by sync/async (the guards in
-# outbox.guards accept exactly these too).
-PSYCOPG_SYNC = (psycopg.Connection, psycopg.Cursor)
-PSYCOPG_ASYNC = (psycopg.AsyncConnection, psycopg.AsyncCursor)
-SQLALCHEMY_SYNC = (Session, SAConnection, scoped_session)
-SQLALCHEMY_ASYNC = (AsyncSession, SAAsyncConnection, async_scoped_session)
+# Every statement runs on the caller's connection through outbox._db, which lists the
+# connections the library writes on (PSYCOPG_SYNC and friends) and never prepares.
 
 DistinctId = str | int | uuid_module.UUID | Actor
 """What ``enqueue()`` takes as ``distinct_id``: an id, or an :class:`~outbox.actors.Actor`."""
@@ -646,22 +639,24 @@ def _translate(exc: Exception) -> Exception:
 
 
 def enqueue_prepared(conn: Any, events: Sequence[PreparedEvent]) -> list[uuid_module.UUID | None]:
-    """Insert already validated events on ``conn`` (see :func:`enqueue_many`)."""
+    """Insert already validated events on ``conn`` (see :func:`enqueue_many`).
+
+    The statement runs through :func:`outbox._db.execute`, never as a prepared
+    statement, so it works behind a transaction pooler whatever ``conn``'s driver
+    settings are.
+    """
     if not events:
         return []
+    conn = resolve(conn)
+    if not is_sync(conn):
+        raise _unsupported(conn, sync=True)
     call = _Call(events)
+    statements = call.statements
     try:
-        if isinstance(conn, PSYCOPG_SYNC):
-            cursor = conn.execute(call.statements.psycopg, call.params)
-            claimed = [r[0] for r in cursor.fetchall()] if call.reads_keys else []
-        elif isinstance(conn, SQLALCHEMY_SYNC):
-            result = conn.execute(call.statements.sqlalchemy, call.params)
-            claimed = list(result.scalars()) if call.reads_keys else []
-        else:
-            raise _unsupported(conn, sync=True)
+        rows = execute(conn, statements.psycopg, call.params, sqlalchemy=statements.sqlalchemy)
     except (sa_exc.DBAPIError, psycopg.Error) as exc:
         raise _translate(exc) from exc
-    return call.results(claimed)
+    return call.results(_claimed(rows) if call.reads_keys else [])
 
 
 async def aenqueue_prepared(
@@ -670,19 +665,23 @@ async def aenqueue_prepared(
     """The async twin of :func:`enqueue_prepared`."""
     if not events:
         return []
+    conn = resolve(conn)
+    if not is_async(conn):
+        raise _unsupported(conn, sync=False)
     call = _Call(events)
+    statements = call.statements
     try:
-        if isinstance(conn, PSYCOPG_ASYNC):
-            cursor = await conn.execute(call.statements.psycopg, call.params)
-            claimed = [r[0] for r in await cursor.fetchall()] if call.reads_keys else []
-        elif isinstance(conn, SQLALCHEMY_ASYNC):
-            result = await conn.execute(call.statements.sqlalchemy, call.params)
-            claimed = list(result.scalars()) if call.reads_keys else []
-        else:
-            raise _unsupported(conn, sync=False)
+        rows = await aexecute(
+            conn, statements.psycopg, call.params, sqlalchemy=statements.sqlalchemy
+        )
     except (sa_exc.DBAPIError, psycopg.Error) as exc:
         raise _translate(exc) from exc
-    return call.results(claimed)
+    return call.results(_claimed(rows) if call.reads_keys else [])
+
+
+def _claimed(rows: Sequence[Mapping[str, Any]]) -> list[str | None]:
+    """The dedup keys the keyed statement claimed (its one column)."""
+    return [next(iter(row.values())) for row in rows]
 
 
 def _unsupported(conn: Any, *, sync: bool) -> UnsupportedConnectionError:

@@ -51,17 +51,18 @@ from psycopg import sql as psycopg_sql
 from sqlalchemy import Table, text
 from sqlalchemy.sql import Executable
 
-from outbox.actors import Actor
-from outbox.config import AnalyticsConfig, get_config
-from outbox.enqueue import (
+from outbox._db import (
     PSYCOPG_ASYNC,
     PSYCOPG_SYNC,
     SQLALCHEMY_ASYNC,
     SQLALCHEMY_SYNC,
-    aenqueue_prepared,
-    enqueue_prepared,
-    prepare_enqueue,
+    aexecute,
+    execute,
+    resolve,
 )
+from outbox.actors import Actor
+from outbox.config import AnalyticsConfig, get_config
+from outbox.enqueue import aenqueue_prepared, enqueue_prepared, prepare_enqueue
 from outbox.exceptions import OutboxValidationError, UnsupportedConnectionError
 from outbox.validation import PreparedEvent, new_event_uuid
 
@@ -270,53 +271,43 @@ _Step = _Exec | _Enqueue
 _Steps = Generator[_Step, Any, "FirstTime"]
 
 
-def _statement_for(conn: Any, step: _Exec) -> tuple[Any, Mapping[str, Any] | None]:
+def _statement_for(conn: Any, step: _Exec) -> tuple[Any, Any, Mapping[str, Any] | None]:
+    """The step's statement as (psycopg form, SQLAlchemy form, params) for ``conn``.
+
+    The guards' own statements (:class:`_Statement`, savepoints) have both forms and
+    run unprepared on psycopg, also under SQLAlchemy (see :mod:`outbox._db`). A
+    caller's own statement for :func:`emit_if_first` is in the driver's style: on a
+    psycopg connection it is psycopg's form; on SQLAlchemy (text or a Core/ORM
+    statement) it goes through SQLAlchemy as written.
+    """
     statement: Any = step.statement
     params = step.params
-    psycopg_style = isinstance(conn, PSYCOPG_SYNC + PSYCOPG_ASYNC)
     if isinstance(statement, _Statement):
-        params = statement.params
-        statement = statement.psycopg if psycopg_style else statement.sqlalchemy
-    if isinstance(statement, str) and not psycopg_style:
+        return statement.psycopg, statement.sqlalchemy, statement.params
+    if isinstance(conn, PSYCOPG_SYNC + PSYCOPG_ASYNC):
+        return statement, None, params
+    if isinstance(statement, str):
         statement = text(statement)
-    return statement, params
-
-
-def _rows_of_cursor(cursor: Any, rows: list[Any]) -> list[Row]:
-    names = [column.name for column in cursor.description]
-    return [dict(zip(names, values, strict=True)) for values in rows]
-
-
-def _rows_of_result(result: Any) -> list[Row]:
-    if not result.returns_rows:
-        return []
-    return [dict(mapping) for mapping in result.mappings().all()]
+    return None, statement, params
 
 
 def _perform(conn: Any, step: _Step) -> Any:
     if isinstance(step, _Enqueue):
         return enqueue_prepared(conn, step.events)
-    statement, params = _statement_for(conn, step)
-    if isinstance(conn, PSYCOPG_SYNC):
-        cursor = conn.execute(statement, params)
-        return [] if cursor.description is None else _rows_of_cursor(cursor, cursor.fetchall())
-    return _rows_of_result(conn.execute(statement, params or {}))
+    psycopg_form, sqlalchemy_form, params = _statement_for(conn, step)
+    return execute(conn, psycopg_form, params, sqlalchemy=sqlalchemy_form)
 
 
 async def _aperform(conn: Any, step: _Step) -> Any:
     if isinstance(step, _Enqueue):
         return await aenqueue_prepared(conn, step.events)
-    statement, params = _statement_for(conn, step)
-    if isinstance(conn, PSYCOPG_ASYNC):
-        cursor = await conn.execute(statement, params)
-        if cursor.description is None:
-            return []
-        return _rows_of_cursor(cursor, await cursor.fetchall())
-    return _rows_of_result(await conn.execute(statement, params or {}))
+    psycopg_form, sqlalchemy_form, params = _statement_for(conn, step)
+    return await aexecute(conn, psycopg_form, params, sqlalchemy=sqlalchemy_form)
 
 
 def _drive(conn: Any, steps: _Steps) -> FirstTime:
     """Run the guard's steps on a sync connection."""
+    conn = resolve(conn)
     _check_connection(conn, sync=True)
     try:
         step = next(steps)
@@ -333,6 +324,7 @@ def _drive(conn: Any, steps: _Steps) -> FirstTime:
 
 async def _adrive(conn: Any, steps: _Steps) -> FirstTime:
     """Run the guard's steps on an async connection."""
+    conn = resolve(conn)
     _check_connection(conn, sync=False)
     try:
         step = next(steps)
@@ -389,7 +381,7 @@ def _guard_steps(run: _Exec, is_first: Callable[[Row], bool], emit: _Emit) -> _S
         template = emit.prepare(None)  # refuse a bad event before the statement runs
     savepoint = not disabled and emit.depends_on_row
     if savepoint:
-        yield _Exec(f"SAVEPOINT {_SAVEPOINT}")
+        yield _Exec(_Statement(f"SAVEPOINT {_SAVEPOINT}", {}))
     try:
         rows: list[Row] = yield run
         first_rows = [row for row in rows if is_first(row)]
@@ -410,11 +402,11 @@ def _guard_steps(run: _Exec, is_first: Callable[[Row], bool], emit: _Emit) -> _S
         if savepoint:
             # If the connection is gone, the original error says more than this one.
             with contextlib.suppress(Exception):
-                yield _Exec(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
-                yield _Exec(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+                yield _Exec(_Statement(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}", {}))
+                yield _Exec(_Statement(f"RELEASE SAVEPOINT {_SAVEPOINT}", {}))
         raise
     if savepoint:
-        yield _Exec(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+        yield _Exec(_Statement(f"RELEASE SAVEPOINT {_SAVEPOINT}", {}))
     return FirstTime(tuple(rows), tuple(first_rows), tuple(uuids))
 
 

@@ -249,13 +249,27 @@ def default_config() -> Iterator[None]:
 
 
 def record_statements(engine: Any) -> list[str]:
-    """Every SQL statement ``engine`` sends from now on, appended as it goes."""
+    """Every SQL statement ``engine``'s connections send from now on, appended as it goes.
+
+    Recorded in psycopg's cursors, not in SQLAlchemy's ``before_cursor_execute``: the
+    library runs its statements on the psycopg connection under a SQLAlchemy session
+    (outbox._db), where SQLAlchemy's events do not see them.
+    """
     from sqlalchemy import event
 
     statements: list[str] = []
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
+    class Recording(psycopg.Cursor[Any]):
+        def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+            statements.append(query if isinstance(query, str) else repr(query))
+            return super().execute(query, *args, **kwargs)
+
+        def executemany(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+            statements.append(query if isinstance(query, str) else repr(query))
+            return super().executemany(query, *args, **kwargs)
+
+    @event.listens_for(engine, "checkout")
+    def record(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        proxy.driver_connection.cursor_factory = Recording
 
     return statements

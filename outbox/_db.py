@@ -1,0 +1,235 @@
+"""The one place the library runs SQL on a caller's connection.
+
+Every statement the library sends on a caller's connection (the enqueue INSERT, the
+first-time guards' statements and savepoints) goes through :func:`execute` or
+:func:`aexecute`, which run it with psycopg's ``prepare=False``: never as a
+server-side prepared statement, whatever the connection's ``prepare_threshold``
+says. A transaction pooler (PgBouncer in ``pool_mode = transaction``, Supabase's
+pooler, RDS Proxy, Neon's pooler) hands each transaction whichever server
+connection is free, so a statement psycopg prepared on one server connection is
+missing on the next (``prepared statement "_pg3_2" does not exist``) or already
+there under the same name (``... already exists``). An unnamed statement sent with
+its parameters in one round trip works through any of them.
+
+What runs where:
+
+- a psycopg ``Connection`` or ``AsyncConnection`` (or a cursor: the statement runs
+  on its connection, in a cursor of its own, so the caller's cursor keeps its
+  results): the statement runs on it with ``prepare=False``;
+- a SQLAlchemy ``Session``, ``Connection``, ``AsyncSession`` or ``AsyncConnection``
+  whose driver is psycopg 3 (``postgresql+psycopg://``): the statement runs with
+  ``prepare=False`` on the psycopg connection underneath
+  (``Connection.connection.driver_connection``), inside SQLAlchemy's transaction,
+  which is begun first if it has not been, so it commits or rolls back with
+  whatever else the session writes. SQLAlchemy's ``before_cursor_execute`` events do
+  not see these statements; a database error is raised as the SQLAlchemy exception
+  SQLAlchemy itself would raise (``sqlalchemy.exc.IntegrityError`` and so on), with
+  the psycopg error as its ``orig``;
+- a SQLAlchemy connection on any other driver: the statement goes through
+  SQLAlchemy as it always did, and whether it is prepared is that driver's choice.
+  asyncpg (``postgresql+asyncpg://``) prepares every statement it runs and caches
+  them per connection; behind a transaction pooler it needs
+  ``connect_args={"statement_cache_size": 0, "prepared_statement_cache_size": 0}``
+  (asyncpg's and SQLAlchemy's caches) and a pooler that tolerates the unnamed
+  prepared statements asyncpg still uses (PgBouncer 1.21 and later with
+  ``max_prepared_statements`` set). psycopg2 never prepares;
+- Django's ``django.db.connection`` (or a database wrapper from
+  ``django.db.connections``) and Django cursors: :func:`resolve` connects it if
+  Django has not yet and uses the psycopg 3 connection underneath.
+
+Rows come back as a list of dicts (column name to value), ``[]`` for a statement
+that returns none.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from psycopg import sql as psycopg_sql
+from psycopg.rows import dict_row
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.engine import Connection as SAConnection
+from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
+from sqlalchemy.orm import Session, scoped_session
+from sqlalchemy.sql import Executable
+
+__all__ = [
+    "PSYCOPG_ASYNC",
+    "PSYCOPG_SYNC",
+    "SQLALCHEMY_ASYNC",
+    "SQLALCHEMY_SYNC",
+    "Row",
+    "Sql",
+    "aexecute",
+    "execute",
+    "is_async",
+    "is_sync",
+    "resolve",
+]
+
+# The connections the library writes on, by driver and by sync/async.
+PSYCOPG_SYNC = (psycopg.Connection, psycopg.Cursor)
+PSYCOPG_ASYNC = (psycopg.AsyncConnection, psycopg.AsyncCursor)
+SQLALCHEMY_SYNC = (Session, SAConnection, scoped_session)
+SQLALCHEMY_ASYNC = (AsyncSession, SAAsyncConnection, async_scoped_session)
+
+Row = dict[str, Any]
+Sql = str | psycopg_sql.SQL | psycopg_sql.Composed
+"""A statement in psycopg's style: ``%(name)s`` placeholders, ``%%`` for a literal %."""
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%|:")
+
+
+def resolve(conn: Any) -> Any:
+    """The connection the library should write on, for ``conn`` as the caller gave it.
+
+    Django's connection (``django.db.connection``, a ``DatabaseWrapper``) is
+    connected if Django has not connected it yet, and its psycopg connection is
+    returned; a Django cursor resolves to its connection's. Anything else comes back
+    unchanged. Django is recognised by the module of ``conn``'s type, so this module
+    never imports it.
+    """
+    if not type(conn).__module__.startswith("django."):
+        return conn
+    ensure = getattr(conn, "ensure_connection", None)
+    if ensure is not None:  # DatabaseWrapper, or the ConnectionProxy in front of one
+        ensure()
+        return conn.connection
+    db = getattr(conn, "db", None)  # CursorWrapper
+    if db is not None:
+        return resolve(db)
+    return conn
+
+
+def is_sync(conn: Any) -> bool:
+    """Whether ``conn`` (after :func:`resolve`) is a connection the sync calls write on."""
+    return isinstance(conn, PSYCOPG_SYNC + SQLALCHEMY_SYNC)
+
+
+def is_async(conn: Any) -> bool:
+    """Whether ``conn`` (after :func:`resolve`) is one the async (``a*``) calls write on."""
+    return isinstance(conn, PSYCOPG_ASYNC + SQLALCHEMY_ASYNC)
+
+
+def execute(
+    conn: Any,
+    sql: Sql | None,
+    params: Mapping[str, Any] | None = None,
+    *,
+    sqlalchemy: Executable | None = None,
+) -> list[Row]:
+    """Run one statement on a sync connection, never prepared; its rows as dicts.
+
+    ``sql`` is the statement in psycopg's style. ``sqlalchemy`` is the same statement
+    as a SQLAlchemy executable, used only for SQLAlchemy connections on drivers other
+    than psycopg (by default it is made from ``sql``). Pass ``sql=None`` for a
+    statement that exists only as a SQLAlchemy executable (a caller's own ORM
+    statement): it then always goes through SQLAlchemy. Database errors propagate
+    (psycopg's, or SQLAlchemy's for a SQLAlchemy connection).
+    """
+    conn = resolve(conn)
+    if isinstance(conn, PSYCOPG_SYNC):
+        return _run_psycopg(_psycopg_connection(conn), sql, params)
+    if isinstance(conn, Session | scoped_session):
+        conn = conn.connection()
+    if not isinstance(conn, SAConnection):
+        raise TypeError(f"not a sync connection: {type(conn).__module__}.{type(conn).__name__}")
+    if sql is not None:
+        driver = conn.connection.driver_connection
+        if isinstance(driver, psycopg.Connection):
+            if not conn.in_transaction():
+                conn.begin()
+            try:
+                return _run_psycopg(driver, sql, params)
+            except psycopg.Error as exc:
+                raise _sqlalchemy_error(conn, sql, params, exc) from exc
+    result = conn.execute(_sqlalchemy_form(sql, sqlalchemy), dict(params or {}))
+    return [dict(m) for m in result.mappings().all()] if result.returns_rows else []
+
+
+async def aexecute(
+    conn: Any,
+    sql: Sql | None,
+    params: Mapping[str, Any] | None = None,
+    *,
+    sqlalchemy: Executable | None = None,
+) -> list[Row]:
+    """:func:`execute` on an async connection (psycopg ``AsyncConnection``, SQLAlchemy
+    ``AsyncSession`` or ``AsyncConnection``)."""
+    conn = resolve(conn)
+    if isinstance(conn, PSYCOPG_ASYNC):
+        return await _arun_psycopg(_psycopg_connection(conn), sql, params)
+    if isinstance(conn, AsyncSession | async_scoped_session):
+        conn = await conn.connection()
+    if not isinstance(conn, SAAsyncConnection):
+        raise TypeError(f"not an async connection: {type(conn).__module__}.{type(conn).__name__}")
+    if sql is not None:
+        driver = (await conn.get_raw_connection()).driver_connection
+        if isinstance(driver, psycopg.AsyncConnection):
+            if not conn.in_transaction():
+                await conn.begin()
+            try:
+                return await _arun_psycopg(driver, sql, params)
+            except psycopg.Error as exc:
+                sync_connection = conn.sync_connection
+                assert sync_connection is not None  # started by get_raw_connection
+                raise _sqlalchemy_error(sync_connection, sql, params, exc) from exc
+    result = await conn.execute(_sqlalchemy_form(sql, sqlalchemy), dict(params or {}))
+    return [dict(m) for m in result.mappings().all()] if result.returns_rows else []
+
+
+def _psycopg_connection(conn: Any) -> Any:
+    return conn.connection if isinstance(conn, psycopg.Cursor | psycopg.AsyncCursor) else conn
+
+
+def _run_psycopg(conn: psycopg.Connection[Any], sql: Sql | None, params: Any) -> list[Row]:
+    if sql is None:
+        raise TypeError("a SQLAlchemy statement cannot run on a psycopg connection")
+    with conn.cursor(row_factory=dict_row) as cursor:
+        cursor.execute(sql, params, prepare=False)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+async def _arun_psycopg(
+    conn: psycopg.AsyncConnection[Any], sql: Sql | None, params: Any
+) -> list[Row]:
+    if sql is None:
+        raise TypeError("a SQLAlchemy statement cannot run on a psycopg connection")
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(sql, params, prepare=False)
+        return await cursor.fetchall() if cursor.description is not None else []
+
+
+def _sqlalchemy_form(sql: Sql | None, given: Executable | None) -> Executable:
+    if given is not None:
+        return given
+    if sql is None:
+        raise TypeError("no statement given")
+    source = sql if isinstance(sql, str) else sql.as_string(None)
+
+    def convert(match: re.Match[str]) -> str:
+        if match.group(1) is not None:
+            return ":" + match.group(1)
+        return "%" if match.group(0) == "%%" else "\\:"
+
+    return text(_PLACEHOLDER.sub(convert, source))
+
+
+def _sqlalchemy_error(
+    conn: SAConnection, sql: Sql, params: Mapping[str, Any] | None, exc: psycopg.Error
+) -> BaseException:
+    """The exception SQLAlchemy raises for ``exc`` (``IntegrityError`` and friends)."""
+    statement = sql if isinstance(sql, str) else repr(sql)
+    return sa_exc.DBAPIError.instance(
+        statement,
+        dict(params or {}),
+        exc,
+        psycopg.Error,
+        hide_parameters=conn.engine.hide_parameters,
+        dialect=conn.dialect,
+    )

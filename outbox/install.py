@@ -2,11 +2,11 @@
 
 :func:`upgrade` applies the Alembic migrations that ship with posthog-outbox (the
 same ones ``outbox-worker migrate`` and ``alembic upgrade head`` apply) to a
-database URL or a SQLAlchemy ``Connection``; :func:`current` says which revision a
-database is at. They need Alembic: ``pip install 'posthog-outbox[migrate]'``
-(the ``worker`` extra includes it). Without it, they raise
-:class:`~outbox.exceptions.OutboxMissingExtraError`, and importing this module
-still works.
+database URL, a SQLAlchemy ``Engine`` or a SQLAlchemy ``Connection``;
+:func:`current` says which revision a database is at. They need Alembic:
+``pip install 'posthog-outbox[migrate]'`` (the ``worker`` extra includes it).
+Without it, they raise :class:`~outbox.exceptions.OutboxMissingExtraError`, and
+importing this module still works.
 
 Each try of a migration waits at most ``lock_timeout`` seconds for a lock (the
 session's ``lock_timeout``): while a DDL statement waits for a table's lock, every
@@ -29,7 +29,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import create_engine, pool, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from outbox import _locks
@@ -63,8 +63,9 @@ MIGRATE_LOCK_TIMEOUT = 1.0
 MIGRATE_RETRY_FOR = 120.0
 
 #: A database URL (``postgresql://``, ``postgresql+psycopg://``, ``postgres://``) or
-#: a SQLAlchemy ``Connection`` with no transaction open.
-Target = str | Connection
+#: a SQLAlchemy ``Engine`` (the migrations take connections from it), or a SQLAlchemy
+#: ``Connection`` with no transaction open.
+Target = str | Engine | Connection
 
 _DRIVER_PREFIXES = ("postgresql+psycopg://", "postgresql+psycopg2://", "postgres://")
 
@@ -151,8 +152,9 @@ def upgrade(
     and return the revisions applied, oldest first: empty when the database was
     already there.
 
-    ``target`` is a database URL, or a SQLAlchemy ``Connection`` with no transaction
-    open: the migrations commit as they go (0004 validates its constraints outside
+    ``target`` is a database URL, a SQLAlchemy ``Engine`` (each try takes a new
+    connection from it), or a SQLAlchemy ``Connection`` with no transaction open:
+    the migrations commit as they go (0004 validates its constraints outside
     the transaction that added them), so they cannot run inside the caller's
     transaction. The connection's ``lock_timeout`` is set back as it was afterwards.
     Every lock waits at most ``lock_timeout`` seconds; a try that timed out is rolled
@@ -303,8 +305,8 @@ def _holders(connection: Connection) -> str:
 @contextmanager
 def _connections(target: Target, *, idle: bool = True) -> Iterator[Iterator[Connection]]:
     """Connections to ``target`` to try on, one after another: a new one each time for
-    a URL (closed after), the caller's own for a ``Connection`` (left open; with
-    ``idle``, refused inside a transaction)."""
+    a URL or an ``Engine`` (closed after), the caller's own for a ``Connection`` (left
+    open; with ``idle``, refused inside a transaction)."""
     if isinstance(target, Connection):
         if idle and target.in_transaction():
             raise UnsupportedConnectionError(
@@ -319,10 +321,17 @@ def _connections(target: Target, *, idle: bool = True) -> Iterator[Iterator[Conn
 
         yield same()
         return
+    if isinstance(target, Engine):
+        tries = _fresh(target)
+        try:
+            yield tries
+        finally:
+            tries.close()
+        return
     if not isinstance(target, str):
         raise UnsupportedConnectionError(
-            f"outbox.install takes a database URL or a SQLAlchemy Connection, "
-            f"not {type(target).__module__}.{type(target).__qualname__}"
+            f"outbox.install takes a database URL, a SQLAlchemy Engine or a SQLAlchemy "
+            f"Connection, not {type(target).__module__}.{type(target).__qualname__}"
         )
     try:
         engine = create_engine(sqlalchemy_url(target), poolclass=pool.NullPool)
@@ -331,25 +340,26 @@ def _connections(target: Target, *, idle: bool = True) -> Iterator[Iterator[Conn
             "the database URL given to outbox.install is not a valid PostgreSQL URL; "
             "expected e.g. postgresql://user@host:5432/dbname"
         ) from exc
-
-    def fresh() -> Generator[Connection, None, None]:
-        while True:
-            try:
-                connection = engine.connect()
-            except OperationalError as exc:
-                raise OutboxDatabaseError(
-                    f"cannot connect to PostgreSQL to migrate the outbox tables: "
-                    f"{_first_line(exc.orig or exc)}"
-                ) from exc
-            with connection:
-                yield connection
-
-    tries = fresh()
+    tries = _fresh(engine)
     try:
         yield tries
     finally:
         tries.close()
         engine.dispose()
+
+
+def _fresh(engine: Engine) -> Generator[Connection, None, None]:
+    """A new connection from ``engine`` for each try, closed when the next is taken."""
+    while True:
+        try:
+            connection = engine.connect()
+        except OperationalError as exc:
+            raise OutboxDatabaseError(
+                f"cannot connect to PostgreSQL to migrate the outbox tables: "
+                f"{_first_line(exc.orig or exc)}"
+            ) from exc
+        with connection:
+            yield connection
 
 
 def _first_line(exc: BaseException) -> str:

@@ -71,7 +71,8 @@ def test_a_connection_inside_a_transaction_is_refused_untouched(empty_database: 
 
 
 def test_something_else_is_refused_in_one_line() -> None:
-    with pytest.raises(UnsupportedConnectionError, match="database URL or a SQLAlchemy Connection"):
+    expected = "takes a database URL, a SQLAlchemy Engine or a SQLAlchemy Connection"
+    with pytest.raises(UnsupportedConnectionError, match=expected):
         install.upgrade(42)  # type: ignore[arg-type]
 
 
@@ -129,4 +130,21 @@ def test_on_a_connection_a_held_lock_is_retried_then_named(database_url: str) ->
             assert install.upgrade(connection, lock_timeout=0.1) == ["0004", "0005"]
     finally:
         holder.close()
+        engine.dispose()
+
+
+def test_upgrade_on_an_engine_takes_its_connections_and_leaves_it_open(
+    empty_database: str,
+) -> None:
+    engine = create_engine(install.sqlalchemy_url(empty_database))  # a pool that keeps them
+    try:
+        with engine.connect() as connection:
+            default = connection.execute(text("SHOW lock_timeout")).scalar_one()
+        assert install.upgrade(engine) == ALL
+        assert install.current(engine) == ALL[-1]
+        assert install.upgrade(engine) == []
+        assert engine.pool.checkedout() == 0  # each try's connection went back
+        with engine.connect() as connection:  # the pooled connection the tries used
+            assert connection.execute(text("SHOW lock_timeout")).scalar_one() == default
+    finally:
         engine.dispose()

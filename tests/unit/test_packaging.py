@@ -206,8 +206,9 @@ def _as_written(texts: list[str]) -> set[str]:
 def test_the_readmes_install_table_is_pyproject() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| (`\w+`|\(none\)) \| .* \| (.*) \|$", section, re.MULTILINE)
-    table = {extra.strip("`"): set(re.findall(r"`([^`]+)`", adds)) for extra, adds in rows}
+    lines = section.split("\n|---|---|---|\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    table = {extra: set(re.findall(r"`([^`]+)`", adds)) for extra, _, adds in rows}
     project = pyproject()["project"]
     expected = {"(none)": _as_written(project["dependencies"])}
     for extra, texts in project["optional-dependencies"].items():

@@ -57,3 +57,19 @@ class UnsupportedCallError(OutboxError, TypeError):
     event)``), which are refused rather than guessed. The message names the form
     to use instead.
     """
+
+
+class OutboxMissingExtraError(OutboxError, ImportError):
+    """A part of posthog-outbox needs an optional dependency that is not installed.
+
+    ``extra`` names the package extra that brings it; the message says what to run,
+    e.g. ``pip install 'posthog-outbox[migrate]'``.
+    """
+
+    def __init__(self, needed_by: str, module: str, extra: str) -> None:
+        self.extra = extra
+        super().__init__(
+            f"{needed_by} needs {module}, which is not installed: "
+            f"pip install 'posthog-outbox[{extra}]'"
+        )
+        self.name = module

@@ -6,9 +6,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from psycopg import sql
-
-from outbox.schema import STATUS_DEAD, STATUS_PENDING, VERSION_TABLE
+from outbox import install
+from outbox.schema import STATUS_DEAD, STATUS_PENDING
 from worker.database import connect, resolve_database_url
 from worker.database import migrate as apply_migrations
 from worker.settings import Settings
@@ -34,22 +33,12 @@ def migrate(settings: Settings) -> int:
     """Apply the outbox migrations and say what that did: created the tables,
     upgraded them from one revision to another, or found them up to date."""
     url = resolve_database_url(settings.database_url, settings.data_dir)
-    before = schema_revision(url)
-    apply_migrations(url)
-    print(migrate_report(before, schema_revision(url)))
+    with connect(url):
+        pass  # the one-line error for a bad URL or an unreachable server, first
+    before = install.current(url)
+    applied = apply_migrations(url)
+    print(migrate_report(before, applied[-1] if applied else before))
     return 0
-
-
-def schema_revision(url: str) -> str | None:
-    """The outbox migration the database at ``url`` is at, or None before the first."""
-    with connect(url, autocommit=True) as conn:
-        found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (VERSION_TABLE,)).fetchone()
-        if not found or not found[0]:
-            return None
-        row = conn.execute(
-            sql.SQL("SELECT version_num FROM {}").format(sql.Identifier(VERSION_TABLE))
-        ).fetchone()
-    return str(row[0]) if row else None
 
 
 def migrate_report(before: str | None, after: str | None) -> str:

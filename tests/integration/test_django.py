@@ -24,18 +24,16 @@ import psycopg
 import pytest
 
 import outbox
+from outbox import install
 from tests.conftest import STAMP, create_database, drop_database
 
 pytest.importorskip("django", reason="Django is a test dependency: pip install -e '.[test]'")
 
-from alembic.script import ScriptDirectory
 from django.db import connection, connections, transaction
-
-from worker.database import alembic_config
 
 PROJECT = Path(__file__).resolve().parents[1] / "django_project"
 #: The newest outbox migration.
-HEAD = ScriptDirectory.from_config(alembic_config("postgresql://")).get_current_head()
+HEAD = install.head()
 
 
 @pytest.fixture(scope="module")

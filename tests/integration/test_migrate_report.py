@@ -6,15 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from alembic.script import ScriptDirectory
-
+from outbox import install
 from tests.conftest import pend_a_migration_that_alters_outbox_events, worker_env
 from worker.commands import migrate_report
-from worker.database import alembic_config
 
 WORKER = [sys.executable, "-m", "worker.cli"]
 #: The newest outbox migration.
-HEAD = ScriptDirectory.from_config(alembic_config("postgresql://")).get_current_head()
+HEAD = install.head()
 
 
 def _migrate(url: str) -> str:

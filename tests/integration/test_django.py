@@ -22,6 +22,7 @@ from unittest import mock
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 import outbox
 from outbox import install
@@ -378,7 +379,7 @@ def test_djangos_test_runner_gives_its_test_database_the_tables(
 ) -> None:
     # The project's database has no outbox tables: the test database Django builds
     # (test_<NAME>) gets them from the migration.
-    test_db = "test_" + empty_database.rsplit("/", 1)[-1]
+    test_db = "test_" + conninfo_to_dict(empty_database)["dbname"]
     try:
         result = manage("test", "shop", "-v", "2", "--noinput", database_url=empty_database)
     finally:

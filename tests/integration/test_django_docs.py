@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from tests.conftest import capture_requests, drop_database, worker_env
 from worker.testing import CaptureServer
@@ -111,7 +112,7 @@ def test_the_django_guide_runs(
     server_url: str, empty_database: str, tmp_path: Path, capture: CaptureServer
 ) -> None:
     write_project(tmp_path)
-    test_db = "test_" + empty_database.rsplit("/", 1)[-1]
+    test_db = "test_" + conninfo_to_dict(empty_database)["dbname"]
     try:
         for command in commands():
             result = run(tmp_path, empty_database, *command)

@@ -97,12 +97,15 @@ def test_an_event_commits_with_the_atomic_block(django_db: Any, database_url: st
 
     with transaction.atomic():
         order = Order.objects.create(user_id="user-42", total_cents=1250)
-        outbox.enqueue(django_db, "order_placed", "user-42", {"order_id": order.id})
+        # Django's connection binds parameters on the client: a % in a value stays one.
+        outbox.enqueue(django_db, "order_placed", "user-42", {"order_id": order.id, "off": "10%"})
         # Written in the transaction, so not there for anyone else yet; nothing waits
         # for on_commit.
         assert events(database_url) == []
         assert django_db.run_on_commit == []
-    assert events(database_url) == [("order_placed", "user-42", {"order_id": order.id})]
+    assert events(database_url) == [
+        ("order_placed", "user-42", {"order_id": order.id, "off": "10%"})
+    ]
 
 
 def test_an_event_rolls_back_with_the_atomic_block(django_db: Any, database_url: str) -> None:
@@ -181,6 +184,17 @@ def test_a_guard_outside_atomic_is_refused_and_django_carries_on(
     with transaction.atomic():
         outbox.enqueue(django_db, "still_fine", "u")
     assert names(database_url) == ["still_fine"]
+
+
+def test_server_side_binding_works_too(django_db: Any, database_url: str) -> None:
+    # Django binds parameters on the client (psycopg's ClientCursor) unless
+    # OPTIONS["server_side_binding"] is set.
+    django_db.close()
+    django_db.settings_dict["OPTIONS"]["server_side_binding"] = True
+    with transaction.atomic():
+        outbox.enqueue(django_db, "bound_on_the_server", "u", {"percent": "100%"})
+        assert type(django_db.connection.cursor()).__name__ == "ServerBindingCursor"
+    assert events(database_url) == [("bound_on_the_server", "u", {"percent": "100%"})]
 
 
 def test_batch_guards_and_identity_take_djangos_connection(

@@ -214,29 +214,36 @@ def _mark_sql(table: object, column: object, where: object, returning: object) -
 # written once for both.
 
 
-def _check_connection(conn: Any, *, sync: bool) -> None:
+def _check_connection(conn: Any, *, sync: bool, call: str, django: bool = False) -> None:
+    """Refuse a connection the guard ``call`` (its sync name) cannot run on, naming
+    what to use instead; ``django`` when the caller gave Django's connection."""
     if isinstance(conn, PSYCOPG_SYNC + PSYCOPG_ASYNC):
         connection = (
             conn.connection if isinstance(conn, psycopg.Cursor | psycopg.AsyncCursor) else conn
         )
         if isinstance(connection, psycopg.Connection) != sync:
-            raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
+            raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync, call=call))
         idle = connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         if connection.autocommit and idle:
+            where, fix = (
+                ("Django's connection is", "wrap the call in `with transaction.atomic():`")
+                if django
+                else ("this psycopg connection is", "use `with conn.transaction():`")
+            )
             raise UnsupportedConnectionError(
                 "first-time guards need a transaction, so that the row and its event "
-                "commit together; this psycopg connection is in autocommit mode outside "
-                "a transaction (use `with conn.transaction():`)"
+                f"commit together; {where} in autocommit mode outside a transaction "
+                f"({fix})"
             )
         return
     if isinstance(conn, SQLALCHEMY_SYNC):
         if sync:
             return
-        raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
+        raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync, call=call))
     if isinstance(conn, SQLALCHEMY_ASYNC):
         if not sync:
             return
-        raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync))
+        raise UnsupportedConnectionError(_wrong_kind(conn, sync=sync, call=call))
     name = f"{type(conn).__module__}.{type(conn).__qualname__}"
     raise UnsupportedConnectionError(
         f"first-time guards got {name}; they need a SQLAlchemy Session or Connection, or "
@@ -245,11 +252,11 @@ def _check_connection(conn: Any, *, sync: bool) -> None:
     )
 
 
-def _wrong_kind(conn: Any, *, sync: bool) -> str:
+def _wrong_kind(conn: Any, *, sync: bool, call: str) -> str:
     name = f"{type(conn).__module__}.{type(conn).__qualname__}"
     if sync:
-        return f"{name} is asynchronous: use aupsert_first, amark_first or aemit_if_first"
-    return f"{name} is synchronous: use upsert_first, mark_first or emit_if_first"
+        return f"{name} is asynchronous: use a{call}()"
+    return f"{name} is synchronous: use {call}()"
 
 
 @dataclass(frozen=True)
@@ -305,10 +312,15 @@ async def _aperform(conn: Any, step: _Step) -> Any:
     return await aexecute(conn, psycopg_form, params, sqlalchemy=sqlalchemy_form)
 
 
-def _drive(conn: Any, steps: _Steps) -> FirstTime:
-    """Run the guard's steps on a sync connection."""
+def _is_django(conn: Any) -> bool:
+    return type(conn).__module__.startswith("django.")
+
+
+def _drive(conn: Any, steps: _Steps, call: str) -> FirstTime:
+    """Run the guard ``call``'s steps on a sync connection."""
+    django = _is_django(conn)
     conn = resolve(conn)
-    _check_connection(conn, sync=True)
+    _check_connection(conn, sync=True, call=call, django=django)
     try:
         step = next(steps)
         while True:
@@ -322,10 +334,11 @@ def _drive(conn: Any, steps: _Steps) -> FirstTime:
         return done.value  # type: ignore[no-any-return]
 
 
-async def _adrive(conn: Any, steps: _Steps) -> FirstTime:
-    """Run the guard's steps on an async connection."""
+async def _adrive(conn: Any, steps: _Steps, call: str) -> FirstTime:
+    """Run the guard ``call``'s steps (``call`` its sync name) on an async connection."""
+    django = _is_django(conn)
     conn = resolve(conn)
-    _check_connection(conn, sync=False)
+    _check_connection(conn, sync=False, call=call, django=django)
     try:
         step = next(steps)
         while True:
@@ -475,7 +488,7 @@ def upsert_first(
     """
     statement = _upsert_sql(table, values, conflict, update, returning)
     emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
-    return _drive(conn, _guard_steps(_Exec(statement), _is_upserted, emit))
+    return _drive(conn, _guard_steps(_Exec(statement), _is_upserted, emit), "upsert_first")
 
 
 def mark_first(
@@ -509,7 +522,7 @@ def mark_first(
     """
     statement = _mark_sql(table, column, where, returning)
     emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
-    return _drive(conn, _guard_steps(_Exec(statement), _is_returned, emit))
+    return _drive(conn, _guard_steps(_Exec(statement), _is_returned, emit), "mark_first")
 
 
 def emit_if_first(
@@ -537,7 +550,9 @@ def emit_if_first(
     RETURNING ...``). Returns a :class:`FirstTime`.
     """
     emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
-    return _drive(conn, _guard_steps(_Exec(statement, params), _is_first_row, emit))
+    return _drive(
+        conn, _guard_steps(_Exec(statement, params), _is_first_row, emit), "emit_if_first"
+    )
 
 
 async def aupsert_first(
@@ -561,7 +576,7 @@ async def aupsert_first(
     a ``psycopg.AsyncConnection``."""
     statement = _upsert_sql(table, values, conflict, update, returning)
     emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
-    return await _adrive(conn, _guard_steps(_Exec(statement), _is_upserted, emit))
+    return await _adrive(conn, _guard_steps(_Exec(statement), _is_upserted, emit), "upsert_first")
 
 
 async def amark_first(
@@ -584,7 +599,7 @@ async def amark_first(
     ``psycopg.AsyncConnection``."""
     statement = _mark_sql(table, column, where, returning)
     emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
-    return await _adrive(conn, _guard_steps(_Exec(statement), _is_returned, emit))
+    return await _adrive(conn, _guard_steps(_Exec(statement), _is_returned, emit), "mark_first")
 
 
 async def aemit_if_first(
@@ -604,4 +619,6 @@ async def aemit_if_first(
     """:func:`emit_if_first` on a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``, or
     a ``psycopg.AsyncConnection``."""
     emit = _emit(event, distinct_id, properties, set, set_once, groups, timestamp, config)
-    return await _adrive(conn, _guard_steps(_Exec(statement, params), _is_first_row, emit))
+    return await _adrive(
+        conn, _guard_steps(_Exec(statement, params), _is_first_row, emit), "emit_if_first"
+    )

@@ -136,7 +136,7 @@ async def test_sync_and_async_guards_name_the_other_when_given_the_wrong_connect
     schema: str, engine: AsyncEngine
 ) -> None:
     async with AsyncSession(engine) as session:
-        with pytest.raises(UnsupportedConnectionError, match="aupsert_first"):
+        with pytest.raises(UnsupportedConnectionError, match=r"asynchronous: use amark_first\(\)$"):
             outbox.mark_first(
                 session,
                 "issue",
@@ -148,12 +148,44 @@ async def test_sync_and_async_guards_name_the_other_when_given_the_wrong_connect
             )
     with (
         psycopg.connect(schema) as sync_conn,
-        pytest.raises(UnsupportedConnectionError, match="upsert_first"),
+        pytest.raises(UnsupportedConnectionError, match=r"synchronous: use mark_first\(\)$"),
     ):
         await execute(sync_conn)
     async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
         with pytest.raises(UnsupportedConnectionError, match="autocommit"):
             await execute(conn)
+
+
+@pytest.mark.parametrize(
+    ("sync_guard", "async_guard", "args"),
+    [
+        (
+            outbox.upsert_first,
+            outbox.aupsert_first,
+            {"table": "issue", "values": {"id": 9}, "conflict": ["id"]},
+        ),
+        (
+            outbox.mark_first,
+            outbox.amark_first,
+            {"table": "issue", "column": "first_executed_at", "where": {"id": 1}},
+        ),
+        (outbox.emit_if_first, outbox.aemit_if_first, {"statement": "SELECT true AS first"}),
+    ],
+    ids=["upsert_first", "mark_first", "emit_if_first"],
+)
+async def test_each_guard_names_its_own_other_form(
+    schema: str, sync_guard: Any, async_guard: Any, args: dict[str, Any]
+) -> None:
+    async_name, sync_name = async_guard.__name__, sync_guard.__name__
+    async with await psycopg.AsyncConnection.connect(schema) as aconn:
+        with pytest.raises(
+            UnsupportedConnectionError, match=rf"asynchronous: use {async_name}\(\)$"
+        ):
+            sync_guard(aconn, **args, event="e", distinct_id="u", config=CONFIG)
+    with psycopg.connect(schema) as conn:
+        with pytest.raises(UnsupportedConnectionError, match=rf"synchronous: use {sync_name}\(\)$"):
+            await async_guard(conn, **args, event="e", distinct_id="u", config=CONFIG)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the transaction is usable
 
 
 async def test_an_async_scoped_session_works_like_its_session(

@@ -58,6 +58,10 @@ TICK_EVERY = 1_000
 DEFAULT_APP_TRANSACTIONS = 2_000
 QUICK_APP_TRANSACTIONS = 100
 APP_ROUNDS = 10
+#: synchronous_commit for the application's transactions: the server's default (the
+#: COMMIT waits for its WAL to reach the disk), then off (the same work without the
+#: disk's latency, which other load on the machine makes noisy).
+COMMIT_MODES = ("on", "off")
 DRAIN_TIMEOUT = 600.0
 
 TARGET_WAL = 1.15
@@ -404,7 +408,7 @@ def _deleted(url: str) -> int:
     )
 
 
-def _worker_backends_cpu(url: str, exclude: list[int]) -> float | None:
+def _worker_backends_cpu(url: str, exclude: list[int]) -> dict[int, float] | None:
     """CPU seconds of every client backend on this database but ours (the worker's)."""
     rows = execute(
         url,
@@ -412,10 +416,22 @@ def _worker_backends_cpu(url: str, exclude: list[int]) -> float | None:
         "AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND pid <> ALL(%s)",
         (exclude,),
     )
-    if not rows:
+    values = {int(r[0]): backend_cpu(int(r[0])) for r in rows}
+    if not values or None in values.values():
         return None
-    values = [backend_cpu(int(r[0])) for r in rows]
-    return None if None in values else sum(v or 0.0 for v in values)
+    return {pid: cpu or 0.0 for pid, cpu in values.items()}
+
+
+def _worker_idle(url: str, exclude: list[int]) -> bool:
+    """Whether the worker's connections (all but ours) are all outside a transaction."""
+    busy = scalar(
+        url,
+        "SELECT count(*) FILTER (WHERE state <> 'idle') FROM pg_stat_activity "
+        "WHERE datname = current_database() AND backend_type = 'client backend' "
+        "AND pid <> pg_backend_pid() AND pid <> ALL(%s)",
+        (exclude,),
+    )
+    return bool(busy == 0)
 
 
 def run_outbox(
@@ -449,7 +465,9 @@ def run_outbox(
     endpoint.reset()
     env = worker_env(url, endpoint.url, gzip=False)
     deleted0 = _deleted(url)
-    seen_cpu: list[float | None] = [None]
+    exclude = [meter.conn.info.backend_pid]
+    first: list[tuple[int, dict[int, float] | None]] = [(0, None)]
+    last: list[dict[int, float] | None] = [None]
 
     def drain() -> float | None:
         child = group.spawn("storage-worker", worker_argv("run"), env=env)
@@ -458,17 +476,20 @@ def run_outbox(
             if not child.running:
                 raise BenchFailed(f"the worker exited (code {child.returncode}){child.log_hint()}")
 
+        endpoint.wait_for(1, DRAIN_TIMEOUT, check=alive)
+        first[0] = (endpoint.count(), _worker_backends_cpu(url, exclude))
         endpoint.wait_for(events, DRAIN_TIMEOUT, check=alive)
-        # Every row deleted (the statistics arrive within a few seconds; reading the
-        # table itself would prune its pages and move WAL between the phases).
+        # The worker holds each batch's transaction open until its DELETE commits, so
+        # once none of its connections is in a transaction, the last batch is done.
+        # (Reading the table instead would prune its pages, moving WAL between phases.)
         deadline = time.monotonic() + 60
-        while _deleted(url) - deleted0 < events:
+        while not _worker_idle(url, exclude):
             alive()
             if time.monotonic() > deadline:
-                raise BenchFailed("the worker did not delete every shipped row within 60 s")
-            time.sleep(0.1)
-        seen_cpu[0] = _worker_backends_cpu(url, [meter.conn.info.backend_pid])
-        return seen_cpu[0]
+                raise BenchFailed("the worker did not finish its last batch within 60 s")
+            time.sleep(0.005)
+        last[0] = _worker_backends_cpu(url, exclude)
+        return None if last[0] is None else sum(last[0].values())
 
     try:
         engine.drain = _timed_phase(meter, drain)
@@ -476,13 +497,25 @@ def run_outbox(
         group.stop_all()
     if endpoint.count() != events:
         raise BenchFailed(f"the endpoint accepted {endpoint.count()} events, expected {events}")
-    left = int(scalar(url, "SELECT count(*) FROM outbox_events"))
-    if left:
-        raise BenchFailed(f"{left} rows left in outbox_events after the drain")
+    # Every row deleted, by the statistics (within seconds; no read of the table).
+    deadline = time.monotonic() + 60
+    while _deleted(url) - deleted0 < events:
+        if time.monotonic() > deadline:
+            raise BenchFailed(
+                f"{events - (_deleted(url) - deleted0):,} rows not deleted after the drain"
+            )
+        time.sleep(0.1)
     engine.notes.append(
         "drain: one `outbox-worker run`, gzip off, from its start (connecting and start-up "
         "included) to the last row deleted; CPU of all its connections"
     )
+    counted, cpu_first = first[0]
+    if cpu_first is not None and last[0] is not None and events > counted:
+        steady = sum(cpu - cpu_first.get(pid, 0.0) for pid, cpu in last[0].items())
+        engine.notes.append(
+            f"drain CPU without the start-up: {steady / (events - counted) * 1e6:.1f} us "
+            f"per event, from the first batch's arrival ({counted:,} events) to the end"
+        )
     with psycopg.connect(url, autocommit=True) as conn:
 
         def cleanup() -> float | None:
@@ -492,6 +525,9 @@ def run_outbox(
             return _cpu_delta(cpu0, connection_cpu(conn))
 
         engine.cleanup = _timed_phase(meter, cleanup)
+    left = int(scalar(url, "SELECT count(*) FROM outbox_events"))
+    if left:
+        raise BenchFailed(f"{left} rows left in outbox_events after the drain")
     row = execute(
         url, "SELECT pg_relation_size('outbox_events'), pg_indexes_size('outbox_events')"
     )[0]
@@ -507,6 +543,7 @@ def run_outbox(
 class AppResult:
     """Per-transaction seconds by variant, and per-round medians."""
 
+    commit_mode: str
     seconds: dict[str, list[float]]
     rounds: dict[str, list[float]]
 
@@ -532,8 +569,8 @@ APP_TEN = "enqueue_many(), 10 events"
 APP_PGQ = "pgq.insert_event, 1 event"
 
 
-def run_app(url: str, transactions: int, with_pgq: bool) -> AppResult:
-    """The interleaved whole-transaction timings."""
+def run_app(url: str, transactions: int, with_pgq: bool) -> list[AppResult]:
+    """The interleaved whole-transaction timings, for each synchronous_commit."""
     execute(
         url,
         "CREATE TABLE bench_app (event text NOT NULL, distinct_id text NOT NULL, "
@@ -592,25 +629,40 @@ def run_app(url: str, transactions: int, with_pgq: bool) -> AppResult:
         variants: dict[str, Callable[[], None]] = {APP_BARE: bare, APP_ONE: one, APP_TEN: ten}
         if with_pgq:
             variants[APP_PGQ] = pgq_one
-        for fn in variants.values():  # warm up: connections, plans, caches
-            for _ in range(20):
-                fn()
-        seconds: dict[str, list[float]] = {name: [] for name in variants}
-        rounds: dict[str, list[float]] = {name: [] for name in variants}
-        per_round = max(1, transactions // APP_ROUNDS)
-        names = list(variants)
-        for r in range(APP_ROUNDS):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                fn = variants[name]
-                block = []
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    fn()
-                    block.append(time.perf_counter() - t0)
-                seconds[name].extend(block)
-                rounds[name].append(statistics.median(block))
-    return AppResult(seconds, rounds)
+        results = []
+        for commit_mode in COMMIT_MODES:
+            conn.execute("SELECT set_config('synchronous_commit', %s, false)", (commit_mode,))
+            conn.commit()
+            results.append(_interleaved(commit_mode, variants, transactions))
+    return results
+
+
+def _interleaved(
+    commit_mode: str, variants: dict[str, Callable[[], None]], transactions: int
+) -> AppResult:
+    """Every variant once per cycle (the order rotating), ``transactions`` cycles."""
+    for fn in variants.values():  # warm up: plans, caches
+        for _ in range(20):
+            fn()
+    names = list(variants)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for cycle in range(transactions):
+        shift = cycle % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = variants[name]
+            t0 = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - t0)
+    per_round = max(1, transactions // APP_ROUNDS)
+    rounds = {
+        name: [
+            statistics.median(values[i : i + per_round])
+            for i in range(0, per_round * APP_ROUNDS, per_round)
+            if values[i : i + per_round]
+        ]
+        for name, values in seconds.items()
+    }
+    return AppResult(commit_mode, seconds, rounds)
 
 
 # -- the command --------------------------------------------------------------------------
@@ -662,7 +714,7 @@ def _verdict(met: bool | None) -> str:
 
 
 def print_results(
-    ctx: Context, meter: WalMeter, events: int, engines: list[Engine], app: AppResult
+    ctx: Context, meter: WalMeter, events: int, engines: list[Engine], app: list[AppResult]
 ) -> None:
     """The side-by-side table, the application table and the targets."""
     floor, pgq, ours = engines
@@ -772,30 +824,42 @@ def print_results(
     ctx.out.heading("Storage: what the application's transaction pays")
     ctx.out.facts(
         {
-            "method": f"one psycopg connection, whole transactions (statement + COMMIT), "
-            f"{APP_ROUNDS} interleaved rounds, median per variant; the bare INSERT writes "
-            "the event's row (event, distinct_id, properties as jsonb) into a table with "
-            "no index"
+            "method": "one psycopg connection, whole transactions (statement + COMMIT), "
+            "every variant once per cycle in a rotating order, median per variant; the "
+            "per-round range is the ratio of medians in each tenth of the cycles; the bare "
+            "INSERT writes the event's row (event, distinct_id, properties as jsonb) into "
+            "a table with no index; first with synchronous_commit=on (each COMMIT waits "
+            "for the disk), then off (the same work without the disk's latency)"
         }
     )
     ctx.out.line()
     app_rows: list[list[Cell]] = []
-    for name in app.seconds:
-        median = app.median(name)
-        base = APP_ONE if name == APP_TEN else APP_BARE
-        ratio_value = app.ratio(name, base) if name != APP_BARE else None
-        span = app.round_range(name, base) if name != APP_BARE else None
-        app_rows.append(
-            [
-                name,
-                len(app.seconds[name]),
-                None if median is None else round(median * 1e6),
-                None if ratio_value is None else f"{ratio_value:.2f}x vs {base}",
-                None if span is None else f"{span[0]:.2f}-{span[1]:.2f}x",
-            ]
-        )
+    for result in app:
+        for name in result.seconds:
+            median = result.median(name)
+            base = APP_ONE if name == APP_TEN else APP_BARE
+            ratio_value = result.ratio(name, base) if name != APP_BARE else None
+            span = result.round_range(name, base) if name != APP_BARE else None
+            app_rows.append(
+                [
+                    result.commit_mode,
+                    name,
+                    len(result.seconds[name]),
+                    None if median is None else round(median * 1e6),
+                    None if ratio_value is None else f"{ratio_value:.2f}x vs {base}",
+                    None if span is None else f"{span[0]:.2f}-{span[1]:.2f}x",
+                ]
+            )
     ctx.out.table(
-        ["variant", "transactions", "median us", "ratio (medians)", "per-round range"], app_rows
+        [
+            "synchronous_commit",
+            "variant",
+            "transactions",
+            "median us",
+            "ratio (medians)",
+            "per-round range",
+        ],
+        app_rows,
     )
 
     # The targets.
@@ -826,15 +890,17 @@ def print_results(
             + ("" if cpu_met else f" = {(ours_drain or 0) / (pgq_drain or 1):.2f}x PgQ's"),
         )
     for name, base, target in ((APP_ONE, APP_BARE, TARGET_ONE), (APP_TEN, APP_ONE, TARGET_TEN)):
-        value = app.ratio(name, base)
-        if value is None:
-            ctx.out.target(f"{name} <= {target}x {base}", None, "not measured")
-            continue
-        span = app.round_range(name, base)
-        ctx.out.target(
-            f"{name} <= {target}x {base}",
-            value <= target,
-            f"{value:.2f}x (medians; rounds {span[0]:.2f}-{span[1]:.2f}x)"
-            if span
-            else f"{value:.2f}x",
-        )
+        for result in app:
+            label = f"{name} <= {target}x {base} (synchronous_commit={result.commit_mode})"
+            value = result.ratio(name, base)
+            if value is None:
+                ctx.out.target(label, None, "not measured")
+                continue
+            span = result.round_range(name, base)
+            ctx.out.target(
+                label,
+                value <= target,
+                f"{value:.2f}x (medians; rounds {span[0]:.2f}-{span[1]:.2f}x)"
+                if span
+                else f"{value:.2f}x",
+            )

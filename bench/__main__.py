@@ -17,7 +17,7 @@ Benchmarks for posthog-outbox, on this machine, against a local capture endpoint
 (a worker.testing.CaptureServer in its own process; nothing leaves 127.0.0.1).
 
 Without a command, runs the drain comparison (`drain`). `python -m bench --quick`
-runs every command at tiny sizes (a smoke test that takes well under a minute; the
+runs every command at tiny sizes (a smoke test that takes about a minute; the
 drain comparison then skips its gzip table).
 
 The database is DATABASE_URL's server (scratch databases are created there and

@@ -17,7 +17,7 @@ Benchmarks for posthog-outbox, on this machine, against a local capture endpoint
 (a worker.testing.CaptureServer in its own process; nothing leaves 127.0.0.1).
 
 Without a command, runs the drain comparison (`drain`). `python -m bench --quick`
-runs every command at tiny sizes (a smoke test that takes well under a minute; the
+runs every command at tiny sizes (a smoke test that takes about a minute; the
 drain comparison then skips its gzip table).
 
 The database is DATABASE_URL's server (scratch databases are created there and
@@ -38,6 +38,8 @@ commands:
   profile   where a draining worker spends its time (py-spy, else cProfile)
   claims    the claim forms (row locks, the former written lease, the floor) in
             PostgreSQL alone: rows/s and server CPU per row
+  storage   WAL bytes, PostgreSQL CPU and table size per event: a bare INSERT,
+            PgQ (where the server has it) and posthog-outbox, side by side
   all       every command above, in that order
 
 Each command has its own --help.
@@ -214,6 +216,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     claims.add_argument("--events", type=_positive, help="rows per run (100000)")
     claims.add_argument("--claimers", type=_sizes, help="claiming processes (1,2)")
 
+    storage = sub.add_parser(
+        "storage",
+        help="WAL, PostgreSQL CPU and size per event, vs a bare INSERT and PgQ",
+        description="The same events through a bare INSERT into a minimal table, PgQ "
+        "(when the server has the pgq extension) and posthog-outbox (enqueue_many, then "
+        "the worker, then VACUUM), a CHECKPOINT before each phase: WAL bytes per event "
+        "by phase, PostgreSQL CPU per event, table size after the drain; then what one "
+        "event and ten cost the application's transaction.",
+    )
+    _common(storage)
+    storage.add_argument("--events", type=_positive, help="events per engine (100000)")
+    storage.add_argument(
+        "--transactions", type=_positive, help="application transactions per variant (2000)"
+    )
+
     everything = sub.add_parser(
         "all", help="every command", description="Run every command, in the order listed."
     )
@@ -226,6 +243,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "scaleout": scaleout,
         "profile": profile,
         "claims": claims,
+        "storage": storage,
     }
     return parser, commands
 
@@ -309,6 +327,17 @@ def _run_claims(ctx: Context, args: argparse.Namespace) -> None:
     )
 
 
+def _run_storage(ctx: Context, args: argparse.Namespace) -> None:
+    from bench import storage
+
+    storage.run(
+        ctx,
+        events=args.events or (storage.QUICK_EVENTS if ctx.quick else storage.DEFAULT_EVENTS),
+        app_transactions=args.transactions
+        or (storage.QUICK_APP_TRANSACTIONS if ctx.quick else storage.DEFAULT_APP_TRANSACTIONS),
+    )
+
+
 COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
     "drain": _run_drain,
     "latency": _run_latency,
@@ -317,6 +346,7 @@ COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
     "scaleout": _run_scaleout,
     "profile": _run_profile,
     "claims": _run_claims,
+    "storage": _run_storage,
 }
 
 

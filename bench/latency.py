@@ -206,7 +206,7 @@ def run_outbox(
         # Warm up: one event through the whole path, so the worker is up and connected.
         outbox.enqueue(conn, "bench_warmup", "bench", {"bench_seq": -1})
         conn.commit()
-    endpoint.wait_for(1, 60 + 3 * settings.poll_interval, check=_alive(worker))
+    endpoint.wait_for(1, 60 + 3 * settings.poll_seconds, check=_alive(worker))
     endpoint.reset()
 
     @contextlib.contextmanager
@@ -234,12 +234,12 @@ def run_outbox(
         endpoint,
         produced.committed,
         produced.rate,
-        30 + 5 * settings.poll_interval,
+        30 + 5 * settings.poll_seconds,
     )
     info = worker.stop()
     result.max_rss_bytes = info.max_rss_bytes
     result.note = (
-        f"OUTBOX_POLL_INTERVAL={settings.poll_interval:g}, OUTBOX_BATCH_SIZE="
+        f"OUTBOX_POLL_INTERVAL={settings.poll_seconds:g}, OUTBOX_BATCH_SIZE="
         f"{settings.batch_size}, OUTBOX_GZIP={'1' if settings.gzip else '0'}; "
         f"{per_transaction} event(s) per transaction with an INSERT of its own, from "
         f"{producers} connection(s); transaction p50 "

@@ -288,13 +288,18 @@ class Store:
         lock_timeout: float | None = LOCK_TIMEOUT,
         statement_timeout: float | None = None,
         health: Health | None = None,
+        pooler: str = "none",
     ) -> None:
-        """``lock_timeout`` and ``statement_timeout`` (seconds; None leaves the
+        """``pooler`` is ``OUTBOX_POOLER`` (``transaction``: connect without prepared
+        statements, see :func:`worker.database.connect_options`).
+
+        ``lock_timeout`` and ``statement_timeout`` (seconds; None leaves the
         session's own) bound each of the store's single statements; the batch's
         statements take theirs from :data:`queries.BATCH_SETTINGS`. Stores given
         the same ``health`` report into it together (the worker's two batch
         connections: their latest statement tells whether the worker can ship)."""
         self.url = url
+        self.pooler = pooler
         self.health = health if health is not None else Health(log=log_outages)
         self.worker_id = worker_id
         self.log_outages = log_outages
@@ -343,6 +348,7 @@ class Store:
                 raise DatabaseUnavailable(f"database unavailable; next reconnect in {wait:.1f}s")
             conn = connect(
                 self.url,
+                pooler=self.pooler,
                 autocommit=True,
                 connect_timeout=10,
                 application_name=self.application_name,

@@ -257,8 +257,12 @@ class Worker:
 
     def _drain_job(self) -> None:
         """Drain; while events keep coming, look again every few milliseconds (or at
-        once when woken) until a quiet spell of HOT_LINGER seconds."""
-        last_found = time.monotonic()
+        once when woken) until a quiet spell of HOT_LINGER seconds.
+
+        A wake-up (NOTIFY) starts that spell even if the first look finds nothing (the
+        event of a throttled NOTIFY may come next); a poll that finds nothing ends at
+        once, so an idle worker costs one claim per poll interval."""
+        last_found = time.monotonic() if self._woken.is_set() else -HOT_LINGER - 1.0
         try:
             while not self.drainer.stop_event.is_set():
                 if not self.key_gate.allows_sending():

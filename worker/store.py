@@ -328,6 +328,8 @@ class Store:
         #: ``_conn``'s statement_timeout, read when it connected ("" if unknown).
         self._session_statement_timeout = ""
         self._batch: Batch | None = None
+        #: The last claim found nothing: the next one asks ANY_DUE first.
+        self._idle = False
         self._lock = threading.RLock()
         self._down_since: float | None = None
         self._reconnect_delay = RECONNECT_DELAY_MIN
@@ -568,9 +570,15 @@ class Store:
                 conn.execute("BEGIN")
                 lease_ms = str(max(1, int(lease_seconds * 1000)))
                 conn.execute(queries.BATCH_SETTINGS, {"lease_ms": lease_ms})
+                if self._idle:
+                    due = conn.execute(queries.ANY_DUE).fetchone()
+                    if not (due and due[0]):
+                        conn.execute("ROLLBACK")
+                        return None
                 rows = conn.execute(
                     queries.CLAIM, {"limit": limit, "max_bytes": max_bytes}
                 ).fetchall()
+                self._idle = not rows
                 if not rows:
                     conn.execute("ROLLBACK")
                     return None

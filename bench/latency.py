@@ -505,7 +505,10 @@ def run(
         if r.idle is not None
     ]
     if idle_rows:
-        ctx.out.line("Idle worker, empty outbox (beyond the idle server's own):")
+        ctx.out.line(
+            "Idle worker, empty outbox (pg_stat_database is updated about once a second "
+            "and psutil counts CPU in 10 ms ticks: a short watch undercounts):"
+        )
         ctx.out.table(
             [
                 "contender",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -108,7 +109,7 @@ class PgBouncer:
         )
         command = [self.binary]
         if os.geteuid() == 0:  # PgBouncer refuses to run as root
-            command += ["-u", "nobody"]
+            command += ["-u", self._unprivileged_user()]
             self._dir.chmod(0o777)
             for path in (users, config):
                 path.chmod(0o644)
@@ -133,11 +134,26 @@ class PgBouncer:
                     connect_timeout=2,
                 ):
                     return self
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as exc:
                 if time.monotonic() > deadline:
+                    log = self.log.strip().splitlines()[-5:]
                     self.stop()
-                    raise
+                    raise RuntimeError(
+                        f"pgbouncer did not answer on port {self.port} within 20 s "
+                        f"({exc}); its log ends: {' | '.join(log) or '(empty)'}"
+                    ) from exc
                 time.sleep(0.05)
+
+    def _unprivileged_user(self) -> str:
+        """Whom PgBouncer runs as when started by root: the owner of the server's Unix
+        socket directory (the embedded PostgreSQL keeps its socket in a directory only
+        its own user may enter), else ``nobody``."""
+        if self.server_host.startswith("/"):
+            with contextlib.suppress(OSError, KeyError):
+                owner = os.stat(self.server_host).st_uid
+                if owner != 0:
+                    return pwd.getpwuid(owner).pw_name
+        return "nobody"
 
     def stop(self) -> None:
         """Stop PgBouncer (SIGTERM, then SIGKILL after 10 s) and remove its files."""

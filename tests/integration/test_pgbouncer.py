@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from tests.pgbouncer import bounced_url, pgbouncer  # noqa: F401 (fixtures)
 from worker.app import Worker
 from worker.database import connect, sqlalchemy_url
 from worker.settings import Settings
+from worker.sinks import MemorySink
 from worker.testing import CaptureServer
 from worker.testing.pgbouncer import PgBouncer
 
@@ -327,3 +329,35 @@ def test_notify_on_behind_a_pooler_is_ignored_with_a_warning(
     assert "notify_ignored_behind_pooler" in actions_of(notify=True)
     assert "notify_ignored_behind_pooler" not in actions_of()  # unset: off, no warning
     assert "notify_ignored_behind_pooler" not in actions_of(notify=False)
+
+
+def test_an_idle_worker_behind_a_pooler_polls_once_per_interval_without_the_claim_query(
+    bounced_url: str,  # noqa: F811
+    settings_for: Callable[..., Settings],
+) -> None:
+    from worker import queries
+
+    sent: list[str] = []
+
+    class Recording(psycopg.Cursor[Any]):
+        def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+            sent.append(str(query))
+            return super().execute(query, *args, **kwargs)
+
+    worker = Worker(
+        settings_for(database_url=bounced_url, pooler="transaction", poll_interval=None),
+        sink=MemorySink(),
+    )
+    worker.start()
+    try:
+        conn = wait_for(lambda: worker.store._conn, what="the worker's batch connection")
+        wait_for(lambda: worker.store._idle, what="an empty claim")
+        conn.cursor_factory = Recording
+        started = time.monotonic()
+        wait_for(lambda: sent.count(queries.ANY_DUE) >= 10, what="ten idle polls")
+        # Ten polls 0.1 s apart take at least 0.9 s. A poll that lingered, looking
+        # again every 20 ms, would make ten in a fifth of that.
+        assert time.monotonic() - started >= 0.85
+        assert queries.CLAIM not in sent  # nothing was due: the claim query never ran
+    finally:
+        worker.stop()

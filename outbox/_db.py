@@ -4,12 +4,12 @@ Every statement the library sends on a caller's connection (the enqueue INSERT, 
 first-time guards' statements and savepoints) goes through :func:`execute` or
 :func:`aexecute`. On psycopg 3, plain or under SQLAlchemy, they run it with
 ``prepare=False``: never as a server-side prepared statement, whatever the
-connection's ``prepare_threshold`` says. A transaction pooler (PgBouncer in ``pool_mode = transaction``, Supabase's
-pooler, RDS Proxy, Neon's pooler) hands each transaction whichever server
-connection is free, so a statement psycopg prepared on one server connection is
-missing on the next (``prepared statement "_pg3_2" does not exist``) or already
-there under the same name (``... already exists``). An unnamed statement sent with
-its parameters in one round trip works through any of them.
+connection's ``prepare_threshold`` says. A transaction pooler (PgBouncer in
+``pool_mode = transaction``, Supabase's pooler, RDS Proxy, Neon's pooler) hands each
+transaction whichever server connection is free, so a statement psycopg prepared on
+one server connection is missing on the next (``prepared statement "_pg3_2" does not
+exist``) or already there under the same name (``... already exists``). An unnamed
+statement sent with its parameters in one round trip works through any of them.
 
 What runs where:
 

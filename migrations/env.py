@@ -1,10 +1,11 @@
 """Alembic environment for the posthog-outbox schema.
 
-The URL is, in order: the ``sqlalchemy.url`` the caller put on the Alembic config
-(``outbox-worker migrate`` does), else ``DATABASE_URL``, else the embedded
-PostgreSQL that ``outbox-worker`` uses by default. Versions are recorded in
-``outbox_alembic_version`` so they never collide with the application's own Alembic
-history in the same database.
+:func:`outbox.install.upgrade` (behind ``outbox-worker migrate``) passes its own
+connection in ``config.attributes["connection"]``. Without one, the URL is, in
+order: the ``sqlalchemy.url`` the caller put on the Alembic config, else
+``DATABASE_URL``, else the embedded PostgreSQL that ``outbox-worker`` uses by
+default. Versions are recorded in ``outbox_alembic_version`` so they never collide
+with the application's own Alembic history in the same database.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
+from outbox.install import MIGRATE_LOCK_TIMEOUT, sqlalchemy_url
 from outbox.schema import VERSION_TABLE, metadata
-from worker.database import MIGRATE_LOCK_TIMEOUT, resolve_database_url, sqlalchemy_url
 
 MIGRATE_LOCK_TIMEOUT_MS = round(MIGRATE_LOCK_TIMEOUT * 1000)
 
@@ -22,7 +23,14 @@ config = context.config
 
 def _url() -> str:
     configured = config.get_main_option("sqlalchemy.url")
-    return sqlalchemy_url(configured or resolve_database_url())
+    if configured:
+        return sqlalchemy_url(configured)
+    # `alembic upgrade head` from the repository root: DATABASE_URL, else the embedded
+    # PostgreSQL (both the worker's, so imported only here; outbox.install always
+    # passes its connection).
+    from worker.database import resolve_database_url
+
+    return sqlalchemy_url(resolve_database_url())
 
 
 def run_migrations_offline() -> None:
@@ -45,8 +53,9 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         # Run by hand (`alembic upgrade`): a lock another session holds (a worker's
         # batch in flight) makes the migration fail after a second instead of waiting,
-        # with the application's INSERTs queued behind it. `outbox-worker migrate`
-        # passes its own connection, with the same timeout, and tries again.
+        # with the application's INSERTs queued behind it. outbox.install.upgrade (and
+        # so `outbox-worker migrate`) passes its own connection, with the same
+        # timeout, and tries again.
         connection.execute(text(f"SET lock_timeout = '{MIGRATE_LOCK_TIMEOUT_MS}ms'"))
         connection.commit()
         _run(connection)

@@ -11,7 +11,12 @@ Beyond :func:`enqueue`:
 * :class:`EventRegistry`, :class:`EventSpec`, :class:`Prop` and
   :func:`render_markdown`: the event contract, declared in code.
 * :func:`identify`, :func:`set_person_properties`, :func:`group_identify`,
-  :func:`alias`, and actors for users, automations, agents and workspaces.
+  :func:`alias` (and their async forms ``aidentify``, ``aset_person_properties``,
+  ``agroup_identify``, ``aalias``, ``aidentify_actor``), and actors for users,
+  automations, agents and workspaces.
+* :class:`Posthog` and :class:`AsyncPosthog`: posthog-python's client and its
+  contexts (:func:`new_context`, :func:`identify_context`, :func:`tag`), writing on
+  your connection or session.
 * :func:`upsert_first`, :func:`mark_first` and :func:`emit_if_first` (and their
   async forms ``aupsert_first``, ``amark_first``, ``aemit_if_first``): events that
   are emitted exactly once, however many transactions race.
@@ -42,7 +47,16 @@ from outbox.builders import (
     signup_attribution,
     truncate_payload,
 )
+from outbox.client import AsyncPosthog, Posthog
 from outbox.config import AnalyticsConfig, configure, get_config, normalise_environment
+from outbox.contexts import (
+    get_tags,
+    identify_context,
+    new_context,
+    scoped,
+    set_context_session,
+    tag,
+)
 from outbox.contract import EventRegistry, EventSpec, Prop, render_markdown
 from outbox.enqueue import aenqueue, aenqueue_many, enqueue, enqueue_many
 from outbox.exceptions import (
@@ -50,6 +64,7 @@ from outbox.exceptions import (
     OutboxError,
     OutboxNotInstalledError,
     OutboxValidationError,
+    UnsupportedCallError,
     UnsupportedConnectionError,
 )
 from outbox.guards import (
@@ -62,7 +77,12 @@ from outbox.guards import (
     upsert_first,
 )
 from outbox.identity import (
+    aalias,
+    agroup_identify,
+    aidentify,
+    aidentify_actor,
     alias,
+    aset_person_properties,
     group_identify,
     identify,
     identify_actor,
@@ -72,6 +92,7 @@ from outbox.identity import (
 __all__ = [
     "Actor",
     "AnalyticsConfig",
+    "AsyncPosthog",
     "Batch",
     "EventArgs",
     "EventRegistry",
@@ -83,16 +104,23 @@ __all__ = [
     "OutboxNotInstalledError",
     "OutboxValidationError",
     "PageviewDeduper",
+    "Posthog",
     "Prop",
+    "UnsupportedCallError",
     "UnsupportedConnectionError",
     "__version__",
+    "aalias",
     "aemit_if_first",
     "aenqueue",
     "aenqueue_many",
     "agent_actor",
+    "agroup_identify",
     "ai_generation_event",
+    "aidentify",
+    "aidentify_actor",
     "alias",
     "amark_first",
+    "aset_person_properties",
     "attribution_cookie",
     "aupsert_first",
     "automation_actor",
@@ -104,17 +132,23 @@ __all__ = [
     "enqueue_many",
     "exception_event",
     "get_config",
+    "get_tags",
     "group_identify",
     "hash_ip",
     "identify",
     "identify_actor",
+    "identify_context",
     "mark_first",
+    "new_context",
     "normalise_environment",
     "normalise_path",
     "pageview_event",
     "render_markdown",
+    "scoped",
+    "set_context_session",
     "set_person_properties",
     "signup_attribution",
+    "tag",
     "truncate_payload",
     "upsert_first",
     "user_actor",

@@ -15,11 +15,15 @@ from types import TracebackType
 from typing import Any
 
 from outbox.config import AnalyticsConfig, get_config
-from outbox.enqueue import DistinctId, aenqueue_prepared, enqueue_prepared, prepare_enqueue
+from outbox.enqueue import DistinctId, awrite, prepare_enqueue, write
 from outbox.exceptions import OutboxValidationError
 from outbox.validation import PreparedEvent
 
 __all__ = ["Batch", "batch"]
+
+# How the wrong-kind error names the two forms.
+_SYNC = "`with outbox.batch(conn)`"
+_ASYNC = "`async with outbox.batch(conn)`"
 
 
 class Batch:
@@ -44,7 +48,7 @@ class Batch:
     def enqueue(
         self,
         event: str,
-        distinct_id: DistinctId,
+        distinct_id: DistinctId | None,
         properties: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> uuid_module.UUID | None:
@@ -72,12 +76,16 @@ class Batch:
 
     def flush(self) -> list[uuid_module.UUID | None]:
         """Write the collected events now (one statement); returns :attr:`results`."""
-        written = enqueue_prepared(self.conn, self._events) if self._events else []
+        written = write(self.conn, self._events, call=_SYNC, instead=_ASYNC) if self._events else []
         return self._finish(written)
 
     async def aflush(self) -> list[uuid_module.UUID | None]:
         """The async twin of :meth:`flush`."""
-        written = await aenqueue_prepared(self.conn, self._events) if self._events else []
+        written = (
+            await awrite(self.conn, self._events, call=_ASYNC, instead=_SYNC)
+            if self._events
+            else []
+        )
         return self._finish(written)
 
     def _finish(self, written: list[uuid_module.UUID | None]) -> list[uuid_module.UUID | None]:

@@ -8,7 +8,8 @@ reaches the database and the caller's transaction stays usable.
 
 Before validation each event is stamped (:func:`prepare_enqueue`): the
 configuration's standard and super properties go under the event's own, an
-:class:`~outbox.actors.Actor`'s properties likewise, ``set=``/``set_once=``/``groups=``
+:class:`~outbox.actors.Actor`'s properties and the tags of the current
+:func:`outbox.new_context` likewise, ``set=``/``set_once=``/``groups=``
 become ``$set``/``$set_once``/``$groups``, and the event contract decides whether
 the event is person-less or metrics-only, and in strict mode whether it is allowed.
 What is validated is exactly what is stored.
@@ -30,6 +31,7 @@ from sqlalchemy import text
 from outbox._db import aexecute, execute, is_async, is_sync, resolve
 from outbox.actors import Actor
 from outbox.config import AnalyticsConfig, get_config
+from outbox.contexts import current_scope
 from outbox.exceptions import (
     OutboxDatabaseError,
     OutboxNotInstalledError,
@@ -159,7 +161,7 @@ def _wake_now() -> bool:
 def enqueue(
     conn: Any,
     event: str,
-    distinct_id: DistinctId,
+    distinct_id: DistinctId | None,
     properties: Mapping[str, Any] | None = None,
     *,
     set: Mapping[str, Any] | None = None,
@@ -181,7 +183,9 @@ def enqueue(
 
     ``distinct_id`` may be an :class:`~outbox.actors.Actor` (see
     :func:`outbox.user_actor` and friends): its id is used and its properties are
-    added under the event's own. ``set`` and ``set_once`` update the person's
+    added under the event's own. Inside :func:`outbox.new_context`, ``None`` takes
+    the context's id (:func:`outbox.identify_context`), and the context's tags are
+    added under the event's properties. ``set`` and ``set_once`` update the person's
     properties (shipped as ``$set`` and ``$set_once``: ``set_once`` never overwrites
     a value the person already has); ``groups`` maps group types to keys, e.g.
     ``{"organization": org_id}`` (shipped as ``$groups``). Every event is stamped
@@ -223,13 +227,13 @@ def enqueue_many(
     cfg = config or get_config()
     if cfg.disabled:
         return [None for _ in events]
-    return enqueue_prepared(conn, _prepare_all(cfg, events))
+    return write(conn, _prepare_all(cfg, events), call="enqueue_many()", instead="aenqueue_many()")
 
 
 async def aenqueue(
     conn: Any,
     event: str,
-    distinct_id: DistinctId,
+    distinct_id: DistinctId | None,
     properties: Mapping[str, Any] | None = None,
     *,
     set: Mapping[str, Any] | None = None,
@@ -258,7 +262,9 @@ async def aenqueue_many(
     cfg = config or get_config()
     if cfg.disabled:
         return [None for _ in events]
-    return await aenqueue_prepared(conn, _prepare_all(cfg, events))
+    return await awrite(
+        conn, _prepare_all(cfg, events), call="aenqueue_many()", instead="enqueue_many()"
+    )
 
 
 def prepare_enqueue(
@@ -475,6 +481,18 @@ def _prepare(
     if type(distinct_id) is not str and isinstance(distinct_id, Actor):
         actor = distinct_id.properties
         distinct_id = distinct_id.distinct_id
+    scope = current_scope()
+    if scope is not None:  # inside outbox.new_context(): its id, tags and session
+        if distinct_id is None:
+            distinct_id = scope.distinct_id
+        if scope.properties:
+            actor = {**actor, **scope.properties} if actor else scope.properties
+    if distinct_id is None:
+        raise OutboxValidationError(
+            prefix + "distinct_id",
+            "is None: pass an id, or set one with outbox.identify_context() inside "
+            "outbox.new_context()",
+        )
     standard = cfg._standard
     if type(properties) is dict:
         if actor:
@@ -684,14 +702,56 @@ def _claimed(rows: Sequence[Mapping[str, Any]]) -> list[str | None]:
     return [next(iter(row.values())) for row in rows]
 
 
-def _unsupported(conn: Any, *, sync: bool) -> UnsupportedConnectionError:
-    name = f"{type(conn).__module__}.{type(conn).__qualname__}"
-    if sync:
-        return UnsupportedConnectionError(
-            f"enqueue() got {name}; it needs a SQLAlchemy Session or Connection, or a "
-            "psycopg Connection (use aenqueue() for async connections)"
-        )
-    return UnsupportedConnectionError(
-        f"aenqueue() got {name}; it needs a SQLAlchemy AsyncSession or AsyncConnection, "
-        "or a psycopg AsyncConnection (use enqueue() for sync connections)"
-    )
+class _WrongKind(UnsupportedConnectionError):
+    """The connection is not of the kind the call needs (or no connection at all);
+    the message names the call and the one to use instead."""
+
+    def __init__(self, conn: Any, *, sync: bool, call: str, instead: str) -> None:
+        self.conn = conn
+        self.sync = sync
+        name = f"{type(conn).__module__}.{type(conn).__qualname__}"
+        if sync:
+            message = (
+                f"{call} got {name}; it needs a SQLAlchemy Session or Connection, or a "
+                f"psycopg Connection (use {instead} for async connections)"
+            )
+        else:
+            message = (
+                f"{call} got {name}; it needs a SQLAlchemy AsyncSession or AsyncConnection, "
+                f"or a psycopg AsyncConnection (use {instead} for sync connections)"
+            )
+        super().__init__(message)
+
+    def named(self, call: str, instead: str) -> _WrongKind:
+        """The same error, for the public call that was really made."""
+        return _WrongKind(self.conn, sync=self.sync, call=call, instead=instead)
+
+
+def _unsupported(
+    conn: Any, *, sync: bool, call: str | None = None, instead: str | None = None
+) -> UnsupportedConnectionError:
+    """The wrong-kind error of ``call`` (``"identify()"``), naming ``instead``
+    (``"aidentify()"``); by default those of :func:`enqueue` and :func:`aenqueue`."""
+    default, other = ("enqueue()", "aenqueue()") if sync else ("aenqueue()", "enqueue()")
+    return _WrongKind(conn, sync=sync, call=call or default, instead=instead or other)
+
+
+def write(
+    conn: Any, events: Sequence[PreparedEvent], *, call: str, instead: str
+) -> list[uuid_module.UUID | None]:
+    """:func:`enqueue_prepared` for the public sync call ``call``: a connection of
+    the wrong kind gets an error that names ``call`` and ``instead``."""
+    try:
+        return enqueue_prepared(conn, events)
+    except _WrongKind as exc:
+        raise exc.named(call, instead) from None
+
+
+async def awrite(
+    conn: Any, events: Sequence[PreparedEvent], *, call: str, instead: str
+) -> list[uuid_module.UUID | None]:
+    """:func:`aenqueue_prepared` for the public async call ``call`` (see :func:`write`)."""
+    try:
+        return await aenqueue_prepared(conn, events)
+    except _WrongKind as exc:
+        raise exc.named(call, instead) from None

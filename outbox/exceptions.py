@@ -46,3 +46,30 @@ class UnsupportedConnectionError(OutboxError, TypeError):
     (``aenqueue()``, ``aupsert_first()``...) their async forms. The message names
     the object that was passed and what the call needs.
     """
+
+
+class UnsupportedCallError(OutboxError, TypeError):
+    """This call has no outbox form, or is written in a form that would be misread.
+
+    Raised by :class:`outbox.Posthog` and :class:`outbox.AsyncPosthog` for
+    posthog-python calls that need a live PostHog connection (feature flags), and
+    for calls in older posthog-python's argument order (``capture(distinct_id,
+    event)``), which are refused rather than guessed. The message names the form
+    to use instead.
+    """
+
+
+class OutboxMissingExtraError(OutboxError, ImportError):
+    """A part of posthog-outbox needs an optional dependency that is not installed.
+
+    ``extra`` names the package extra that brings it; the message says what to run,
+    e.g. ``pip install 'posthog-outbox[migrate]'``.
+    """
+
+    def __init__(self, needed_by: str, module: str, extra: str) -> None:
+        self.extra = extra
+        super().__init__(
+            f"{needed_by} needs {module}, which is not installed: "
+            f"pip install 'posthog-outbox[{extra}]'"
+        )
+        self.name = module

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
-from outbox.exceptions import OutboxError
+from outbox.exceptions import OutboxError, OutboxMissingExtraError
 from outbox.validation import MAX_NAME_LENGTH
 from worker.redaction import redact, url_secrets
 from worker.settings import ENVIRONMENT, EnvVar, Number, Settings, SettingsError
@@ -36,6 +37,9 @@ MAX_LIST_LIMIT = 10_000
 LOG_LINE_LIMIT = 4000
 #: Longest one-line error.
 ERROR_LINE_LIMIT = 2000
+#: The modules of the ``worker`` extra (pyproject.toml; tests/unit/test_packaging.py
+#: checks that the two agree). Without one of them, every command stops in one line.
+WORKER_EXTRA_MODULES = ("apscheduler", "prometheus_client", "posthog", "requests", "alembic")
 #: The flags every command takes (the other settings' flags belong to ``run``).
 COMMON_FLAGS = ("--database-url", "--log-level")
 
@@ -329,8 +333,25 @@ def _database_failure(command: str, exc: BaseException) -> str | None:
     return None
 
 
+def missing_extra() -> str | None:
+    """The one-line error when a module of the ``worker`` extra is not installed
+    (an application that only enqueues installs posthog-outbox without it), else None."""
+    for module in WORKER_EXTRA_MODULES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            return str(OutboxMissingExtraError("outbox-worker", module, "worker"))
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``outbox-worker`` console script."""
+    missing = missing_extra()
+    if missing:
+        _fail(missing, ())
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     secrets = _secrets(args)

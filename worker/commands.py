@@ -6,9 +6,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from outbox import install
 from outbox.schema import STATUS_DEAD, STATUS_PENDING
+from worker.database import connect, resolve_database_url
 from worker.database import migrate as apply_migrations
-from worker.database import resolve_database_url
 from worker.settings import Settings
 from worker.store import DatabaseTimeout, Store
 from worker.terminal import DEFAULT_LIMIT, printable
@@ -31,11 +32,24 @@ def _store(settings: Settings, *, statement_timeout: float | None = None) -> Sto
 
 
 def migrate(settings: Settings) -> int:
-    """Apply the outbox migrations."""
+    """Apply the outbox migrations and say what that did: created the tables,
+    upgraded them from one revision to another, or found them up to date."""
     url = resolve_database_url(settings.database_url, settings.data_dir)
-    apply_migrations(url)
-    print("outbox tables are up to date")
+    with connect(url):
+        pass  # the one-line error for a bad URL or an unreachable server, first
+    before = install.current(url)
+    applied = apply_migrations(url)
+    print(migrate_report(before, applied[-1] if applied else before))
     return 0
+
+
+def migrate_report(before: str | None, after: str | None) -> str:
+    """The line ``migrate`` prints, from the revisions before and after it ran."""
+    if before == after:
+        return f"outbox tables were already up to date (revision {after})"
+    if before is None:
+        return f"created the outbox tables (revision {after})"
+    return f"upgraded the outbox tables from revision {before} to {after}"
 
 
 def _age(seconds: float) -> str:

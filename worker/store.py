@@ -28,6 +28,7 @@ from typing import Any
 
 import psycopg
 
+from outbox._locks import lock_holders
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
 from worker import queries, worker_state
 from worker.database import check_installed, connect, describe_url
@@ -873,25 +874,3 @@ def _duration(milliseconds: str | None) -> str:
 def _setting(conn: psycopg.Connection[Any], name: str) -> str:
     row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
     return str(row[0]) if row else ""
-
-
-def lock_holders(conn: psycopg.Connection[Any], modes: Sequence[str] | None = None) -> str:
-    """The other sessions holding (or waiting for) a lock of ``modes`` (by default
-    those that block the worker) on the outbox tables, in one bounded line: pid,
-    application name, lock mode, table, and how old its transaction is."""
-    params = {"modes": list(modes if modes is not None else queries.BLOCKING_MODES)}
-    sessions = [
-        f"pid {pid} ({_printable(app) or 'no application_name'}) "
-        f"{'holds' if granted else 'waits for'} {mode} on {relation} "
-        f"for {float(age or 0):.0f}s"
-        for pid, relation, mode, granted, app, age in conn.execute(queries.LOCK_HOLDERS, params)
-    ]
-    if not sessions:
-        return "the session that held the lock has let go since"
-    return "; ".join(sessions)
-
-
-def _printable(text: str, limit: int = 60) -> str:
-    """``text`` with control characters escaped, at most ``limit`` characters."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return out if len(out) <= limit else out[: limit - 3] + "..."

@@ -150,21 +150,31 @@ def test_one_bad_event_in_a_batch_of_1000_costs_at_most_20_extra_requests(
     assert 1 + 10 <= len(capture.requests) <= 1 + 20
 
 
-# -- docs/identity.md: the person and group calls are synchronous ------------------------
+# -- docs/identity.md: an async connection gets the identity call's async form ---------
 
 
-async def test_the_identity_calls_refuse_an_async_connection(database_url: str) -> None:
+async def test_the_identity_calls_name_their_async_form_on_an_async_connection(
+    database_url: str,
+) -> None:
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        calls: list[Callable[[], object]] = [
-            lambda: outbox.identify(conn, "user-42", email="ada@example.com"),
-            lambda: outbox.identify_actor(conn, outbox.workspace_actor("w-1")),
-            lambda: outbox.set_person_properties(conn, "user-42", set={"plan": "team"}),
-            lambda: outbox.group_identify(conn, "organization", "org-7", {"name": "Acme"}),
-            lambda: outbox.alias(conn, "legacy-1007", "user-42"),
+        calls: list[tuple[str, Callable[[], object]]] = [
+            ("identify", lambda: outbox.identify(conn, "user-42", email="ada@example.com")),
+            ("identify_actor", lambda: outbox.identify_actor(conn, outbox.workspace_actor("w-1"))),
+            (
+                "set_person_properties",
+                lambda: outbox.set_person_properties(conn, "user-42", set={"plan": "team"}),
+            ),
+            (
+                "group_identify",
+                lambda: outbox.group_identify(conn, "organization", "org-7", {"name": "Acme"}),
+            ),
+            ("alias", lambda: outbox.alias(conn, "legacy-1007", "user-42")),
         ]
-        for call in calls:
-            with pytest.raises(outbox.UnsupportedConnectionError, match="aenqueue"):
+        for name, call in calls:
+            with pytest.raises(outbox.UnsupportedConnectionError) as caught:
                 call()
+            assert str(caught.value).startswith(f"{name}() got psycopg.AsyncConnection;")
+            assert str(caught.value).endswith(f"(use a{name}() for async connections)")
 
 
 # -- README and docs/design.md: the states `outbox-worker status` shows ------------------

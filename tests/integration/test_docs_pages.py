@@ -21,6 +21,7 @@ PAGES = [
     "first-time-events.md",
     "metrics-only-events.md",
     "builders.md",
+    "posthog-python.md",
 ]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 SQL_BLOCK = re.compile(r"^```sql\n(.*?)^```", re.DOTALL | re.MULTILINE)

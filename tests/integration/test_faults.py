@@ -307,10 +307,12 @@ def test_a_held_batch_comes_back_whole(
     running(unauthorized_pause=60.0, max_attempts=1)
     wait_for(lambda: len(capture_requests(capture)) >= 1)
     wait_for(
-        lambda: db.execute(
-            "SELECT count(*) FROM outbox_events WHERE next_attempt_at > now() + interval '30s'"
-        ).fetchone()
-        == (200,)
+        lambda: (
+            db.execute(
+                "SELECT count(*) FROM outbox_events WHERE next_attempt_at > now() + interval '30s'"
+            ).fetchone()
+            == (200,)
+        )
     )
     due = db.execute("SELECT count(DISTINCT next_attempt_at) FROM outbox_events").fetchone()
     assert due == (1,)

@@ -26,7 +26,7 @@ def test_readme_configuration_table_lists_every_variable_and_default() -> None:
 def test_every_log_action_is_documented() -> None:
     operations = (ROOT / "docs" / "operations.md").read_text()
     actions: set[str] = set()
-    for path in (ROOT / "worker").rglob("*.py"):
+    for path in [*(ROOT / "worker").rglob("*.py"), *(ROOT / "outbox").rglob("*.py")]:
         actions |= set(re.findall(r'"action": "([a-z_]+)"', path.read_text()))
     assert actions, "no log actions found"
     missing = sorted(a for a in actions if f"`{a}`" not in operations)

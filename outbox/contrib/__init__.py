@@ -1,0 +1,1 @@
+"""Integrations of the outbox with frameworks; each is imported only when used."""

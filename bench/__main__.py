@@ -154,6 +154,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     latency.add_argument(
         "--no-client", action="store_true", help="skip the posthog-python Client reference"
     )
+    latency.add_argument(
+        "--pooler",
+        action="store_true",
+        help="also poll-only rows: direct with OUTBOX_NOTIFY=0, and through a real PgBouncer "
+        "(transaction pooling) with OUTBOX_POOLER=transaction, with their idle cost "
+        "(on with --quick)",
+    )
 
     backlog = sub.add_parser(
         "backlog",
@@ -273,6 +280,7 @@ def _run_latency(ctx: Context, args: argparse.Namespace) -> None:
         per_transaction=args.per_transaction,
         producers=args.producers,
         with_client=not args.no_client,
+        pooler=args.pooler or ctx.quick,
     )
 
 

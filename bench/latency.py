@@ -14,18 +14,30 @@ The worker's settings come from the environment: try ``OUTBOX_POLL_INTERVAL=0.05
 or a NOTIFY wake-up once the worker has one. The same producer loop is then run
 against posthog-python's ``Client`` (latency from ``capture()`` returning to arrival)
 as the reference.
+
+``--pooler`` adds poll-only rows (LISTEN off, so an idle worker finds new events only
+by polling): the worker on a direct connection with ``OUTBOX_NOTIFY=0``, and the worker
+and the producers through a real PgBouncer in transaction pooling mode (Debian's
+``pgbouncer``; the rows are skipped, saying so, where it is not installed) with
+``OUTBOX_POOLER=transaction``. For each, it also measures what an idle worker costs
+over ``IDLE_SECONDS`` on an empty outbox: the database's transactions per second
+(``pg_stat_database``) and the CPU time (psutil) of the server processes connected to
+the benchmark's database (the worker's, or PgBouncer's server connections, which only
+the worker uses then).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 import outbox
 from bench.db import APP_INSERT, APP_TABLE, execute
@@ -35,6 +47,8 @@ from bench.events import event_pool
 from bench.harness import Context
 from bench.procs import API_KEY, Child, ChildGroup, worker_argv, worker_env, worker_settings
 from bench.report import Cell, mb, percentile
+from worker.database import with_database
+from worker.testing.pgbouncer import MISSING, PgBouncer, pgbouncer_binary
 
 DEFAULT_RATE = 1000.0
 DEFAULT_SECONDS = 20.0
@@ -44,6 +58,9 @@ QUICK_SECONDS = 1.0
 
 TARGET_P50 = 0.050
 TARGET_P99 = 0.250
+#: How long an idle worker is watched to measure what its polling costs (seconds).
+IDLE_SECONDS = 10.0
+QUICK_IDLE_SECONDS = 1.0
 
 
 @dataclass
@@ -57,10 +74,21 @@ class LatencyResult:
     missing: int
     max_rss_bytes: int | None = None
     note: str = ""
+    idle: IdleCost | None = None
 
     def p(self, q: float) -> float | None:
         """The q-th percentile latency."""
         return percentile(self.latencies, q) if self.latencies else None
+
+
+@dataclass
+class IdleCost:
+    """What an idle worker costs the database, per second, beyond the idle server."""
+
+    seconds: float
+    transactions_per_second: float
+    cpu_ms_per_second: float | None
+    polls_per_second: float
 
 
 class Schedule:
@@ -196,22 +224,42 @@ def run_outbox(
     seconds: float,
     per_transaction: int,
     producers: int,
+    contender: str = "outbox-worker run",
+    via: str | None = None,
+    settings_env: Mapping[str, str] | None = None,
+    idle_seconds: float = 0.0,
 ) -> LatencyResult:
-    """The outbox: committed transactions, one running worker."""
-    env = worker_env(url, endpoint.url, gzip=None)
+    """The outbox: committed transactions, one running worker.
+
+    ``via`` is the URL the worker and the producers connect to instead of ``url``
+    (PgBouncer's; the producers then prepare no statement of their own, as any
+    application behind a transaction pooler must not). ``settings_env`` overrides
+    the worker's environment. With ``idle_seconds``, the idle worker's cost is
+    measured first (see :func:`measure_idle`)."""
+    connect_url = via or url
+    env = worker_env(connect_url, endpoint.url, gzip=None)
+    env.update(settings_env or {})
     settings = worker_settings(env)
     execute(url, APP_TABLE)
+    producer_options: dict[str, Any] = {"prepare_threshold": None} if via else {}
     worker = group.spawn("worker", worker_argv("run"), env=env)
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(connect_url, **producer_options) as conn:
         # Warm up: one event through the whole path, so the worker is up and connected.
         outbox.enqueue(conn, "bench_warmup", "bench", {"bench_seq": -1})
         conn.commit()
-    endpoint.wait_for(1, 60 + 3 * settings.poll_interval, check=_alive(worker))
+    endpoint.wait_for(1, 60 + 3 * settings.poll_seconds, check=_alive(worker))
     endpoint.reset()
+    idle: IdleCost | None = None
+    if idle_seconds:
+        ctx.out.progress(f"watching the idle worker for {idle_seconds:g}s")
+        time.sleep(1.0)  # past the worker's hot spell after the warm-up event
+        start = _idle_sample(url)
+        time.sleep(idle_seconds)
+        idle = _idle_cost(start, _idle_sample(url), settings.poll_seconds)
 
     @contextlib.contextmanager
     def opener() -> Iterator[Callable[[Batch], None]]:
-        with psycopg.connect(url) as conn:
+        with psycopg.connect(connect_url, **producer_options) as conn:
 
             def commit(batch: Batch) -> None:
                 conn.execute(APP_INSERT, (batch[0]["distinct_id"], 42))
@@ -230,16 +278,20 @@ def run_outbox(
     )
     produced = produce(rate, seconds, per_transaction, opener, producers)
     result = collect(
-        "outbox-worker run",
+        contender,
         endpoint,
         produced.committed,
         produced.rate,
-        30 + 5 * settings.poll_interval,
+        30 + 5 * settings.poll_seconds,
     )
     info = worker.stop()
     result.max_rss_bytes = info.max_rss_bytes
-    result.note = (
-        f"OUTBOX_POLL_INTERVAL={settings.poll_interval:g}, OUTBOX_BATCH_SIZE="
+    result.idle = idle
+    mode = f"OUTBOX_POOLER={settings.pooler}, LISTEN {'on' if settings.listen else 'off'}, "
+    if via:
+        mode += "worker and producers through PgBouncer (pool_mode=transaction), "
+    result.note = mode + (
+        f"OUTBOX_POLL_INTERVAL={settings.poll_seconds:g}, OUTBOX_BATCH_SIZE="
         f"{settings.batch_size}, OUTBOX_GZIP={'1' if settings.gzip else '0'}; "
         f"{per_transaction} event(s) per transaction with an INSERT of its own, from "
         f"{producers} connection(s); transaction p50 "
@@ -249,6 +301,55 @@ def run_outbox(
         f"{produced.max_lag * 1000:.1f} ms behind schedule"
     )
     return result
+
+
+@dataclass
+class _IdleSample:
+    at: float
+    transactions: int
+    cpu: dict[int, float] | None
+
+
+def _idle_sample(url: str) -> _IdleSample:
+    """The database's transactions so far (committed and rolled back, from
+    ``pg_stat_database``) and the CPU seconds of each server process connected to it,
+    read from another database so the sample adds nothing to either."""
+    dbname = str(conninfo_to_dict(url).get("dbname"))
+    with psycopg.connect(with_database(url, "postgres"), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s",
+            (dbname,),
+        ).fetchone()
+        pids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+                "AND backend_type = 'client backend'",
+                (dbname,),
+            )
+        ]
+    cpu: dict[int, float] | None = {}
+    try:
+        psutil: Any = importlib.import_module("psutil")  # optional: the bench extra
+        for pid in pids:
+            times = psutil.Process(pid).cpu_times()
+            cpu[pid] = times.user + times.system
+    except Exception:
+        cpu = None
+    return _IdleSample(time.monotonic(), int(row[0]) if row else 0, cpu)
+
+
+def _idle_cost(start: _IdleSample, end: _IdleSample, poll: float) -> IdleCost:
+    """The worker's idle cost from two samples: transactions on the database, and the CPU
+    of the server processes serving it (the worker's, or PgBouncer's server
+    connections, which only the worker uses then), per second."""
+    seconds = end.at - start.at
+    cpu: float | None = None
+    if start.cpu is not None and end.cpu is not None:
+        used = sum(end.cpu[pid] - start.cpu[pid] for pid in end.cpu if pid in start.cpu)
+        cpu = used / seconds * 1000
+    tps = (end.transactions - start.transactions) / seconds
+    return IdleCost(seconds, tps, cpu, 1 / poll)
 
 
 def run_client(
@@ -299,9 +400,17 @@ def run(
     per_transaction: int,
     producers: int,
     with_client: bool,
+    pooler: bool = False,
 ) -> list[LatencyResult]:
-    """The latency command."""
+    """The latency command (with ``pooler``, also the poll-only and PgBouncer rows)."""
     results: list[LatencyResult] = []
+    idle_seconds = QUICK_IDLE_SECONDS if ctx.quick else IDLE_SECONDS
+    common: dict[str, Any] = {
+        "rate": rate,
+        "seconds": seconds,
+        "per_transaction": per_transaction,
+        "producers": producers,
+    }
     with (
         ctx.server.scratch("latency") as url,
         Endpoint(record_events=True) as endpoint,
@@ -309,18 +418,39 @@ def run(
     ):
         ctx.describe(url)
         ctx.out.heading(f"Latency: commit to endpoint at {rate:,.0f} events/s for {seconds:g}s")
-        results.append(
-            run_outbox(
-                ctx,
-                url,
-                endpoint,
-                group,
-                rate=rate,
-                seconds=seconds,
-                per_transaction=per_transaction,
-                producers=producers,
+        results.append(run_outbox(ctx, url, endpoint, group, **common))
+        if pooler:
+            endpoint.reset()
+            results.append(
+                run_outbox(
+                    ctx,
+                    url,
+                    endpoint,
+                    group,
+                    **common,
+                    contender="outbox-worker run, poll-only",
+                    settings_env={"OUTBOX_NOTIFY": "0", "OUTBOX_POOLER": "none"},
+                    idle_seconds=idle_seconds,
+                )
             )
-        )
+            if pgbouncer_binary() is None:
+                ctx.out.line(f"- skipped the PgBouncer row: {MISSING}")
+            else:
+                endpoint.reset()
+                with PgBouncer(ctx.server.admin_url, pool_size=producers + 2) as bouncer:
+                    results.append(
+                        run_outbox(
+                            ctx,
+                            url,
+                            endpoint,
+                            group,
+                            **common,
+                            contender="outbox-worker run via PgBouncer",
+                            via=bouncer.url(url),
+                            settings_env={"OUTBOX_POOLER": "transaction"},
+                            idle_seconds=idle_seconds,
+                        )
+                    )
         if with_client:
             endpoint.reset()
             results.append(
@@ -360,20 +490,53 @@ def run(
     for r in results:
         ctx.out.line(f"- {r.contender}: {r.note}")
     ctx.out.line()
-    worker = results[0]
-    if worker.missing:
-        ctx.fail(f"latency: {worker.missing} events never reached the endpoint")
-    p50, p99 = worker.p(50), worker.p(99)
-    ctx.out.target(
-        "p50 < 50 ms",
-        None if p50 is None else p50 < TARGET_P50,
-        "no events" if p50 is None else _verdict(p50, TARGET_P50),
-    )
-    ctx.out.target(
-        "p99 < 250 ms",
-        None if p99 is None else p99 < TARGET_P99,
-        "no events" if p99 is None else _verdict(p99, TARGET_P99),
-    )
+    idle_rows: list[list[Cell]] = [
+        [
+            r.contender,
+            round(r.idle.seconds, 1),
+            round(r.idle.polls_per_second, 1),
+            round(r.idle.transactions_per_second, 1),
+            None if r.idle.cpu_ms_per_second is None else round(r.idle.cpu_ms_per_second, 2),
+            None
+            if r.idle.cpu_ms_per_second is None
+            else round(r.idle.cpu_ms_per_second / r.idle.polls_per_second * 1000),
+        ]
+        for r in results
+        if r.idle is not None
+    ]
+    if idle_rows:
+        ctx.out.line(
+            "Idle worker, empty outbox (pg_stat_database is updated about once a second "
+            "and psutil counts CPU in 10 ms ticks: a short watch undercounts):"
+        )
+        ctx.out.table(
+            [
+                "contender",
+                "watched s",
+                "polls/s",
+                "transactions/s",
+                "server CPU ms/s",
+                "server CPU µs per poll",
+            ],
+            idle_rows,
+        )
+    for worker in results:
+        if worker.contender.startswith("posthog"):
+            continue
+        if worker.missing:
+            ctx.fail(f"latency: {worker.missing} events never reached the endpoint")
+        p50, p99 = worker.p(50), worker.p(99)
+        label = "" if worker is results[0] else f" ({worker.contender})"
+        ctx.out.target(
+            "p50 < 50 ms" + label,
+            None if p50 is None else p50 < TARGET_P50,
+            "no events" if p50 is None else _verdict(p50, TARGET_P50),
+        )
+        ctx.out.target(
+            "p99 < 250 ms" + label,
+            None if p99 is None else p99 < TARGET_P99,
+            "no events" if p99 is None else _verdict(p99, TARGET_P99),
+        )
     return results
 
 

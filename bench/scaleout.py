@@ -171,7 +171,7 @@ def run(ctx: Context, *, events: int, workers: list[int]) -> list[ScaleResult]:
     ctx.out.facts(
         {
             "worker settings": f"OUTBOX_BATCH_SIZE={settings.batch_size}, "
-            f"OUTBOX_POLL_INTERVAL={settings.poll_interval:g}, OUTBOX_GZIP=0",
+            f"OUTBOX_POLL_INTERVAL={settings.poll_seconds:g}, OUTBOX_GZIP=0",
         }
     )
     ctx.out.line()

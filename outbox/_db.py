@@ -2,14 +2,14 @@
 
 Every statement the library sends on a caller's connection (the enqueue INSERT, the
 first-time guards' statements and savepoints) goes through :func:`execute` or
-:func:`aexecute`, which run it with psycopg's ``prepare=False``: never as a
-server-side prepared statement, whatever the connection's ``prepare_threshold``
-says. A transaction pooler (PgBouncer in ``pool_mode = transaction``, Supabase's
-pooler, RDS Proxy, Neon's pooler) hands each transaction whichever server
-connection is free, so a statement psycopg prepared on one server connection is
-missing on the next (``prepared statement "_pg3_2" does not exist``) or already
-there under the same name (``... already exists``). An unnamed statement sent with
-its parameters in one round trip works through any of them.
+:func:`aexecute`. On psycopg 3, plain or under SQLAlchemy, they run it with
+``prepare=False``: never as a server-side prepared statement, whatever the
+connection's ``prepare_threshold`` says. A transaction pooler (PgBouncer in
+``pool_mode = transaction``, Supabase's pooler, RDS Proxy, Neon's pooler) hands each
+transaction whichever server connection is free, so a statement psycopg prepared on
+one server connection is missing on the next (``prepared statement "_pg3_2" does not
+exist``) or already there under the same name (``... already exists``). An unnamed
+statement sent with its parameters in one round trip works through any of them.
 
 What runs where:
 
@@ -27,12 +27,10 @@ What runs where:
   the psycopg error as its ``orig``;
 - a SQLAlchemy connection on any other driver: the statement goes through
   SQLAlchemy as it always did, and whether it is prepared is that driver's choice.
-  asyncpg (``postgresql+asyncpg://``) prepares every statement it runs and caches
-  them per connection; behind a transaction pooler it needs
-  ``connect_args={"statement_cache_size": 0, "prepared_statement_cache_size": 0}``
-  (asyncpg's and SQLAlchemy's caches) and a pooler that tolerates the unnamed
-  prepared statements asyncpg still uses (PgBouncer 1.21 and later with
-  ``max_prepared_statements`` set). psycopg2 never prepares;
+  psycopg2 never prepares. asyncpg (``postgresql+asyncpg://``) prepares every
+  statement it runs, this library's too, and this module cannot change that: behind
+  a transaction pooler, configure asyncpg as SQLAlchemy's asyncpg notes on PgBouncer
+  say (its statement caches and prepared statement names);
 - Django's ``django.db.connection`` (or a database wrapper from
   ``django.db.connections``) and Django cursors: :func:`resolve` connects it if
   Django has not yet and uses the psycopg 3 connection underneath.

@@ -97,13 +97,21 @@ class Worker:
         # says whether this worker can ship (readiness).
         self.batch_health = Health()
         self.store = Store(
-            url, worker_id=settings.worker_id, for_batches=True, health=self.batch_health
+            url,
+            worker_id=settings.worker_id,
+            for_batches=True,
+            health=self.batch_health,
+            pooler=settings.pooler,
         )
         # Housekeeping and probes get their own connection, so a slow count never
         # holds up the drain loop.
         # Its outages show on the batch connections; its timeouts are its own.
         self.housekeeping_store = Store(
-            url, worker_id=settings.worker_id, log_outages=False, health=Health()
+            url,
+            worker_id=settings.worker_id,
+            log_outages=False,
+            health=Health(),
+            pooler=settings.pooler,
         )
         self.sink = sink if sink is not None else build_sink(settings)
         self.metrics = WorkerMetrics()
@@ -117,6 +125,7 @@ class Worker:
             log_outages=False,
             for_batches=True,
             health=self.batch_health,
+            pooler=settings.pooler,
         )
         self.drainer = Drainer(
             self.store,
@@ -136,7 +145,18 @@ class Worker:
         self._scheduler: BackgroundScheduler | None = None
         self._probes: ProbeServer | None = None
         self._woken = threading.Event()
-        self._listener = Listener(url, self.wake) if settings.notify else None
+        self._listener = Listener(url, self.wake) if settings.listen else None
+        if settings.pooler != "none" and settings.notify:
+            # A transaction pooler hands each transaction any server session, and a
+            # LISTEN lives in one: the worker would never hear a NOTIFY. Polling
+            # delivers everything anyway, so this is not worth refusing to start.
+            log.warning(
+                "OUTBOX_NOTIFY=1 is ignored with OUTBOX_POOLER=%s: a transaction pooler "
+                "cannot carry LISTEN; polling every %.2fs instead",
+                settings.pooler,
+                settings.poll_seconds,
+                extra={"action": "notify_ignored_behind_pooler", "pooler": settings.pooler},
+            )
 
     def run_until_empty(self) -> DrainStats:
         """Ship everything due now, then return (``outbox-worker run --until-empty``).
@@ -176,7 +196,7 @@ class Worker:
         scheduler.add_job(
             self._drain_job,
             "interval",
-            seconds=self.settings.poll_interval,
+            seconds=self.settings.poll_seconds,
             id="drain",
             next_run_time=datetime.now(UTC),
         )
@@ -217,9 +237,14 @@ class Worker:
             "worker %s started (batch %d, poll %.2fs, lease %.0fs)",
             self.settings.worker_id,
             self.settings.batch_size,
-            self.settings.poll_interval,
+            self.settings.poll_seconds,
             self.settings.lease_seconds,
-            extra={"action": "worker_started", "worker": self.settings.worker_id},
+            extra={
+                "action": "worker_started",
+                "worker": self.settings.worker_id,
+                "pooler": self.settings.pooler,
+                "listen": self.settings.listen,
+            },
         )
 
     def wake(self) -> None:
@@ -232,8 +257,12 @@ class Worker:
 
     def _drain_job(self) -> None:
         """Drain; while events keep coming, look again every few milliseconds (or at
-        once when woken) until a quiet spell of HOT_LINGER seconds."""
-        last_found = time.monotonic()
+        once when woken) until a quiet spell of HOT_LINGER seconds.
+
+        A wake-up (NOTIFY) starts that spell even if the first look finds nothing (the
+        event of a throttled NOTIFY may come next); a poll that finds nothing ends at
+        once, so an idle worker costs one claim per poll interval."""
+        last_found = time.monotonic() if self._woken.is_set() else -HOT_LINGER - 1.0
         try:
             while not self.drainer.stop_event.is_set():
                 if not self.key_gate.allows_sending():

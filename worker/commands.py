@@ -26,7 +26,9 @@ STATUS_STATEMENT_TIMEOUT = 30.0
 
 def _store(settings: Settings, *, statement_timeout: float | None = None) -> Store:
     url = resolve_database_url(settings.database_url, settings.data_dir)
-    return Store(url, log_outages=False, statement_timeout=statement_timeout)
+    return Store(
+        url, log_outages=False, statement_timeout=statement_timeout, pooler=settings.pooler
+    )
 
 
 def migrate(settings: Settings) -> int:

@@ -185,10 +185,20 @@ def resolve_database_url(url: str | None = None, data_dir: Path | None = None) -
     return start_embedded(data_dir or settings.data_dir)
 
 
-def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
-    """Connect with psycopg, turning a bad URL or an unreachable server into one clear line."""
+def connect_options(pooler: str) -> dict[str, Any]:
+    """``psycopg.connect`` arguments for a worker connection in ``pooler`` mode
+    (``OUTBOX_POOLER``): behind a transaction pooler, ``prepare_threshold=None``, so
+    psycopg never prepares a statement (a prepared statement lives in one server
+    session, and the pooler gives each transaction whichever session is free)."""
+    return {"prepare_threshold": None} if pooler == "transaction" else {}
+
+
+def connect(url: str, *, pooler: str = "none", **kwargs: Any) -> psycopg.Connection[Any]:
+    """Connect with psycopg, turning a bad URL or an unreachable server into one clear line.
+
+    ``pooler`` is ``OUTBOX_POOLER``'s value (see :func:`connect_options`)."""
     try:
-        return psycopg.connect(libpq_url(url), **kwargs)
+        return psycopg.connect(libpq_url(url), **{**connect_options(pooler), **kwargs})
     except psycopg.ProgrammingError as exc:
         scrub(exc, url)
         raise OutboxDatabaseError(

@@ -126,6 +126,16 @@ FROM sized JOIN outbox_events AS e USING (id)
 WHERE sized.running <= %(max_bytes)s OR sized.n = 1
 """
 
+# Whether anything is due, asked before CLAIM by a store whose last claim found
+# nothing (an idle worker's poll). It plans in a fraction of CLAIM's time, which
+# matters behind a transaction pooler, where no statement is prepared and every poll
+# is planned afresh (docs/operations.md, "Behind a connection pooler").
+ANY_DUE = """
+SELECT EXISTS (
+    SELECT 1 FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= now()
+)
+"""
+
 #: How long (ms) a worker statement waits for a lock that another session holds on
 #: an outbox table (a migration, LOCK TABLE, VACUUM FULL) before it gives up with
 #: "canceling statement due to lock timeout"; the worker reports it and tries again.

@@ -36,7 +36,17 @@ DEFAULT_DATA_DIR = Path(".outbox")
 DEFAULT_BATCH_SIZE = 1000
 #: PostHog's capture endpoint refuses bodies over 20 MiB; stay well under 5 MiB a request.
 DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: Seconds between polls while LISTEN wakes the worker on commit (the poll is a fallback).
 DEFAULT_POLL_INTERVAL = 1.0
+#: Seconds between polls without LISTEN (OUTBOX_NOTIFY=0, or behind a pooler): the poll
+#: is then how an idle worker finds a new event, so it bounds the latency of sparse
+#: events (docs/operations.md, "Behind a connection pooler", has the measurements).
+DEFAULT_POLL_ONLY_INTERVAL = 0.1
+#: No transaction pooler between the worker and PostgreSQL.
+DEFAULT_POOLER = "none"
+#: ``transaction``: PgBouncer's pool_mode = transaction, Supabase's pooler, RDS Proxy,
+#: Neon's pooler: each transaction may run on another server session.
+POOLERS = ("none", "transaction")
 DEFAULT_LEASE_SECONDS = 60.0
 DEFAULT_MAX_ATTEMPTS = 24
 DEFAULT_BACKOFF_BASE = 2.0
@@ -105,10 +115,17 @@ class Settings:
     batch_size: int = DEFAULT_BATCH_SIZE
     #: Most bytes of event JSON in one request.
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
-    #: LISTEN for the producers' NOTIFY to drain at once; off: poll only (PgBouncer).
-    notify: bool = True
-    #: Seconds between polls for due events when idle.
-    poll_interval: float = DEFAULT_POLL_INTERVAL
+    #: ``none``, or ``transaction`` when a transaction pooler (PgBouncer in transaction
+    #: mode and alike) stands between the worker and PostgreSQL: the worker then
+    #: prepares no statement and does not LISTEN.
+    pooler: str = DEFAULT_POOLER
+    #: LISTEN for the producers' NOTIFY to drain at once; off: poll only. None (the
+    #: default): on, except behind a pooler. See :attr:`listen`.
+    notify: bool | None = None
+    #: Seconds between polls for due events when idle. None (the default):
+    #: ``DEFAULT_POLL_INTERVAL`` while the worker LISTENs, else
+    #: ``DEFAULT_POLL_ONLY_INTERVAL``. See :attr:`poll_seconds`.
+    poll_interval: float | None = None
     #: Seconds a worker may sit on a claimed batch without talking to the database;
     #: then the server ends the batch's transaction and other workers may take it.
     lease_seconds: float = DEFAULT_LEASE_SECONDS
@@ -178,6 +195,19 @@ class Settings:
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced; ``None`` values are ignored."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def listen(self) -> bool:
+        """Whether the worker LISTENs for NOTIFY: never behind a transaction pooler
+        (which cannot keep a LISTEN session), else unless ``notify`` is off."""
+        return self.pooler == "none" and self.notify is not False
+
+    @property
+    def poll_seconds(self) -> float:
+        """The poll interval in effect (``poll_interval``, or its default for the mode)."""
+        if self.poll_interval is not None:
+            return self.poll_interval
+        return DEFAULT_POLL_INTERVAL if self.listen else DEFAULT_POLL_ONLY_INTERVAL
 
     @property
     def sink_name(self) -> str:
@@ -564,6 +594,12 @@ class EnvVar:
             return "(embedded PostgreSQL in OUTBOX_DATA_DIR)"
         if self.field == "posthog_api_key":
             return "(unset: stdout sink)"
+        if self.field == "notify":
+            return "(unset: 1, or 0 with OUTBOX_POOLER=transaction)"
+        if self.field == "poll_interval":
+            return (
+                f"(unset: {DEFAULT_POLL_INTERVAL}, or {DEFAULT_POLL_ONLY_INTERVAL} without LISTEN)"
+            )
         value = _FIELDS[self.field].default
         if value is None:
             return "(unset)"
@@ -618,6 +654,13 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "max_batch_bytes",
         Count(1024, 20 * 1024 * 1024, "PostHog's capture endpoint refuses bodies over 20 MiB"),
         "Most bytes of events per request.",
+    ),
+    EnvVar(
+        "OUTBOX_POOLER",
+        "pooler",
+        Choice(POOLERS),
+        "none, or transaction behind PgBouncer transaction pooling and alike.",
+        flag="--pooler",
     ),
     EnvVar("OUTBOX_NOTIFY", "notify", Switch(), "LISTEN for commits (0: poll only)."),
     EnvVar(

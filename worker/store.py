@@ -289,13 +289,18 @@ class Store:
         lock_timeout: float | None = LOCK_TIMEOUT,
         statement_timeout: float | None = None,
         health: Health | None = None,
+        pooler: str = "none",
     ) -> None:
-        """``lock_timeout`` and ``statement_timeout`` (seconds; None leaves the
+        """``pooler`` is ``OUTBOX_POOLER`` (``transaction``: connect without prepared
+        statements, see :func:`worker.database.connect_options`).
+
+        ``lock_timeout`` and ``statement_timeout`` (seconds; None leaves the
         session's own) bound each of the store's single statements; the batch's
         statements take theirs from :data:`queries.BATCH_SETTINGS`. Stores given
         the same ``health`` report into it together (the worker's two batch
         connections: their latest statement tells whether the worker can ship)."""
         self.url = url
+        self.pooler = pooler
         self.health = health if health is not None else Health(log=log_outages)
         self.worker_id = worker_id
         self.log_outages = log_outages
@@ -324,6 +329,8 @@ class Store:
         #: ``_conn``'s statement_timeout, read when it connected ("" if unknown).
         self._session_statement_timeout = ""
         self._batch: Batch | None = None
+        #: The last claim found nothing: the next one asks ANY_DUE first.
+        self._idle = False
         self._lock = threading.RLock()
         self._down_since: float | None = None
         self._reconnect_delay = RECONNECT_DELAY_MIN
@@ -344,6 +351,7 @@ class Store:
                 raise DatabaseUnavailable(f"database unavailable; next reconnect in {wait:.1f}s")
             conn = connect(
                 self.url,
+                pooler=self.pooler,
                 autocommit=True,
                 connect_timeout=10,
                 application_name=self.application_name,
@@ -563,9 +571,15 @@ class Store:
                 conn.execute("BEGIN")
                 lease_ms = str(max(1, int(lease_seconds * 1000)))
                 conn.execute(queries.BATCH_SETTINGS, {"lease_ms": lease_ms})
+                if self._idle:
+                    due = conn.execute(queries.ANY_DUE).fetchone()
+                    if not (due and due[0]):
+                        conn.execute("ROLLBACK")
+                        return None
                 rows = conn.execute(
                     queries.CLAIM, {"limit": limit, "max_bytes": max_bytes}
                 ).fetchall()
+                self._idle = not rows
                 if not rows:
                     conn.execute("ROLLBACK")
                     return None

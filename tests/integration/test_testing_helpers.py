@@ -494,7 +494,17 @@ def test_deliver_gives_up_at_the_deadline_saying_what_is_pending(
     capture.default_reply = Reply(status=503)
 
     with pytest.raises(NotDeliveredError) as failed:
-        deliver(database_url, capture, timeout=1)
+        # deliver retries at once: its 24 attempts can all be used within the second
+        # and the event goes dead (the next test's case). 1,000 attempts at least 5 ms
+        # apart cannot be.
+        deliver(
+            database_url,
+            capture,
+            timeout=1,
+            max_attempts=1000,
+            backoff_base=0.01,
+            backoff_max=0.01,
+        )
 
     message = str(failed.value)
     assert message.startswith("1 event(s) still pending after 1s; the worker's last error")

@@ -9,8 +9,8 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
@@ -427,17 +427,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             return 2
         return 0 if stats.clean else 1
     worker.check_database()
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name, extra={"action": "signal"})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    worker.start()
-    while not stop.wait(3600):
-        pass
+    with StopSignals() as signals:
+        worker.start()
+        received = signals.wait()
+    log.info("received %s", received.name, extra={"action": "signal"})
     worker.stop()
     if not worker.drainer.idle.is_set():
         # The abandoned batch's request is still blocked in a scheduler thread, which
@@ -447,6 +440,48 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.flush()
         os._exit(0)
     return 0
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, waited for without a lock.
+
+    A Python signal handler runs in the main thread between two bytecodes, possibly
+    while that thread holds a lock: a handler that sets a ``threading.Event`` the main
+    thread is entering ``wait()`` on deadlocks on the Event's own lock (seen: a worker
+    that never stopped on SIGTERM). Here the handlers do nothing; the interpreter
+    writes each signal's number to a socket (``signal.set_wakeup_fd``) and
+    :meth:`wait` reads it. A signal that comes before :meth:`wait` is kept in the
+    socket's buffer.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> StopSignals:
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._previous = {s: signal.signal(s, self._ignore) for s in self.SIGNALS}
+        return self
+
+    @staticmethod
+    def _ignore(signum: int, frame: FrameType | None) -> None:
+        """The wake-up socket carries the signal; nothing to do here."""
+
+    def wait(self) -> signal.Signals:
+        """Block until SIGTERM or SIGINT arrives; which one it was."""
+        wanted = {int(s) for s in self.SIGNALS}
+        while True:
+            data = self._read.recv(64)
+            for number in data:
+                if number in wanted:
+                    return signal.Signals(number)
+
+    def __exit__(self, *exc: object) -> None:
+        # The handlers stay: a second SIGTERM during shutdown must not kill the
+        # process with its default action. Only the wake-up socket goes.
+        signal.set_wakeup_fd(self._previous_fd)
+        self._read.close()
+        self._write.close()
 
 
 def _print_json(data: Any) -> None:

@@ -285,7 +285,8 @@ def test_a_crashed_workers_rows_are_claimed_again_at_once(
     assert sink.events == []  # held by the other worker's transaction
     crashed.close()  # its session ends, as when its process dies
     wait_for(lambda: drainer.drain().shipped == 4, what="the rows shipped")
-    assert sink.uuids() == [str(u) for u in uuids]
+    # Each exactly once; the order within a batch is not the claim's promise.
+    assert sorted(sink.uuids()) == sorted(str(u) for u in uuids)
 
 
 def test_a_hung_workers_rows_are_claimed_again_when_its_lease_runs_out(
@@ -298,7 +299,8 @@ def test_a_hung_workers_rows_are_claimed_again_when_its_lease_runs_out(
     drainer = make_drainer(settings_for(), sink)
     assert drainer.drain().shipped == 0
     wait_for(lambda: drainer.drain().shipped == 4, what="the rows shipped")
-    assert sink.uuids() == [str(u) for u in uuids]
+    # Each exactly once; the order within a batch is not the claim's promise.
+    assert sorted(sink.uuids()) == sorted(str(u) for u in uuids)
 
 
 def test_two_drainers_racing_ship_no_event_twice(

@@ -33,7 +33,8 @@ What runs where:
   say (its statement caches and prepared statement names);
 - Django's ``django.db.connection`` (or a database wrapper from
   ``django.db.connections``) and Django cursors: :func:`resolve` connects it if
-  Django has not yet and uses the psycopg 3 connection underneath.
+  Django has not yet and uses the psycopg 3 connection underneath (in async code,
+  where Django refuses its connection, it raises ``UnsupportedConnectionError``).
 
 Rows come back as a list of dicts (column name to value), ``[]`` for a statement
 that returns none.
@@ -56,7 +57,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.sql import Executable
 
+from outbox.exceptions import UnsupportedConnectionError
+
 __all__ = [
+    "DJANGO_ASYNC",
     "PSYCOPG_ASYNC",
     "PSYCOPG_SYNC",
     "SQLALCHEMY_ASYNC",
@@ -82,6 +86,14 @@ Sql = str | psycopg_sql.SQL | psycopg_sql.Composed
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%|:")
 
+#: Django's connection used from async code: what to do instead.
+DJANGO_ASYNC = (
+    "Django's connection cannot be used from async code (an async view): Django's "
+    "transactions are sync-only, so write your rows and call outbox.enqueue() in one sync "
+    "function under transaction.atomic() and await it through "
+    "asgiref.sync.sync_to_async(...) (docs/django.md, Async views)"
+)
+
 
 def resolve(conn: Any) -> Any:
     """The connection the library should write on, for ``conn`` as the caller gave it.
@@ -90,13 +102,23 @@ def resolve(conn: Any) -> Any:
     connected if Django has not connected it yet, and its psycopg connection is
     returned; a Django cursor resolves to its connection's. Anything else comes back
     unchanged. Django is recognised by the module of ``conn``'s type, so this module
-    never imports it.
+    imports it only for such a ``conn``.
+
+    In async code (an async view, a running event loop in this thread) Django refuses
+    its connection to every caller; that is raised as :data:`DJANGO_ASYNC`, before
+    anything is sent, so the caller's transaction is untouched. Django's
+    ``DJANGO_ALLOW_ASYNC_UNSAFE`` lifts the refusal, here as everywhere in Django.
     """
     if not type(conn).__module__.startswith("django."):
         return conn
     ensure = getattr(conn, "ensure_connection", None)
     if ensure is not None:  # DatabaseWrapper, or the ConnectionProxy in front of one
-        ensure()
+        from django.core.exceptions import SynchronousOnlyOperation
+
+        try:
+            ensure()
+        except SynchronousOnlyOperation as exc:
+            raise UnsupportedConnectionError(DJANGO_ASYNC) from exc
         return conn.connection
     db = getattr(conn, "db", None)  # CursorWrapper
     if db is not None:

@@ -35,7 +35,7 @@ class OutboxDatabaseError(OutboxError):
 
 
 class OutboxNotInstalledError(OutboxDatabaseError):
-    """The outbox tables do not exist in this database: run `outbox-worker migrate` first."""
+    """The outbox tables do not exist in this database: run `outbox-worker migrate` first (in Django, `python manage.py migrate` with outbox.contrib.django in INSTALLED_APPS)."""  # noqa: E501
 
 
 class UnsupportedConnectionError(OutboxError, TypeError):

@@ -296,10 +296,16 @@ def test_the_testing_helpers_read_what_the_atomic_block_enqueued(
 
 
 def manage(
-    *args: str, database_url: str, other_url: str | None = None
+    *args: str,
+    database_url: str,
+    other_url: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``python manage.py ARGS`` in the test project, against ``database_url``."""
+    """``python manage.py ARGS`` in the test project, against ``database_url`` (and
+    with the project's settings variables ``env``)."""
+    given = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "OUTBOX_"))}
+    env.update(given)
     env["DATABASE_URL"] = database_url
     if other_url:
         env["OTHER_DATABASE_URL"] = other_url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class OutboxConfig(AppConfig):  # type: ignore[misc]  # Django ships no types
@@ -16,3 +17,10 @@ class OutboxConfig(AppConfig):  # type: ignore[misc]  # Django ships no types
     label = "posthog_outbox"
     verbose_name = "PostHog outbox"
     default = True
+
+    def ready(self) -> None:
+        from outbox.contrib.django.schema import create_when_unmigrated
+
+        post_migrate.connect(
+            create_when_unmigrated, sender=self, dispatch_uid="posthog_outbox.unmigrated"
+        )

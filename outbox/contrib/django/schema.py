@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from outbox.exceptions import UnsupportedConnectionError
 
@@ -38,6 +39,17 @@ def connection_params(connection: Any) -> dict[str, Any]:
     for key in _DJANGO_ONLY:
         params.pop(key, None)
     return params
+
+
+def conninfo(connection: Any) -> str:
+    """The libpq connection string of the database Django's ``connection`` reaches, as
+    its own user (the test database in a test), for ``psycopg.connect()``,
+    ``outbox-worker``'s ``DATABASE_URL`` or ``worker.testing.deliver()``. Django's own
+    ``OPTIONS`` (``pool``, ``server_side_binding``, ``assume_role``,
+    ``isolation_level``) are left out; libpq's are kept."""
+    params = connection_params(connection)
+    params.pop("prepare_threshold", None)  # psycopg's, not libpq's
+    return make_conninfo(**{key: value for key, value in params.items() if value is not None})
 
 
 def open_connection(connection: Any) -> psycopg.Connection[Any]:
@@ -68,3 +80,34 @@ def upgrade(connection: Any) -> list[str]:
         return install.upgrade(engine)
     finally:
         engine.dispose()
+
+
+#: The databases (host, port, name) this process gave the tables with migrations off.
+_created_unmigrated: set[tuple[str, str, str]] = set()
+
+
+def create_when_unmigrated(sender: Any, using: str = "default", **kwargs: Any) -> None:
+    """``post_migrate`` of this app: when its migrations are turned off, which is what
+    Django's test runner does for a test database with ``TEST["MIGRATE"] = False``
+    (and ``MIGRATION_MODULES = {"posthog_outbox": None}`` does), create the tables
+    as ``migrate --run-syncdb`` creates those of apps without migrations.
+
+    With migrations on it does nothing: this app's migration made the tables. Django
+    also sends ``post_migrate`` after each ``flush`` (the end of every
+    ``TransactionTestCase`` test); a database this process gave the tables is not
+    checked again.
+    """
+    from django.db import connections
+    from django.db.migrations.loader import MigrationLoader
+
+    module, _ = MigrationLoader.migrations_module(sender.label)
+    if module is not None:
+        return
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return
+    s = connection.settings_dict
+    key = (str(s.get("HOST") or ""), str(s.get("PORT") or ""), str(s["NAME"]))
+    if key not in _created_unmigrated:
+        upgrade(connection)
+        _created_unmigrated.add(key)

@@ -2,6 +2,9 @@
 
 ``DATABASE_URL`` is the ``default`` database (the tests give each test a database of
 its own); ``OTHER_DATABASE_URL``, when set, a second one named ``other``.
+``SHOP_TEST_MIGRATE=false`` builds the test databases without migrations
+(``TEST["MIGRATE"] = False``); ``SHOP_DB_POOL=true`` turns on Django's psycopg
+connection pool (``OPTIONS["pool"]``).
 """
 
 from __future__ import annotations
@@ -40,3 +43,7 @@ def database(url: str) -> dict[str, Any]:
 DATABASES = {"default": database(os.environ["DATABASE_URL"])}
 if os.environ.get("OTHER_DATABASE_URL"):
     DATABASES["other"] = database(os.environ["OTHER_DATABASE_URL"])
+if os.environ.get("SHOP_TEST_MIGRATE") == "false":
+    DATABASES["default"]["TEST"] = {"MIGRATE": False}
+if os.environ.get("SHOP_DB_POOL") == "true":
+    DATABASES["default"]["OPTIONS"]["pool"] = True

@@ -11,8 +11,8 @@ from __future__ import annotations
 from django.db import connection
 from django.http import HttpResponse
 from django.test import Client, TestCase, TransactionTestCase
-from psycopg.conninfo import make_conninfo
 
+from outbox.contrib.django.schema import conninfo
 from outbox.testing import assert_enqueued, assert_not_enqueued, enqueued
 from shop.models import Order
 from worker.testing import CaptureServer, deliver
@@ -69,13 +69,5 @@ class CommittedEventsTests(TransactionTestCase):
 
 
 def database_url() -> str:
-    """The test database (``test_<NAME>``) as libpq connection parameters."""
-    s = connection.settings_dict
-    params = {
-        "dbname": s["NAME"],
-        "user": s["USER"],
-        "password": s["PASSWORD"],
-        "host": s["HOST"],
-        "port": s["PORT"],
-    }
-    return make_conninfo(**{k: v for k, v in params.items() if v}, **s["OPTIONS"])
+    """The test database (``test_<NAME>``) as a libpq connection string."""
+    return conninfo(connection)

@@ -1,7 +1,9 @@
 """docs/django.md runs: its files are written out as a Django project (each Python
-block starts with a comment naming its file), its ``python manage.py`` commands run in
-order (``makemigrations``, ``migrate``, ``test`` with Django's test runner), then the
-view is called once and the page's worker command ships what it enqueued."""
+block starts with a comment naming its file; one named ``FILE, at the end`` adds its
+lines to the end of that file), its ``python manage.py`` commands run in order
+(``makemigrations``, ``migrate``, ``test`` with Django's test runner), then the views
+(sync and async) are called once each and the page's worker command ships what they
+enqueued."""
 
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ ROOT_URLCONF = "mysite.urls"
 MIDDLEWARE = []
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 """
-#: After the page's settings: its database, pointed at the test's.
+#: After the page's settings (before the lines it adds at their end): its database,
+#: pointed at the test's.
 SETTINGS_AFTER = """
 import os
 
@@ -76,14 +79,23 @@ def write_project(root: Path) -> None:
         (root / package).mkdir()
         (root / package / "__init__.py").write_text("")
     files = [code for kind, code in blocks() if kind == "python"]
-    assert len(files) >= 5, "docs/django.md lost a file"
+    assert len(files) >= 9, "docs/django.md lost a file"
+    written: dict[str, str] = {}
+    added: dict[str, list[str]] = {}
     for code in files:
         first, _, _ = code.partition("\n")
-        name = first.removeprefix("# ").strip()
-        assert re.fullmatch(r"[a-z]+/[a-z]+\.py", name), f"a block does not name its file: {first}"
-        if name == "mysite/settings.py":
-            code = SETTINGS_BEFORE + code + SETTINGS_AFTER
-        (root / name).write_text(code)
+        name, _, where = first.removeprefix("# ").strip().partition(", ")
+        assert re.fullmatch(r"[a-z]+/[a-z_]+\.py", name), f"a block does not name its file: {first}"
+        if where:
+            assert where == "at the end" and name in written, f"added to what? {first}"
+            added.setdefault(name, []).append(code)
+        else:
+            assert name not in written, f"{name} is written twice"
+            written[name] = code
+    # The page's settings, between what startproject writes and the test's database.
+    written["mysite/settings.py"] = SETTINGS_BEFORE + written["mysite/settings.py"] + SETTINGS_AFTER
+    for name, code in written.items():
+        (root / name).write_text("\n".join([code, *added.get(name, [])]))
 
 
 def commands() -> list[list[str]]:
@@ -118,17 +130,20 @@ def test_the_django_guide_runs(
             result = run(tmp_path, empty_database, *command)
             assert result.returncode == 0, f"{command}:\n{result.stdout}\n{result.stderr}"
             if command[1] == "test":
-                assert "Ran 3 tests" in result.stderr and "\nOK" in result.stderr, result.stderr
+                assert "Ran 4 tests" in result.stderr and "\nOK" in result.stderr, result.stderr
     finally:
         drop_database(server_url, test_db)
     with psycopg.connect(empty_database) as conn:
         assert conn.execute("SELECT count(*) FROM outbox_events").fetchone() == (0,)
 
-    # The view, once, through Django's test client: the event commits with the order.
+    # Each view, once, through Django's test clients: the event commits with the order.
     call = (
-        "from django.test import Client;"
+        "import asyncio; from django.test import AsyncClient, Client;"
         " r = Client().post('/orders/', {'user_id': 'user-42', 'total': 1250},"
         " content_type='application/json');"
+        " assert r.status_code == 201, r.content;"
+        " r = asyncio.run(AsyncClient().post('/async/orders/', {'user_id': 'user-7',"
+        " 'total': 900}, content_type='application/json'));"
         " assert r.status_code == 201, r.content"
     )
     result = run(tmp_path, empty_database, "manage.py", "shell", "-c", call)
@@ -153,8 +168,11 @@ def test_the_django_guide_runs(
         check=False,
     )
     assert shipped.returncode == 0, shipped.stderr
-    [event] = [e for r in capture_requests(capture) for e in r.events]
-    assert (event["event"], event["distinct_id"]) == ("order_placed", "user-42")
-    assert event["properties"]["total_cents"] == 1250
+    shipped_events = sorted(
+        (e["event"], e["distinct_id"], e["properties"]["total_cents"])
+        for r in capture_requests(capture)
+        for e in r.events
+    )
+    assert shipped_events == [("order_placed", "user-42", 1250), ("order_placed", "user-7", 900)]
     with psycopg.connect(empty_database) as conn:
         assert conn.execute("SELECT count(*) FROM outbox_events").fetchone() == (0,)

@@ -14,6 +14,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 import outbox
+from outbox.testing import enqueued
 from tests.conftest import drop_database
 from tests.integration import test_django
 from tests.integration.test_django import HEAD, Rollback, events, manage, names, revision
@@ -79,14 +80,24 @@ async def test_djangos_connection_in_async_code_is_one_clear_refusal(
     with pytest.raises(outbox.UnsupportedConnectionError) as refused:
         await AsyncClient().post("/async/wrong/")
     assert str(refused.value) == ASYNC_REFUSAL
-    for call in (
+    guard = {"table": "workspace", "values": {"id": "w1"}, "conflict": ["id"], "event": "e"}
+    for acall in (
         lambda: outbox.aenqueue(connection, "e", "u"),
         lambda: outbox.aenqueue(connections["default"], "e", "u"),
+        lambda: outbox.aenqueue_many(connection, [{"event": "e", "distinct_id": "u"}]),
+        lambda: outbox.aidentify(connection, "u", set={"plan": "pro"}),
+        lambda: outbox.aupsert_first(connection, **guard, distinct_id="u"),
     ):
         with pytest.raises(outbox.UnsupportedConnectionError, match=r"^Django's connection cannot"):
-            await call()
-    with pytest.raises(outbox.UnsupportedConnectionError, match=r"^Django's connection cannot"):
-        outbox.Posthog(connection).capture("e", distinct_id="u")
+            await acall()
+    for call in (
+        lambda: outbox.Posthog(connection).capture("e", distinct_id="u"),
+        lambda: outbox.identify(connection, "u", set={"plan": "pro"}),
+        lambda: outbox.upsert_first(connection, **guard, distinct_id="u"),
+        lambda: enqueued(connection),
+    ):
+        with pytest.raises(outbox.UnsupportedConnectionError, match=r"^Django's connection cannot"):
+            call()
     # AsyncPosthog refuses Django's connection when it is made, naming Posthog.
     with pytest.raises(outbox.UnsupportedConnectionError, match=r"use outbox\.Posthog\(\)"):
         outbox.AsyncPosthog(connection)
@@ -195,33 +206,49 @@ def test_a_database_without_the_tables_is_one_clear_line(
     assert isinstance(missing.value.__cause__, psycopg.errors.UndefinedTable)
 
 
-@pytest.mark.parametrize("pool", [False, True], ids=["no-pool", "pool"])
+@pytest.mark.parametrize(
+    ("pool", "parallel"),
+    [(False, False), (True, False), (False, True)],
+    ids=["no-pool", "pool", "parallel"],
+)
 def test_a_test_database_built_without_migrations_gets_the_tables(
-    server_url: str, empty_database: str, pool: bool
+    server_url: str, empty_database: str, pool: bool, parallel: bool
 ) -> None:
     # TEST["MIGRATE"] = False: Django turns every app's migrations off and creates the
     # models' tables directly; the outbox app creates its tables then too, so the
-    # project's tests (the view's event, the TransactionTestCase delivery) pass.
+    # project's tests (the view's event, the TransactionTestCase delivery) pass, also
+    # in the clones of the test database that --parallel makes.
     test_db = "test_" + conninfo_to_dict(empty_database)["dbname"]
     env = {"SHOP_TEST_MIGRATE": "false", "SHOP_DB_POOL": "true" if pool else "false"}
+    args = ["test", "shop", "-v", "2", "--noinput", "--keepdb"]
+    if parallel:
+        args += ["--parallel", "2"]
     try:
-        result = manage(
-            "test",
-            "shop",
-            "-v",
-            "2",
-            "--noinput",
-            "--keepdb",
-            database_url=empty_database,
-            env=env,
-        )
+        result = manage(*args, database_url=empty_database, env=env)
         # The test database Django kept (--keepdb) has the newest tables.
         tables = revision(with_database(empty_database, test_db))
     finally:
         drop_database(server_url, test_db)
+        for clone in (1, 2):
+            drop_database(server_url, f"{test_db}_{clone}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "Applying posthog_outbox" not in output
     assert tables == HEAD
     assert "Ran 6 tests" in output and "\nOK" in output, output
+    if parallel:
+        assert f"Preserving test database for alias 'default' ('{test_db}_2')" in output
     assert revision(empty_database) is None
+
+
+def test_migrate_with_the_apps_migrations_turned_off_creates_the_tables(
+    empty_database: str,
+) -> None:
+    # MIGRATION_MODULES = {"posthog_outbox": None}: no Django migration of the app runs,
+    # and post_migrate creates the tables as the migration would.
+    env = {"SHOP_OUTBOX_MIGRATIONS": "off"}
+    result = manage("migrate", "-v", "2", database_url=empty_database, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Applying posthog_outbox" not in result.stdout
+    assert "Applying shop.0001_initial... OK" in result.stdout
+    assert revision(empty_database) == HEAD

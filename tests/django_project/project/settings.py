@@ -4,7 +4,8 @@
 its own); ``OTHER_DATABASE_URL``, when set, a second one named ``other``.
 ``SHOP_TEST_MIGRATE=false`` builds the test databases without migrations
 (``TEST["MIGRATE"] = False``); ``SHOP_DB_POOL=true`` turns on Django's psycopg
-connection pool (``OPTIONS["pool"]``).
+connection pool (``OPTIONS["pool"]``); ``SHOP_OUTBOX_MIGRATIONS=off`` turns the
+outbox app's migrations off (``MIGRATION_MODULES``).
 """
 
 from __future__ import annotations
@@ -47,3 +48,5 @@ if os.environ.get("SHOP_TEST_MIGRATE") == "false":
     DATABASES["default"]["TEST"] = {"MIGRATE": False}
 if os.environ.get("SHOP_DB_POOL") == "true":
     DATABASES["default"]["OPTIONS"]["pool"] = True
+if os.environ.get("SHOP_OUTBOX_MIGRATIONS") == "off":
+    MIGRATION_MODULES = {"posthog_outbox": None}

@@ -42,6 +42,7 @@ commands:
             PgQ (where the server has it) and posthog-outbox, side by side
   gzip      the worker alone, gzip off and on, interleaved rounds: rate spread
             and CPU per event by thread
+  encode    enqueue's Python per event (no database), orjson vs the json module
   all       every command above, in that order
 
 Each command has its own --help.
@@ -252,6 +253,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     gzip.add_argument("--events", type=_positive, help="events per drain (50000)")
     gzip.add_argument("--rounds", type=_positive, help="pairs of drains (5; 1 with --quick)")
 
+    encode = sub.add_parser(
+        "encode",
+        help="enqueue's Python per event, orjson vs the json module",
+        description="Time what enqueue() and enqueue_many() do in Python before their "
+        "statement, per event, with the properties encoded by orjson and by the json "
+        "module alone, in interleaved rounds (CPU time, minimum over the rounds).",
+    )
+    _common(encode)
+    encode.add_argument("--rounds", type=_positive, help="rounds (40; 2 with --quick)")
+
     everything = sub.add_parser(
         "all", help="every command", description="Run every command, in the order listed."
     )
@@ -266,6 +277,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "claims": claims,
         "storage": storage,
         "gzip": gzip,
+        "encode": encode,
     }
     return parser, commands
 
@@ -371,6 +383,14 @@ def _run_gzip(ctx: Context, args: argparse.Namespace) -> None:
     )
 
 
+def _run_encode(ctx: Context, args: argparse.Namespace) -> None:
+    from bench import encode
+
+    encode.run(
+        ctx, rounds=args.rounds or (encode.QUICK_ROUNDS if ctx.quick else encode.DEFAULT_ROUNDS)
+    )
+
+
 COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
     "drain": _run_drain,
     "latency": _run_latency,
@@ -381,6 +401,7 @@ COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
     "claims": _run_claims,
     "storage": _run_storage,
     "gzip": _run_gzip,
+    "encode": _run_encode,
 }
 
 

@@ -151,7 +151,10 @@ class PostHogSink:
         with self._prepared_lock:
             if self._compressor is None:
                 self._compressor = ThreadPoolExecutor(1, thread_name_prefix="outbox-gzip")
-            future = self._compressor.submit(_compress_head, self._head(events))
+            try:
+                future = self._compressor.submit(_compress_head, self._head(events))
+            except RuntimeError:  # the interpreter is exiting: send compresses it then
+                return
             self._prepared[id(events[0])] = (events, future)
             while len(self._prepared) > _PREPARED_LIMIT:
                 del self._prepared[next(iter(self._prepared))]

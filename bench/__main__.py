@@ -40,6 +40,9 @@ commands:
             PostgreSQL alone: rows/s and server CPU per row
   storage   WAL bytes, PostgreSQL CPU and table size per event: a bare INSERT,
             PgQ (where the server has it) and posthog-outbox, side by side
+  gzip      the worker alone, gzip off and on, interleaved rounds: rate spread
+            and CPU per event by thread
+  encode    enqueue's Python per event (no database), orjson vs the json module
   all       every command above, in that order
 
 Each command has its own --help.
@@ -238,6 +241,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "--transactions", type=_positive, help="application transactions per variant (2000)"
     )
 
+    gzip = sub.add_parser(
+        "gzip",
+        help="the worker's drain, gzip off and on, interleaved",
+        description="Drain a backlog with one `outbox-worker run --until-empty`, gzip off "
+        "and on back to back, --rounds times in alternating order; reports the rate's "
+        "median and range and CPU per event (main thread, other threads, endpoint, "
+        "PostgreSQL) for each mode, and the on/off ratio of each round.",
+    )
+    _common(gzip)
+    gzip.add_argument("--events", type=_positive, help="events per drain (50000)")
+    gzip.add_argument("--rounds", type=_positive, help="pairs of drains (5; 1 with --quick)")
+
+    encode = sub.add_parser(
+        "encode",
+        help="enqueue's Python per event, orjson vs the json module",
+        description="Time what enqueue() and enqueue_many() do in Python before their "
+        "statement, per event, with the properties encoded by orjson and by the json "
+        "module alone, in interleaved rounds (CPU time, minimum over the rounds).",
+    )
+    _common(encode)
+    encode.add_argument("--rounds", type=_positive, help="rounds (40; 2 with --quick)")
+
     everything = sub.add_parser(
         "all", help="every command", description="Run every command, in the order listed."
     )
@@ -251,6 +276,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "profile": profile,
         "claims": claims,
         "storage": storage,
+        "gzip": gzip,
+        "encode": encode,
     }
     return parser, commands
 
@@ -346,6 +373,24 @@ def _run_storage(ctx: Context, args: argparse.Namespace) -> None:
     )
 
 
+def _run_gzip(ctx: Context, args: argparse.Namespace) -> None:
+    from bench import gzipab
+
+    gzipab.run(
+        ctx,
+        events=args.events or (gzipab.QUICK_EVENTS if ctx.quick else gzipab.DEFAULT_EVENTS),
+        rounds=args.rounds or (gzipab.QUICK_ROUNDS if ctx.quick else gzipab.DEFAULT_ROUNDS),
+    )
+
+
+def _run_encode(ctx: Context, args: argparse.Namespace) -> None:
+    from bench import encode
+
+    encode.run(
+        ctx, rounds=args.rounds or (encode.QUICK_ROUNDS if ctx.quick else encode.DEFAULT_ROUNDS)
+    )
+
+
 COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
     "drain": _run_drain,
     "latency": _run_latency,
@@ -355,6 +400,8 @@ COMMANDS: dict[str, Callable[[Context, argparse.Namespace], None]] = {
     "profile": _run_profile,
     "claims": _run_claims,
     "storage": _run_storage,
+    "gzip": _run_gzip,
+    "encode": _run_encode,
 }
 
 

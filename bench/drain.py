@@ -74,6 +74,10 @@ class DrainResult:
     cpu_postgres: float | None = None
     cpu_endpoint: float | None = None
     detail: str = ""
+    #: The worker's main thread's CPU seconds over the timed window, and its other
+    #: threads' (the claim thread among them); None for the other contenders.
+    cpu_main: float | None = None
+    cpu_other_threads: float | None = None
 
     @property
     def rate(self) -> float:
@@ -220,9 +224,12 @@ def run_worker(
     first = endpoint.wait_for(warmup, timeout, check=check)
     meter.start()
     cpu0 = child.cpu_seconds()
+    threads0 = child.thread_cpu_seconds()
     finished = endpoint.wait_for(events + warmup, timeout, check=check)
+    threads1 = child.thread_cpu_seconds()
     cpu1 = child.cpu_seconds()
     cpu_pg, cpu_ep = meter.stop()
+    cpu_main, cpu_other = _thread_split(child.pid, threads0, threads1)
     info = child.wait(60)
     child.close()
     if info.returncode != 0:
@@ -247,7 +254,21 @@ def run_worker(
         cpu_pg,
         cpu_ep,
         detail,
+        cpu_main,
+        cpu_other,
     )
+
+
+def _thread_split(
+    pid: int, before: dict[int, float], after: dict[int, float]
+) -> tuple[float | None, float | None]:
+    """(main thread, all other threads) CPU seconds between two snapshots; a thread
+    that ended in between is missing from both figures (None when nothing was read)."""
+    if pid not in before or pid not in after:
+        return None, None
+    main = after[pid] - before[pid]
+    other = sum(t - before.get(tid, 0.0) for tid, t in after.items() if tid != pid)
+    return main, other
 
 
 def fill_for_worker(ctx: Context, url: str, env: dict[str, str], events: int) -> float:

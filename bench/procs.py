@@ -258,6 +258,24 @@ class Child:
         # fields[0] is the state (field 3 of proc(5)); utime and stime are fields 14 and 15.
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def thread_cpu_seconds(self) -> dict[int, float]:
+        """CPU time (user + system) of each live thread so far, by thread id (the main
+        thread's id is the process id); empty when the process is gone."""
+        tick = os.sysconf("SC_CLK_TCK")
+        by_tid: dict[int, float] = {}
+        try:
+            tasks = list(Path(f"/proc/{self.proc.pid}/task").iterdir())
+        except OSError:
+            return by_tid
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            by_tid[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+        return by_tid
+
     def log_tail(self, lines: int = 15) -> str:
         """The last lines of the child's log."""
         with contextlib.suppress(OSError):

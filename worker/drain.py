@@ -166,6 +166,8 @@ class Drainer:
         self._held: set[Batch] = set()
         self._abandoned: set[Batch] = set()
         self._lock = threading.Lock()
+        #: Payloads built on the claiming thread (see _prepare), until the batch ships.
+        self._payloads: dict[Batch, dict[int, Outbound]] = {}
 
     # -- driving ----------------------------------------------------------------------
 
@@ -236,7 +238,23 @@ class Drainer:
         batch.claimed_at = started
         with self._lock:
             self._held.add(batch)
+        self._prepare(batch)
         return batch
+
+    def _prepare(self, batch: Batch) -> None:
+        """Build the payloads as soon as the batch is claimed (a batch claimed ahead:
+        while the one before is on the wire), and let a sink that can start on the
+        request bodies (``prepare``: the PostHog sink compresses them) do so."""
+        payloads = {e.id: e.outbound() for e in batch.events if e.problem is None}
+        with self._lock:
+            self._payloads[batch] = payloads
+        prepare = getattr(self.sink, "prepare", None)
+        to_sink = [
+            e for e in batch.events if e.id in payloads and e.destination != DESTINATION_METRICS
+        ]
+        if prepare is not None and to_sink:
+            for chunk in self._by_size(to_sink, payloads):
+                prepare([payloads[e.id] for e in chunk])
 
     def _stale(self, batch: Batch) -> bool:
         """A batch claimed ahead has used a quarter of its lease waiting its turn."""
@@ -246,6 +264,7 @@ class Drainer:
         """Hand a claimed but unsent batch back at once, counting no attempt."""
         with self._lock:
             self._held.discard(batch)
+            self._payloads.pop(batch, None)
         batch.store.release(batch)
 
     def _process(self, batch: Batch) -> DrainStats | None:
@@ -271,7 +290,9 @@ class Drainer:
     def _ship(self, batch: Batch, claimed_at: float) -> Outcome:
         outcome = Outcome()
         events = self._sendable(batch.events, outcome)
-        payloads = {e.id: e.outbound() for e in events}
+        with self._lock:
+            built = self._payloads.pop(batch, None)
+        payloads = built if built is not None else {e.id: e.outbound() for e in events}
         metrics_only = [e for e in events if e.destination == DESTINATION_METRICS]
         if metrics_only:
             self._count_metrics(metrics_only, payloads, outcome)
@@ -607,6 +628,7 @@ class Drainer:
             batches = list(self._held)
             self._abandoned.update(batches)
             self._held.clear()
+            self._payloads.clear()
         released = 0
         for batch in batches:
             if batch.store.release(batch):

@@ -17,6 +17,7 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 
+import orjson
 import pytest
 
 from outbox import AnalyticsConfig, OutboxValidationError
@@ -343,3 +344,79 @@ def test_distinct_given_uuids_pass_the_check() -> None:
     items = [{"event": "e", "distinct_id": "u", "uuid": uuid.uuid4()} for _ in range(3)]
     prepared = _prepare_all(CONFIG, items)
     assert [p.uuid for p in prepared] == [i["uuid"] for i in items]
+
+
+# --------------------------------------------------------------------------- orjson
+
+
+def _stdlib(value: Any) -> str | None:
+    try:
+        return v._FAST_ENCODER.encode(value)
+    except (v._NeedsWalk, ValueError, TypeError, RecursionError):
+        return None
+
+
+def test_orjson_writes_every_code_point_as_the_json_module_does() -> None:
+    points = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    for start in range(0, len(points), 4096):
+        text = "".join(points[start : start + 4096])
+        value = {text: [text]}
+        assert orjson.dumps(value).decode() == _stdlib(value)
+        assert v._orjson_encode(value) in (None, _stdlib(value))
+
+
+def test_orjson_is_used_only_where_its_floats_are_written_as_python_writes_them() -> None:
+    import random
+
+    rng = random.Random(12)
+    floats = [rng.uniform(-1, 1) * 10.0 ** rng.randint(-30, 30) for _ in range(20_000)]
+    floats += [0.0001, 0.00009, 1e15, 1.5e15, 9.999999999999999e15, 1e16, 5e-324, -0.0]
+    used = 0
+    for number in floats:
+        text = v._orjson_encode({"x": number})
+        if text is not None:
+            used += 1
+            assert text == _stdlib({"x": number})
+    assert used > len(floats) // 10  # it is used for the ordinary magnitudes
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"nan": math.nan},
+        {"inf": [math.inf]},
+        {"big": 2**64},
+        {"small": -(2**63) - 1},
+        {"lone": "\ud800"},
+        {"bytes": b"x"},
+        {"nested": {1: "int key"}},
+        {"dict": OrderedDict(a=1)},
+        {"e": 1e-7, "f": 1e300},
+        {"text": "null is a word"},
+    ],
+)
+def test_what_orjson_would_write_differently_goes_to_the_json_module(value: Any) -> None:
+    def outcome(encode: Any) -> tuple[str, str]:
+        try:
+            return ("stored", encode())
+        except OutboxValidationError as exc:
+            return ("refused", str(exc))
+
+    assert v._orjson_encode(value) is None
+    assert outcome(lambda: prepare_event("e", "u", value).properties_json) == outcome(
+        lambda: v._walk_encode(value, "properties")
+    )
+
+
+def test_orjson_and_the_hook_agree_on_datetimes_uuids_decimals_enums_and_sets() -> None:
+    value = {
+        "when": datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        "naive": datetime(2026, 1, 2),
+        "day": date(2026, 1, 2),
+        "id": uuid.UUID(int=42),
+        "dec": Decimal("1.10"),
+        "colour": Colour.RED,
+        "set": {3, 1, 2},
+        "big": 2**63,
+    }
+    assert v._orjson_encode(value) == _stdlib(value)

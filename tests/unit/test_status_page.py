@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import re
+import socket
+import threading
 from html.parser import HTMLParser
 from typing import Any
 
 import pytest
 
+from worker.metrics import ProbeServer, WorkerMetrics
 from worker.settings import Settings, SettingsError
 from worker.statuspage import BacklogHistory, PageData, Privacy, SinkView, render
 from worker.statuspage.page import StatusPage, group_commands
 from worker.statuspage.privacy import HIDDEN, property_names
 from worker.statuspage.render import chart
-from worker.store import Backlog
+from worker.store import Backlog, DatabaseUnavailable
 
 NOW = 1_800_000_000.0
 KEY = "phc_PLANTEDsecretKEY0123456789"
@@ -129,6 +132,8 @@ def test_property_values_are_hidden_unless_named_and_distinct_ids_hashed() -> No
     assert "&quot;pro&quot;" in shown
     assert "alice@example.com" in shown  # the distinct id, shown by choice
     assert shown.count("alice@example.com") == 1  # the email property stays hidden
+    many = render(data(groups=[group(properties={f"p{i:02d}": i for i in range(25)})]))
+    assert "p19" in many and "p20" not in many and "and 5 more" in many
     every = render(data(privacy=Privacy(None)))
     assert every.count("alice@example.com") == 1  # the property; the id is hashed
 
@@ -234,8 +239,6 @@ def test_the_ring_buffer_does_not_grow() -> None:
 class _Broken:
     def __getattr__(self, name: str) -> Any:
         def fail(*args: Any, **kwargs: Any) -> Any:
-            from worker.store import DatabaseUnavailable
-
             raise DatabaseUnavailable(f"could not connect to postgresql://u:{PASSWORD}@db")
 
         return fail
@@ -272,3 +275,65 @@ def test_the_page_says_why_each_section_is_missing_when_the_database_is_down() -
     assert text.count("could not read") == 5
     assert PASSWORD not in text
     assert "sending normally" in text
+
+
+def _answer(port: int, path: str, method: str = "GET") -> tuple[str, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return head.decode(), body
+
+
+def test_the_probe_server_answers_status_only_when_given_a_page() -> None:
+    calls: list[str] = []
+
+    def page() -> bytes:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise RuntimeError("a bug")
+        return b"<!DOCTYPE html><p>page</p>"
+
+    server = ProbeServer(WorkerMetrics(), lambda: (True, "ok"), 0, status_page=page)
+    plain = ProbeServer(WorkerMetrics(), lambda: (True, "ok"), 0)
+    server.start()
+    plain.start()
+    try:
+        head, body = _answer(server.port, "/status")
+        assert head.startswith("HTTP/1.1 200 ") and body == b"<!DOCTYPE html><p>page</p>"
+        assert "Content-Type: text/html; charset=utf-8" in head
+        assert "Content-Security-Policy: default-src 'none'" in head
+        assert "Cache-Control: no-store" in head
+        assert calls[0].startswith("outbox-probes-handler")  # off the event loop
+        head, body = _answer(server.port, "/status", "HEAD")
+        assert head.startswith("HTTP/1.1 200 ") and body == b""
+        head, _ = _answer(server.port, "/status")
+        assert head.startswith("HTTP/1.1 500 ")
+        assert _answer(server.port, "/healthz")[1] == b"ok\n"  # still serving
+        assert _answer(plain.port, "/status")[0].startswith("HTTP/1.1 404 ")
+        assert "Content-Security-Policy" not in _answer(server.port, "/metrics")[0]
+    finally:
+        server.stop()
+        plain.stop()
+
+
+def test_one_load_at_a_time() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    class _Slow(_Broken):
+        def backlog_capped(self, cap: int = 0) -> Backlog:
+            entered.set()
+            release.wait(10)
+            return Backlog(1, 1, 0, 0, 1.0)
+
+    status = StatusPage(_Slow(), _Sink(), _Key(), BacklogHistory(15.0), Privacy(), worker_id="w")
+    first: list[bytes] = []
+    thread = threading.Thread(target=lambda: first.append(status.html()))
+    thread.start()
+    assert entered.wait(10)
+    assert b"still reading the database" in status.html()
+    release.set()
+    thread.join(10)
+    assert b"posthog-outbox status" in first[0]

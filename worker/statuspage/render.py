@@ -320,6 +320,9 @@ def _example(group: dict[str, Any], data: PageData, secrets: Sequence[str]) -> s
     privacy = data.privacy
     props = privacy.properties(group.get("properties"))
     shown = ", ".join(f"{text(k, secrets)}: {text(v, secrets)}" for k, v in props)
+    stored = group.get("properties")
+    if isinstance(stored, dict) and len(stored) > len(props):
+        shown += f", and {len(stored) - len(props)} more"
     return (
         f"row {int(group.get('example_id') or 0)}: "
         f"<b>{text(group.get('event'), secrets)}</b> "

@@ -124,6 +124,13 @@ def test_no_secret_reaches_the_page() -> None:
     assert "***" in page
 
 
+def test_a_secret_cut_short_by_the_stored_error_bound_is_masked_too() -> None:
+    cut = ("x" * 190 + f" key {KEY}")[:200]  # the store keeps 200 characters
+    page = render(data(groups=[group(error=cut)]), secrets=(KEY,))
+    assert KEY[:6] not in page
+    assert "key ***" in page
+
+
 def test_property_values_are_hidden_unless_named_and_distinct_ids_hashed() -> None:
     page = render(data())
     assert "alice@example.com" not in page

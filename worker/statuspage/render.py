@@ -24,7 +24,7 @@ from worker.drain import (
     SINK_REQUEST_REJECTED,
     SINK_UNAUTHORIZED,
 )
-from worker.redaction import redact
+from worker.redaction import MASK, redact
 from worker.statuspage.history import HISTORY_SECONDS, Sample
 from worker.statuspage.page import PageData, group_commands
 from worker.terminal import printable
@@ -91,11 +91,27 @@ ul.cmds{margin:4px 0;padding-left:18px}
 """
 
 
+#: A text that ends in this many or more leading characters of a secret is taken to
+#: have been cut inside it (the store keeps the first 200 characters of an error).
+CUT_SECRET_MIN = 4
+
+
+def _mask_cut_secret(raw: str, secrets: Sequence[str]) -> str:
+    """``raw`` with a secret cut short at its end (``... key phc_AB``) masked."""
+    for secret in secrets:
+        for length in range(min(len(secret) - 1, len(raw)), CUT_SECRET_MIN - 1, -1):
+            if raw.endswith(secret[:length]):
+                return raw[: len(raw) - length] + MASK
+    return raw
+
+
 def text(value: object, secrets: Sequence[str], limit: int | None = NAME_LIMIT) -> str:
-    """``value`` safe for the page: secrets masked, control characters escaped, at
-    most ``limit`` characters, HTML-escaped (quotes too)."""
+    """``value`` safe for the page: secrets masked (one cut short at the end of the
+    text too), control characters escaped, at most ``limit`` characters, HTML-escaped
+    (quotes too)."""
     raw = "" if value is None else str(value)
-    return html.escape(printable(redact(raw, secrets), limit), quote=True)
+    masked = _mask_cut_secret(redact(raw, secrets), secrets)
+    return html.escape(printable(masked, limit), quote=True)
 
 
 def _time(at: float | None) -> str:

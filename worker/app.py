@@ -24,10 +24,13 @@ from worker.keycheck import (
     scrub,
 )
 from worker.metrics import ProbeServer, WorkerMetrics
+from worker.redaction import url_secrets
 from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
 from worker.sinks.metrics import MetricsSink
 from worker.sinks.posthog_v1 import PostHogV1Sink
+from worker.statuspage import BacklogHistory, Privacy, StatusPage
+from worker.statuspage.page import STATUS_STATEMENT_TIMEOUT
 from worker.store import DatabaseTimeout, DatabaseUnavailable, Health, Store
 from worker.wakeup import Listener
 from worker.worker_state import WorkerStateReporter
@@ -140,6 +143,29 @@ class Worker:
         self.key_metric.set(self.key_gate.state)
         host = public_host(settings.posthog_host) if settings.sink_name == "posthog" else "stdout"
         self.state_reporter = WorkerStateReporter(self.housekeeping_store, host)
+        #: The backlog as each refresh found it, for the status page's charts.
+        self.history = BacklogHistory(METRICS_REFRESH_INTERVAL)
+        self.status_page: StatusPage | None = None
+        if settings.status_page and settings.metrics_port is not None:
+            # A connection of its own, each statement bounded: a slow page load never
+            # holds up the refresh or /readyz.
+            self.status_store = Store(
+                url,
+                worker_id=settings.worker_id,
+                log_outages=False,
+                statement_timeout=STATUS_STATEMENT_TIMEOUT,
+                health=Health(),
+                pooler=settings.pooler,
+            )
+            self.status_page = StatusPage(
+                self.status_store,
+                self.drainer,
+                self.key_gate,
+                self.history,
+                Privacy.from_settings(settings),
+                worker_id=settings.worker_id,
+                secrets=(settings.posthog_api_key, *url_secrets(url)),
+            )
         self._unauthorized_seen = 0.0
         self.stopped = threading.Event()
         self._scheduler: BackgroundScheduler | None = None
@@ -227,6 +253,7 @@ class Worker:
                 self.readiness,
                 self.settings.metrics_port,
                 self.settings.metrics_host,
+                status_page=self.status_page.html if self.status_page is not None else None,
             )
             self._probes.start()
         scheduler.start()
@@ -371,7 +398,9 @@ class Worker:
     def refresh_metrics(self) -> None:
         """Publish the backlog and the sink state (the ``refresh_metrics`` job)."""
         try:
-            self.metrics.set_backlog(self.housekeeping_store.backlog_capped())
+            backlog = self.housekeeping_store.backlog_capped()
+            self.metrics.set_backlog(backlog)
+            self.history.record(backlog)
         except (DatabaseUnavailable, OutboxNotInstalledError):
             self.metrics.set_backlog(None)
         except OutboxDatabaseError:
@@ -450,3 +479,5 @@ class Worker:
         self.store.close()
         self.claim_store.close()
         self.housekeeping_store.close()
+        if self.status_page is not None:
+            self.status_store.close()

@@ -1,4 +1,6 @@
-"""Prometheus metrics and the probe endpoints (``/metrics``, ``/healthz``, ``/readyz``).
+"""Prometheus metrics and the probe endpoints (``/metrics``, ``/healthz``, ``/readyz``),
+and the server that also answers the status page (``/status``, see
+:mod:`worker.statuspage`).
 
 Metric names are part of the interface (dashboards and alerts use them); they are
 listed in ``docs/operations.md``.
@@ -154,12 +156,22 @@ PROBE_MAX_CONNECTIONS = 64
 PROBE_HANDLER_THREADS = 2
 #: Longest request line and headers accepted.
 PROBE_MAX_REQUEST_BYTES = 8192
+#: Headers of the status page: it loads nothing (no script, no outside resource), it
+#: is not kept in a cache, and no other site may frame it.
+STATUS_PAGE_HEADERS = (
+    "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; "
+    "frame-ancestors 'none'\r\n"
+    "Cache-Control: no-store\r\n"
+    "X-Content-Type-Options: nosniff\r\n"
+)
+_HTML = "text/html; charset=utf-8"
 
 _REASONS = {
     200: "OK",
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -227,8 +239,12 @@ class ProbeServer:
         write_timeout: float = PROBE_WRITE_TIMEOUT,
         handler_timeout: float = PROBE_HANDLER_TIMEOUT,
         max_connections: int = PROBE_MAX_CONNECTIONS,
+        status_page: Callable[[], bytes] | None = None,
     ) -> None:
+        """``status_page``, when given, renders the page ``/status`` answers (on a
+        handler thread, like ``/metrics``); without it ``/status`` is a 404."""
         self.metrics = metrics
+        self.status_page = status_page
         self.ready = ready
         self.host = host
         self.read_timeout = read_timeout
@@ -257,9 +273,10 @@ class ProbeServer:
         self._thread.start()
         self._started.wait(10)
         log.info(
-            "serving /metrics, /healthz and /readyz on %s port %d",
+            "serving /metrics, /healthz and /readyz on %s port %d%s",
             self.host,
             self.port,
+            ", and the status page at /status" if self.status_page is not None else "",
             extra={"action": "probes_started", "host": self.host, "port": self.port},
         )
 
@@ -311,6 +328,7 @@ class ProbeServer:
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
                 f"Content-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n"
+                f"{STATUS_PAGE_HEADERS if content_type == _HTML else ''}"
                 "Connection: close\r\n\r\n"
             ).encode("ascii") + (b"" if head_only else body)
             writer.write(response)
@@ -366,6 +384,15 @@ class ProbeServer:
                 ok, why = False, "readiness check timed out"
             body = (printable(why, 500) + "\n").encode()
             return (200 if ok else 503), body, "text/plain; charset=utf-8", head_only
+        if path == b"/status" and self.status_page is not None:
+            try:
+                body = await self._off_loop(self.status_page)
+            except TimeoutError:
+                return 503, b"status page timed out\n", "text/plain", head_only
+            except Exception:  # a bug in the page must not take the probes down
+                log.exception("status page failed", extra={"action": "status_page_error"})
+                return 500, b"status page failed (see the worker's log)\n", "text/plain", head_only
+            return 200, body, _HTML, head_only
         return 404, b"not found\n", "text/plain", head_only
 
     async def _off_loop(self, call: Callable[[], _T]) -> _T:

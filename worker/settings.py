@@ -62,6 +62,9 @@ DEFAULT_RETRY_AFTER_MAX = 600.0
 DEFAULT_REJECTION_BREAKER = 3
 #: Probes answer on the loopback interface unless OUTBOX_METRICS_HOST opens them.
 DEFAULT_METRICS_HOST = "127.0.0.1"
+#: How the status page shows distinct ids: ``hashed`` (a keyed hash, the same for the
+#: same id while the worker runs) or ``shown`` (as stored: personal data).
+STATUS_DISTINCT_IDS = ("hashed", "shown")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Seconds between checks of a verified API key while the worker runs: a key that stops
 #: resolving (reset, project deleted) is answered 200 by capture and its events are
@@ -165,6 +168,13 @@ class Settings:
     metrics_port: int | None = None
     #: Address the probe server listens on (loopback unless opened).
     metrics_host: str = DEFAULT_METRICS_HOST
+    #: Serve the read-only status page at ``/status`` on the probe server.
+    status_page: bool = True
+    #: Comma-separated property names whose values the status page shows (``*``: all);
+    #: None (the default): no property value, only their names.
+    status_properties: str | None = None
+    #: ``hashed`` or ``shown``: how the status page shows distinct ids.
+    status_distinct_ids: str = "hashed"
     #: This worker's name in logs and in pg_stat_activity (``outbox-worker status``).
     worker_id: str = field(default_factory=_default_worker_id)
     #: Log level name.
@@ -817,6 +827,31 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         Text("a host name or IP address", 253, r"[A-Za-z0-9._:%-]+"),
         "Address the probes listen on (0.0.0.0: all).",
         flag="--metrics-host",
+    ),
+    EnvVar(
+        "OUTBOX_STATUS_PAGE",
+        "status_page",
+        Switch(),
+        "Serve the status page at /status (0: off).",
+        flag="--status-page",
+    ),
+    EnvVar(
+        "OUTBOX_STATUS_PROPERTIES",
+        "status_properties",
+        Text(
+            "comma-separated property names, or * for all",
+            1000,
+            r"\*|[^,]*[^,\s][^,]*(,[^,]*[^,\s][^,]*)*",
+        ),
+        "Property names whose values the status page shows.",
+        flag="--status-properties",
+    ),
+    EnvVar(
+        "OUTBOX_STATUS_DISTINCT_IDS",
+        "status_distinct_ids",
+        Choice(STATUS_DISTINCT_IDS),
+        "hashed or shown: distinct ids on the status page.",
+        flag="--status-distinct-ids",
     ),
     EnvVar(
         "OUTBOX_WORKER_ID",

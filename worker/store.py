@@ -781,6 +781,20 @@ class Store:
         rows = self._execute(queries.PURGE_DEAD, {"older_than": float(older_than_seconds)})
         return int(rows[0][0])
 
+    def error_groups(self, limit: int = 20, ids: int = 50) -> list[dict[str, Any]]:
+        """Failed rows (dead, or pending after a failed attempt) grouped by status and
+        error text, most first: count, first and last created_at (ISO 8601 text in
+        UTC), the newest's age in seconds, the first ``ids`` row ids, the number of
+        event names and the first, how many dead rows have that name, and the newest
+        row as an example (id, event, distinct_id, properties, attempts)."""
+        columns = (
+            "status", "error", "count", "first_at", "last_at", "last_age_seconds", "ids",
+            "names", "name", "dead_of_name", "example_id", "event", "distinct_id",
+            "properties", "attempts",
+        )  # fmt: skip
+        rows = self._execute(queries.ERROR_GROUPS, {"limit": limit, "ids": ids})
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
     # -- worker state (outbox_worker_state; see worker.worker_state) ------------------
 
     def write_worker_state(self, host: str, state: str, reason: str) -> None:

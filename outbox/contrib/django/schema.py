@@ -43,8 +43,8 @@ def connection_params(connection: Any) -> dict[str, Any]:
 
 def conninfo(connection: Any) -> str:
     """The libpq connection string of the database Django's ``connection`` reaches, as
-    its own user (the test database in a test), for ``psycopg.connect()``,
-    ``outbox-worker``'s ``DATABASE_URL`` or ``worker.testing.deliver()``. Django's own
+    its own user (the test database in a test), for ``psycopg.connect()`` or
+    ``worker.testing.deliver()``. Django's own
     ``OPTIONS`` (``pool``, ``server_side_binding``, ``assume_role``,
     ``isolation_level``) are left out; libpq's are kept."""
     params = connection_params(connection)

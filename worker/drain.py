@@ -39,13 +39,13 @@ from worker.sinks.base import (
     UnauthorizedError,
 )
 from worker.sinks.metrics import MetricsSink
-from worker.store import (
+from worker.storage.base import (
     Batch,
     BatchLostError,
     BatchOutcome,
     ClaimedEvent,
     DatabaseUnavailable,
-    Store,
+    DrainStorage,
 )
 
 log = logging.getLogger("outbox.worker")
@@ -138,11 +138,11 @@ class Drainer:
 
     def __init__(
         self,
-        store: Store,
+        store: DrainStorage,
         sink: Sink,
         settings: Settings,
         *,
-        claim_store: Store | None = None,
+        claim_store: DrainStorage | None = None,
         metrics_sink: Sink | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: DrainObserver | None = None,
@@ -222,7 +222,7 @@ class Drainer:
     def _may_send(self) -> bool:
         return not self.stop_event.is_set() and self.pause_remaining() <= 0
 
-    def _claim(self, store: Store) -> Batch | None:
+    def _claim(self, store: DrainStorage) -> Batch | None:
         """Claim the next batch on ``store``, unless stopping or paused; None when
         nothing is due."""
         if not self._may_send():

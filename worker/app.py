@@ -28,6 +28,7 @@ from worker.settings import Settings
 from worker.sinks import PostHogSink, Sink, StdoutSink
 from worker.sinks.metrics import MetricsSink
 from worker.sinks.posthog_v1 import PostHogV1Sink
+from worker.storage.base import DrainStorage, Storage
 from worker.store import DatabaseTimeout, DatabaseUnavailable, Health, Store
 from worker.wakeup import Listener
 from worker.worker_state import WorkerStateReporter
@@ -96,7 +97,9 @@ class Worker:
         # The two batch connections report into one Health: their latest statement
         # says whether this worker can ship (readiness).
         self.batch_health = Health()
-        self.store = Store(
+        # Today's engine, Store, is the one built here; everything else sees the
+        # protocols of worker.storage.base.
+        self.store: DrainStorage = Store(
             url,
             worker_id=settings.worker_id,
             for_batches=True,
@@ -106,20 +109,21 @@ class Worker:
         # Housekeeping and probes get their own connection, so a slow count never
         # holds up the drain loop.
         # Its outages show on the batch connections; its timeouts are its own.
-        self.housekeeping_store = Store(
+        housekeeping = Store(
             url,
             worker_id=settings.worker_id,
             log_outages=False,
             health=Health(),
             pooler=settings.pooler,
         )
+        self.housekeeping_store: Storage = housekeeping
         self.sink = sink if sink is not None else build_sink(settings)
         self.metrics = WorkerMetrics()
         contract = load_registry(settings.contract) if settings.contract else None
         self.metrics_sink = MetricsSink(
             self.metrics.registry, contract, namespace=settings.metrics_namespace
         )
-        self.claim_store = Store(
+        self.claim_store: DrainStorage = Store(
             url,
             worker_id=settings.worker_id,
             log_outages=False,
@@ -139,7 +143,7 @@ class Worker:
         self.key_metric = KeyStateMetric(self.metrics.registry)
         self.key_metric.set(self.key_gate.state)
         host = public_host(settings.posthog_host) if settings.sink_name == "posthog" else "stdout"
-        self.state_reporter = WorkerStateReporter(self.housekeeping_store, host)
+        self.state_reporter = WorkerStateReporter(housekeeping, host)
         self._unauthorized_seen = 0.0
         self.stopped = threading.Event()
         self._scheduler: BackgroundScheduler | None = None
@@ -359,6 +363,7 @@ class Worker:
         self.state_reporter.expire()
         try:
             removed = self.housekeeping_store.expire_dedup_keys()
+            self.housekeeping_store.maintain()
         except OutboxDatabaseError:
             return  # the drain job reports database trouble
         if removed:

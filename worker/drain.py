@@ -1,8 +1,10 @@
 """The drain loop: claim a batch, ship it to the sink, record the outcome.
 
-A batch is a database transaction: the claim locks its rows, and they stay locked
-(so no other worker can take them) while the batch is on the wire; the outcome is
-written and committed in one round trip. If the worker dies, hangs past its lease or
+The drainer sees its storage only through :class:`worker.storage.base.DrainStorage`.
+With today's engine (:class:`worker.store.Store`) a batch is a database
+transaction: the claim locks its rows, and they stay locked (so no other worker can
+take them) while the batch is on the wire; the outcome is written and committed in
+one round trip. If the worker dies, hangs past its lease or
 loses the database, the transaction ends without the outcome and the rows are
 claimed again, to be sent with the same uuids and timestamps. PostHog keeps both
 copies at first; ClickHouse collapses them when it merges the parts that hold them

@@ -24,6 +24,7 @@ from worker.storage.base import (
     Requeued,
     StatementTimeout,
     Storage,
+    WorkerStates,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "Requeued",
     "StatementTimeout",
     "Storage",
+    "WorkerStates",
 ]

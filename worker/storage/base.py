@@ -11,6 +11,9 @@ batches and records what happened to each. Three protocols, one per caller:
   metrics).
 - :class:`Housekeeping`, the periodic jobs.
 
+(:class:`WorkerStates`, each worker's reported state, sits beside them: one table
+whatever the engine.)
+
 :class:`Storage` is all three. An engine promises what the docstrings here say and
 nothing about how: a batch may be an open transaction holding row locks (today's
 :class:`worker.store.Store`) or a leased row read again in short transactions. The
@@ -353,3 +356,26 @@ class Housekeeping(Protocol):
 
 class Storage(DrainStorage, Inspection, Housekeeping, Protocol):
     """All of an engine: what the worker and the commands use."""
+
+
+class WorkerStates(Protocol):
+    """Each worker's own line on what it is doing (``outbox_worker_state``, see
+    :mod:`worker.worker_state`): not part of :class:`Storage`, since it is one table
+    whatever engine keeps the events. Each method raises
+    :class:`worker.worker_state.WorkerStateUnavailable` when the table cannot be used."""
+
+    def write_worker_state(self, host: str, state: str, reason: str) -> None:
+        """Write this worker's row: the host it sends to, its state and why."""
+        ...
+
+    def delete_worker_state(self) -> None:
+        """Delete this worker's row."""
+        ...
+
+    def expire_worker_states(self, older_than_seconds: float) -> int:
+        """Delete rows not written for ``older_than_seconds``; returns how many."""
+        ...
+
+    def worker_states(self) -> list[dict[str, Any]]:
+        """Every worker's row: worker, host, state, reason, updated_at, age_seconds."""
+        ...

@@ -31,6 +31,7 @@ from worker.sinks.metrics import MetricsSink
 from worker.sinks.posthog_v1 import PostHogV1Sink
 from worker.statuspage import BacklogHistory, Privacy, StatusPage
 from worker.statuspage.page import STATUS_STATEMENT_TIMEOUT
+from worker.storage.base import DrainStorage, Storage
 from worker.store import DatabaseTimeout, DatabaseUnavailable, Health, Store
 from worker.wakeup import Listener
 from worker.worker_state import WorkerStateReporter
@@ -99,7 +100,9 @@ class Worker:
         # The two batch connections report into one Health: their latest statement
         # says whether this worker can ship (readiness).
         self.batch_health = Health()
-        self.store = Store(
+        # Today's engine, Store, is the one built here; everything else sees the
+        # protocols of worker.storage.base.
+        self.store: DrainStorage = Store(
             url,
             worker_id=settings.worker_id,
             for_batches=True,
@@ -109,20 +112,21 @@ class Worker:
         # Housekeeping and probes get their own connection, so a slow count never
         # holds up the drain loop.
         # Its outages show on the batch connections; its timeouts are its own.
-        self.housekeeping_store = Store(
+        housekeeping = Store(
             url,
             worker_id=settings.worker_id,
             log_outages=False,
             health=Health(),
             pooler=settings.pooler,
         )
+        self.housekeeping_store: Storage = housekeeping
         self.sink = sink if sink is not None else build_sink(settings)
         self.metrics = WorkerMetrics()
         contract = load_registry(settings.contract) if settings.contract else None
         self.metrics_sink = MetricsSink(
             self.metrics.registry, contract, namespace=settings.metrics_namespace
         )
-        self.claim_store = Store(
+        self.claim_store: DrainStorage = Store(
             url,
             worker_id=settings.worker_id,
             log_outages=False,
@@ -142,7 +146,7 @@ class Worker:
         self.key_metric = KeyStateMetric(self.metrics.registry)
         self.key_metric.set(self.key_gate.state)
         host = public_host(settings.posthog_host) if settings.sink_name == "posthog" else "stdout"
-        self.state_reporter = WorkerStateReporter(self.housekeeping_store, host)
+        self.state_reporter = WorkerStateReporter(housekeeping, host)
         #: The backlog as each refresh found it, for the status page's charts.
         self.history = BacklogHistory(METRICS_REFRESH_INTERVAL)
         self.status_page: StatusPage | None = None
@@ -386,6 +390,7 @@ class Worker:
         self.state_reporter.expire()
         try:
             removed = self.housekeeping_store.expire_dedup_keys()
+            self.housekeeping_store.maintain()
         except OutboxDatabaseError:
             return  # the drain job reports database trouble
         if removed:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from outbox import install
 from outbox.schema import STATUS_DEAD, STATUS_PENDING
 from worker.database import connect, resolve_database_url
 from worker.database import migrate as apply_migrations
 from worker.settings import Settings
+from worker.storage.base import Inspection, WorkerStates
 from worker.store import DatabaseTimeout, Store
 from worker.terminal import DEFAULT_LIMIT, printable
 from worker.worker_state import STALE_AFTER_SECONDS, WorkerStateUnavailable
@@ -22,6 +23,10 @@ ERROR_COLUMN_LIMIT = 120
 #: after :data:`~worker.store.LOCK_TIMEOUT` when an outbox table is locked, as every
 #: statement of the commands does: status answers in bounded time, saying why.
 STATUS_STATEMENT_TIMEOUT = 30.0
+
+
+class StatusSource(Inspection, WorkerStates, Protocol):
+    """What ``status`` reads: the storage's counts and the workers' own lines."""
 
 
 def _store(settings: Settings, *, statement_timeout: float | None = None) -> Store:
@@ -63,7 +68,7 @@ def _age(seconds: float) -> str:
     return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
 
 
-def status_report(store: Store) -> dict[str, Any]:
+def status_report(store: StatusSource) -> dict[str, Any]:
     """The backlog and what is stuck, as a JSON-ready dict."""
     backlog = store.backlog()
     return {
@@ -91,7 +96,7 @@ def status_report(store: Store) -> dict[str, Any]:
     }
 
 
-def _workers(store: Store) -> dict[str, Any]:
+def _workers(store: WorkerStates) -> dict[str, Any]:
     """What each worker last reported (``outbox_worker_state``), or why it is unknown."""
     try:
         rows = store.worker_states()

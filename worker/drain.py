@@ -1,8 +1,10 @@
 """The drain loop: claim a batch, ship it to the sink, record the outcome.
 
-A batch is a database transaction: the claim locks its rows, and they stay locked
-(so no other worker can take them) while the batch is on the wire; the outcome is
-written and committed in one round trip. If the worker dies, hangs past its lease or
+The drainer sees its storage only through :class:`worker.storage.base.DrainStorage`.
+With today's engine (:class:`worker.store.Store`) a batch is a database
+transaction: the claim locks its rows, and they stay locked (so no other worker can
+take them) while the batch is on the wire; the outcome is written and committed in
+one round trip. If the worker dies, hangs past its lease or
 loses the database, the transaction ends without the outcome and the rows are
 claimed again, to be sent with the same uuids and timestamps. PostHog keeps both
 copies at first; ClickHouse collapses them when it merges the parts that hold them
@@ -39,13 +41,13 @@ from worker.sinks.base import (
     UnauthorizedError,
 )
 from worker.sinks.metrics import MetricsSink
-from worker.store import (
+from worker.storage.base import (
     Batch,
     BatchLostError,
     BatchOutcome,
     ClaimedEvent,
     DatabaseUnavailable,
-    Store,
+    DrainStorage,
 )
 
 log = logging.getLogger("outbox.worker")
@@ -138,11 +140,11 @@ class Drainer:
 
     def __init__(
         self,
-        store: Store,
+        store: DrainStorage,
         sink: Sink,
         settings: Settings,
         *,
-        claim_store: Store | None = None,
+        claim_store: DrainStorage | None = None,
         metrics_sink: Sink | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: DrainObserver | None = None,
@@ -224,7 +226,7 @@ class Drainer:
     def _may_send(self) -> bool:
         return not self.stop_event.is_set() and self.pause_remaining() <= 0
 
-    def _claim(self, store: Store) -> Batch | None:
+    def _claim(self, store: DrainStorage) -> Batch | None:
         """Claim the next batch on ``store``, unless stopping or paused; None when
         nothing is due."""
         if not self._may_send():

@@ -1,5 +1,9 @@
 """The worker's side of the outbox table: claim, acknowledge, retry, inspect.
 
+:class:`Store` is today's storage engine (:class:`worker.storage.base.Storage`). The
+engine-neutral types live in :mod:`worker.storage.base` and are importable from here
+too.
+
 One :class:`Store` owns one autocommit psycopg connection. When the database goes
 away it raises :class:`DatabaseUnavailable`; the next call reconnects. A connection
 the server (or a proxy) closed while it sat idle is replaced at once, without an
@@ -15,16 +19,13 @@ locked by it until :meth:`Store.finish` writes the outcome and commits, or
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import select
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -32,43 +33,25 @@ from outbox._locks import lock_holders
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
 from worker import queries, worker_state
 from worker.database import check_installed, connect, describe_url
-from worker.sinks.base import Outbound
+from worker.storage.base import Backlog as Backlog
+from worker.storage.base import Batch as Batch
+from worker.storage.base import BatchLostError as BatchLostError
+from worker.storage.base import BatchOutcome as BatchOutcome
+from worker.storage.base import ClaimedEvent as ClaimedEvent
+from worker.storage.base import ConnectionReset as ConnectionReset
+from worker.storage.base import DatabaseTimeout as DatabaseTimeout
+from worker.storage.base import DatabaseUnavailable as DatabaseUnavailable
+from worker.storage.base import Finished as Finished
+from worker.storage.base import LockTimeout as LockTimeout
+from worker.storage.base import Requeued as Requeued
+from worker.storage.base import StatementTimeout as StatementTimeout
+from worker.storage.base import Storage
 
 log = logging.getLogger("outbox.worker")
-_dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 #: Reconnection attempts during an outage start this far apart and double up to the max.
 RECONNECT_DELAY_MIN = 0.25
 RECONNECT_DELAY_MAX = 15.0
-
-
-class DatabaseUnavailable(OutboxDatabaseError):
-    """The database cannot be reached right now; the worker will reconnect."""
-
-
-class ConnectionReset(DatabaseUnavailable):
-    """A connection that worked was closed under a statement; the next call connects
-    again at once (only if that fails is the database unavailable)."""
-
-
-class DatabaseTimeout(OutboxDatabaseError):
-    """PostgreSQL cut a statement short; the database itself is up."""
-
-    #: The PostgreSQL setting that ended the statement.
-    setting = ""
-
-
-class StatementTimeout(DatabaseTimeout):
-    """A statement ran longer than ``statement_timeout`` and was canceled."""
-
-    setting = "statement_timeout"
-
-
-class LockTimeout(DatabaseTimeout):
-    """A statement waited longer than ``lock_timeout`` for a lock another session holds
-    (an outbox table locked by a migration, ``LOCK TABLE`` or ``VACUUM FULL``)."""
-
-    setting = "lock_timeout"
 
 
 class Health:
@@ -120,74 +103,6 @@ class Health:
 LOCK_TIMEOUT = queries.LOCK_TIMEOUT_MS / 1000
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedEvent:
-    """A claimed outbox row, as the drainer ships it.
-
-    Every field is what the claim rendered in SQL (text, integers, a uuid), so reading
-    a row cannot fail on what it holds. A row PostHog could not use has ``problem``
-    set (the column and what is wrong, e.g. ``timestamp: infinity is not a finite
-    time``); the drainer buries it with that error instead of sending it.
-    """
-
-    id: int
-    uuid: uuid.UUID
-    event: str
-    distinct_id: str
-    #: The stored properties as PostgreSQL renders jsonb (never decoded here), without
-    #: ``$ignore_sent_at`` and (unless ``has_ip``) ``$geoip_disable``, which
-    #: :meth:`outbound` sets itself.
-    properties_json: str
-    #: The stored timestamp as PostgreSQL writes it in UTC, ISO style
-    #: (``2026-03-04 05:06:07.890123+00``, or ``infinity`` in a row with a problem).
-    timestamp: str
-    attempts: int
-    #: ``posthog``, or ``metrics`` for a metrics-only event (counted, never sent).
-    destination: str = "posthog"
-    #: The properties have a top-level ``$ip`` string.
-    has_ip: bool = False
-    #: Why the row cannot be sent as it is stored, or None.
-    problem: str | None = None
-
-    def outbound(self) -> Outbound:
-        """The PostHog capture event, as JSON text: the row's uuid and timestamp, and
-        ``$ignore_sent_at`` so PostHog keeps the timestamp on every re-send.
-
-        ``$geoip_disable`` is added too (as posthog-python does), because the request
-        comes from the worker, whose address says nothing about the user; an event
-        whose properties have a top-level ``$ip`` keeps GeoIP (and its own
-        ``$geoip_disable``, if it has one). Each key is in the object once.
-
-        Meant for rows without a ``problem`` (the drainer never sends the others).
-        """
-        props = self.properties_json
-        extra = _EXTRA_WITH_IP if self.has_ip else _EXTRA
-        props = "{" + extra[2:] + "}" if props == "{}" else props[:-1] + extra + "}"
-        # '2026-03-04 05:06:07.89+00' -> '2026-03-04T05:06:07.890000+00:00', as
-        # datetime.isoformat() writes it (no fraction at all when it is zero).
-        ts = self.timestamp
-        clock = ts[11:19] if len(ts) == 22 else ts[11:-3].ljust(15, "0")
-        return Outbound(
-            '{"event": '
-            + _dumps(self.event)
-            + ', "distinct_id": '
-            + _dumps(self.distinct_id)
-            + ', "properties": '
-            + props
-            + ', "uuid": "'
-            + str(self.uuid)
-            + '", "timestamp": "'
-            + ts[:10]
-            + "T"
-            + clock
-            + '+00:00"}'
-        )
-
-
-_EXTRA_WITH_IP = ', "$ignore_sent_at": true'
-_EXTRA = _EXTRA_WITH_IP + ', "$geoip_disable": true'
-
-
 def _claimed(row: tuple[Any, ...]) -> ClaimedEvent:
     """A CLAIM row as a :class:`ClaimedEvent` (see ``queries.CLAIM`` for the columns)."""
     id_, uuid_, event, distinct_id, props, ts, attempts, destination, own, problem = row
@@ -206,74 +121,6 @@ BATCH_APPLICATION_PREFIX = "outbox-worker batches "
 #: Every other worker connection (housekeeping, probes, commands).
 APPLICATION_PREFIX = "outbox-worker "
 _APPLICATION_NAME_MAX = 63  # PostgreSQL's NAMEDATALEN - 1
-
-
-@dataclass(eq=False, slots=True)
-class Batch:
-    """A claimed batch: its rows stay locked by an open transaction on ``store``'s
-    connection until :meth:`Store.finish` or :meth:`Store.release` ends it."""
-
-    store: Store
-    events: list[ClaimedEvent]
-    #: The connection whose transaction holds the rows.
-    connection: psycopg.Connection[Any]
-    #: When the drainer asked for it (its clock): the lease runs from about then.
-    claimed_at: float = 0.0
-    #: Set once the transaction is over (committed, rolled back or lost).
-    closed: bool = False
-
-
-@dataclass
-class BatchOutcome:
-    """What happened to the events of a batch, and so what :meth:`Store.finish` writes."""
-
-    shipped: list[int] = field(default_factory=list)
-    dead: list[tuple[int, str]] = field(default_factory=list)
-    retry: list[int] = field(default_factory=list)
-    retry_error: str = ""
-    #: Rows to try again after ``defer_delay`` seconds, counting no attempt.
-    defer: list[int] = field(default_factory=list)
-    defer_delay: float = 0.0
-    defer_error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """What :meth:`Store.finish` wrote."""
-
-    shipped: int = 0
-    retried: int = 0
-    #: Rows that used their last attempt in this retry.
-    dead_by_retry: int = 0
-
-
-class BatchLostError(OutboxDatabaseError):
-    """The batch's transaction ended before its outcome was written (the connection
-    was lost, its lease ran out, it was released, or a statement of the outcome was
-    cut short by a timeout): nothing of it was written, and its rows will be claimed
-    and shipped again with the same uuids."""
-
-
-@dataclass(frozen=True, slots=True)
-class Requeued:
-    """What :meth:`Store.requeue_dead` did."""
-
-    requeued: int
-    #: Dead rows it left dead: their stored content could never be sent (migration
-    #: 0004's constraints refuse it in a pending row). Purge them.
-    unsendable: int
-
-
-@dataclass(frozen=True, slots=True)
-class Backlog:
-    """Counts of the outbox table."""
-
-    pending: int
-    #: Pending rows whose time has come, including those in a batch in flight.
-    due: int
-    retrying: int
-    dead: int
-    oldest_pending_age_seconds: float
 
 
 class Store:
@@ -589,7 +436,7 @@ class Store:
                 self._abort()
                 raise OutboxDatabaseError(f"claiming a batch failed: {_first_line(exc)}") from exc
             events = sorted(map(_claimed, rows), key=lambda e: e.id)
-            self._batch = Batch(store=self, events=events, connection=conn)
+            self._batch = Batch(store=self, events=events, handle=conn)
             return self._batch
 
     def finish(
@@ -681,7 +528,7 @@ class Store:
             batch.closed = True
             self._batch = None
             try:
-                batch.connection.execute("ROLLBACK")
+                batch.handle.execute("ROLLBACK")
             except psycopg.Error:  # the rows are released with the session anyway
                 self._drop_connection()
                 return False
@@ -691,7 +538,7 @@ class Store:
         """The batch's connection, if its transaction is still open on this store."""
         if batch.store is not self or batch.closed or self._batch is not batch:
             raise BatchLostError("the batch's transaction is already over")
-        conn = batch.connection
+        conn: psycopg.Connection[Any] = batch.handle
         if conn is not self._conn or conn.closed:
             batch.closed = True
             self._batch = None
@@ -715,6 +562,10 @@ class Store:
         return [{"worker": r[0], "held_seconds": float(r[1] or 0.0), "state": r[2]} for r in rows]
 
     # -- housekeeping and inspection --------------------------------------------------
+
+    def maintain(self) -> None:
+        """Nothing to do: a shipped row is deleted when its batch is finished, and
+        autovacuum cleans up after it."""
 
     def expire_dedup_keys(self, limit: int = 10_000) -> int:
         """Delete dedup keys whose window has passed; returns how many."""
@@ -888,3 +739,9 @@ def _duration(milliseconds: str | None) -> str:
 def _setting(conn: psycopg.Connection[Any], name: str) -> str:
     row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
     return str(row[0]) if row else ""
+
+
+if TYPE_CHECKING:
+
+    def _is_an_engine(store: Store) -> Storage:
+        return store  # mypy checks that Store implements the protocol

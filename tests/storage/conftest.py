@@ -1,0 +1,128 @@
+"""The storage behaviour suite's engines: one harness per engine.
+
+A harness makes engine objects over one shared store of events (as connections to one
+database), puts events in the way the application would, and lets time pass. Adding
+an engine is one entry in :data:`ENGINES`: its name and a function that builds its
+harness for a test.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+import psycopg
+import pytest
+
+import outbox
+from worker.storage.base import Storage
+from worker.storage.memory import MemoryEvents, MemoryStorage
+from worker.store import Store
+
+
+class Harness(Protocol):
+    """What the behaviour suite needs beyond the protocol itself."""
+
+    def new(self, *, for_batches: bool = True) -> Storage:
+        """Another engine object over the same events (closed when the test ends);
+        ``for_batches`` False for one that only inspects."""
+        ...
+
+    def put(self, events: list[Mapping[str, Any]]) -> list[uuid.UUID]:
+        """Add events (``outbox.enqueue_many``'s items), committed, due at once."""
+        ...
+
+    def tick(self) -> None:
+        """Let a little time pass (a fake clock moves on; real time needs nothing)."""
+        ...
+
+
+class PostgresHarness:
+    """An engine over a fresh test database; events go in through ``outbox``."""
+
+    def __init__(self, database_url: str, make: Callable[..., Storage]) -> None:
+        self.url = database_url
+        self.make = make
+        self.made: list[Storage] = []
+
+    def new(self, *, for_batches: bool = True) -> Storage:
+        engine = self.make(self.url, worker_id="suite", for_batches=for_batches)
+        self.made.append(engine)
+        return engine
+
+    def put(self, events: list[Mapping[str, Any]]) -> list[uuid.UUID]:
+        with psycopg.connect(self.url) as conn:
+            out = outbox.enqueue_many(conn, events)
+            conn.commit()
+        return [u for u in out if u is not None]
+
+    def tick(self) -> None:
+        time.sleep(0.02)
+
+    def close(self) -> None:
+        for engine in self.made:
+            engine.close()
+
+
+class FakeClock:
+    """Wall-clock seconds that move only when told."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MemoryHarness:
+    """The in-memory engine, on a clock that moves a quarter second each tick."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.events = MemoryEvents(clock=self.clock)
+
+    def new(self, *, for_batches: bool = True) -> Storage:
+        return MemoryStorage(self.events, worker_id="suite")
+
+    def put(self, events: list[Mapping[str, Any]]) -> list[uuid.UUID]:
+        out = [
+            self.events.put(
+                e["event"],
+                str(e["distinct_id"]),
+                e.get("properties"),
+                dedup_key=e.get("dedup_key"),
+            )
+            for e in events
+        ]
+        return [u for u in out if u is not None]
+
+    def tick(self) -> None:
+        self.clock.now += 0.25
+
+    def close(self) -> None:
+        pass
+
+
+def _store(request: pytest.FixtureRequest) -> PostgresHarness:
+    return PostgresHarness(request.getfixturevalue("database_url"), Store)
+
+
+def _memory(request: pytest.FixtureRequest) -> MemoryHarness:
+    return MemoryHarness()
+
+
+#: Every engine the suite runs against: name -> its harness for one test.
+ENGINES: dict[str, Callable[[pytest.FixtureRequest], Any]] = {
+    "store": _store,
+    "memory": _memory,
+}
+
+
+@pytest.fixture(params=list(ENGINES))
+def engine(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """A harness for each engine in turn."""
+    harness = ENGINES[request.param](request)
+    yield harness
+    harness.close()

@@ -1,0 +1,48 @@
+"""Where the worker's events live: the storage protocol and its engines.
+
+:mod:`worker.storage.base` holds the protocols every engine implements and the
+engine-neutral types the drainer and the commands see. Engines: the psycopg
+:class:`worker.store.Store` over ``outbox_events`` (today's), and
+:class:`worker.storage.memory.MemoryStorage` (in memory, for tests). One behaviour
+suite, ``tests/storage``, runs against each.
+"""
+
+from worker.storage.base import (
+    Backlog,
+    Batch,
+    BatchLostError,
+    BatchOutcome,
+    ClaimedEvent,
+    ConnectionReset,
+    DatabaseTimeout,
+    DatabaseUnavailable,
+    DrainStorage,
+    Finished,
+    Housekeeping,
+    Inspection,
+    LockTimeout,
+    Requeued,
+    StatementTimeout,
+    Storage,
+    WorkerStates,
+)
+
+__all__ = [
+    "Backlog",
+    "Batch",
+    "BatchLostError",
+    "BatchOutcome",
+    "ClaimedEvent",
+    "ConnectionReset",
+    "DatabaseTimeout",
+    "DatabaseUnavailable",
+    "DrainStorage",
+    "Finished",
+    "Housekeeping",
+    "Inspection",
+    "LockTimeout",
+    "Requeued",
+    "StatementTimeout",
+    "Storage",
+    "WorkerStates",
+]

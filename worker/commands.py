@@ -13,7 +13,7 @@ from worker.database import migrate as apply_migrations
 from worker.settings import Settings
 from worker.storage.base import Inspection, WorkerStates
 from worker.store import DatabaseTimeout, Store
-from worker.terminal import DEFAULT_LIMIT, printable
+from worker.terminal import DEFAULT_LIMIT, age, printable
 from worker.worker_state import STALE_AFTER_SECONDS, WorkerStateUnavailable
 
 #: Longest stored error shown in a table row (``dead``, ``status``).
@@ -55,17 +55,6 @@ def migrate_report(before: str | None, after: str | None) -> str:
     if before is None:
         return f"created the outbox tables (revision {after})"
     return f"upgraded the outbox tables from revision {before} to {after}"
-
-
-def _age(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
 
 
 def status_report(store: StatusSource) -> dict[str, Any]:
@@ -137,7 +126,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
         ("in flight", str(len(report["in_flight"])), "batches a worker is shipping now"),
         ("retrying", str(report["retrying"]), "failed at least once, will retry"),
         ("dead", str(report["dead"]), "gave up: see `outbox-worker dead`"),
-        ("oldest pending", _age(report["oldest_pending_age_seconds"]), ""),
+        ("oldest pending", age(report["oldest_pending_age_seconds"]), ""),
     ]
     _table(["", "count", ""], rows)
     if report["workers"] is None:
@@ -151,7 +140,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
                     w["worker"],
                     w["host"],
                     w["state"],
-                    f"{_age(w['age_seconds'])} ago" + (" (stale)" if w["stale"] else ""),
+                    f"{age(w['age_seconds'])} ago" + (" (stale)" if w["stale"] else ""),
                     w["reason"],
                 )
                 for w in report["workers"]

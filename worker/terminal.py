@@ -96,3 +96,16 @@ def printable(value: object, limit: int | None = DEFAULT_LIMIT, *, newlines: boo
         kept.append(piece)
         used += len(piece)
     return "".join(kept) + _ELLIPSIS[:limit]
+
+
+def age(seconds: float) -> str:
+    """A duration as people read it in a status line: ``45s``, ``12m``, ``3h05m``,
+    ``2d04h`` (a negative one, from clocks that disagree, as ``0s``)."""
+    seconds = int(max(seconds, 0))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"

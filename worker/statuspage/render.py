@@ -27,7 +27,7 @@ from worker.drain import (
 from worker.redaction import MASK, redact
 from worker.statuspage.history import HISTORY_SECONDS, Sample
 from worker.statuspage.page import PageData, group_commands
-from worker.terminal import printable
+from worker.terminal import age, printable
 
 #: Longest error text shown (the store groups by its first 200 characters).
 ERROR_LIMIT = 300
@@ -132,17 +132,6 @@ def _plural(count: int, word: str) -> str:
     return f"{count:,} {word}" + ("" if count == 1 else "s")
 
 
-def _age(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
-
-
 def _nice_max(value: float) -> float:
     """The smallest 1, 2 or 5 times a power of ten at or above ``value`` (at least 1)."""
     if value <= 1:
@@ -178,7 +167,7 @@ def chart(
     def y(value: float) -> float:
         return top + plot_h * (1 - min(max(value / peak, 0.0), 1.0))
 
-    label = _age(peak) if unit == "age" else f"{peak:g}"
+    label = age(peak) if unit == "age" else f"{peak:g}"
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
@@ -230,7 +219,7 @@ def _backlog(data: PageData, secrets: Sequence[str]) -> str:
             ("due", f"{b.due:,}", "time to send now"),
             ("retrying", f"{b.retrying:,}", "failed at least once"),
             ("dead", f"{b.dead:,}", "gave up"),
-            ("oldest pending", _age(b.oldest_pending_age_seconds), "age"),
+            ("oldest pending", age(b.oldest_pending_age_seconds), "age"),
         ]
         out.append('<div class="cards">')
         for name, value, hint in cards:
@@ -277,7 +266,7 @@ def _sink(data: PageData, secrets: Sequence[str]) -> str:
     if s.paused_until is not None:
         out.append(
             f' — <b id="paused-until">paused until {_time(s.paused_until)}</b> '
-            f"(in {_age(s.paused_until - data.generated_at)})"
+            f"(in {age(s.paused_until - data.generated_at)})"
         )
     out.append("</p>")
     if s.last_error and s.state != SINK_OK:
@@ -324,7 +313,7 @@ def _workers(data: PageData, secrets: Sequence[str]) -> str:
                 f"<tr><td>{text(w.get('worker'), secrets)}</td>"
                 f"<td>{text(w.get('host'), secrets)}</td>"
                 f"<td>{text(w.get('state'), secrets)}</td>"
-                f"<td>{_age(float(w.get('age_seconds') or 0))} ago</td>"
+                f"<td>{age(float(w.get('age_seconds') or 0))} ago</td>"
                 f'<td class="mono">{text(w.get("reason"), secrets, ERROR_LIMIT)}</td></tr>'
             )
         out.append("</table>")

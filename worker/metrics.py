@@ -39,6 +39,20 @@ BACKLOG_STATES = ("pending", "due", "retrying", "dead")
 _T = TypeVar("_T")
 
 
+#: The ``reason`` label values of ``outbox_events_failed_total``.
+FAILURE_REASONS = (
+    "transient",
+    "rate_limited",
+    "unauthorized",
+    "redirected",
+    "request_rejected",
+    "rejected",
+    "released",
+)
+#: The ``result`` label values of ``outbox_batches_total``.
+BATCH_RESULTS = ("ok", "failed", "partial")
+
+
 class WorkerMetrics(DrainObserver):
     """The worker's metrics, in a registry of their own."""
 
@@ -94,6 +108,13 @@ class WorkerMetrics(DrainObserver):
             registry=r,
         )
         self.set_sink_state(SINK_OK)
+        # Every labelled counter starts with each of its label values at 0, so that
+        # rate() and increase() see its first increment (a series that appears at 1
+        # has no earlier sample to count it from).
+        for reason in FAILURE_REASONS:
+            self.events_failed.labels(reason)
+        for result in BATCH_RESULTS:
+            self.batches.labels(result)
 
     # -- DrainObserver ---------------------------------------------------------------
 

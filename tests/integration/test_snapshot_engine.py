@@ -528,3 +528,16 @@ def test_a_retry_is_delivered_once_and_starts_its_dedup_window(
     ) == (1, 0, 0)
     assert _count(db, "SELECT count(*) FROM outbox_retry") == 0
     assert _count(db, "SELECT count(*) FROM outbox_dedup_keys WHERE expires_at < 'infinity'") == 1
+
+
+def test_rotation_leaves_the_table_enqueue_writes_to_unless_asked(
+    database_url: str, db: psycopg.Connection[Any], engines: Callable[..., SnapshotEngine]
+) -> None:
+    engine = engines()
+    _commit(database_url, _events(10))  # into outbox_snapshot_slot()'s table
+    assert len(drain(engine)) == 10
+    slot = _count(db, "SELECT outbox_snapshot_slot()")
+    if engine.rotate() == 0:  # the slot may have moved on meanwhile (every 10 minutes)
+        assert _size(db, f"outbox_events_{slot}") > 0
+    assert engine.rotate(current=True) <= 1
+    assert _size(db, f"outbox_events_{slot}") == 0

@@ -214,6 +214,7 @@ snapshot_tables.append(
         Column("to_tick", BigInteger, nullable=False),
         Column("txid_lo", BigInteger, nullable=False),
         Column("txid_hi", BigInteger, nullable=False),
+        Column("txid_extra", ARRAY(BigInteger), nullable=False, server_default=text("'{}'")),
         Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
         Column("leased_by", Text, nullable=True),
         Column("lease", UUID(as_uuid=True), nullable=True),

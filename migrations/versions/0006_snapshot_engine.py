@@ -104,6 +104,9 @@ CREATE TABLE outbox_batches (
     to_tick bigint NOT NULL,
     txid_lo bigint NOT NULL,
     txid_hi bigint NOT NULL,
+    -- Transactions older than txid_lo that the earlier snapshot saw in progress and the
+    -- later one sees finished (their rows are in the batch too).
+    txid_extra bigint[] NOT NULL DEFAULT '{{}}',
     created_at timestamptz NOT NULL DEFAULT now(),
     leased_by text,
     lease uuid,
@@ -170,6 +173,7 @@ DECLARE
     now_pages bigint[];
     est numeric := 0;
     per_page bigint;
+    extra bigint[];
     lo bigint;
     hi bigint;
     parts bigint;
@@ -237,13 +241,21 @@ BEGIN
             WHERE table_no = t;
         END IF;
     END LOOP;
-    lo := txid_snapshot_xmin(prev_snap);
+    -- The interval's transactions: those from the earlier snapshot's xmax up to the
+    -- later one's (the range), and those the earlier one saw in progress that have
+    -- finished since (listed, so that a long transaction anywhere on the server does
+    -- not make every batch scan from its id, as a range from the earlier xmin would).
+    lo := txid_snapshot_xmax(prev_snap);
     hi := txid_snapshot_xmax(snap);
+    extra := ARRAY(
+        SELECT x FROM txid_snapshot_xip(prev_snap) AS x
+        WHERE txid_visible_in_snapshot(x, snap) ORDER BY x
+    );
     parts := least(greatest(ceil(est / greatest(p_split_rows, 1)), 1), greatest(hi - lo, 1));
     step := (hi - lo)::numeric / parts;
     FOR i IN 0 .. parts - 1 LOOP
-        INSERT INTO %1$I.outbox_batches (from_tick, to_tick, txid_lo, txid_hi)
-        VALUES (prev.tick_id, new_id,
+        INSERT INTO %1$I.outbox_batches (from_tick, to_tick, txid_extra, txid_lo, txid_hi)
+        VALUES (prev.tick_id, new_id, CASE WHEN i = 0 THEN extra ELSE '{{}}' END,
                 CASE WHEN i = 0 THEN lo ELSE lo + floor(step * i)::bigint END,
                 CASE WHEN i = parts - 1 THEN hi ELSE lo + floor(step * (i + 1))::bigint END);
     END LOOP;

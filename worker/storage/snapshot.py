@@ -125,6 +125,8 @@ class LeasedBatch:
     lease: uuid.UUID
     txid_lo: int
     txid_hi: int
+    #: Older transactions whose rows belong to the batch too (see migration 0006).
+    txid_extra: list[int]
     snap1: str
     snap2: str
     progress_table: int
@@ -205,8 +207,8 @@ class SnapshotEngine:
             rows = self._run(sql.CLAIM, params)
         if not rows:
             return None
-        batch_id, lease, lo, hi, snap1, snap2, pt, pc, sent = rows[0]
-        return LeasedBatch(batch_id, lease, lo, hi, snap1, snap2, pt, str(pc), sent)
+        batch_id, lease, lo, hi, extra, snap1, snap2, pt, pc, sent = rows[0]
+        return LeasedBatch(batch_id, lease, lo, hi, list(extra), snap1, snap2, pt, str(pc), sent)
 
     def read(self, batch: LeasedBatch, limit: int) -> Chunk:
         """The batch's next ``limit`` events at most (no transaction stays open)."""
@@ -215,6 +217,9 @@ class SnapshotEngine:
             {
                 "lo": batch.txid_lo,
                 "hi": batch.txid_hi,
+                "extra": batch.txid_extra,
+                "xlo": min(batch.txid_extra, default=1),
+                "xhi": max(batch.txid_extra, default=0),
                 "snap1": batch.snap1,
                 "snap2": batch.snap2,
                 "pt": batch.progress_table,

@@ -38,7 +38,7 @@ FROM (
     FOR UPDATE SKIP LOCKED
 ) AS c, outbox_ticks AS t1, outbox_ticks AS t2
 WHERE b.batch_id = c.batch_id AND t1.tick_id = b.from_tick AND t2.tick_id = b.to_tick
-RETURNING b.batch_id, b.lease, b.txid_lo, b.txid_hi, t1.snapshot, t2.snapshot,
+RETURNING b.batch_id, b.lease, b.txid_lo, b.txid_hi, b.txid_extra, t1.snapshot, t2.snapshot,
     b.progress_table, b.progress_ctid, b.sent
 """
 
@@ -50,22 +50,33 @@ SELECT EXISTS (
 """
 
 
-def _chunk_part(t: int) -> str:
-    return f"""
-(SELECT {t} AS t, e.ctid AS c, e.uuid, e.event, e.distinct_id, e.properties::text,
+_COLUMNS = f"""e.ctid AS c, e.uuid, e.event, e.distinct_id, e.properties::text,
     to_char(e."timestamp" AT TIME ZONE 'UTC', {_ISO}), e.destination, e.dedup_key,
-    e."timestamp" > now() + interval '23 hours'
+    e."timestamp" > now() + interval '23 hours'"""
+
+
+def _chunk_part(t: int) -> str:
+    after = f"(%(pt)s::integer < {t} OR (%(pt)s::integer = {t} AND e.ctid > %(pc)s::tid))"
+    return f"""
+(SELECT {t} AS t, {_COLUMNS}
 FROM outbox_events_{t} AS e
 WHERE e.txid >= %(lo)s AND e.txid < %(hi)s
   AND txid_visible_in_snapshot(e.txid, %(snap2)s::txid_snapshot)
   AND NOT txid_visible_in_snapshot(e.txid, %(snap1)s::txid_snapshot)
-  AND (%(pt)s::integer < {t} OR (%(pt)s::integer = {t} AND e.ctid > %(pc)s::tid)))"""
+  AND {after})
+UNION ALL
+(SELECT {t} AS t, {_COLUMNS}
+FROM outbox_events_{t} AS e
+WHERE e.txid >= %(xlo)s AND e.txid <= %(xhi)s AND e.txid = ANY(%(extra)s::bigint[])
+  AND {after})"""
 
 
 # The next chunk of a batch: its events after (progress_table, progress_ctid), in
-# (table, ctid) order, at most :limit. The events of the batch are the rows in its
-# txid range whose transaction the later tick's snapshot sees as finished and the
-# earlier one's does not (rows of rolled-back transactions are not visible at all).
+# (table, ctid) order, at most :limit. The events of the batch are the rows whose
+# transaction the later tick's snapshot sees as finished and the earlier one's does
+# not: those in its txid range (from the earlier xmax) that pass both tests, and
+# those of the listed older transactions, which the earlier snapshot saw in progress
+# (rows of rolled-back transactions are not visible at all).
 READ = (
     " UNION ALL ".join(_chunk_part(t) for t in range(EVENT_TABLES))
     + "\nORDER BY t, c LIMIT %(limit)s"

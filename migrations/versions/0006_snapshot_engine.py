@@ -163,7 +163,8 @@ $fn$;
 -- nothing new, or another session is ticking).
 CREATE FUNCTION %1$I.outbox_snapshot_tick(p_split_rows integer) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET jit = off
+SET jit = off SET enable_seqscan = off SET max_parallel_workers_per_gather = 0
+SET enable_tidscan = on
 AS $fn$
 DECLARE
     prev %1$I.outbox_ticks;
@@ -273,7 +274,8 @@ $fn$;
 -- Returns how many tables it truncated. Also deletes the ticks no batch needs.
 CREATE FUNCTION %1$I.outbox_snapshot_rotate(p_current boolean) RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET jit = off
+SET jit = off SET enable_seqscan = off SET max_parallel_workers_per_gather = 0
+SET enable_tidscan = on
 AS $fn$
 DECLARE
     done_tick bigint;

@@ -170,7 +170,8 @@ class SnapshotEngine:
             raise ValueError("the snapshot engine needs an autocommit connection")
         self.conn = conn
         self.worker_id = worker_id
-        conn.execute(sql.NO_JIT)
+        for setting in sql.SESSION.split(";"):
+            conn.execute(setting.strip())
 
     def _run(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:
         try:

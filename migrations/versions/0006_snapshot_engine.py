@@ -35,7 +35,9 @@ Functions (``SECURITY DEFINER``, fixed ``search_path``, schema-qualified names):
 ``outbox_snapshot_rotate(boolean)`` (TRUNCATE of every table whose rows are all delivered,
 under ``LOCK ... NOWAIT``). ``EXECUTE`` is revoked from ``PUBLIC``.
 
-Downgrade drops all of it; ``outbox_events`` is untouched either way.
+Every step can be run again (``IF NOT EXISTS``, ``OR REPLACE``), so a database
+whose version table was set back below 0006 with these objects present upgrades
+again. Downgrade drops all of it; ``outbox_events`` is untouched either way.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ FUNCTIONS = (
 )
 
 _EVENT_TABLE = """
-CREATE TABLE {name} (
+CREATE TABLE IF NOT EXISTS {name} (
     txid bigint NOT NULL DEFAULT txid_current(),
     "timestamp" timestamptz NOT NULL DEFAULT now(),
     uuid uuid NOT NULL,
@@ -82,12 +84,12 @@ CREATE TABLE {name} (
     CONSTRAINT {name}_distinct_id_check CHECK (length(distinct_id) BETWEEN 1 AND 200),
     CONSTRAINT {name}_destination_check CHECK (destination = 'metrics')
 ) WITH (autovacuum_enabled = off, toast.autovacuum_enabled = off);
-CREATE INDEX {name}_txid_idx ON {name} USING brin (txid)
+CREATE INDEX IF NOT EXISTS {name}_txid_idx ON {name} USING brin (txid)
     WITH (pages_per_range = {ppr}, autosummarize = off);
 """
 
 _TABLES = """
-CREATE TABLE outbox_ticks (
+CREATE TABLE IF NOT EXISTS outbox_ticks (
     tick_id bigint PRIMARY KEY,
     -- txid_current_snapshot() as text (read with ::txid_snapshot).
     snapshot text NOT NULL,
@@ -96,9 +98,10 @@ CREATE TABLE outbox_ticks (
     pages bigint[] NOT NULL
 );
 INSERT INTO outbox_ticks (tick_id, snapshot, pages)
-VALUES (1, txid_current_snapshot()::text, array_fill(0::bigint, ARRAY[{n}]));
+VALUES (1, txid_current_snapshot()::text, array_fill(0::bigint, ARRAY[{n}]))
+ON CONFLICT DO NOTHING;
 
-CREATE TABLE outbox_batches (
+CREATE TABLE IF NOT EXISTS outbox_batches (
     batch_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     from_tick bigint NOT NULL,
     to_tick bigint NOT NULL,
@@ -117,14 +120,15 @@ CREATE TABLE outbox_batches (
     sent bigint NOT NULL DEFAULT 0
 );
 
-CREATE TABLE outbox_event_tables (
+CREATE TABLE IF NOT EXISTS outbox_event_tables (
     table_no integer PRIMARY KEY,
     summarized_pages bigint NOT NULL DEFAULT 0,
     truncated_at timestamptz
 );
-INSERT INTO outbox_event_tables (table_no) SELECT generate_series(0, {n} - 1);
+INSERT INTO outbox_event_tables (table_no) SELECT generate_series(0, {n} - 1)
+ON CONFLICT DO NOTHING;
 
-CREATE TABLE outbox_retry (
+CREATE TABLE IF NOT EXISTS outbox_retry (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     uuid uuid NOT NULL,
     "timestamp" timestamptz NOT NULL,
@@ -140,8 +144,10 @@ CREATE TABLE outbox_retry (
     lease uuid,
     created_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX outbox_retry_due_idx ON outbox_retry (next_attempt_at) WHERE status = 'pending';
-CREATE INDEX outbox_retry_dead_idx ON outbox_retry (created_at) WHERE status = 'dead';
+CREATE INDEX IF NOT EXISTS outbox_retry_due_idx ON outbox_retry (next_attempt_at)
+    WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_retry_dead_idx ON outbox_retry (created_at)
+    WHERE status = 'dead';
 """
 
 
@@ -151,7 +157,7 @@ def _union(template: str) -> str:
 
 
 _FUNCTIONS = f"""
-CREATE FUNCTION %1$I.outbox_snapshot_slot() RETURNS integer
+CREATE OR REPLACE FUNCTION %1$I.outbox_snapshot_slot() RETURNS integer
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT (floor(extract(epoch FROM now()) / {SLOT_SECONDS})::bigint %% {EVENT_TABLES})::integer
@@ -161,7 +167,7 @@ $fn$;
 -- interval: one, or several over disjoint txid sub-ranges when the tables grew by
 -- more than about p_split_rows rows. Returns the new tick's id, or NULL (no tick:
 -- nothing new, or another session is ticking).
-CREATE FUNCTION %1$I.outbox_snapshot_tick(p_split_rows integer) RETURNS bigint
+CREATE OR REPLACE FUNCTION %1$I.outbox_snapshot_tick(p_split_rows integer) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET jit = off SET enable_seqscan = off SET max_parallel_workers_per_gather = 0
 SET enable_tidscan = on
@@ -272,7 +278,7 @@ $fn$;
 -- no session ever waits behind this one for more than the instant of the TRUNCATE.
 -- The table the clock has enqueue write to now is left alone unless p_current.
 -- Returns how many tables it truncated. Also deletes the ticks no batch needs.
-CREATE FUNCTION %1$I.outbox_snapshot_rotate(p_current boolean) RETURNS integer
+CREATE OR REPLACE FUNCTION %1$I.outbox_snapshot_rotate(p_current boolean) RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET jit = off SET enable_seqscan = off SET max_parallel_workers_per_gather = 0
 SET enable_tidscan = on

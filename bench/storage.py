@@ -15,7 +15,13 @@ every page writes a full-page image, as it would after any checkpoint):
    PgQ's batches are read, not POSTed (the PostgreSQL side does not depend on it);
 3. posthog-outbox: `outbox.enqueue_many` in transactions, then one
    ``outbox-worker run`` (gzip off) to the local capture endpoint until every row is
-   deleted; cleanup is a plain VACUUM of its tables.
+   deleted; cleanup is a plain VACUUM of its tables;
+4. the snapshot engine of issue 12, not yet behind ``enqueue`` (migration 0006,
+   ``worker.storage.snapshot``): a multi-row INSERT into ``outbox_snapshot_slot()``'s
+   table; ``outbox_snapshot_tick`` on its own connection every 1,000 events (as PgQ's
+   ticker); the drain claims batches and reads them in chunks of 1,000 (each a
+   statement of its own), advancing each batch past each chunk (one fenced statement);
+   nothing is POSTed, as for PgQ; cleanup is ``outbox_snapshot_rotate`` (TRUNCATE).
 
 Every engine enqueues in transactions of 100 events. The measured connections (the
 worker's too, through ``PGOPTIONS``) run with ``synchronous_commit=off`` (see
@@ -78,6 +84,9 @@ TARGET_TEN = 1.2
 FLOOR = "bare INSERT"
 PGQ = "PgQ"
 OUTBOX = "posthog-outbox"
+SNAPSHOT = "snapshot engine (next)"
+#: Events per chunk the snapshot engine's drain reads (and would send in one request).
+SNAPSHOT_CHUNK = 1_000
 
 PGQ_PACKAGE = "postgresql-15-pgq3"
 PGQ_QUEUE = "bench"
@@ -701,12 +710,103 @@ def run(ctx: Context, *, events: int, app_transactions: int) -> list[Engine]:
             except BenchFailed as exc:
                 ctx.fail(f"storage: posthog-outbox: {exc}")
                 engines.append(Engine(OUTBOX, absent=f"failed: {exc}"))
+            ctx.out.progress(f"storage: the snapshot engine with {events:,} events")
+            try:
+                engines.append(run_snapshot(url, meter, events))
+            except (BenchFailed, psycopg.Error) as exc:
+                ctx.fail(f"storage: snapshot engine: {exc}")
+                engines.append(Engine(SNAPSHOT, absent=f"failed: {exc}"))
             ctx.out.progress(f"storage: application transactions ({app_transactions:,} each)")
             app = run_app(url, app_transactions, with_pgq=not engines[1].absent)
             print_results(ctx, meter, events, engines, app)
         finally:
             meter.close()
     return engines
+
+
+# -- 4. the snapshot engine ---------------------------------------------------------------
+
+SNAPSHOT_INSERT = (
+    "INSERT INTO {table} (uuid, event, distinct_id, properties) "
+    "SELECT gen_random_uuid(), e, d, p::json FROM unnest(%s::text[], %s::text[], %s::text[])"
+    " AS u(e, d, p)"
+)
+
+
+def run_snapshot(url: str, meter: WalMeter, events: int) -> Engine:
+    """The snapshot engine (migration 0006): INSERT, ticks, chunked batches, TRUNCATE."""
+    from worker.storage.snapshot import SnapshotEngine
+
+    engine = Engine(SNAPSHOT, events)
+    ticker = psycopg.connect(url, autocommit=True, options=MEASURED)
+    drainer = psycopg.connect(url, autocommit=True, options=MEASURED)
+    try:
+        slot = ticker.execute("SELECT outbox_snapshot_slot()").fetchone()
+        assert slot is not None
+        table = f"outbox_events_{int(slot[0])}"
+        insert = SNAPSHOT_INSERT.format(table=table)
+        ticks = SnapshotEngine(ticker, worker_id="bench-ticker")
+        ticker_cpu0 = connection_cpu(ticker)
+        with psycopg.connect(url, options=MEASURED) as conn:
+
+            def enqueue() -> float | None:
+                cpu0 = connection_cpu(conn)
+                since_tick = 0
+                for chunk in _chunks(events):
+                    conn.execute(insert, _columns(chunk))
+                    conn.commit()
+                    since_tick += len(chunk)
+                    if since_tick >= TICK_EVERY:
+                        ticks.tick(SNAPSHOT_CHUNK)
+                        since_tick = 0
+                ticks.tick(SNAPSHOT_CHUNK)
+                return _cpu_delta(cpu0, connection_cpu(conn))
+
+            engine.enqueue = _timed_phase(meter, enqueue)
+        enqueue_ticks = _cpu_delta(ticker_cpu0, connection_cpu(ticker))
+        worker = SnapshotEngine(drainer, worker_id="bench")
+        batches = 0
+
+        def drain() -> float | None:
+            nonlocal batches
+            cpu0 = connection_cpu(drainer)
+            received = 0
+            while (batch := worker.claim(60, split_rows=SNAPSHOT_CHUNK)) is not None:
+                batches += 1
+                while True:
+                    part = worker.read(batch, SNAPSHOT_CHUNK)
+                    upto = part.events[-1] if part.events else None
+                    if not worker.advance(batch, upto, last=part.last, delivered=part.events):
+                        raise BenchFailed("snapshot engine: a batch's lease was lost")
+                    received += len(part.events)
+                    if part.last:
+                        break
+            if received != events:
+                raise BenchFailed(f"snapshot engine: read {received} events, expected {events}")
+            cpu = _cpu_delta(cpu0, connection_cpu(drainer))
+            return None if cpu is None or enqueue_ticks is None else cpu + enqueue_ticks
+
+        engine.drain = _timed_phase(meter, drain)
+        engine.notes.append(
+            f"{batches} batches; drain CPU includes the ticker connection's during the enqueue"
+        )
+
+        def cleanup() -> float | None:
+            cpu0 = connection_cpu(drainer)
+            if worker.rotate(current=True) < 1:
+                raise BenchFailed(f"snapshot engine: {table} was not truncated")
+            return _cpu_delta(cpu0, connection_cpu(drainer))
+
+        engine.cleanup = _timed_phase(meter, cleanup)
+        row = drainer.execute(
+            "SELECT pg_relation_size(%s), pg_indexes_size(%s)", (table, table)
+        ).fetchone()
+        assert row is not None
+        engine.heap_after, engine.indexes_after = int(row[0]), int(row[1])
+    finally:
+        ticker.close()
+        drainer.close()
+    return engine
 
 
 def _per_event(value: float | None) -> Cell:
@@ -725,7 +825,7 @@ def print_results(
     ctx: Context, meter: WalMeter, events: int, engines: list[Engine], app: list[AppResult]
 ) -> None:
     """The side-by-side table, the application table and the targets."""
-    floor, pgq, ours = engines
+    floor, pgq, ours, snapshot = engines
     method = (
         "this database's WAL records (pg_walinspect), each rounded up to 8 bytes"
         if meter.inspect
@@ -763,7 +863,7 @@ def print_results(
         return get(engine)
 
     def row(label: str, get: Callable[[Engine], Cell], target: str = "") -> list[Cell]:
-        return [label, col(floor, get), col(pgq, get), col(ours, get), target]
+        return [label, col(floor, get), col(pgq, get), col(ours, get), col(snapshot, get), target]
 
     def wal_of(phase: str) -> Callable[[Engine], Cell]:
         return lambda e: _per_event(
@@ -808,7 +908,7 @@ def print_results(
             lambda e: " / ".join(f"{p.seconds:.1f}" for p in e.phases()),
         ),
     ]
-    ctx.out.table(["per event", FLOOR, PGQ, OUTBOX, "target (posthog-outbox)"], rows)
+    ctx.out.table(["per event", FLOOR, PGQ, OUTBOX, SNAPSHOT, "target (posthog-outbox)"], rows)
     for engine in engines:
         if engine.absent:
             ctx.out.line(f"- {engine.name}: absent: {engine.absent}")

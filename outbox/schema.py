@@ -45,7 +45,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, UUID
 
 EVENTS_TABLE = "outbox_events"
 DEDUP_TABLE = "outbox_dedup_keys"
@@ -100,6 +100,7 @@ __all__ = [
     "outbox_dedup_keys",
     "outbox_events",
     "outbox_worker_state",
+    "snapshot_tables",
 ]
 
 metadata = MetaData()
@@ -161,3 +162,101 @@ outbox_worker_state = Table(
     Column("reason", Text, nullable=False, server_default=text("''")),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )
+
+
+# The snapshot storage engine (migration 0006), built beside outbox_events and not
+# written by enqueue yet: see worker/storage/snapshot.py.
+#: How many rotated event tables the snapshot engine has.
+SNAPSHOT_EVENT_TABLES: Final = 4
+
+
+def _snapshot_event_table(number: int) -> Table:
+    name = f"outbox_events_{number}"
+    table = Table(
+        name,
+        metadata,
+        Column("txid", BigInteger, nullable=False, server_default=text("txid_current()")),
+        Column("timestamp", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+        Column("uuid", UUID(as_uuid=True), nullable=False),
+        Column("event", Text, nullable=False),
+        Column("distinct_id", Text, nullable=False),
+        Column("destination", Text, nullable=True),
+        Column("dedup_key", Text, nullable=True),
+        Column("properties", JSON, nullable=False, server_default=text("'{}'::json")),
+    )
+    Index(
+        f"{name}_txid_idx",
+        table.c.txid,
+        postgresql_using="brin",
+        postgresql_with={"pages_per_range": 128, "autosummarize": "off"},
+    )
+    return table
+
+
+#: The snapshot engine's tables: the rotated event tables, then the bookkeeping.
+snapshot_tables: list[Table] = [_snapshot_event_table(n) for n in range(SNAPSHOT_EVENT_TABLES)]
+snapshot_tables.append(
+    Table(
+        "outbox_ticks",
+        metadata,
+        Column("tick_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("snapshot", Text, nullable=False),
+        Column("taken_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+        Column("pages", ARRAY(BigInteger), nullable=False),
+    )
+)
+snapshot_tables.append(
+    Table(
+        "outbox_batches",
+        metadata,
+        Column("batch_id", BigInteger, Identity(always=True), primary_key=True),
+        Column("from_tick", BigInteger, nullable=False),
+        Column("to_tick", BigInteger, nullable=False),
+        Column("txid_lo", BigInteger, nullable=False),
+        Column("txid_hi", BigInteger, nullable=False),
+        Column("txid_extra", ARRAY(BigInteger), nullable=False, server_default=text("'{}'")),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+        Column("leased_by", Text, nullable=True),
+        Column("lease", UUID(as_uuid=True), nullable=True),
+        Column("leased_until", DateTime(timezone=True), nullable=True),
+        Column("progress_table", Integer, nullable=False, server_default=text("0")),
+        Column("progress_ctid", Text, nullable=False, server_default=text("'(0,0)'")),
+        Column("sent", BigInteger, nullable=False, server_default=text("0")),
+    )
+)
+snapshot_tables.append(
+    Table(
+        "outbox_event_tables",
+        metadata,
+        Column("table_no", Integer, primary_key=True, autoincrement=False),
+        Column("summarized_pages", BigInteger, nullable=False, server_default=text("0")),
+        Column("truncated_at", DateTime(timezone=True), nullable=True),
+    )
+)
+_retry = Table(
+    "outbox_retry",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("uuid", UUID(as_uuid=True), nullable=False),
+    Column("timestamp", DateTime(timezone=True), nullable=False),
+    Column("event", Text, nullable=False),
+    Column("distinct_id", Text, nullable=False),
+    Column("destination", Text, nullable=True),
+    Column("dedup_key", Text, nullable=True),
+    Column("properties", JSON, nullable=False),
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column(
+        "next_attempt_at", DateTime(timezone=True), nullable=False, server_default=text("now()")
+    ),
+    Column("last_error", Text, nullable=True),
+    Column("lease", UUID(as_uuid=True), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
+Index(
+    "outbox_retry_due_idx",
+    _retry.c.next_attempt_at,
+    postgresql_where=text("status = 'pending'"),
+)
+Index("outbox_retry_dead_idx", _retry.c.created_at, postgresql_where=text("status = 'dead'"))
+snapshot_tables.append(_retry)

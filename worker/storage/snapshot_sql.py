@@ -1,0 +1,190 @@
+"""The snapshot engine's SQL statements (the tables and functions are migration 0006's).
+
+Every statement is its own short transaction on an autocommit connection: nothing
+is held open while a batch is on the wire. A batch is leased by writing its row
+(``lease``, a fresh uuid per claim, and ``leased_until``); every later write to it
+names that lease, so a worker whose lease ran out (and whose batch another worker
+claimed since) writes nothing.
+"""
+
+from __future__ import annotations
+
+#: How many event tables migration 0006 creates.
+EVENT_TABLES = 4
+
+#: The timestamp as the worker sends it: ISO 8601 in UTC with microseconds.
+_ISO = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
+
+# Set for the engine's session. The event tables are never analyzed (autovacuum is
+# off for them and they are truncated, not vacuumed), so the planner knows nothing of
+# how selective a txid range is and would scan a whole table, in parallel, for every
+# chunk (measured: 27 ms for a chunk of 200 out of 50,000 rows); with seq scans off it
+# takes the BRIN index. And with its inflated costs a one-row statement would pay for
+# JIT compilation (milliseconds) each time. TID scans are off too: the chunk's
+# "ctid > progress" would otherwise be planned as a scan from there to the table's end.
+SESSION = (
+    "SET jit = off; SET enable_seqscan = off; SET enable_tidscan = off;"
+    " SET max_parallel_workers_per_gather = 0"
+)
+
+TICK = "SELECT outbox_snapshot_tick(%(split_rows)s)"
+
+ROTATE = "SELECT outbox_snapshot_rotate(%(current)s)"
+
+# Lease the oldest batch nobody holds (or whose lease ran out), with what reading it
+# needs: its interval's two snapshots, its txid range and where the next chunk starts.
+CLAIM = """
+UPDATE outbox_batches AS b
+SET leased_by = %(worker)s, lease = gen_random_uuid(),
+    leased_until = now() + %(lease_seconds)s * interval '1 second'
+FROM (
+    SELECT batch_id FROM outbox_batches
+    WHERE leased_until IS NULL OR leased_until < now()
+    ORDER BY batch_id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+) AS c, outbox_ticks AS t1, outbox_ticks AS t2
+WHERE b.batch_id = c.batch_id AND t1.tick_id = b.from_tick AND t2.tick_id = b.to_tick
+RETURNING b.batch_id, b.lease, b.txid_lo, b.txid_hi, b.txid_extra, t1.snapshot, t2.snapshot,
+    b.progress_table, b.progress_ctid, b.sent
+"""
+
+# Whether any batch can be claimed now (an idle worker asks this before ticking).
+ANY_CLAIMABLE = """
+SELECT EXISTS (
+    SELECT 1 FROM outbox_batches WHERE leased_until IS NULL OR leased_until < now()
+)
+"""
+
+
+_COLUMNS = f"""e.ctid AS c, e.uuid, e.event, e.distinct_id, e.properties::text,
+    to_char(e."timestamp" AT TIME ZONE 'UTC', {_ISO}), e.destination, e.dedup_key,
+    e."timestamp" > now() + interval '23 hours'"""
+
+
+def _chunk_part(t: int) -> str:
+    after = f"(%(pt)s::integer < {t} OR (%(pt)s::integer = {t} AND e.ctid > %(pc)s::tid))"
+    return f"""
+(SELECT {t} AS t, {_COLUMNS}
+FROM outbox_events_{t} AS e
+WHERE e.txid >= %(lo)s AND e.txid < %(hi)s
+  AND txid_visible_in_snapshot(e.txid, %(snap2)s::txid_snapshot)
+  AND NOT txid_visible_in_snapshot(e.txid, %(snap1)s::txid_snapshot)
+  AND {after})
+UNION ALL
+(SELECT {t} AS t, {_COLUMNS}
+FROM outbox_events_{t} AS e
+WHERE e.txid >= %(xlo)s AND e.txid <= %(xhi)s AND e.txid = ANY(%(extra)s::bigint[])
+  AND {after})"""
+
+
+# The next chunk of a batch: its events after (progress_table, progress_ctid), in
+# (table, ctid) order, at most :limit. The events of the batch are the rows whose
+# transaction the later tick's snapshot sees as finished and the earlier one's does
+# not: those in its txid range (from the earlier xmax) that pass both tests, and
+# those of the listed older transactions, which the earlier snapshot saw in progress
+# (rows of rolled-back transactions are not visible at all).
+READ = (
+    " UNION ALL ".join(_chunk_part(t) for t in range(EVENT_TABLES))
+    + "\nORDER BY t, c LIMIT %(limit)s"
+)
+
+# A chunk was sent (or failed): in one statement, fenced on the lease, move the
+# batch's progress past it (or delete the batch, when it was the last chunk), file
+# the failed events into outbox_retry, and start the dedup window of the delivered
+# events' keys. Returns whether the lease still held (nothing is written otherwise).
+ADVANCE = """
+WITH moved AS (
+    UPDATE outbox_batches
+    SET progress_table = %(pt)s, progress_ctid = %(pc)s, sent = sent + %(count)s,
+        leased_until = now() + %(lease_seconds)s * interval '1 second'
+    WHERE batch_id = %(batch)s AND lease = %(lease)s AND NOT %(last)s
+    RETURNING 1
+), gone AS (
+    DELETE FROM outbox_batches
+    WHERE batch_id = %(batch)s AND lease = %(lease)s AND %(last)s
+    RETURNING 1
+), held AS (
+    SELECT 1 FROM moved UNION ALL SELECT 1 FROM gone
+), failed AS (
+    INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, destination,
+        dedup_key, properties, status, attempts, next_attempt_at, last_error)
+    SELECT f.uuid, f.ts, f.event, f.distinct_id, f.destination, f.dedup_key,
+        f.properties::json, CASE WHEN f.dead THEN 'dead' ELSE 'pending' END, 1,
+        clock_timestamp() + f.delay * interval '1 second', f.error
+    FROM unnest(%(f_uuid)s::uuid[], %(f_ts)s::timestamptz[], %(f_event)s::text[],
+                %(f_distinct_id)s::text[], %(f_destination)s::text[],
+                %(f_dedup_key)s::text[], %(f_properties)s::text[], %(f_dead)s::boolean[],
+                %(f_delay)s::double precision[], %(f_error)s::text[])
+        AS f(uuid, ts, event, distinct_id, destination, dedup_key, properties, dead,
+             delay, error)
+    WHERE EXISTS (SELECT 1 FROM held)
+    RETURNING 1
+), keys AS (
+    UPDATE outbox_dedup_keys
+    SET expires_at = now() + %(window)s * interval '1 second'
+    WHERE dedup_key = ANY(%(keys)s::text[]) AND EXISTS (SELECT 1 FROM held)
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM held), (SELECT count(*) FROM failed), (SELECT count(*) FROM keys)
+"""
+
+# Hand a batch back unfinished (the worker stops, or PostHog asked it to wait): it can
+# be claimed again after :delay seconds, from its progress.
+RELEASE = """
+UPDATE outbox_batches
+SET leased_by = NULL, lease = NULL,
+    leased_until = now() + %(delay)s * interval '1 second'
+WHERE batch_id = %(batch)s AND lease = %(lease)s
+RETURNING 1
+"""
+
+# Due retries, leased per row until now + :lease_seconds (their next_attempt_at moves
+# there, so a worker that dies leaves them due again then).
+CLAIM_RETRIES = f"""
+UPDATE outbox_retry AS r
+SET lease = %(lease)s, next_attempt_at = now() + %(lease_seconds)s * interval '1 second'
+FROM (
+    SELECT id FROM outbox_retry
+    WHERE status = 'pending' AND next_attempt_at <= now()
+    ORDER BY next_attempt_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) AS c
+WHERE r.id = c.id
+RETURNING r.id, r.uuid, r.event, r.distinct_id, r.properties::text,
+    to_char(r."timestamp" AT TIME ZONE 'UTC', {_ISO}), r.destination, r.dedup_key,
+    r."timestamp" > now() + interval '23 hours', r.attempts
+"""
+
+# The outcome of leased retries, fenced on the lease: the delivered are deleted (and
+# their keys' dedup window starts), the failed count an attempt and back off (or die,
+# on their last attempt or when :dead says so).
+FINISH_RETRIES = """
+WITH done AS (
+    DELETE FROM outbox_retry
+    WHERE id = ANY(%(shipped)s::bigint[]) AND lease = %(lease)s
+    RETURNING dedup_key
+), keys AS (
+    UPDATE outbox_dedup_keys AS k
+    SET expires_at = now() + %(window)s * interval '1 second'
+    FROM done WHERE k.dedup_key = done.dedup_key
+    RETURNING 1
+), failed AS (
+    UPDATE outbox_retry AS r
+    SET attempts = r.attempts + 1,
+        status = CASE WHEN f.dead OR r.attempts + 1 >= %(max_attempts)s
+                      THEN 'dead' ELSE 'pending' END,
+        next_attempt_at = clock_timestamp() + least(
+            %(backoff_max)s, %(backoff_base)s * power(2, least(r.attempts, 40))
+        ) * (0.5 + random() / 2) * interval '1 second',
+        last_error = f.error, lease = NULL
+    FROM unnest(%(f_id)s::bigint[], %(f_error)s::text[], %(f_dead)s::boolean[])
+        AS f(id, error, dead)
+    WHERE r.id = f.id AND r.lease = %(lease)s
+    RETURNING r.status
+)
+SELECT (SELECT count(*) FROM done),
+       (SELECT count(*) FROM failed WHERE status = 'pending'),
+       (SELECT count(*) FROM failed WHERE status = 'dead')
+"""

@@ -19,6 +19,8 @@ import pytest
 import outbox
 from worker.storage.base import Storage
 from worker.storage.memory import MemoryEvents, MemoryStorage
+from worker.storage.snapshot import insert_events
+from worker.storage.snapshot_storage import SnapshotStorage
 from worker.store import Store
 
 
@@ -66,6 +68,41 @@ class PostgresHarness:
             engine.close()
 
 
+#: Claim a dedup key as enqueue does (migration 0004's outbox_enqueue_keyed): free when
+#: new, or when the event that held it was delivered longer ago than the window.
+_CLAIM_KEY = """
+INSERT INTO outbox_dedup_keys AS k (dedup_key, expires_at) VALUES (%s, 'infinity')
+ON CONFLICT (dedup_key) DO UPDATE SET expires_at = 'infinity' WHERE k.expires_at <= now()
+RETURNING k.dedup_key
+"""
+
+
+class SnapshotHarness(PostgresHarness):
+    """The snapshot engine; events go in through its own ``insert_events`` (enqueue
+    does not write its tables yet), dedup keys claimed as enqueue claims them."""
+
+    def put(self, events: list[Mapping[str, Any]]) -> list[uuid.UUID]:
+        rows: list[dict[str, Any]] = []
+        with psycopg.connect(self.url) as conn:
+            for e in events:
+                key = e.get("dedup_key")
+                if key is not None and conn.execute(_CLAIM_KEY, (key,)).fetchone() is None:
+                    continue
+                rows.append(
+                    {
+                        "uuid": uuid.uuid4(),
+                        "event": e["event"],
+                        "distinct_id": str(e["distinct_id"]),
+                        "properties": e.get("properties"),
+                        "dedup_key": key,
+                    }
+                )
+            if rows:
+                insert_events(conn, rows)
+            conn.commit()
+        return [r["uuid"] for r in rows]
+
+
 class FakeClock:
     """Wall-clock seconds that move only when told."""
 
@@ -109,6 +146,10 @@ def _store(request: pytest.FixtureRequest) -> PostgresHarness:
     return PostgresHarness(request.getfixturevalue("database_url"), Store)
 
 
+def _snapshot(request: pytest.FixtureRequest) -> SnapshotHarness:
+    return SnapshotHarness(request.getfixturevalue("database_url"), SnapshotStorage)
+
+
 def _memory(request: pytest.FixtureRequest) -> MemoryHarness:
     return MemoryHarness()
 
@@ -117,6 +158,7 @@ def _memory(request: pytest.FixtureRequest) -> MemoryHarness:
 ENGINES: dict[str, Callable[[pytest.FixtureRequest], Any]] = {
     "store": _store,
     "memory": _memory,
+    "snapshot": _snapshot,
 }
 
 

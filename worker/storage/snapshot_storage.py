@@ -1,0 +1,738 @@
+"""The snapshot engine behind the storage protocol (:class:`worker.storage.base.Storage`).
+
+:class:`SnapshotStorage` drives :class:`worker.storage.snapshot.SnapshotEngine` over
+its own autocommit connection. A claim hands out either due rows of ``outbox_retry``
+(leased per row) or the next chunk of a leased snapshot batch (ticking first when no
+batch is waiting, so events committed before the claim are found). Finishing a chunk
+files its failed, deferred and unnamed events into ``outbox_retry`` (each with the
+attempts and due time the protocol gives it), starts the dedup window of the shipped
+ones and moves the batch's progress past the chunk, in one transaction fenced on the
+batch's lease (and on the lease not having run out). Event ids are positions in the
+batch (1, 2, ...), meaningful only to the object that claimed it.
+
+Nothing uses it yet: the worker still runs :class:`worker.store.Store`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
+from worker.database import connect
+from worker.storage import snapshot_sql
+from worker.storage.base import (
+    Backlog,
+    Batch,
+    BatchLostError,
+    BatchOutcome,
+    ClaimedEvent,
+    ConnectionReset,
+    DatabaseUnavailable,
+    Finished,
+    LockTimeout,
+    Requeued,
+    StatementTimeout,
+)
+from worker.storage.snapshot import LeasedBatch, SnapshotEngine, SnapshotEvent, own_keys
+
+if TYPE_CHECKING:
+    from worker.storage.base import Storage
+
+APPLICATION_PREFIX = "outbox-worker snapshot "
+_APPLICATION_NAME_MAX = 63
+
+_ISO = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
+
+
+def _pending_part(t: int) -> str:
+    """The undelivered rows of event table ``t``: those of an unfinished batch after
+    its progress, and those committed since the newest tick (in no batch yet)."""
+    return f"""
+SELECT e.event, t1.taken_at AS since
+FROM outbox_batches AS b
+JOIN outbox_ticks AS t1 ON t1.tick_id = b.from_tick
+JOIN outbox_ticks AS t2 ON t2.tick_id = b.to_tick
+JOIN outbox_events_{t} AS e ON (
+    (e.txid >= b.txid_lo AND e.txid < b.txid_hi
+     AND txid_visible_in_snapshot(e.txid, t2.snapshot::txid_snapshot)
+     AND NOT txid_visible_in_snapshot(e.txid, t1.snapshot::txid_snapshot))
+    OR e.txid = ANY(b.txid_extra))
+WHERE b.progress_table < {t} OR (b.progress_table = {t} AND e.ctid > b.progress_ctid::tid)
+UNION ALL
+SELECT e.event, last.taken_at
+FROM (SELECT snapshot::txid_snapshot AS s, taken_at FROM outbox_ticks
+      ORDER BY tick_id DESC LIMIT 1) AS last
+JOIN outbox_events_{t} AS e
+  ON e.txid >= txid_snapshot_xmin(last.s) AND NOT txid_visible_in_snapshot(e.txid, last.s)"""
+
+
+#: Every undelivered event of the event tables (event name, and a time it is at most
+#: as old as: the tick before it committed).
+PENDING = (
+    "WITH p AS ("
+    + " UNION ALL ".join(_pending_part(t) for t in range(snapshot_sql.EVENT_TABLES))
+    + ")"
+)
+
+BACKLOG = (
+    PENDING
+    + """
+SELECT
+    (SELECT count(*) FROM p) + count(*) FILTER (WHERE r.status = 'pending'),
+    (SELECT count(*) FROM p) + count(*) FILTER (
+        WHERE r.status = 'pending' AND (r.next_attempt_at <= now() OR r.lease IS NOT NULL)),
+    count(*) FILTER (WHERE r.status = 'pending' AND r.attempts > 0),
+    count(*) FILTER (WHERE r.status = 'dead'),
+    greatest(coalesce(extract(epoch FROM now() - least(
+        (SELECT min(since) FROM p), min(r.created_at) FILTER (WHERE r.status = 'pending')
+    )), 0), 0)
+FROM outbox_retry AS r
+"""
+)
+
+TOP_PENDING = (
+    PENDING
+    + """
+SELECT event, count(*) AS n FROM (
+    SELECT event FROM p
+    UNION ALL SELECT event FROM outbox_retry WHERE status = 'pending'
+) AS e
+GROUP BY event ORDER BY n DESC, event LIMIT %(limit)s
+"""
+)
+
+TOP_DEAD = """
+SELECT event, count(*) AS n FROM outbox_retry WHERE status = 'dead'
+GROUP BY event ORDER BY n DESC, event LIMIT %(limit)s
+"""
+
+TOP_ERRORS = f"""
+SELECT status, error, n, to_char(since AT TIME ZONE 'UTC', {_ISO}) FROM (
+    SELECT status, left(last_error, 200) AS error, count(*) AS n, min(created_at) AS since
+    FROM outbox_retry WHERE last_error IS NOT NULL
+    GROUP BY status, left(last_error, 200)
+) AS g
+ORDER BY n DESC, error LIMIT %(limit)s
+"""
+
+LIST_DEAD = f"""
+SELECT id, uuid, event, distinct_id, attempts, last_error,
+       to_char(created_at AT TIME ZONE 'UTC', {_ISO})
+FROM outbox_retry
+WHERE status = 'dead' AND (%(event)s::text IS NULL OR event = %(event)s::text)
+ORDER BY created_at, id LIMIT %(limit)s
+"""
+
+REQUEUE_DEAD = """
+UPDATE outbox_retry
+SET status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = now(), lease = NULL
+WHERE status = 'dead'
+  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+  AND (%(event)s::text IS NULL OR event = %(event)s::text)
+"""
+
+PURGE_DEAD = """
+WITH gone AS (
+    DELETE FROM outbox_retry
+    WHERE status = 'dead'
+      AND (created_at < now() - %(older_than)s * interval '1 second' OR created_at > now())
+    RETURNING dedup_key
+), keys AS (
+    DELETE FROM outbox_dedup_keys AS k USING gone WHERE k.dedup_key = gone.dedup_key
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+# held_seconds: the batch row records no lease start, so this is the time since the
+# batch was made (at least as long as it has been held).
+IN_FLIGHT = """
+SELECT leased_by, greatest(extract(epoch FROM now() - created_at), 0), 'leased'
+FROM outbox_batches
+WHERE lease IS NOT NULL AND leased_until > now()
+ORDER BY created_at
+"""
+
+# -- finishing a chunk of a snapshot batch (one transaction) -----------------------------
+
+FENCE_BATCH = """
+SELECT 1 FROM outbox_batches
+WHERE batch_id = %(batch)s AND lease = %(lease)s AND leased_until > now()
+FOR UPDATE
+"""
+
+FILE_RETRIES = """
+INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, destination, dedup_key,
+    properties, status, attempts, next_attempt_at, last_error)
+SELECT f.uuid, f.ts, f.event, f.distinct_id, f.destination, f.dedup_key, f.properties::json,
+    f.status, f.attempts, clock_timestamp() + f.delay * interval '1 second', f.error
+FROM unnest(%(uuid)s::uuid[], %(ts)s::timestamptz[], %(event)s::text[],
+            %(distinct_id)s::text[], %(destination)s::text[], %(dedup_key)s::text[],
+            %(properties)s::text[], %(status)s::text[], %(attempts)s::integer[],
+            %(delay)s::double precision[], %(error)s::text[])
+    AS f(uuid, ts, event, distinct_id, destination, dedup_key, properties, status,
+         attempts, delay, error)
+"""
+
+START_WINDOW = """
+UPDATE outbox_dedup_keys SET expires_at = now() + %(window)s * interval '1 second'
+WHERE dedup_key = ANY(%(keys)s::text[])
+"""
+
+BATCH_DONE = "DELETE FROM outbox_batches WHERE batch_id = %(batch)s"
+
+BATCH_PAST = """
+UPDATE outbox_batches
+SET progress_table = %(pt)s, progress_ctid = %(pc)s, sent = sent + %(count)s,
+    leased_by = NULL, lease = NULL, leased_until = NULL
+WHERE batch_id = %(batch)s
+"""
+
+# -- finishing leased retries (one transaction) ------------------------------------------
+
+FENCE_RETRIES = """
+SELECT id FROM outbox_retry
+WHERE lease = %(lease)s AND status = 'pending' AND next_attempt_at > now()
+FOR UPDATE
+"""
+
+SHIP_RETRIES = """
+WITH done AS (
+    DELETE FROM outbox_retry WHERE id = ANY(%(ids)s::bigint[]) AND lease = %(lease)s
+    RETURNING dedup_key
+), keys AS (
+    UPDATE outbox_dedup_keys AS k SET expires_at = now() + %(window)s * interval '1 second'
+    FROM done WHERE k.dedup_key = done.dedup_key
+    RETURNING 1
+)
+SELECT count(*) FROM done
+"""
+
+BURY_RETRIES = """
+UPDATE outbox_retry AS r
+SET status = 'dead', attempts = r.attempts + 1, last_error = f.error, lease = NULL
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)
+WHERE r.id = f.id AND r.lease = %(lease)s
+"""
+
+RETRY_RETRIES = """
+UPDATE outbox_retry AS r
+SET attempts = r.attempts + 1,
+    status = CASE WHEN r.attempts + 1 >= %(max_attempts)s THEN 'dead' ELSE 'pending' END,
+    next_attempt_at = clock_timestamp() + least(
+        %(backoff_max)s, %(backoff_base)s * power(2, least(r.attempts, 40))
+    ) * (0.5 + random() / 2) * interval '1 second',
+    last_error = %(error)s, lease = NULL
+WHERE r.id = ANY(%(ids)s::bigint[]) AND r.lease = %(lease)s
+RETURNING r.status
+"""
+
+DEFER_RETRIES = """
+UPDATE outbox_retry
+SET next_attempt_at = clock_timestamp() + %(delay)s * interval '1 second',
+    last_error = coalesce(%(error)s::text, last_error), lease = NULL
+WHERE id = ANY(%(ids)s::bigint[]) AND lease = %(lease)s
+"""
+
+# The rest of the lease (unnamed, or released): due at once, unchanged.
+RELEASE_RETRIES = """
+UPDATE outbox_retry SET lease = NULL, next_attempt_at = now()
+WHERE lease = %(lease)s AND status = 'pending'
+RETURNING 1
+"""
+
+
+@dataclass(eq=False, slots=True)
+class _Handle:
+    """What a claimed :class:`Batch` is to this engine: a chunk of a leased snapshot
+    batch (``leased``), or leased retry rows (``retry_lease``)."""
+
+    events: list[SnapshotEvent]
+    leased: LeasedBatch | None = None
+    #: The chunk is the batch's last: finishing it deletes the batch.
+    last: bool = False
+    retry_lease: uuid.UUID | None = None
+    #: The connection it was claimed on (a new connection means it is lost).
+    conn: psycopg.Connection[Any] | None = None
+
+
+class SnapshotStorage:
+    """The snapshot engine as a :class:`worker.storage.base.Storage`, over one
+    autocommit connection that is made again after it is lost."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        worker_id: str = "outbox-worker",
+        for_batches: bool = False,
+        pooler: str = "none",
+        split_rows: int = 5_000,
+    ) -> None:
+        self.url = url
+        self.worker_id = worker_id
+        self.for_batches = for_batches
+        self.pooler = pooler
+        self.split_rows = split_rows
+        self.application_name = (APPLICATION_PREFIX + worker_id)[:_APPLICATION_NAME_MAX]
+        self._conn: psycopg.Connection[Any] | None = None
+        self._engine: SnapshotEngine | None = None
+        self._worked = False
+        self._batch: Batch | None = None
+        self._lock = threading.RLock()
+
+    # -- connection -------------------------------------------------------------------
+
+    def _connected(self) -> SnapshotEngine:
+        if self._engine is not None and self._conn is not None and not self._conn.closed:
+            return self._engine
+        conn = connect(
+            self.url,
+            pooler=self.pooler,
+            autocommit=True,
+            connect_timeout=10,
+            application_name=self.application_name,
+        )
+        try:
+            row = conn.execute(
+                "SELECT to_regclass('outbox_batches') IS NOT NULL"
+                " AND to_regclass('outbox_retry') IS NOT NULL"
+            ).fetchone()
+            if not (row and row[0]):
+                raise OutboxNotInstalledError(
+                    "the snapshot engine's tables are missing (migration 0006): "
+                    "run `outbox-worker migrate` first"
+                )
+            engine = SnapshotEngine(conn, worker_id=self.worker_id)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._engine, self._worked = conn, engine, False
+        return engine
+
+    def _drop(self) -> None:
+        """Forget the connection (and the batch claimed on it: its lease runs out)."""
+        if self._batch is not None:
+            self._batch.closed = True
+            self._batch = None
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = self._engine = None
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[SnapshotEngine]:
+        """The engine, connected; the driver's errors as the protocol's."""
+        with self._lock:
+            try:
+                yield self._connected()
+            except psycopg.errors.QueryCanceled as exc:
+                raise StatementTimeout(f"{_first_line(exc)}; check statement_timeout") from exc
+            except psycopg.errors.LockNotAvailable as exc:
+                raise LockTimeout(f"{_first_line(exc)}; an outbox table is locked") from exc
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                worked = self._worked
+                self._drop()
+                if worked:
+                    raise ConnectionReset(f"database connection lost: {_first_line(exc)}") from exc
+                raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+            except psycopg.Error as exc:
+                raise OutboxDatabaseError(
+                    f"a snapshot storage statement failed: {_first_line(exc)}"
+                ) from exc
+            except OutboxNotInstalledError:
+                raise
+            except OutboxDatabaseError as exc:
+                if self._conn is None:  # could not connect
+                    raise DatabaseUnavailable(str(exc)) from exc
+                raise
+            self._worked = True
+
+    def _rows(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:
+        with self._guard() as engine:
+            cur = engine.conn.execute(query, params)
+            return cur.fetchall() if cur.description is not None else []
+
+    def ping_or_raise(self) -> None:
+        """Run a trivial query; raise what went wrong (connection, missing tables)."""
+        self._rows("SELECT 1")
+
+    def ping(self) -> bool:
+        """True when a trivial query succeeds."""
+        try:
+            self.ping_or_raise()
+        except OutboxDatabaseError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Hand back the batch held, if any, and close the connection."""
+        with self._lock:
+            if self._batch is not None and not self._batch.closed:
+                with contextlib.suppress(OutboxDatabaseError):
+                    self.release(self._batch)
+            self._drop()
+
+    # -- the batch life cycle ---------------------------------------------------------
+
+    def claim(self, limit: int, max_bytes: int, lease_seconds: float) -> Batch | None:
+        """See :meth:`worker.storage.base.DrainStorage.claim`: due retries first, else
+        the next chunk of the oldest snapshot batch (ticking when none is waiting)."""
+        with self._guard() as engine:
+            if self._batch is not None and not self._batch.closed:
+                raise RuntimeError("this store already holds a batch; finish or release it")
+            self._batch = None
+            lease, rows = engine.claim_retries(limit, lease_seconds)
+            if rows:
+                kept = _within(rows, max_bytes)
+                if len(kept) < len(rows):
+                    engine.conn.execute(
+                        "UPDATE outbox_retry SET lease = NULL, next_attempt_at = now()"
+                        " WHERE id = ANY(%(ids)s::bigint[])",
+                        {"ids": [int(e.position) for e in rows[len(kept) :]]},
+                    )
+                handle = _Handle(kept, retry_lease=lease, conn=engine.conn)
+            else:
+                while True:
+                    leased = engine.claim(lease_seconds, split_rows=self.split_rows)
+                    if leased is None:
+                        return None
+                    chunk = engine.read(leased, limit)
+                    if chunk.events:
+                        break
+                    engine.advance(leased, None, last=True)  # nothing left in it
+                kept = _within(chunk.events, max_bytes)
+                last = chunk.last and len(kept) == len(chunk.events)
+                handle = _Handle(kept, leased=leased, last=last, conn=engine.conn)
+            events = [_claimed(i, e) for i, e in enumerate(handle.events, 1)]
+            self._batch = Batch(store=self, events=events, handle=handle)
+            return self._batch
+
+    def finish(
+        self,
+        batch: Batch,
+        outcome: BatchOutcome,
+        *,
+        dedup_window: float,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+    ) -> Finished:
+        """See :meth:`worker.storage.base.DrainStorage.finish`."""
+        with self._lock:
+            handle = batch.handle
+            if (
+                batch.store is not self
+                or batch.closed
+                or self._batch is not batch
+                or not isinstance(handle, _Handle)
+                or handle.conn is not self._conn
+            ):
+                batch.closed = True
+                if self._batch is batch:
+                    self._batch = None
+                raise BatchLostError("the batch is already over")
+            try:
+                with self._guard() as engine, engine.conn.transaction():
+                    if handle.leased is not None:
+                        done = self._finish_chunk(
+                            engine, handle, outcome, dedup_window, max_attempts,
+                            backoff_base, backoff_max,
+                        )  # fmt: skip
+                    else:
+                        done = self._finish_retries(
+                            engine, handle, outcome, dedup_window, max_attempts,
+                            backoff_base, backoff_max,
+                        )  # fmt: skip
+            except BatchLostError:
+                raise
+            except OutboxDatabaseError as exc:
+                raise BatchLostError(f"the batch's outcome was not written: {exc}") from exc
+            finally:
+                batch.closed = True
+                if self._batch is batch:
+                    self._batch = None
+            return done
+
+    def _finish_chunk(
+        self,
+        engine: SnapshotEngine,
+        handle: _Handle,
+        outcome: BatchOutcome,
+        dedup_window: float,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+    ) -> Finished:
+        leased = handle.leased
+        assert leased is not None
+        conn = engine.conn
+        if (
+            conn.execute(FENCE_BATCH, {"batch": leased.batch_id, "lease": leased.lease}).fetchone()
+            is None
+        ):
+            raise BatchLostError("the batch's lease ran out or was taken over")
+        events = dict(enumerate(handle.events, 1))
+        shipped = [events.pop(i) for i in dict.fromkeys(outcome.shipped) if i in events]
+        # Each filed event: (event, status, attempts, delay, error).
+        filed: list[tuple[SnapshotEvent, str, int, float, str | None]] = []
+        for i, error in outcome.dead:
+            if (e := events.pop(i, None)) is not None:
+                filed.append((e, "dead", 1, 0.0, error[:2000]))
+        retried = dead_by_retry = 0
+        backoff = min(backoff_max, backoff_base)
+        for i in outcome.retry:
+            if (e := events.pop(i, None)) is None:
+                continue
+            if max_attempts <= 1:
+                dead_by_retry += 1
+                filed.append((e, "dead", 1, 0.0, outcome.retry_error[:2000]))
+            else:
+                retried += 1
+                delay = backoff * (0.5 + random.random() / 2)
+                filed.append((e, "pending", 1, delay, outcome.retry_error[:2000]))
+        if outcome.defer and (outcome.defer_delay > 0 or outcome.defer_error):
+            for i in outcome.defer:
+                if (e := events.pop(i, None)) is not None:
+                    filed.append((e, "pending", 0, float(outcome.defer_delay), outcome.defer_error))
+        # Unnamed (and deferred for no time): due again at once, as they were.
+        filed.extend((e, "pending", 0, 0.0, None) for e in events.values())
+        if filed:
+            conn.execute(
+                FILE_RETRIES,
+                {
+                    "uuid": [f[0].uuid for f in filed],
+                    "ts": [f[0].timestamp for f in filed],
+                    "event": [f[0].event for f in filed],
+                    "distinct_id": [f[0].distinct_id for f in filed],
+                    "destination": [
+                        None if f[0].destination == "posthog" else f[0].destination for f in filed
+                    ],
+                    "dedup_key": [f[0].dedup_key for f in filed],
+                    "properties": [f[0].properties_json for f in filed],
+                    "status": [f[1] for f in filed],
+                    "attempts": [f[2] for f in filed],
+                    "delay": [f[3] for f in filed],
+                    "error": [f[4] for f in filed],
+                },
+            )
+        keys = [e.dedup_key for e in shipped if e.dedup_key is not None]
+        if keys:
+            conn.execute(START_WINDOW, {"window": float(dedup_window), "keys": keys})
+        if handle.last:
+            conn.execute(BATCH_DONE, {"batch": leased.batch_id})
+        else:
+            end = handle.events[-1]
+            conn.execute(
+                BATCH_PAST,
+                {
+                    "batch": leased.batch_id,
+                    "pt": end.table,
+                    "pc": end.position,
+                    "count": len(handle.events),
+                },
+            )
+        return Finished(shipped=len(shipped), retried=retried, dead_by_retry=dead_by_retry)
+
+    def _finish_retries(
+        self,
+        engine: SnapshotEngine,
+        handle: _Handle,
+        outcome: BatchOutcome,
+        dedup_window: float,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+    ) -> Finished:
+        conn = engine.conn
+        lease = handle.retry_lease
+        ids = {i: int(e.position) for i, e in enumerate(handle.events, 1)}
+        held = {int(r[0]) for r in conn.execute(FENCE_RETRIES, {"lease": lease}).fetchall()}
+        if not set(ids.values()) <= held:
+            raise BatchLostError("the retries' lease ran out or was taken over")
+
+        def rows(named: Sequence[int]) -> list[int]:
+            return [ids[i] for i in dict.fromkeys(named) if i in ids]
+
+        shipped = 0
+        if outcome.shipped:
+            row = conn.execute(
+                SHIP_RETRIES,
+                {"ids": rows(outcome.shipped), "lease": lease, "window": float(dedup_window)},
+            ).fetchone()
+            shipped = int(row[0]) if row else 0
+        dead = [(ids[i], error[:2000]) for i, error in outcome.dead if i in ids]
+        if dead:
+            conn.execute(
+                BURY_RETRIES,
+                {"ids": [d[0] for d in dead], "errors": [d[1] for d in dead], "lease": lease},
+            )
+        statuses: list[str] = []
+        if outcome.retry:
+            cur = conn.execute(
+                RETRY_RETRIES,
+                {
+                    "ids": rows(outcome.retry),
+                    "lease": lease,
+                    "error": outcome.retry_error[:2000],
+                    "max_attempts": max_attempts,
+                    "backoff_base": float(backoff_base),
+                    "backoff_max": float(backoff_max),
+                },
+            )
+            statuses = [r[0] for r in cur.fetchall()]
+        if outcome.defer and (outcome.defer_delay > 0 or outcome.defer_error):
+            conn.execute(
+                DEFER_RETRIES,
+                {
+                    "ids": rows(outcome.defer),
+                    "lease": lease,
+                    "delay": float(outcome.defer_delay),
+                    "error": outcome.defer_error,
+                },
+            )
+        conn.execute(RELEASE_RETRIES, {"lease": lease})
+        died = statuses.count("dead")
+        return Finished(shipped=shipped, retried=len(statuses) - died, dead_by_retry=died)
+
+    def release(self, batch: Batch) -> bool:
+        """See :meth:`worker.storage.base.DrainStorage.release`."""
+        with self._lock:
+            handle = batch.handle
+            live = (
+                not batch.closed
+                and self._batch is batch
+                and isinstance(handle, _Handle)
+                and handle.conn is self._conn
+            )
+            batch.closed = True
+            if self._batch is batch:
+                self._batch = None
+            if not live:
+                return False
+            with self._guard() as engine:
+                if handle.leased is not None:
+                    return engine.release(handle.leased)
+                cur = engine.conn.execute(RELEASE_RETRIES, {"lease": handle.retry_lease})
+                return bool(cur.fetchall())
+
+    # -- inspection -------------------------------------------------------------------
+
+    def backlog(self) -> Backlog:
+        """See :meth:`worker.storage.base.Inspection.backlog`. The oldest age is an
+        upper bound for events of the event tables (the tick before they committed)."""
+        row = self._rows(BACKLOG)[0]
+        return Backlog(
+            pending=int(row[0]),
+            due=int(row[1]),
+            retrying=int(row[2]),
+            dead=int(row[3]),
+            oldest_pending_age_seconds=float(row[4]),
+        )
+
+    def backlog_capped(self, cap: int = 100_000) -> Backlog:
+        """Exact counts for now (:meth:`backlog`): their cost still grows with the
+        backlog."""
+        return self.backlog()
+
+    def top_events(self, status: str, limit: int = 10) -> list[tuple[str, int]]:
+        """See :meth:`worker.storage.base.Inspection.top_events`."""
+        query = TOP_DEAD if status == "dead" else TOP_PENDING
+        return [(r[0], int(r[1])) for r in self._rows(query, {"limit": limit})]
+
+    def top_errors(self, limit: int = 10) -> list[dict[str, Any]]:
+        """See :meth:`worker.storage.base.Inspection.top_errors`."""
+        return [
+            {"status": r[0], "error": r[1], "count": int(r[2]), "since": r[3]}
+            for r in self._rows(TOP_ERRORS, {"limit": limit})
+        ]
+
+    def dead(self, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:
+        """See :meth:`worker.storage.base.Inspection.dead` (``id`` is the
+        ``outbox_retry`` row's)."""
+        columns = ("id", "uuid", "event", "distinct_id", "attempts", "last_error", "created_at")
+        rows = self._rows(LIST_DEAD, {"limit": limit, "event": event})
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+    def requeue_dead(self, ids: Sequence[int] | None = None, event: str | None = None) -> Requeued:
+        """See :meth:`worker.storage.base.Inspection.requeue_dead` (every dead event
+        here passed the event tables' constraints, so none is unsendable)."""
+        with self._guard() as engine:
+            cur = engine.conn.execute(
+                REQUEUE_DEAD, {"ids": list(ids) if ids else None, "event": event}
+            )
+            return Requeued(requeued=cur.rowcount, unsendable=0)
+
+    def purge_dead(self, older_than_seconds: float) -> int:
+        """See :meth:`worker.storage.base.Inspection.purge_dead`."""
+        return int(self._rows(PURGE_DEAD, {"older_than": float(older_than_seconds)})[0][0])
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        """Leased snapshot batches (not leased retries): ``held_seconds`` is the
+        batch's age, since its row records no lease start."""
+        return [
+            {"worker": r[0], "held_seconds": float(r[1]), "state": r[2]}
+            for r in self._rows(IN_FLIGHT)
+        ]
+
+    # -- housekeeping -----------------------------------------------------------------
+
+    def expire_dedup_keys(self, limit: int = 10_000) -> int:
+        """See :meth:`worker.storage.base.Housekeeping.expire_dedup_keys`."""
+        rows = self._rows("SELECT outbox_expire_dedup_keys(%(limit)s::integer)", {"limit": limit})
+        return int(rows[0][0])
+
+    def maintain(self) -> None:
+        """Tick (so batches wait for the next claim) and truncate the event tables
+        whose rows are all delivered."""
+        with self._guard() as engine:
+            engine.tick(self.split_rows)
+            engine.rotate()
+
+
+def _within(events: list[SnapshotEvent], max_bytes: int) -> list[SnapshotEvent]:
+    """The first events whose sizes add up to at most ``max_bytes`` (at least one)."""
+    kept: list[SnapshotEvent] = []
+    size = 0
+    for e in events:
+        size += e.size
+        if kept and size > max_bytes:
+            break
+        kept.append(e)
+    return kept
+
+
+def _claimed(position: int, e: SnapshotEvent) -> ClaimedEvent:
+    props, has_ip = own_keys(e.properties_json)
+    ts = e.timestamp  # 2026-03-04T05:06:07.890123+00:00 -> 2026-03-04 05:06:07.890123+00
+    return ClaimedEvent(
+        id=position,
+        uuid=e.uuid,
+        event=e.event,
+        distinct_id=e.distinct_id,
+        properties_json=props,
+        timestamp=ts[:10] + " " + ts[11:-6] + "+00",
+        attempts=e.attempts,
+        destination=e.destination,
+        has_ip=has_ip,
+        problem=e.problem,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+if TYPE_CHECKING:
+
+    def _is_an_engine(store: SnapshotStorage) -> Storage:
+        return store  # mypy checks that SnapshotStorage implements the protocol

@@ -1,0 +1,99 @@
+"""SnapshotStorage's own promises beyond the behaviour suite: leases that ran out, lost
+connections, an unreachable database, and retries cut to ``max_bytes``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.conftest import wait_for
+from tests.storage.conftest import SnapshotHarness
+from worker.storage.base import BatchLostError, BatchOutcome, DatabaseUnavailable
+from worker.storage.snapshot_storage import SnapshotStorage
+
+POLICY: dict[str, Any] = {
+    "dedup_window": 60.0,
+    "max_attempts": 5,
+    "backoff_base": 0.0,
+    "backoff_max": 0.0,
+}
+
+
+@pytest.fixture
+def harness(database_url: str) -> Iterator[SnapshotHarness]:
+    h = SnapshotHarness(database_url, SnapshotStorage)
+    yield h
+    h.close()
+
+
+def _events(n: int, size: int = 0) -> list[dict[str, Any]]:
+    return [
+        {"event": f"e{i}", "distinct_id": "u", "properties": {"pad": "x" * size}} for i in range(n)
+    ]
+
+
+def test_a_lease_that_ran_out_cannot_be_finished_even_if_nobody_took_it(
+    harness: SnapshotHarness,
+) -> None:
+    put = harness.put(_events(2))
+    s = harness.new()
+    batch = s.claim(10, 10_000_000, 0.3)
+    assert batch is not None
+    with psycopg.connect(harness.url, autocommit=True) as db:
+        wait_for(
+            lambda: db.execute(
+                "SELECT bool_and(leased_until < now()) FROM outbox_batches"
+            ).fetchone()[0],  # type: ignore[index]
+            timeout=30,
+            what="the lease to run out",
+        )
+    with pytest.raises(BatchLostError):
+        s.finish(batch, BatchOutcome(shipped=[e.id for e in batch.events]), **POLICY)
+    again = s.claim(10, 10_000_000, 30.0)
+    assert again is not None and {e.uuid for e in again.events} == set(put)
+
+
+def test_a_lost_connection_loses_the_batch_and_the_next_claim_reconnects(
+    harness: SnapshotHarness, database_url: str
+) -> None:
+    put = harness.put(_events(3))
+    s = harness.new()
+    batch = s.claim(10, 10_000_000, 0.5)
+    assert batch is not None
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (s.application_name,),
+        )
+    with pytest.raises(BatchLostError):
+        s.finish(batch, BatchOutcome(shipped=[e.id for e in batch.events]), **POLICY)
+    again = wait_for(lambda: s.claim(10, 10_000_000, 30.0), timeout=30)
+    assert {e.uuid for e in again.events} == set(put)
+    assert (
+        s.finish(again, BatchOutcome(shipped=[e.id for e in again.events]), **POLICY).shipped == 3
+    )
+    assert harness.new(for_batches=False).backlog().pending == 0
+
+
+def test_an_unreachable_database_is_unavailable() -> None:
+    s = SnapshotStorage("postgresql://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(DatabaseUnavailable):
+        s.claim(10, 10_000_000, 30.0)
+    assert not s.ping()
+
+
+def test_retries_are_cut_to_max_bytes_and_the_rest_stay_due(harness: SnapshotHarness) -> None:
+    harness.put(_events(3, size=1000))
+    s, look = harness.new(), harness.new(for_batches=False)
+    batch = s.claim(10, 10_000_000, 30.0)
+    s.finish(batch, BatchOutcome(retry=[e.id for e in batch.events], retry_error="x"), **POLICY)
+    one = wait_for(lambda: s.claim(10, 1, 30.0), timeout=30)
+    assert len(one.events) == 1 and one.events[0].attempts == 1
+    backlog = look.backlog()
+    assert (backlog.pending, backlog.due, backlog.retrying) == (3, 3, 3)
+    other = harness.new().claim(10, 10_000_000, 30.0)
+    assert other is not None and len(other.events) == 2
+    assert not {e.uuid for e in other.events} & {e.uuid for e in one.events}

@@ -299,10 +299,11 @@ def _in_schema(functions: str) -> str:
 
 
 def _name_problem(column: str) -> str:
+    value = f"o.{column}"
     return (
-        f"WHEN length({column}) > {MAX_NAME_LENGTH} THEN '{column}: is ' || length({column})"
+        f"WHEN length({value}) > {MAX_NAME_LENGTH} THEN '{column}: is ' || length({value})"
         f" || ' characters long, over the {MAX_NAME_LENGTH} limit'"
-        f" WHEN length({column}) = 0 THEN '{column}: is empty'"
+        f" WHEN length({value}) = 0 THEN '{column}: is empty'"
     )
 
 
@@ -318,8 +319,8 @@ PROBLEM = f"""CASE
         WHEN o."timestamp" >= '{TIMESTAMP_BEFORE}'
             THEN 'timestamp: ' || (o."timestamp" AT TIME ZONE 'UTC')::text
                  || ' UTC is more than 23 hours ahead of the database''s clock'
-        {_name_problem("o.event")}
-        {_name_problem("o.distinct_id")}
+        {_name_problem("event")}
+        {_name_problem("distinct_id")}
         WHEN o.destination NOT IN ('posthog', 'metrics')
             THEN 'destination: ' || o.destination || ' is neither posthog nor metrics'
     END"""

@@ -316,17 +316,19 @@ BLOCKING_MODES = _locks.BLOCKING_MODES
 ALL_MODES = _locks.ALL_MODES
 
 # The status page's failed events (dead, or pending after a failed attempt), grouped by
-# status and error text: the count, the oldest and newest created_at, the first
-# %(ids)s row ids (in id order) for a `retry --id` command, how many event names the
-# group has (and the first), how many dead rows carry that name in all (what
-# `retry --event` would requeue), and the newest row as the group's example.
+# status and error text. They are all rows of outbox_retry (an event still in an event
+# table has never failed): the count, the oldest and newest created_at, the first
+# %(ids)s row ids (in id order) for a `retry --id` command (the ids `dead` lists), how
+# many event names the group has (and the first), how many dead rows carry that name in
+# all (what `retry --event` would requeue), and the newest row as the group's example.
+# A deferred row (rate limited, unauthorised: an error, no attempt) is not a failure.
 ERROR_GROUPS = f"""
 WITH grouped AS (
     SELECT status, left(last_error, 200) AS error, count(*) AS n,
            min(created_at) AS first_at, max(created_at) AS last_at,
            (array_agg(id ORDER BY id))[1:%(ids)s] AS ids, max(id) AS example_id,
            count(DISTINCT event) AS names, min(event) AS name
-    FROM outbox_events
+    FROM outbox_retry
     WHERE last_error IS NOT NULL AND (status = 'dead' OR attempts > 0)
     GROUP BY status, left(last_error, 200)
     ORDER BY n DESC, status, error
@@ -336,9 +338,9 @@ SELECT g.status, g.error, g.n, {_utc_text("g.first_at")}, {_utc_text("g.last_at"
        CASE WHEN isfinite(g.last_at)
            THEN greatest(extract(epoch FROM now() - g.last_at), 0) ELSE 0 END,
        g.ids, g.names, g.name,
-       (SELECT count(*) FROM outbox_events d WHERE d.status = 'dead' AND d.event = g.name),
+       (SELECT count(*) FROM outbox_retry d WHERE d.status = 'dead' AND d.event = g.name),
        e.id, e.event, e.distinct_id, e.properties, e.attempts
 FROM grouped AS g
-JOIN outbox_events AS e ON e.id = g.example_id
+JOIN outbox_retry AS e ON e.id = g.example_id
 ORDER BY g.n DESC, g.status, g.error
 """

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
+from worker import queries
 from worker.database import connect
 from worker.storage import snapshot_sql
 from worker.storage.base import (
@@ -654,6 +655,21 @@ class SnapshotStorage:
             {"status": r[0], "error": r[1], "count": int(r[2]), "since": r[3]}
             for r in self._rows(TOP_ERRORS, {"limit": limit})
         ]
+
+    def error_groups(self, limit: int = 20, ids: int = 50) -> list[dict[str, Any]]:
+        """The status page's failed events (dead, or pending after a failed attempt:
+        rows of ``outbox_retry``) grouped by status and error text, most first: count,
+        first and last created_at (ISO 8601 text in UTC), the newest's age in seconds,
+        the first ``ids`` row ids (those ``dead`` lists and ``retry --id`` takes), the
+        number of event names and the first, how many dead rows have that name, and
+        the newest row as an example (id, event, distinct_id, properties, attempts)."""
+        columns = (
+            "status", "error", "count", "first_at", "last_at", "last_age_seconds", "ids",
+            "names", "name", "dead_of_name", "example_id", "event", "distinct_id",
+            "properties", "attempts",
+        )  # fmt: skip
+        rows = self._rows(queries.ERROR_GROUPS, {"limit": limit, "ids": ids})
+        return [dict(zip(columns, row, strict=True)) for row in rows]
 
     def dead(self, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:
         """See :meth:`worker.storage.base.Inspection.dead` (``id`` is the

@@ -191,7 +191,6 @@ class Drainer:
                 done = self._process(batch)
                 if done is not None:
                     stats.add(done)
-                claimed_ahead = ahead is not None
                 next_batch: Batch | None = None
                 if ahead is not None:
                     future, ahead = ahead, None
@@ -205,7 +204,10 @@ class Drainer:
                     # lease. Hand it back and claim afresh.
                     self._release(next_batch)
                     next_batch = self._claim(next_batch.store)
-                batch = next_batch if claimed_ahead else self._claim(batch.store)
+                # A claim ahead that found nothing is not the end: the snapshot engine
+                # leases a batch whole, so the rest of the batch just sent is claimable
+                # only once its chunk is finished. Ask the store that sent it.
+                batch = next_batch if next_batch is not None else self._claim(batch.store)
         except DatabaseUnavailable:
             stats.interrupted = True
         finally:

@@ -92,4 +92,5 @@ def test_a_uuid_given_twice_in_a_batch_is_refused_and_the_transaction_survives(
         conn.commit()  # the caller's own write and the batch commit
     assert info.value.field == "uuid" and str(chosen) in str(info.value)
     assert db.execute("SELECT count(*) FROM mine").fetchone() == (1,)
-    assert [r[0] for r in db.execute("SELECT event FROM outbox_events ORDER BY event")] == ["a", "c"]
+    events = [r[0] for r in db.execute("SELECT event FROM outbox_events ORDER BY event")]
+    assert events == ["a", "c"]

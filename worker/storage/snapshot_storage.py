@@ -116,7 +116,7 @@ GROUP BY event ORDER BY n DESC, event LIMIT %(limit)s
 """
 
 TOP_ERRORS = f"""
-SELECT status, error, n, to_char(since AT TIME ZONE 'UTC', {_ISO}) FROM (
+SELECT status, error, n, {queries.utc_text("since")} FROM (
     SELECT status, left(last_error, 200) AS error, count(*) AS n, min(created_at) AS since
     FROM outbox_retry WHERE last_error IS NOT NULL
     GROUP BY status, left(last_error, 200)
@@ -125,19 +125,32 @@ ORDER BY n DESC, error LIMIT %(limit)s
 """
 
 LIST_DEAD = f"""
-SELECT id, uuid, event, distinct_id, attempts, last_error,
-       to_char(created_at AT TIME ZONE 'UTC', {_ISO})
+SELECT id, uuid, event, distinct_id, attempts, last_error, {queries.utc_text("created_at")}
 FROM outbox_retry
 WHERE status = 'dead' AND (%(event)s::text IS NULL OR event = %(event)s::text)
 ORDER BY created_at, id LIMIT %(limit)s
 """
 
-REQUEUE_DEAD = """
-UPDATE outbox_retry
-SET status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = now(), lease = NULL
-WHERE status = 'dead'
-  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
-  AND (%(event)s::text IS NULL OR event = %(event)s::text)
+# Dead rows (all, some ids, or one event name) pending again with no attempts, but
+# for those an event table's constraints would refuse (they could never be sent:
+# they stay dead, and are counted).
+REQUEUE_DEAD = f"""
+WITH chosen AS (
+    SELECT id, {queries.RETRY_STORABLE} AS storable
+    FROM outbox_retry
+    WHERE status = 'dead'
+      AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+      AND (%(event)s::text IS NULL OR event = %(event)s::text)
+    FOR UPDATE
+), requeued AS (
+    UPDATE outbox_retry AS r
+    SET status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = now(),
+        lease = NULL
+    FROM chosen
+    WHERE r.id = chosen.id AND chosen.storable
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM requeued), count(*) FILTER (WHERE NOT storable) FROM chosen
 """
 
 PURGE_DEAD = """
@@ -679,13 +692,11 @@ class SnapshotStorage:
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
     def requeue_dead(self, ids: Sequence[int] | None = None, event: str | None = None) -> Requeued:
-        """See :meth:`worker.storage.base.Inspection.requeue_dead` (every dead event
-        here passed the event tables' constraints, so none is unsendable)."""
-        with self._guard() as engine:
-            cur = engine.conn.execute(
-                REQUEUE_DEAD, {"ids": list(ids) if ids else None, "event": event}
-            )
-            return Requeued(requeued=cur.rowcount, unsendable=0)
+        """See :meth:`worker.storage.base.Inspection.requeue_dead`: a dead row an
+        event table's constraints would refuse stays dead (``unsendable``)."""
+        params = {"ids": list(ids) if ids else None, "event": event}
+        row = self._rows(REQUEUE_DEAD, params)[0]
+        return Requeued(requeued=int(row[0]), unsendable=int(row[1]))
 
     def purge_dead(self, older_than_seconds: float) -> int:
         """See :meth:`worker.storage.base.Inspection.purge_dead`."""

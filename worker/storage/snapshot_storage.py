@@ -183,11 +183,13 @@ WHERE batch_id = %(batch)s AND lease = %(lease)s AND leased_until > now()
 FOR UPDATE
 """
 
+# Deferred events share one due time (the uncorrelated subquery runs once), so a held
+# batch comes back whole rather than as the part a poll at the boundary happens to see.
 FILE_RETRIES = """
 INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, destination, dedup_key,
     properties, status, attempts, next_attempt_at, last_error)
 SELECT f.uuid, f.ts, f.event, f.distinct_id, f.destination, f.dedup_key, f.properties::json,
-    f.status, f.attempts, clock_timestamp() + f.delay * interval '1 second', f.error
+    f.status, f.attempts, (SELECT clock_timestamp()) + f.delay * interval '1 second', f.error
 FROM unnest(%(uuid)s::uuid[], %(ts)s::timestamptz[], %(event)s::text[],
             %(distinct_id)s::text[], %(destination)s::text[], %(dedup_key)s::text[],
             %(properties)s::text[], %(status)s::text[], %(attempts)s::integer[],
@@ -251,7 +253,7 @@ RETURNING r.status
 
 DEFER_RETRIES = """
 UPDATE outbox_retry
-SET next_attempt_at = clock_timestamp() + %(delay)s * interval '1 second',
+SET next_attempt_at = (SELECT clock_timestamp()) + %(delay)s * interval '1 second',
     last_error = coalesce(%(error)s::text, last_error), lease = NULL
 WHERE id = ANY(%(ids)s::bigint[]) AND lease = %(lease)s
 """

@@ -11,7 +11,14 @@ import psycopg
 import pytest
 
 import outbox
-from tests.conftest import capture_requests, make_retries_due, move_to_retry, wait_for
+from tests.conftest import (
+    EVENT_TABLES,
+    capture_requests,
+    event_table_bytes,
+    make_retries_due,
+    move_to_retry,
+    wait_for,
+)
 from worker.app import Worker
 from worker.drain import (
     SINK_OK,
@@ -657,3 +664,36 @@ def test_a_retry_after_of_days_is_clamped_and_logged(
         drainer.drain()
     assert 29 < drainer.pause_remaining() <= 30
     assert not [r for r in caplog.records if r.__dict__.get("action") == "retry_after_clamped"]
+
+
+def test_run_until_empty_truncates_an_event_table_it_drained(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    """A worker run from cron has no housekeeping job: its drain ends with the
+    engine's upkeep, which truncates every event table whose rows are all delivered
+    (but the one enqueue writes to now)."""
+    row = db.execute("SELECT outbox_snapshot_slot()").fetchone()
+    assert row is not None
+    table = (int(row[0]) + 1) % EVENT_TABLES  # one enqueue wrote to earlier, say
+    with psycopg.connect(database_url) as conn:
+        insert_events(
+            conn, [{"uuid": uuid.uuid4(), "event": f"e{i}", "distinct_id": "u"} for i in range(50)],
+            table=table,
+        )  # fmt: skip
+    assert event_table_bytes(database_url)[table] > 0
+    sink = MemorySink()
+    assert Worker(settings_for(), sink=sink).run_until_empty().shipped == 50
+    assert event_table_bytes(database_url)[table] == 0
+    assert remaining(db) == []
+
+
+def test_the_worker_runs_the_engines_upkeep_every_backlog_refresh(
+    in_process_workers: Callable[..., Worker],
+) -> None:
+    from worker.app import MAINTAIN_INTERVAL, METRICS_REFRESH_INTERVAL
+
+    worker = in_process_workers()
+    assert worker._scheduler is not None
+    job = worker._scheduler.get_job("maintain")
+    assert job is not None and job.func == worker.maintain
+    assert job.trigger.interval.total_seconds() == MAINTAIN_INTERVAL == METRICS_REFRESH_INTERVAL

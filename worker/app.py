@@ -33,7 +33,7 @@ from worker.statuspage import BacklogHistory, Privacy, StatusPage
 from worker.statuspage.page import STATUS_STATEMENT_TIMEOUT
 from worker.storage.base import DatabaseTimeout, DatabaseUnavailable, DrainStorage, Storage
 from worker.storage.snapshot_storage import SnapshotStorage
-from worker.store import Health
+from worker.storage.connection import Health
 from worker.wakeup import Listener
 from worker.worker_state import WorkerStateReporter
 

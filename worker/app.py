@@ -32,8 +32,8 @@ from worker.sinks.posthog_v1 import PostHogV1Sink
 from worker.statuspage import BacklogHistory, Privacy, StatusPage
 from worker.statuspage.page import STATUS_STATEMENT_TIMEOUT
 from worker.storage.base import DatabaseTimeout, DatabaseUnavailable, DrainStorage, Storage
-from worker.storage.snapshot_storage import SnapshotStorage
 from worker.storage.connection import Health
+from worker.storage.snapshot_storage import SnapshotStorage
 from worker.wakeup import Listener
 from worker.worker_state import WorkerStateReporter
 

@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from worker.storage.base import Storage, WorkerStates
 
 
-
 def _pending_part(t: int) -> str:
     """The undelivered rows of event table ``t``: those of an unfinished batch after
     its progress, and those committed since the newest tick (in no batch yet)."""

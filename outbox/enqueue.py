@@ -586,8 +586,19 @@ def _prepare(
                     )
                 merged["$process_person_profile"] = False
     try:
+        # Only the keyed functions parse the properties as jsonb (their parameter is
+        # jsonb), so only a keyed event's keys are put in jsonb's order; a plain
+        # event's JSON is stored as text, keys in the caller's order.
         return _prepare_event(
-            event, distinct_id, merged, timestamp, dedup_key, uuid, prefix, destination, True
+            event,
+            distinct_id,
+            merged,
+            timestamp,
+            dedup_key,
+            uuid,
+            prefix,
+            destination,
+            dedup_key is not None,
         )
     except OutboxValidationError as exc:
         if renames:

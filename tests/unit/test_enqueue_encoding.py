@@ -127,13 +127,17 @@ def test_the_order_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0 < len(v._jsonb_orders) <= v._JSONB_ORDER_CACHE_SIZE
 
 
-def test_enqueue_sends_properties_in_jsonb_order_and_prepare_event_keeps_the_callers() -> None:
+def test_a_keyed_event_goes_in_jsonb_order_and_a_plain_one_keeps_the_callers() -> None:
+    # Only the keyed functions parse jsonb; a plain event is stored as json text.
     props = {f"p{'x' * (20 - i)}": i for i in range(20)}
-    via_enqueue = prepare_enqueue("e", "u", props, config=CONFIG)
-    assert via_enqueue is not None
-    stored = json.loads(via_enqueue.properties_json)
+    keyed = prepare_enqueue("e", "u", props, dedup_key="k", config=CONFIG)
+    assert keyed is not None
+    stored = json.loads(keyed.properties_json)
     assert list(stored) == jsonb_sorted(list(stored))
     assert stored == {**CONFIG._standard, **props}
+    via_enqueue = prepare_enqueue("e", "u", props, config=CONFIG)
+    assert via_enqueue is not None
+    assert list(json.loads(via_enqueue.properties_json)) == list({**CONFIG._standard, **props})
     plain = prepare_event("e", "u", props)
     assert list(json.loads(plain.properties_json)) == list(props)
 
@@ -144,7 +148,7 @@ def test_the_reported_field_does_not_depend_on_the_order_sent() -> None:
     props["zzzzzzzzzzzz"] = object()
     props["a"] = b"bytes"
     with pytest.raises(OutboxValidationError) as info:
-        prepare_enqueue("e", "u", props, config=CONFIG)
+        prepare_enqueue("e", "u", props, dedup_key="k", config=CONFIG)  # reordered
     assert info.value.field == "properties.zzzzzzzzzzzz"
 
 
@@ -167,7 +171,9 @@ def test_the_slow_path_gives_the_same_result_with_or_without_reordering(props: A
         return ("ok", json.loads(prepared.properties_json))
 
     standard = AnalyticsConfig()._standard
-    via_enqueue = outcome(lambda: prepare_enqueue("e", "u", props, config=AnalyticsConfig()))
+    via_enqueue = outcome(
+        lambda: prepare_enqueue("e", "u", props, dedup_key="k", config=AnalyticsConfig())
+    )
     plain = outcome(lambda: prepare_event("e", "u", {**standard, **props}))
     assert via_enqueue == plain
 

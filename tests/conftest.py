@@ -288,7 +288,7 @@ def make_retries_due(url: str) -> int:
 
 
 def move_to_retry(
-    url: str,
+    url: str | psycopg.Connection[Any],
     uuids: Any,
     *,
     status: str = "dead",
@@ -297,46 +297,66 @@ def move_to_retry(
     due_in: float = 0.0,
     **columns: Any,
 ) -> int:
-    """Move the events ``uuids`` (committed, in no batch yet: call it before a worker
-    starts) from the event tables into ``outbox_retry``, as a failed delivery leaves
-    them: ``status`` (``dead`` or ``pending``), ``attempts``, ``last_error``, due in
-    ``due_in`` seconds. ``columns`` (``event``, ``distinct_id``) overwrite theirs, for
-    what older versions, other writers or a server's answer may have stored. Returns
-    how many moved. (A test shortcut: the engine itself never deletes from an event
-    table; it files the failed events of a batch into outbox_retry.)"""
+    """Move the events ``uuids`` from the event tables into ``outbox_retry``, as a
+    failed delivery leaves them: ``status`` (``dead`` or ``pending``), ``attempts``,
+    ``last_error``, due in ``due_in`` seconds. ``columns`` (``event``, ``distinct_id``)
+    overwrite theirs, for what older versions, other writers or a server's answer may
+    have stored. Returns how many moved.
+
+    On a URL the events must be committed and in no batch yet (call it before a
+    worker starts); on a connection it runs in the caller's transaction (commit it),
+    so events enqueued in that transaction are in ``outbox_retry`` when they commit
+    and a running worker never sees them in an event table. (A test shortcut: the
+    engine itself never deletes from an event table; it files a batch's failed
+    events into outbox_retry.)"""
     names = [u if isinstance(u, str) else str(u) for u in uuids]
     event = columns.pop("event", None)
     distinct_id = columns.pop("distinct_id", None)
     if columns:
         raise TypeError(f"move_to_retry: unknown columns {sorted(columns)}")
-    moved = 0
+    if not isinstance(url, str):
+        return _move_to_retry(url, names, event, distinct_id, status, attempts, last_error, due_in)
     with psycopg.connect(url) as conn:
-        for t in range(EVENT_TABLES):
-            cur = conn.execute(
-                f"""
-                WITH gone AS (
-                    DELETE FROM outbox_events_{t} WHERE uuid = ANY(%(uuids)s::uuid[])
-                    RETURNING *
-                )
-                INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, destination,
-                    dedup_key, properties, status, attempts, next_attempt_at, last_error)
-                SELECT uuid, "timestamp", coalesce(%(event)s, event),
-                    coalesce(%(distinct_id)s, distinct_id), destination, dedup_key,
-                    properties, %(status)s, %(attempts)s,
-                    now() + %(due_in)s * interval '1 second', %(last_error)s
-                FROM gone
-                """,
-                {
-                    "uuids": names,
-                    "event": event,
-                    "distinct_id": distinct_id,
-                    "status": status,
-                    "attempts": attempts,
-                    "due_in": due_in,
-                    "last_error": last_error,
-                },
+        return _move_to_retry(conn, names, event, distinct_id, status, attempts, last_error, due_in)
+
+
+def _move_to_retry(
+    conn: psycopg.Connection[Any],
+    names: list[str],
+    event: str | None,
+    distinct_id: str | None,
+    status: str,
+    attempts: int,
+    last_error: str | None,
+    due_in: float,
+) -> int:
+    moved = 0
+    for t in range(EVENT_TABLES):
+        cur = conn.execute(
+            f"""
+            WITH gone AS (
+                DELETE FROM outbox_events_{t} WHERE uuid = ANY(%(uuids)s::uuid[])
+                RETURNING *
             )
-            moved += cur.rowcount
+            INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, destination,
+                dedup_key, properties, status, attempts, next_attempt_at, last_error)
+            SELECT uuid, "timestamp", coalesce(%(event)s, event),
+                coalesce(%(distinct_id)s, distinct_id), destination, dedup_key,
+                properties, %(status)s, %(attempts)s,
+                now() + %(due_in)s * interval '1 second', %(last_error)s
+            FROM gone
+            """,
+            {
+                "uuids": names,
+                "event": event,
+                "distinct_id": distinct_id,
+                "status": status,
+                "attempts": attempts,
+                "due_in": due_in,
+                "last_error": last_error,
+            },
+        )
+        moved += cur.rowcount
     return moved
 
 

@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 
 import outbox
-from worker.database import libpq_url, migrate, start_embedded, with_database
+from worker.database import downgrade, libpq_url, migrate, start_embedded, with_database
 from worker.settings import Settings
 from worker.testing import FLAGS_PATHS, CaptureServer, ReceivedRequest
 
@@ -178,19 +178,12 @@ CHECKS_0004 = (
 
 
 def pend_a_migration_that_alters_outbox_events(url: str) -> None:
-    """Make ``migrate`` have work that takes a lock on ``outbox_events`` while this
-    version's worker can still run: the database as 0004 left it when it stopped
-    before adding its constraints (every step of 0004 can be run again), 0005 not
-    applied."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        for name in CHECKS_0004:
-            conn.execute(
-                sql.SQL("ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {}").format(
-                    sql.Identifier(name)
-                )
-            )
-        conn.execute("DROP TABLE IF EXISTS outbox_worker_state")
-        conn.execute("UPDATE outbox_alembic_version SET version_num = '0003'")
+    """Make ``migrate`` have work that locks the outbox tables: the database as revision
+    0006 left it (0007's downgrade: the old ``outbox_events`` table back, holding the
+    undelivered events), so that ``migrate`` applies 0007 again, which locks that
+    table, moves its rows into the snapshot engine's tables and makes the view. (A
+    worker of this version needs 0007: it does not run on such a database.)"""
+    downgrade(url, "0006")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

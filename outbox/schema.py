@@ -96,6 +96,8 @@ __all__ = [
     "DESTINATION_METRICS",
     "DESTINATION_POSTHOG",
     "EVENTS_TABLE",
+    "EVENT_TABLES",
+    "SLOT_SECONDS",
     "STATUS_DEAD",
     "STATUS_PENDING",
     "STUCK_VIEW",
@@ -103,6 +105,8 @@ __all__ = [
     "TIMESTAMP_MIN",
     "VERSION_TABLE",
     "WORKER_STATE_TABLE",
+    "event_table",
+    "event_table_slot",
     "metadata",
     "outbox_dedup_keys",
     "outbox_events",
@@ -134,12 +138,27 @@ outbox_worker_state = Table(
 
 # The snapshot storage engine (migration 0006; the only one since 0007): see
 # worker/storage/snapshot.py.
-#: How many rotated event tables the snapshot engine has.
-SNAPSHOT_EVENT_TABLES: Final = 4
+#: How many rotated event tables there are (``outbox_events_0`` .. ``outbox_events_3``).
+EVENT_TABLES: Final = 4
+#: How long the clock keeps enqueue writing to one event table before moving on to the
+#: next, so that a table stops receiving rows and can be truncated once delivered.
+SLOT_SECONDS: Final = 600
+SNAPSHOT_EVENT_TABLES: Final = EVENT_TABLES
+
+
+def event_table_slot(epoch_seconds: float) -> int:
+    """The event table to write to at ``epoch_seconds`` (Unix time): the rule of the
+    database's ``outbox_snapshot_slot()`` (which reads ``now()``), in Python."""
+    return int(epoch_seconds // SLOT_SECONDS) % EVENT_TABLES
+
+
+def event_table(slot: int) -> str:
+    """The name of event table ``slot``."""
+    return f"outbox_events_{slot}"
 
 
 def _snapshot_event_table(number: int) -> Table:
-    name = f"outbox_events_{number}"
+    name = event_table(number)
     table = Table(
         name,
         metadata,

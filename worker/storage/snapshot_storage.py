@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
-from worker import worker_state
+from worker import queries, worker_state
 from worker.storage import snapshot_sql
 from worker.storage.base import (
     Backlog,
@@ -47,8 +47,6 @@ from worker.storage.snapshot import LeasedBatch, SnapshotEngine, SnapshotEvent, 
 
 if TYPE_CHECKING:
     from worker.storage.base import Storage, WorkerStates
-
-_ISO = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
 
 
 def _pending_part(t: int) -> str:
@@ -114,7 +112,7 @@ GROUP BY event ORDER BY n DESC, event LIMIT %(limit)s
 """
 
 TOP_ERRORS = f"""
-SELECT status, error, n, to_char(since AT TIME ZONE 'UTC', {_ISO}) FROM (
+SELECT status, error, n, {queries.utc_text("since")} FROM (
     SELECT status, left(last_error, 200) AS error, count(*) AS n, min(created_at) AS since
     FROM outbox_retry WHERE last_error IS NOT NULL
     GROUP BY status, left(last_error, 200)
@@ -123,19 +121,32 @@ ORDER BY n DESC, error LIMIT %(limit)s
 """
 
 LIST_DEAD = f"""
-SELECT id, uuid, event, distinct_id, attempts, last_error,
-       to_char(created_at AT TIME ZONE 'UTC', {_ISO})
+SELECT id, uuid, event, distinct_id, attempts, last_error, {queries.utc_text("created_at")}
 FROM outbox_retry
 WHERE status = 'dead' AND (%(event)s::text IS NULL OR event = %(event)s::text)
 ORDER BY created_at, id LIMIT %(limit)s
 """
 
-REQUEUE_DEAD = """
-UPDATE outbox_retry
-SET status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = now(), lease = NULL
-WHERE status = 'dead'
-  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
-  AND (%(event)s::text IS NULL OR event = %(event)s::text)
+# Dead rows (all, some ids, or one event name) pending again with no attempts, but
+# for those an event table's constraints would refuse (they could never be sent:
+# they stay dead, and are counted).
+REQUEUE_DEAD = f"""
+WITH chosen AS (
+    SELECT id, {queries.RETRY_STORABLE} AS storable
+    FROM outbox_retry
+    WHERE status = 'dead'
+      AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+      AND (%(event)s::text IS NULL OR event = %(event)s::text)
+    FOR UPDATE
+), requeued AS (
+    UPDATE outbox_retry AS r
+    SET status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = now(),
+        lease = NULL
+    FROM chosen
+    WHERE r.id = chosen.id AND chosen.storable
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM requeued), count(*) FILTER (WHERE NOT storable) FROM chosen
 """
 
 PURGE_DEAD = """
@@ -185,11 +196,13 @@ WHERE batch_id = %(batch)s AND lease = %(lease)s AND leased_until > now()
 FOR UPDATE
 """
 
+# Deferred events share one due time (the uncorrelated subquery runs once), so a held
+# batch comes back whole rather than as the part a poll at the boundary happens to see.
 FILE_RETRIES = """
 INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, destination, dedup_key,
     properties, status, attempts, next_attempt_at, last_error)
 SELECT f.uuid, f.ts, f.event, f.distinct_id, f.destination, f.dedup_key, f.properties::json,
-    f.status, f.attempts, clock_timestamp() + f.delay * interval '1 second', f.error
+    f.status, f.attempts, (SELECT clock_timestamp()) + f.delay * interval '1 second', f.error
 FROM unnest(%(uuid)s::uuid[], %(ts)s::timestamptz[], %(event)s::text[],
             %(distinct_id)s::text[], %(destination)s::text[], %(dedup_key)s::text[],
             %(properties)s::text[], %(status)s::text[], %(attempts)s::integer[],
@@ -253,7 +266,7 @@ RETURNING r.status
 
 DEFER_RETRIES = """
 UPDATE outbox_retry
-SET next_attempt_at = clock_timestamp() + %(delay)s * interval '1 second',
+SET next_attempt_at = (SELECT clock_timestamp()) + %(delay)s * interval '1 second',
     last_error = coalesce(%(error)s::text, last_error), lease = NULL
 WHERE id = ANY(%(ids)s::bigint[]) AND lease = %(lease)s
 """
@@ -665,6 +678,21 @@ class SnapshotStorage:
             for r in self._rows(TOP_ERRORS, {"limit": limit})
         ]
 
+    def error_groups(self, limit: int = 20, ids: int = 50) -> list[dict[str, Any]]:
+        """The status page's failed events (dead, or pending after a failed attempt:
+        rows of ``outbox_retry``) grouped by status and error text, most first: count,
+        first and last created_at (ISO 8601 text in UTC), the newest's age in seconds,
+        the first ``ids`` row ids (those ``dead`` lists and ``retry --id`` takes), the
+        number of event names and the first, how many dead rows have that name, and
+        the newest row as an example (id, event, distinct_id, properties, attempts)."""
+        columns = (
+            "status", "error", "count", "first_at", "last_at", "last_age_seconds", "ids",
+            "names", "name", "dead_of_name", "example_id", "event", "distinct_id",
+            "properties", "attempts",
+        )  # fmt: skip
+        rows = self._rows(queries.ERROR_GROUPS, {"limit": limit, "ids": ids})
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
     def dead(self, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:
         """See :meth:`worker.storage.base.Inspection.dead` (``id`` is the
         ``outbox_retry`` row's)."""
@@ -673,10 +701,11 @@ class SnapshotStorage:
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
     def requeue_dead(self, ids: Sequence[int] | None = None, event: str | None = None) -> Requeued:
-        """See :meth:`worker.storage.base.Inspection.requeue_dead` (every dead event
-        here passed the event tables' constraints, so none is unsendable)."""
+        """See :meth:`worker.storage.base.Inspection.requeue_dead`: a dead row an
+        event table's constraints would refuse stays dead (``unsendable``)."""
         params = {"ids": list(ids) if ids else None, "event": event}
-        return Requeued(requeued=self._db.run(REQUEUE_DEAD, params)[1], unsendable=0)
+        row = self._rows(REQUEUE_DEAD, params)[0]
+        return Requeued(requeued=int(row[0]), unsendable=int(row[1]))
 
     def purge_dead(self, older_than_seconds: float) -> int:
         """See :meth:`worker.storage.base.Inspection.purge_dead`."""

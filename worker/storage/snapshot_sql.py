@@ -9,6 +9,8 @@ claimed since) writes nothing.
 
 from __future__ import annotations
 
+import functools
+
 #: How many event tables migration 0006 creates.
 EVENT_TABLES = 4
 
@@ -62,37 +64,61 @@ SELECT EXISTS (
 """
 
 
-_COLUMNS = f"""e.ctid AS c, e.uuid, e.event, e.distinct_id, e.properties::text,
-    to_char(e."timestamp" AT TIME ZONE 'UTC', {_ISO}), e.destination, e.dedup_key,
-    e."timestamp" > now() + interval '23 hours'"""
+# The columns of an event as the worker reads them, computed from the raw row.
+_COLUMNS = f"""r.t, r.c, r.uuid, r.event, r.distinct_id, r.properties::text,
+    to_char(r.ts AT TIME ZONE 'UTC', {_ISO}), r.destination, r.dedup_key,
+    r.ts > now() + interval '23 hours'"""
+
+_RAW = """e.ctid AS c, e.uuid, e.event, e.distinct_id, e.properties, e."timestamp" AS ts,
+    e.destination, e.dedup_key"""
 
 
-def _chunk_part(t: int) -> str:
-    after = f"(%(pt)s::integer < {t} OR (%(pt)s::integer = {t} AND e.ctid > %(pc)s::tid))"
-    return f"""
-(SELECT {t} AS t, {_COLUMNS}
+def _chunk_parts(t: int, *, first: bool, extra: bool, snap1: bool) -> list[str]:
+    after = " AND e.ctid > %(pc)s::tid" if first else ""
+    # A transaction of the range that the earlier snapshot saw: possible only when the
+    # range starts below its xmax (the tick starts it at that xmax).
+    earlier = ""
+    if snap1:
+        earlier = " AND NOT txid_visible_in_snapshot(e.txid, %(snap1)s::txid_snapshot)"
+    parts = [
+        f"""SELECT {t} AS t, {_RAW}
 FROM outbox_events_{t} AS e
 WHERE e.txid >= %(lo)s AND e.txid < %(hi)s
-  AND txid_visible_in_snapshot(e.txid, %(snap2)s::txid_snapshot)
-  AND NOT txid_visible_in_snapshot(e.txid, %(snap1)s::txid_snapshot)
-  AND {after})
-UNION ALL
-(SELECT {t} AS t, {_COLUMNS}
+  AND txid_visible_in_snapshot(e.txid, %(snap2)s::txid_snapshot){earlier}{after}"""
+    ]
+    if extra:
+        parts.append(
+            f"""SELECT {t} AS t, {_RAW}
 FROM outbox_events_{t} AS e
-WHERE e.txid >= %(xlo)s AND e.txid <= %(xhi)s AND e.txid = ANY(%(extra)s::bigint[])
-  AND {after})"""
+WHERE e.txid >= %(xlo)s AND e.txid <= %(xhi)s AND e.txid = ANY(%(extra)s::bigint[]){after}"""
+        )
+    return parts
 
 
-# The next chunk of a batch: its events after (progress_table, progress_ctid), in
-# (table, ctid) order, at most :limit. The events of the batch are the rows whose
-# transaction the later tick's snapshot sees as finished and the earlier one's does
-# not: those in its txid range (from the earlier xmax) that pass both tests, and
-# those of the listed older transactions, which the earlier snapshot saw in progress
-# (rows of rolled-back transactions are not visible at all).
-READ = (
-    " UNION ALL ".join(_chunk_part(t) for t in range(EVENT_TABLES))
-    + "\nORDER BY t, c LIMIT %(limit)s"
-)
+@functools.cache
+def read_statement(progress_table: int, *, extra: bool, snap1: bool) -> str:
+    """The statement that reads the next chunk of a batch whose progress is in event
+    table ``progress_table``: its events after (progress_table, progress_ctid), in
+    (table, ctid) order, at most :limit. The events of the batch are the rows whose
+    transaction the later tick's snapshot sees as finished and the earlier one's does
+    not: those in its txid range (from the earlier xmax) that pass both tests, and
+    those of the listed older transactions (``extra``: the batch lists some), which the
+    earlier snapshot saw in progress (rows of rolled-back transactions are not visible
+    at all). ``snap1``: the range starts below the earlier snapshot's xmax, so its rows
+    must be tested against that snapshot too (never, for the tick's batches).
+
+    Only the tables from ``progress_table`` on are read, and the text columns are
+    computed after the LIMIT, for the rows returned only (every remaining row of the
+    batch goes through the sort; the chunk is the first :limit of them)."""
+    parts = [
+        part
+        for t in range(progress_table, EVENT_TABLES)
+        for part in _chunk_parts(t, first=t == progress_table, extra=extra, snap1=snap1)
+    ]
+    union = "\nUNION ALL\n".join(f"({part})" for part in parts)
+    chunk = f"{union}\nORDER BY t, c LIMIT %(limit)s"
+    return f"SELECT {_COLUMNS}\nFROM ({chunk}) AS r\nORDER BY r.t, r.c"
+
 
 # A chunk was sent (or failed): in one statement, fenced on the lease, move the
 # batch's progress past it (or delete the batch, when it was the last chunk), file

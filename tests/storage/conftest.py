@@ -8,6 +8,7 @@ harness for a test.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -150,6 +151,13 @@ def _snapshot(request: pytest.FixtureRequest) -> SnapshotHarness:
     return SnapshotHarness(request.getfixturevalue("database_url"), SnapshotStorage)
 
 
+def _snapshot_pooled(request: pytest.FixtureRequest) -> SnapshotHarness:
+    """As behind a transaction pooler: no prepared statements, and the timeouts and
+    planner settings set for each transaction rather than the session."""
+    make = functools.partial(SnapshotStorage, pooler="transaction")
+    return SnapshotHarness(request.getfixturevalue("database_url"), make)
+
+
 def _memory(request: pytest.FixtureRequest) -> MemoryHarness:
     return MemoryHarness()
 
@@ -159,6 +167,7 @@ ENGINES: dict[str, Callable[[pytest.FixtureRequest], Any]] = {
     "store": _store,
     "memory": _memory,
     "snapshot": _snapshot,
+    "snapshot-pooled": _snapshot_pooled,
 }
 
 

@@ -42,7 +42,13 @@ from worker.storage.base import (
     Finished,
     Requeued,
 )
-from worker.storage.connection import LOCK_TIMEOUT, Connection, Health, first_line
+from worker.storage.connection import (
+    LOCK_TIMEOUT,
+    LOCK_TIMEOUT_MS,
+    Connection,
+    Health,
+    first_line,
+)
 from worker.storage.snapshot import LeasedBatch, SnapshotEngine, SnapshotEvent, own_keys
 
 if TYPE_CHECKING:
@@ -427,7 +433,11 @@ class SnapshotStorage:
                     leased = engine.claim(lease_seconds, split_rows=self.split_rows)
                     if leased is None:
                         return None
-                    chunk = engine.read(leased, limit)
+                    try:
+                        chunk = engine.read(leased, limit)
+                    except BaseException:
+                        self._let_go(_Handle([], leased=leased))
+                        raise
                     if chunk.events:
                         break
                     engine.advance(leased, None, last=True)  # nothing left in it
@@ -481,6 +491,7 @@ class SnapshotStorage:
             except BatchLostError:
                 raise
             except OutboxDatabaseError as exc:
+                self._let_go(handle)
                 raise BatchLostError(f"the batch's outcome was not written: {exc}") from exc
             finally:
                 batch.closed = True
@@ -630,6 +641,29 @@ class SnapshotStorage:
         conn.execute(RELEASE_RETRIES, {"lease": lease})
         died = statuses.count("dead")
         return Finished(shipped=shipped, retried=len(statuses) - died, dead_by_retry=died)
+
+    def _let_go(self, handle: _Handle) -> None:
+        """After a claim or an outcome failed with the database up (a timeout, a
+        statement error): hand the lease back, so that its events are due again now
+        rather than when the lease runs out. Best effort, under the lock timeout; it
+        raises nothing and tells :attr:`health` nothing (the failure already did)."""
+        conn = self._db.conn
+        if (
+            conn is None
+            or conn.closed
+            or conn.broken
+            or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        ):
+            return  # a lost connection (the lease runs out), or a failed transaction
+        with contextlib.suppress(psycopg.Error), conn.transaction():
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (str(LOCK_TIMEOUT_MS),))
+            if handle.leased is not None:
+                conn.execute(
+                    snapshot_sql.RELEASE,
+                    {"batch": handle.leased.batch_id, "lease": handle.leased.lease, "delay": 0.0},
+                )
+            else:
+                conn.execute(RELEASE_RETRIES, {"lease": handle.retry_lease})
 
     def release(self, batch: Batch) -> bool:
         """See :meth:`worker.storage.base.DrainStorage.release`."""

@@ -22,7 +22,6 @@ from worker.storage.base import Storage
 from worker.storage.memory import MemoryEvents, MemoryStorage
 from worker.storage.snapshot import insert_events
 from worker.storage.snapshot_storage import SnapshotStorage
-from worker.store import Store
 
 
 class Harness(Protocol):
@@ -143,10 +142,6 @@ class MemoryHarness:
         pass
 
 
-def _store(request: pytest.FixtureRequest) -> PostgresHarness:
-    return PostgresHarness(request.getfixturevalue("database_url"), Store)
-
-
 def _snapshot(request: pytest.FixtureRequest) -> SnapshotHarness:
     return SnapshotHarness(request.getfixturevalue("database_url"), SnapshotStorage)
 
@@ -164,7 +159,6 @@ def _memory(request: pytest.FixtureRequest) -> MemoryHarness:
 
 #: Every engine the suite runs against: name -> its harness for one test.
 ENGINES: dict[str, Callable[[pytest.FixtureRequest], Any]] = {
-    "store": _store,
     "memory": _memory,
     "snapshot": _snapshot,
     "snapshot-pooled": _snapshot_pooled,

@@ -1,7 +1,7 @@
-"""What SnapshotStorage's connection (worker.storage.connection, shared with Store) says
-about the database: a dropped connection is not an outage, an unreachable database is
-one, a timeout is a timeout (naming the setting, logged once), a lock names its
-holder. The same promises test_database_signals pins for Store."""
+"""What SnapshotStorage's connection (worker.storage.connection) says about the
+database: a dropped connection is not an outage, an unreachable database is one, a
+timeout is a timeout (naming the setting, logged once), a lock names its holder (the
+promises test_database_signals pinned for the old engine's Store)."""
 
 from __future__ import annotations
 

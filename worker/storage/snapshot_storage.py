@@ -10,9 +10,9 @@ ones and moves the batch's progress past the chunk, in one transaction fenced on
 batch's lease (and on the lease not having run out). Event ids are positions in the
 batch (1, 2, ...), meaningful only to the object that claimed it.
 
-Its connection is a :class:`worker.storage.connection.Connection`, as
-:class:`worker.store.Store`'s is: the same constructor arguments, outage logging,
-timeouts, :class:`~worker.storage.connection.Health` and ``application_name``.
+Its connection is a :class:`worker.storage.connection.Connection`: the worker's
+outage logging, timeouts, :class:`~worker.storage.connection.Health` and
+``application_name`` prefixes.
 
 Housekeeping must call :meth:`SnapshotStorage.maintain` regularly (see its text): it
 ticks, so that events committed while no worker claims still get a batch, and it
@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
+from outbox.exceptions import OutboxDatabaseError
 from worker import queries, worker_state
+from worker.database import check_installed
 from worker.storage import snapshot_sql
 from worker.storage.base import (
     Backlog,
@@ -316,7 +317,7 @@ class SnapshotStorage:
         pooler: str = "none",
         split_rows: int = 5_000,
     ) -> None:
-        """The keyword arguments are :class:`worker.store.Store`'s (see
+        """The keyword arguments are the connection's (see
         :class:`worker.storage.connection.Connection`): ``lock_timeout`` and
         ``statement_timeout`` (seconds; None leaves the session's own) bound every
         statement, set once per session, or for each transaction behind a
@@ -338,7 +339,7 @@ class SnapshotStorage:
             health=health,
             pooler=pooler,
             settings=snapshot_sql.SETTINGS,
-            prepare=_check_installed,
+            prepare=check_installed,
             on_drop=self._forget,
         )
         self.url = url
@@ -828,19 +829,6 @@ def _claimed(position: int, e: SnapshotEvent) -> ClaimedEvent:
         has_ip=has_ip,
         problem=e.problem,
     )
-
-
-def _check_installed(conn: psycopg.Connection[Any]) -> None:
-    """Raise :class:`OutboxNotInstalledError` unless migration 0006's tables exist."""
-    row = conn.execute(
-        "SELECT to_regclass('outbox_batches') IS NOT NULL"
-        " AND to_regclass('outbox_retry') IS NOT NULL"
-    ).fetchone()
-    if not (row and row[0]):
-        raise OutboxNotInstalledError(
-            "the snapshot engine's tables are missing (migration 0006): "
-            "run `outbox-worker migrate` first"
-        )
 
 
 if TYPE_CHECKING:

@@ -10,9 +10,9 @@ ones and moves the batch's progress past the chunk, in one transaction fenced on
 batch's lease (and on the lease not having run out). Event ids are positions in the
 batch (1, 2, ...), meaningful only to the object that claimed it.
 
-Its connection is a :class:`worker.storage.connection.Connection`, as
-:class:`worker.store.Store`'s is: the same constructor arguments, outage logging,
-timeouts, :class:`~worker.storage.connection.Health` and ``application_name``.
+Its connection is a :class:`worker.storage.connection.Connection`: the worker's
+outage logging, timeouts, :class:`~worker.storage.connection.Health` and
+``application_name`` prefixes.
 
 Housekeeping must call :meth:`SnapshotStorage.maintain` regularly (see its text): it
 ticks, so that events committed while no worker claims still get a batch, and it
@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
+from outbox.exceptions import OutboxDatabaseError
 from worker import queries, worker_state
+from worker.database import check_installed
 from worker.storage import snapshot_sql
 from worker.storage.base import (
     Backlog,
@@ -42,7 +43,13 @@ from worker.storage.base import (
     Finished,
     Requeued,
 )
-from worker.storage.connection import LOCK_TIMEOUT, Connection, Health, first_line
+from worker.storage.connection import (
+    LOCK_TIMEOUT,
+    LOCK_TIMEOUT_MS,
+    Connection,
+    Health,
+    first_line,
+)
 from worker.storage.snapshot import LeasedBatch, SnapshotEngine, SnapshotEvent, own_keys
 
 if TYPE_CHECKING:
@@ -310,7 +317,7 @@ class SnapshotStorage:
         pooler: str = "none",
         split_rows: int = 5_000,
     ) -> None:
-        """The keyword arguments are :class:`worker.store.Store`'s (see
+        """The keyword arguments are the connection's (see
         :class:`worker.storage.connection.Connection`): ``lock_timeout`` and
         ``statement_timeout`` (seconds; None leaves the session's own) bound every
         statement, set once per session, or for each transaction behind a
@@ -332,7 +339,7 @@ class SnapshotStorage:
             health=health,
             pooler=pooler,
             settings=snapshot_sql.SETTINGS,
-            prepare=_check_installed,
+            prepare=check_installed,
             on_drop=self._forget,
         )
         self.url = url
@@ -427,7 +434,11 @@ class SnapshotStorage:
                     leased = engine.claim(lease_seconds, split_rows=self.split_rows)
                     if leased is None:
                         return None
-                    chunk = engine.read(leased, limit)
+                    try:
+                        chunk = engine.read(leased, limit)
+                    except BaseException:
+                        self._let_go(_Handle([], leased=leased))
+                        raise
                     if chunk.events:
                         break
                     engine.advance(leased, None, last=True)  # nothing left in it
@@ -481,6 +492,7 @@ class SnapshotStorage:
             except BatchLostError:
                 raise
             except OutboxDatabaseError as exc:
+                self._let_go(handle)
                 raise BatchLostError(f"the batch's outcome was not written: {exc}") from exc
             finally:
                 batch.closed = True
@@ -630,6 +642,29 @@ class SnapshotStorage:
         conn.execute(RELEASE_RETRIES, {"lease": lease})
         died = statuses.count("dead")
         return Finished(shipped=shipped, retried=len(statuses) - died, dead_by_retry=died)
+
+    def _let_go(self, handle: _Handle) -> None:
+        """After a claim or an outcome failed with the database up (a timeout, a
+        statement error): hand the lease back, so that its events are due again now
+        rather than when the lease runs out. Best effort, under the lock timeout; it
+        raises nothing and tells :attr:`health` nothing (the failure already did)."""
+        conn = self._db.conn
+        if (
+            conn is None
+            or conn.closed
+            or conn.broken
+            or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        ):
+            return  # a lost connection (the lease runs out), or a failed transaction
+        with contextlib.suppress(psycopg.Error), conn.transaction():
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (str(LOCK_TIMEOUT_MS),))
+            if handle.leased is not None:
+                conn.execute(
+                    snapshot_sql.RELEASE,
+                    {"batch": handle.leased.batch_id, "lease": handle.leased.lease, "delay": 0.0},
+                )
+            else:
+                conn.execute(RELEASE_RETRIES, {"lease": handle.retry_lease})
 
     def release(self, batch: Batch) -> bool:
         """See :meth:`worker.storage.base.DrainStorage.release`."""
@@ -794,19 +829,6 @@ def _claimed(position: int, e: SnapshotEvent) -> ClaimedEvent:
         has_ip=has_ip,
         problem=e.problem,
     )
-
-
-def _check_installed(conn: psycopg.Connection[Any]) -> None:
-    """Raise :class:`OutboxNotInstalledError` unless migration 0006's tables exist."""
-    row = conn.execute(
-        "SELECT to_regclass('outbox_batches') IS NOT NULL"
-        " AND to_regclass('outbox_retry') IS NOT NULL"
-    ).fetchone()
-    if not (row and row[0]):
-        raise OutboxNotInstalledError(
-            "the snapshot engine's tables are missing (migration 0006): "
-            "run `outbox-worker migrate` first"
-        )
 
 
 if TYPE_CHECKING:

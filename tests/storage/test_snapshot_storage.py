@@ -17,6 +17,7 @@ from tests.storage.conftest import SnapshotHarness
 from worker.storage.base import BatchLostError, BatchOutcome, DatabaseUnavailable
 from worker.storage.snapshot import insert_events
 from worker.storage.snapshot_storage import SnapshotStorage
+from worker.worker_state import WorkerStateUnavailable
 
 POLICY: dict[str, Any] = {
     "dedup_window": 60.0,
@@ -154,3 +155,42 @@ def test_a_capped_backlog_reads_at_most_the_cap(harness: SnapshotHarness) -> Non
     capped = look.backlog_capped(cap=2)
     assert (capped.pending, capped.retrying) == (3, 1)  # 2 (the cap) + 1 retry
     assert look.backlog_capped(cap=100).pending == 4
+
+
+def test_it_keeps_the_worker_states(harness: SnapshotHarness, database_url: str) -> None:
+    s = SnapshotStorage(database_url, worker_id="w-snap", log_outages=False)
+    try:
+        s.write_worker_state("https://us.i.posthog.com", "ok", "")
+        s.write_worker_state("https://us.i.posthog.com", "key_rejected", "why")
+        [row] = s.worker_states()
+        assert (row["worker"], row["state"], row["reason"]) == ("w-snap", "key_rejected", "why")
+        assert s.expire_worker_states(86400) == 0
+        s.delete_worker_state()
+        assert s.worker_states() == []
+        with psycopg.connect(database_url, autocommit=True) as db:
+            db.execute("ALTER TABLE outbox_worker_state RENAME TO gone")
+        with pytest.raises(WorkerStateUnavailable, match="outbox_worker_state"):
+            s.write_worker_state("h", "ok", "")
+        assert s.backlog().pending == 0  # the storage goes on
+    finally:
+        s.close()
+
+
+def test_in_flight_lists_leased_batches_and_leased_retries(harness: SnapshotHarness) -> None:
+    harness.put(_events(3))
+    s, t, look = harness.new(), harness.new(), harness.new(for_batches=False)
+    batch = s.claim(10, 10_000_000, 30.0)
+    retried = [e.id for e in batch.events[:2]]
+    s.finish(batch, BatchOutcome(retry=retried, retry_error="x", shipped=[3]), **POLICY)
+    retries = wait_for(lambda: t.claim(10, 10_000_000, 30.0), timeout=30, what="the retries")
+    harness.put(_events(1))
+    fresh = s.claim(10, 10_000_000, 30.0)
+    assert fresh is not None and len(fresh.events) == 1
+    held = look.in_flight()
+    assert sorted(h["state"] for h in held) == ["leased batch", "leased retries (2 events)"]
+    by_state = {h["state"]: h for h in held}
+    assert by_state["leased batch"]["worker"] == "suite"
+    assert all(0 <= h["held_seconds"] < 60 for h in held)
+    t.release(retries)
+    s.release(fresh)
+    assert look.in_flight() == []

@@ -12,7 +12,11 @@ batch (1, 2, ...), meaningful only to the object that claimed it.
 
 Its connection is a :class:`worker.storage.connection.Connection`, as
 :class:`worker.store.Store`'s is: the same constructor arguments, outage logging,
-timeouts, :class:`~worker.storage.connection.Health` and ``application_name``.
+timeouts, :class:`~worker.storage.connection.Health` and ``application_name``. A batch
+is a lease (a row), not a transaction: it outlives a lost connection and is finished
+over the next one while the lease holds. A claim or an outcome that fails with the
+database up hands the lease back at once; one lost with the connection waits for
+the lease to run out.
 
 Housekeeping must call :meth:`SnapshotStorage.maintain` regularly (see its text): it
 ticks, so that events committed while no worker claims still get a batch, and it

@@ -169,15 +169,15 @@ class SnapshotEngine:
     def __init__(
         self, conn: psycopg.Connection[Any], *, worker_id: str = "worker", settings: bool = True
     ) -> None:
-        """With ``settings``, apply :data:`snapshot_sql.SETTINGS` to the session (a
+        """With ``settings``, apply :data:`snapshot_sql.SESSION` to the session (a
         caller that applies them itself, per transaction behind a pooler, passes
         False)."""
         if not conn.autocommit:
             raise ValueError("the snapshot engine needs an autocommit connection")
         self.conn = conn
         self.worker_id = worker_id
-        if settings:
-            for setting in sql.SESSION.split(";"):
+        for setting in sql.SESSION.split(";"):
+            if settings:  # else the caller applies them (per transaction, behind a pooler)
                 conn.execute(setting.strip())
 
     def _run(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:

@@ -348,11 +348,9 @@ class Housekeeping(Protocol):
         ...
 
     def maintain(self) -> None:
-        """One step of the engine's own upkeep, called periodically by every worker's
-        housekeeping (a no-op for :class:`worker.store.Store`; where the snapshot
-        engine ticks and rotates its tables, every
-        :data:`worker.storage.snapshot_storage.MAINTAIN_EVERY_SECONDS`). Safe to call
-        at any time, from any worker."""
+        """One step of the engine's own upkeep, called periodically by one worker's
+        housekeeping (where the snapshot engine ticks and rotates its tables). Safe
+        to call at any time, from any worker."""
         ...
 
 

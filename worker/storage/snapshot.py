@@ -169,7 +169,7 @@ class SnapshotEngine:
     def __init__(
         self, conn: psycopg.Connection[Any], *, worker_id: str = "worker", settings: bool = True
     ) -> None:
-        """With ``settings``, apply :data:`snapshot_sql.SESSION` to the session (a
+        """With ``settings``, apply :data:`snapshot_sql.SETTINGS` to the session (a
         caller that applies them itself, per transaction behind a pooler, passes
         False)."""
         if not conn.autocommit:

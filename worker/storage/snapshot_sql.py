@@ -31,6 +31,15 @@ TICK = "SELECT outbox_snapshot_tick(%(split_rows)s)"
 
 ROTATE = "SELECT outbox_snapshot_rotate(%(current)s)"
 
+#: :data:`SESSION`'s settings as name -> value (for a caller that sets them per
+#: transaction, behind a transaction pooler).
+SETTINGS = {
+    name.strip(): value.strip()
+    for name, value in (
+        part.strip().removeprefix("SET ").split("=", 1) for part in SESSION.split(";")
+    )
+}
+
 # Lease the oldest batch nobody holds (or whose lease ran out), with what reading it
 # needs: its interval's two snapshots, its txid range and where the next chunk starts.
 # The lease (a fresh UUIDv7 per claim) says when it was made, for `status`.

@@ -314,16 +314,6 @@ RETURNING 1
 """
 
 
-#: The engine's planner settings (:data:`snapshot_sql.SESSION`'s), as name -> value.
-ENGINE_SETTINGS = {
-    name.strip(): value.strip()
-    for name, value in (
-        part.strip().removeprefix("SET ").split("=", 1)
-        for part in snapshot_sql.SESSION.split(";")
-        if part.strip()
-    )
-}
-
 #: How often housekeeping must call :meth:`SnapshotStorage.maintain` (seconds).
 MAINTAIN_EVERY_SECONDS = 15.0
 
@@ -364,7 +354,7 @@ class SnapshotStorage:
         ``statement_timeout`` (seconds; None leaves the session's own) bound every
         statement, set once per session, or for each transaction behind a
         transaction pooler (``pooler="transaction"``), where the engine's planner
-        settings (:data:`ENGINE_SETTINGS`) are set per transaction too.
+        settings (:data:`snapshot_sql.SETTINGS`) are set per transaction too.
         ``split_rows``: a tick splits an interval of more rows than this into
         several batches (so that several workers can share it)."""
         self.worker_id = worker_id
@@ -380,7 +370,7 @@ class SnapshotStorage:
             statement_timeout=statement_timeout,
             health=health,
             pooler=pooler,
-            settings=ENGINE_SETTINGS,
+            settings=snapshot_sql.SETTINGS,
             prepare=_check_installed,
             on_drop=self._forget,
         )

@@ -2,11 +2,9 @@
 
 :mod:`worker.storage.base` holds the protocols every engine implements and the
 engine-neutral types the drainer and the commands see. Engines: the psycopg
-:class:`worker.store.Store` over ``outbox_events`` (the old one),
-:class:`worker.storage.snapshot_storage.SnapshotStorage` over the snapshot engine's
-tables, and :class:`worker.storage.memory.MemoryStorage` (in memory, for tests). One
-behaviour suite, ``tests/storage``, runs against each. The PostgreSQL engines share
-:mod:`worker.storage.connection` (reconnecting, outages, timeouts, ``Health``).
+:class:`worker.store.Store` over ``outbox_events`` (today's), and
+:class:`worker.storage.memory.MemoryStorage` (in memory, for tests). One behaviour
+suite, ``tests/storage``, runs against each.
 """
 
 from worker.storage.base import (

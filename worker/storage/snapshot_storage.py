@@ -10,17 +10,18 @@ ones and moves the batch's progress past the chunk, in one transaction fenced on
 batch's lease (and on the lease not having run out). Event ids are positions in the
 batch (1, 2, ...), meaningful only to the object that claimed it.
 
-Its connection is a :class:`worker.storage.connection.Connection`, as
-:class:`worker.store.Store`'s is: the same constructor arguments, outage logging,
-timeouts, :class:`~worker.storage.connection.Health` and ``application_name``. A batch
-is a lease (a row), not a transaction: it outlives a lost connection and is finished
-over the next one while the lease holds. A claim or an outcome that fails with the
-database up hands the lease back at once; one lost with the connection waits for
-the lease to run out.
+Its connection is a :class:`worker.storage.connection.Connection`: the worker's
+outage logging, timeouts, :class:`~worker.storage.connection.Health` and
+``application_name`` prefixes.
 
 Housekeeping must call :meth:`SnapshotStorage.maintain` regularly (see its text): it
 ticks, so that events committed while no worker claims still get a batch, and it
 TRUNCATEs the event tables whose rows are all delivered.
+
+A batch is a lease (a row), not a transaction: it outlives a lost connection and is
+finished over the next one while the lease holds. A claim or an outcome that fails
+with the database up hands the lease back at once; one lost with the connection
+waits for the lease to run out.
 """
 
 from __future__ import annotations

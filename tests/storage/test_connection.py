@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from outbox.exceptions import OutboxNotInstalledError
 from tests.conftest import wait_for
 from tests.storage.conftest import SnapshotHarness
 from worker.storage import connection as connection_module
@@ -303,3 +304,19 @@ def test_storages_given_one_health_report_into_it_together(database_url: str) ->
     finally:
         a.close()
         b.close()
+
+
+def test_a_database_without_the_tables_is_not_installed_not_an_outage(
+    empty_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = SnapshotStorage(empty_database)
+    try:
+        with caplog.at_level(logging.INFO, logger="outbox.worker"):
+            for _ in range(2):  # no backing off: it is not an outage
+                with pytest.raises(OutboxNotInstalledError, match="outbox-worker migrate"):
+                    s.claim(10, 1_000_000, 30.0)
+        assert isinstance(s.health.problem, OutboxNotInstalledError)
+        assert not s.ping()
+        assert actions(caplog) == []
+    finally:
+        s.close()

@@ -176,8 +176,8 @@ class SnapshotEngine:
             raise ValueError("the snapshot engine needs an autocommit connection")
         self.conn = conn
         self.worker_id = worker_id
-        if settings:
-            for setting in sql.SESSION.split(";"):
+        for setting in sql.SESSION.split(";"):
+            if settings:  # else the caller applies them (per transaction, behind a pooler)
                 conn.execute(setting.strip())
 
     def _run(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:

@@ -24,18 +24,23 @@ _ISO = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
 # takes the BRIN index. And with its inflated costs a one-row statement would pay for
 # JIT compilation (milliseconds) each time. TID scans are off too: the chunk's
 # "ctid > progress" would otherwise be planned as a scan from there to the table's end.
-SETTINGS = {
-    "jit": "off",
-    "enable_seqscan": "off",
-    "enable_tidscan": "off",
-    "max_parallel_workers_per_gather": "0",
-}
-#: :data:`SETTINGS` as SET statements for a session.
-SESSION = "; ".join(f"SET {name} = {value}" for name, value in SETTINGS.items())
+SESSION = (
+    "SET jit = off; SET enable_seqscan = off; SET enable_tidscan = off;"
+    " SET max_parallel_workers_per_gather = 0"
+)
 
 TICK = "SELECT outbox_snapshot_tick(%(split_rows)s)"
 
 ROTATE = "SELECT outbox_snapshot_rotate(%(current)s)"
+
+#: :data:`SESSION`'s settings as name -> value (for a caller that sets them per
+#: transaction, behind a transaction pooler).
+SETTINGS = {
+    name.strip(): value.strip()
+    for name, value in (
+        part.strip().removeprefix("SET ").split("=", 1) for part in SESSION.split(";")
+    )
+}
 
 # Lease the oldest batch nobody holds (or whose lease ran out), with what reading it
 # needs: its interval's two snapshots, its txid range and where the next chunk starts.

@@ -307,6 +307,43 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_worker_state TO {worker};
 """
 
 
+#: enqueue's plain INSERT before 0007 (its shape: jsonb properties, the destination
+#: spelled out).
+OLD_PLAIN_INSERT = """
+INSERT INTO outbox_events (uuid, event, distinct_id, properties, "timestamp", destination)
+SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()),
+       coalesce(destination, 'posthog')
+FROM (SELECT gen_random_uuid() AS uuid, CAST(%s AS text) AS event, 'u' AS distinct_id,
+             CAST('{"n": 1}' AS jsonb) AS properties, NULL::text AS destination,
+             NULL::timestamptz AS "timestamp", 1 AS n) AS input ORDER BY n
+"""
+
+
+def test_an_insert_into_the_view_is_a_new_event_or_refused_in_one_line(
+    empty_database: str,
+) -> None:
+    migrate(empty_database)
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute(OLD_PLAIN_INSERT, ("via_view",))
+        row = conn.execute(
+            "SELECT retry_id, event, destination, status, attempts, properties::text"
+            " FROM outbox_events"
+        ).fetchall()
+        assert row == [(None, "via_view", "posthog", "pending", 0, '{"n": 1}')]
+        for column, value in (("dedup_key", "'k'"), ("status", "'dead'"), ("txid", "1")):
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
+                conn.execute(
+                    f"INSERT INTO outbox_events (uuid, event, distinct_id, {column})"
+                    f" VALUES (gen_random_uuid(), 'e', 'u', {value})"
+                )
+            assert "outbox_events is a view" in str(refused.value).splitlines()[0]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "INSERT INTO outbox_events (uuid, event, distinct_id, properties)"
+                " VALUES (gen_random_uuid(), 'e', 'u', '[1]')"
+            )
+
+
 def test_the_grants_documented_before_0007_keep_working(empty_database: str) -> None:
     migrate(empty_database, "0006")
     suffix = uuid.uuid4().hex[:8]
@@ -329,11 +366,14 @@ def test_the_grants_documented_before_0007_keep_working(empty_database: str) -> 
                 ' (uuid, event, distinct_id, properties, "timestamp", destination)'
                 " VALUES (gen_random_uuid(), 'plain', 'u', '{}', now(), NULL)"
             )
+            # An application not redeployed yet: its plain INSERT into outbox_events
+            # (the view now) still writes an event.
+            conn.execute(OLD_PLAIN_INSERT, ("old_app",))
             conn.commit()
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("SELECT * FROM outbox_events")
         with psycopg.connect(as_worker) as conn:
-            assert conn.execute("SELECT count(*) FROM outbox_events").fetchone() == (2,)
+            assert conn.execute("SELECT count(*) FROM outbox_events").fetchone() == (3,)
             assert conn.execute("SELECT count(*) FROM outbox_stuck").fetchone() == (0,)
         sink = MemorySink()
         storage = SnapshotStorage(as_worker)
@@ -343,7 +383,7 @@ def test_the_grants_documented_before_0007_keep_working(empty_database: str) -> 
             assert storage.expire_dedup_keys() == 0
         finally:
             storage.close()
-        assert sorted(e["event"] for e in sink.events) == ["keyed", "plain"]
+        assert sorted(e["event"] for e in sink.events) == ["keyed", "old_app", "plain"]
     finally:
         with psycopg.connect(empty_database, autocommit=True) as conn:
             for role in (app, worker):

@@ -388,3 +388,60 @@ def test_the_grants_documented_before_0007_keep_working(empty_database: str) -> 
         with psycopg.connect(empty_database, autocommit=True) as conn:
             for role in (app, worker):
                 conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_outbox_stuck_over_the_new_tables(empty_database: str) -> None:
+    """An event table row is stuck when it waits for over 5 minutes, counted from the
+    later of its timestamp and the tick before its interval (it records no creation
+    time); outbox_retry's rows as the old table's were."""
+    migrate(empty_database)
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        slot = conn.execute("SELECT outbox_snapshot_slot()").fetchone()
+        assert slot is not None
+        insert = (
+            f'INSERT INTO outbox_events_{slot[0]} (uuid, event, distinct_id, "timestamp")'
+            " VALUES (gen_random_uuid(), %s, 'u', now() - %s::interval)"
+        )
+        # A backfilled timestamp, just enqueued: the newest tick is recent, not stuck.
+        conn.execute(insert, ("backfill", "1 day"))
+        assert conn.execute("SELECT count(*) FROM outbox_stuck").fetchone() == (0,)
+        # No tick for 10 minutes, an event enqueued 10 minutes ago: nobody ticks.
+        conn.execute("UPDATE outbox_ticks SET taken_at = now() - interval '10 minutes'")
+        conn.execute(insert, ("waiting", "10 minutes"))
+        conn.execute(
+            'INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, properties,'
+            " attempts, last_error) VALUES (gen_random_uuid(), now(), 'retrying', 'u', '{}',"
+            " 2, 'HTTP 503')"
+        )
+        rows = conn.execute(
+            "SELECT event, id IS NULL, status, attempts, reason, age > interval '9 minutes'"
+            " FROM outbox_stuck ORDER BY event"
+        ).fetchall()
+    assert rows == [
+        (
+            "backfill",
+            True,
+            "pending",
+            0,
+            "pending for over 5 minutes: is an outbox-worker running against this database?"
+            " (outbox-worker status lists the batches in flight)",
+            True,
+        ),
+        (
+            "retrying",
+            False,
+            "pending",
+            2,
+            "retrying after 2 failed attempts: HTTP 503",
+            False,
+        ),
+        (
+            "waiting",
+            True,
+            "pending",
+            0,
+            "pending for over 5 minutes: is an outbox-worker running against this database?"
+            " (outbox-worker status lists the batches in flight)",
+            True,
+        ),
+    ]

@@ -36,8 +36,8 @@ no event is written to it after the copy):
   same columns and meaning. An INSERT into the view (``enqueue``'s plain INSERT before
   this version: an application not redeployed yet keeps enqueueing across the
   upgrade) writes a new event into the clock's event table (an INSTEAD OF trigger,
-  ``outbox_events_insert()``); one with a ``dedup_key`` or any other column of the
-  view set is refused in one line.
+  ``outbox_events_insert()``); one that sets ``retry_id``, ``status``, ``attempts``,
+  ``next_attempt_at``, ``last_error`` or ``txid`` is refused in one line.
 - Grants carry over. A role that could INSERT into the old table (the whole table or
   some columns) may INSERT ``uuid, event, distinct_id, properties, "timestamp",
   destination`` into every event table and EXECUTE ``outbox_snapshot_slot()``; one
@@ -230,11 +230,15 @@ _KEYED_INSERT = """
 
 # An INSERT into the view (what enqueue did before 0007: an application still on an
 # older version keeps enqueueing across the upgrade), into the clock's event table.
+# The dedup_key is kept: no application role may set it (its grant names the other
+# columns), but a keyed enqueue function of before 0007 whose call waited for the
+# migration's lock inserts its event here, after claiming the key.
 _VIEW_INSERT = """
         INSERT INTO %1$I.outbox_events_{t}
-            (uuid, event, distinct_id, properties, "timestamp", destination)
+            (uuid, event, distinct_id, properties, "timestamp", destination, dedup_key)
         VALUES (NEW.uuid, NEW.event, NEW.distinct_id, coalesce(NEW.properties, '{{}}'),
-                coalesce(NEW."timestamp", now()), nullif(NEW.destination, 'posthog'));"""
+                coalesce(NEW."timestamp", now()), nullif(NEW.destination, 'posthog'),
+                NEW.dedup_key);"""
 
 _ROWS_QUERY = """
         RETURN QUERY
@@ -297,11 +301,6 @@ AS $fn$
 DECLARE
     slot integer;
 BEGIN
-    IF NEW.dedup_key IS NOT NULL THEN
-        RAISE EXCEPTION 'outbox_events is a view: an event with a dedup_key goes through '
-            'outbox_enqueue_keyed(), which claims the key'
-            USING ERRCODE = 'feature_not_supported';
-    END IF;
     IF NEW.retry_id IS NOT NULL OR NEW.status IS NOT NULL OR NEW.attempts IS NOT NULL
        OR NEW.next_attempt_at IS NOT NULL OR NEW.last_error IS NOT NULL
        OR NEW.txid IS NOT NULL THEN

@@ -152,6 +152,8 @@ def execute(
     statement): it then always goes through SQLAlchemy. Database errors propagate
     (psycopg's, or SQLAlchemy's for a SQLAlchemy connection).
     """
+    if type(conn) is psycopg.Connection:  # the common case, first
+        return _run_psycopg(conn, sql, params)
     conn = resolve(conn)
     if isinstance(conn, PSYCOPG_SYNC):
         return _run_psycopg(_psycopg_connection(conn), sql, params)

@@ -183,6 +183,8 @@ async def aexecute(
 ) -> list[Row]:
     """:func:`execute` on an async connection (psycopg ``AsyncConnection``, SQLAlchemy
     ``AsyncSession`` or ``AsyncConnection``)."""
+    if type(conn) is psycopg.AsyncConnection:
+        return await _arun_psycopg(conn, sql, params)
     conn = resolve(conn)
     if isinstance(conn, PSYCOPG_ASYNC):
         return await _arun_psycopg(_psycopg_connection(conn), sql, params)

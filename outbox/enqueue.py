@@ -757,9 +757,10 @@ async def aenqueue_prepared(
     """The async twin of :func:`enqueue_prepared`."""
     if not events:
         return []
-    conn = resolve(conn)
-    if not is_async(conn):
-        raise _unsupported(conn, sync=False)
+    if type(conn) is not psycopg.AsyncConnection:
+        conn = resolve(conn)
+        if not is_async(conn):
+            raise _unsupported(conn, sync=False)
     call = _Call(events)
     statements = call.statements
     try:

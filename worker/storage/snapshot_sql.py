@@ -9,6 +9,8 @@ claimed since) writes nothing.
 
 from __future__ import annotations
 
+import functools
+
 #: How many event tables migration 0006 creates.
 EVENT_TABLES = 4
 
@@ -22,10 +24,14 @@ _ISO = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
 # takes the BRIN index. And with its inflated costs a one-row statement would pay for
 # JIT compilation (milliseconds) each time. TID scans are off too: the chunk's
 # "ctid > progress" would otherwise be planned as a scan from there to the table's end.
-SESSION = (
-    "SET jit = off; SET enable_seqscan = off; SET enable_tidscan = off;"
-    " SET max_parallel_workers_per_gather = 0"
-)
+SETTINGS = {
+    "jit": "off",
+    "enable_seqscan": "off",
+    "enable_tidscan": "off",
+    "max_parallel_workers_per_gather": "0",
+}
+#: :data:`SETTINGS` as SET statements for a session.
+SESSION = "; ".join(f"SET {name} = {value}" for name, value in SETTINGS.items())
 
 TICK = "SELECT outbox_snapshot_tick(%(split_rows)s)"
 
@@ -33,9 +39,10 @@ ROTATE = "SELECT outbox_snapshot_rotate(%(current)s)"
 
 # Lease the oldest batch nobody holds (or whose lease ran out), with what reading it
 # needs: its interval's two snapshots, its txid range and where the next chunk starts.
+# The lease (a fresh UUIDv7 per claim) says when it was made, for `status`.
 CLAIM = """
 UPDATE outbox_batches AS b
-SET leased_by = %(worker)s, lease = gen_random_uuid(),
+SET leased_by = %(worker)s, lease = %(lease)s,
     leased_until = now() + %(lease_seconds)s * interval '1 second'
 FROM (
     SELECT batch_id FROM outbox_batches
@@ -57,37 +64,61 @@ SELECT EXISTS (
 """
 
 
-_COLUMNS = f"""e.ctid AS c, e.uuid, e.event, e.distinct_id, e.properties::text,
-    to_char(e."timestamp" AT TIME ZONE 'UTC', {_ISO}), e.destination, e.dedup_key,
-    e."timestamp" > now() + interval '23 hours'"""
+# The columns of an event as the worker reads them, computed from the raw row.
+_COLUMNS = f"""r.t, r.c, r.uuid, r.event, r.distinct_id, r.properties::text,
+    to_char(r.ts AT TIME ZONE 'UTC', {_ISO}), r.destination, r.dedup_key,
+    r.ts > now() + interval '23 hours'"""
+
+_RAW = """e.ctid AS c, e.uuid, e.event, e.distinct_id, e.properties, e."timestamp" AS ts,
+    e.destination, e.dedup_key"""
 
 
-def _chunk_part(t: int) -> str:
-    after = f"(%(pt)s::integer < {t} OR (%(pt)s::integer = {t} AND e.ctid > %(pc)s::tid))"
-    return f"""
-(SELECT {t} AS t, {_COLUMNS}
+def _chunk_parts(t: int, *, first: bool, extra: bool, snap1: bool) -> list[str]:
+    after = " AND e.ctid > %(pc)s::tid" if first else ""
+    # A transaction of the range that the earlier snapshot saw: possible only when the
+    # range starts below its xmax (the tick starts it at that xmax).
+    earlier = ""
+    if snap1:
+        earlier = " AND NOT txid_visible_in_snapshot(e.txid, %(snap1)s::txid_snapshot)"
+    parts = [
+        f"""SELECT {t} AS t, {_RAW}
 FROM outbox_events_{t} AS e
 WHERE e.txid >= %(lo)s AND e.txid < %(hi)s
-  AND txid_visible_in_snapshot(e.txid, %(snap2)s::txid_snapshot)
-  AND NOT txid_visible_in_snapshot(e.txid, %(snap1)s::txid_snapshot)
-  AND {after})
-UNION ALL
-(SELECT {t} AS t, {_COLUMNS}
+  AND txid_visible_in_snapshot(e.txid, %(snap2)s::txid_snapshot){earlier}{after}"""
+    ]
+    if extra:
+        parts.append(
+            f"""SELECT {t} AS t, {_RAW}
 FROM outbox_events_{t} AS e
-WHERE e.txid >= %(xlo)s AND e.txid <= %(xhi)s AND e.txid = ANY(%(extra)s::bigint[])
-  AND {after})"""
+WHERE e.txid >= %(xlo)s AND e.txid <= %(xhi)s AND e.txid = ANY(%(extra)s::bigint[]){after}"""
+        )
+    return parts
 
 
-# The next chunk of a batch: its events after (progress_table, progress_ctid), in
-# (table, ctid) order, at most :limit. The events of the batch are the rows whose
-# transaction the later tick's snapshot sees as finished and the earlier one's does
-# not: those in its txid range (from the earlier xmax) that pass both tests, and
-# those of the listed older transactions, which the earlier snapshot saw in progress
-# (rows of rolled-back transactions are not visible at all).
-READ = (
-    " UNION ALL ".join(_chunk_part(t) for t in range(EVENT_TABLES))
-    + "\nORDER BY t, c LIMIT %(limit)s"
-)
+@functools.cache
+def read_statement(progress_table: int, *, extra: bool, snap1: bool) -> str:
+    """The statement that reads the next chunk of a batch whose progress is in event
+    table ``progress_table``: its events after (progress_table, progress_ctid), in
+    (table, ctid) order, at most :limit. The events of the batch are the rows whose
+    transaction the later tick's snapshot sees as finished and the earlier one's does
+    not: those in its txid range (from the earlier xmax) that pass both tests, and
+    those of the listed older transactions (``extra``: the batch lists some), which the
+    earlier snapshot saw in progress (rows of rolled-back transactions are not visible
+    at all). ``snap1``: the range starts below the earlier snapshot's xmax, so its rows
+    must be tested against that snapshot too (never, for the tick's batches).
+
+    Only the tables from ``progress_table`` on are read, and the text columns are
+    computed after the LIMIT, for the rows returned only (every remaining row of the
+    batch goes through the sort; the chunk is the first :limit of them)."""
+    parts = [
+        part
+        for t in range(progress_table, EVENT_TABLES)
+        for part in _chunk_parts(t, first=t == progress_table, extra=extra, snap1=snap1)
+    ]
+    union = "\nUNION ALL\n".join(f"({part})" for part in parts)
+    chunk = f"{union}\nORDER BY t, c LIMIT %(limit)s"
+    return f"SELECT {_COLUMNS}\nFROM ({chunk}) AS r\nORDER BY r.t, r.c"
+
 
 # A chunk was sent (or failed): in one statement, fenced on the lease, move the
 # batch's progress past it (or delete the batch, when it was the last chunk), file

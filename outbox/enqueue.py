@@ -87,8 +87,17 @@ _ONE_CASTS = {"u": "uuid", "e": "text", "d": "text", "p": "json", "t": "timestam
 _ONE_WAKE_SQL = """
 INSERT INTO {table} ({columns})
 SELECT {casts}{wake}"""
-# Several events travel as one JSON parameter (driver-neutral, one statement text for
-# any number of events). Each event is an object with one-letter keys: d distinct_id,
+# Several events without dedup keys (and not waking the workers) are one multi-row
+# VALUES list, one parameter per value and DEFAULT for a null timestamp, up to
+# _VALUES_MAX events: cheaper for the server than unpacking a JSON array (measured:
+# ten events in about 85 us less). The text depends on the events, which costs
+# nothing since the library never prepares its statements.
+_VALUES_MAX = 1000
+_MANY_VALUES_SQL = """
+INSERT INTO {table} (uuid, event, distinct_id, properties, "timestamp", destination)
+VALUES """
+# Otherwise several events travel as one JSON parameter (driver-neutral, one statement
+# text for any number of events). Each event is an object with one-letter keys: d distinct_id,
 # e event, p properties, s destination, t timestamp, u uuid; s and t are left out
 # when they are null ('posthog' for s); uuids are written as 32 hex digits (uuid
 # input takes them, and Python makes them faster than the hyphenated form).
@@ -145,6 +154,42 @@ class _Statements:
 
         self.psycopg = render("%({})s")
         self.sqlalchemy = text(render(":{}"))
+
+
+class _Built:
+    """A statement made for one call: psycopg's text (SQLAlchemy's is derived from it
+    by :func:`outbox._db.execute` only for a driver other than psycopg)."""
+
+    __slots__ = ("psycopg",)
+    sqlalchemy = None
+
+    def __init__(self, sql: str) -> None:
+        self.psycopg = sql
+
+
+def _many_values(events: Sequence[PreparedEvent]) -> tuple[_Built, dict[str, str | None]]:
+    """The multi-row VALUES INSERT of ``events`` and its parameters (see
+    ``_MANY_VALUES_SQL``)."""
+    params: dict[str, str | None] = {}
+    rows = []
+    for i, e in enumerate(events):
+        params[f"u{i}"] = e.uuid.hex
+        params[f"e{i}"] = e.event
+        params[f"d{i}"] = e.distinct_id
+        params[f"p{i}"] = e.properties_json
+        if e.timestamp is None:
+            t = "DEFAULT"
+        else:
+            t = f"%(t{i})s"
+            params[f"t{i}"] = e.timestamp.isoformat()
+        if e.destination == DESTINATION_POSTHOG:
+            d = "NULL"
+        else:
+            d = f"%(s{i})s"
+            params[f"s{i}"] = e.destination
+        rows.append(f"(%(u{i})s, %(e{i})s, %(d{i})s, %(p{i})s, {t}, {d})")
+    table = event_table(event_table_slot(time.time()))
+    return _Built(_MANY_VALUES_SQL.format(table=table) + ", ".join(rows)), params
 
 
 def _one_plain(wake: bool, slot: int, given: tuple[str, ...]) -> _Statements:
@@ -683,6 +728,7 @@ class _Call:
     def __init__(self, events: Sequence[PreparedEvent]) -> None:
         self.events = events
         self.params: dict[str, str | None]
+        self.statements: _Statements | _Built
         wake = _wake_now()
         if len(events) == 1:  # the common call: nothing to drop, one statement to pick
             e = events[0]
@@ -701,9 +747,12 @@ class _Call:
             self.params = _one_params(self.sent[0])
             self.statements = _ONE_KEYED[wake]  # what is left of repeated keys
         else:
-            self.params = {"rows": _rows_param(self.sent)}
+            if self.reads_keys or wake or len(self.sent) > _VALUES_MAX:
+                self.params = {"rows": _rows_param(self.sent)}
             if self.reads_keys:
                 self.statements = _MANY_KEYED[wake]
+            elif not wake and len(self.sent) <= _VALUES_MAX:
+                self.statements, self.params = _many_values(self.sent)
             else:
                 self.statements = _MANY_PLAIN[wake][event_table_slot(time.time())]
 

@@ -33,7 +33,7 @@ from worker.statuspage import BacklogHistory, Privacy, StatusPage
 from worker.statuspage.page import STATUS_STATEMENT_TIMEOUT
 from worker.storage.base import DatabaseTimeout, DatabaseUnavailable, DrainStorage, Storage
 from worker.storage.connection import Health
-from worker.storage.snapshot_storage import SnapshotStorage
+from worker.storage.snapshot_storage import MAINTAIN_EVERY_SECONDS, SnapshotStorage
 from worker.wakeup import Listener
 from worker.worker_state import WorkerStateReporter
 
@@ -43,8 +43,9 @@ DEDUP_EXPIRY_INTERVAL = 300.0
 METRICS_REFRESH_INTERVAL = 15.0
 #: How often housekeeping runs the engine's upkeep (:meth:`SnapshotStorage.maintain`:
 #: a tick, and the TRUNCATE of every event table whose rows are all delivered), in
-#: seconds. Claims tick by themselves when no batch waits; this is what rotates.
-MAINTAIN_INTERVAL = 15.0
+#: seconds: the engine's own cadence. Claims tick by themselves when no batch waits;
+#: this is what rotates.
+MAINTAIN_INTERVAL = MAINTAIN_EVERY_SECONDS
 #: While events keep arriving the drain job looks again this often (seconds)...
 HOT_POLL = 0.02
 #: ...until nothing has turned up for this long; then it falls back to the poll

@@ -688,8 +688,8 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         Seconds(
             1,
             86400,
-            "the lease is the batch transaction's idle_in_transaction_session_timeout, and an "
-            "open transaction holds back vacuum: a day at most",
+            "the batch of a worker that died waits this long for another worker: a day at "
+            "most",
         ),
         "Seconds a claimed batch is held.",
         flag="--lease-seconds",

@@ -688,8 +688,7 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         Seconds(
             1,
             86400,
-            "the batch of a worker that died waits this long for another worker: a day at "
-            "most",
+            "the batch of a worker that died waits this long for another worker: a day at most",
         ),
         "Seconds a claimed batch is held.",
         flag="--lease-seconds",

@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_whole("--id", 1, MAX_ROW_ID, "row ids are PostgreSQL bigint"),
         action="append",
         dest="ids",
-        help="this row id (repeat)",
+        help="this dead event's id, as `dead` lists it (repeat)",
     )
     group.add_argument("--event", type=event, help="every dead event with this name")
 

@@ -475,7 +475,7 @@ class Worker:
 
     def stop(self) -> None:
         """Stop claiming, let the in-flight batch finish within the grace period (else
-        release its rows for other workers), and close everything."""
+        hand its lease back for other workers), and close everything."""
         if self.stopped.is_set():
             return
         log.info("stopping", extra={"action": "worker_stopping"})

@@ -129,8 +129,8 @@ class Settings:
     #: ``DEFAULT_POLL_INTERVAL`` while the worker LISTENs, else
     #: ``DEFAULT_POLL_ONLY_INTERVAL``. See :attr:`poll_seconds`.
     poll_interval: float | None = None
-    #: Seconds a worker may sit on a claimed batch without talking to the database;
-    #: then the server ends the batch's transaction and other workers may take it.
+    #: Seconds a claimed batch belongs to its worker (its lease, a row in the
+    #: database); then other workers may take it and its outcome is not written.
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     #: Failed attempts after which an event becomes ``dead``.
     max_attempts: int = DEFAULT_MAX_ATTEMPTS

@@ -111,7 +111,7 @@ class PageData:
 
 def group_commands(group: dict[str, Any], dead_total: int | None) -> list[Command]:
     """The CLI commands that retry or purge a dead group (none for a retrying group:
-    its rows are pending and are tried again on their own).
+    its events are pending and are tried again on their own).
 
     ``retry`` takes row ids, one event name or ``--all``; ``purge`` only an age. The
     narrowest exact choice is given, and the note says what else it touches."""

@@ -297,15 +297,30 @@ def test_0004_does_not_queue_inserts_behind_a_long_batch(empty_database: str) ->
     assert _constraints(empty_database) == dict.fromkeys(CHECKS_0004, True)
 
 
-def test_this_version_refuses_a_schema_without_0004_in_one_line(empty_database: str) -> None:
+def test_this_version_refuses_a_schema_before_0007_in_one_line(empty_database: str) -> None:
+    """The worker needs 0007 (outbox_events a view over the snapshot engine's tables).
+    enqueue needs the event tables (0006) and, with keys, 0004's functions; on 0006 its
+    events wait in the snapshot engine's tables (plain) or the old table (keyed: the
+    function of before 0007), and 0007 keeps both."""
     migrate(empty_database, "0003")
+    with psycopg.connect(empty_database) as conn:
+        with pytest.raises(OutboxNotInstalledError, match="do not exist"):
+            outbox.enqueue(conn, "e", "u")  # no key: a plain INSERT
+        conn.rollback()
+        with pytest.raises(OutboxNotInstalledError, match="migration 0004 is missing"):
+            outbox.enqueue(conn, "e", "u", dedup_key="k")
+    migrate(empty_database, "0006")
     store = SnapshotStorage(empty_database)
-    try:  # the worker needs 0007 (outbox_events a view over the snapshot engine's tables)
+    try:
         with pytest.raises(OutboxNotInstalledError, match="migration 0007 is missing"):
             store.ping_or_raise()
     finally:
         store.close()
     with psycopg.connect(empty_database) as conn:
-        assert outbox.enqueue(conn, "e", "u") is not None  # no key: a plain INSERT
-        with pytest.raises(OutboxNotInstalledError, match="migration 0004 is missing"):
-            outbox.enqueue(conn, "e", "u", dedup_key="k")
+        assert outbox.enqueue(conn, "plain", "u") is not None
+        assert outbox.enqueue(conn, "keyed", "u", dedup_key="k") is not None
+        conn.commit()
+    migrate(empty_database)
+    with psycopg.connect(empty_database) as conn:
+        rows = conn.execute("SELECT event, dedup_key FROM outbox_events ORDER BY event").fetchall()
+    assert rows == [("keyed", "k"), ("plain", None)]

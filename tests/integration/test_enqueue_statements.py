@@ -8,6 +8,7 @@ and SQLAlchemy's placeholder styles. Each must store exactly what was validated.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import outbox
+from outbox import schema
+from outbox.install import migrations_dir
 from outbox.schema import NOTIFY_CHANNEL
 from outbox.validation import MAX_EVENT_BYTES, PreparedEvent, new_event_uuid
 from tests.conftest import STAMP, record_statements
@@ -290,6 +293,24 @@ def test_one_event_with_and_without_timestamp_and_destination(
         + ") AS e ORDER BY uuid"
     ).fetchall()
     assert raw == [(None,), (None,), ("metrics",), ("metrics",)]  # NULL for posthog
+
+
+def test_the_slot_rule_in_python_is_the_databases(db: psycopg.Connection[Any]) -> None:
+    # outbox_snapshot_slot() reads now(); enqueue computes the same from its clock.
+    row = db.execute("SELECT extract(epoch FROM now())::float8, outbox_snapshot_slot()").fetchone()
+    assert row is not None and schema.event_table_slot(row[0]) == row[1]
+    for at, slot in ((0.0, 0), (599.999, 0), (600.0, 1), (2399.0, 3), (2400.0, 0)):
+        assert schema.event_table_slot(at) == slot
+    # Migration 0006 keeps its own copies of the constants: they must agree.
+    path = migrations_dir() / "versions" / "0006_snapshot_engine.py"
+    spec = importlib.util.spec_from_file_location("outbox_migration_0006", path)
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    assert (migration.SLOT_SECONDS, migration.EVENT_TABLES) == (
+        schema.SLOT_SECONDS,
+        schema.EVENT_TABLES,
+    )
 
 
 def test_a_thousand_events_keep_their_order(database_url: str, db: psycopg.Connection[Any]) -> None:

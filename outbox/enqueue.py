@@ -74,11 +74,13 @@ DistinctId = str | int | uuid_module.UUID | Actor
 #
 # A single event (the common enqueue() call) travels as one parameter per column in
 # a VALUES list, the cheapest INSERT there is: only the columns it has a value for
-# (a null timestamp is the column's default, now(); a null destination is NULL), and
-# no casts, so the server takes each parameter as the column's type (psycopg sends a
-# str as untyped text), as for a bare INSERT.
+# (a null timestamp is the column's default, now(); a null destination is NULL). The
+# parameters of the columns that are not text are cast (_NOT_TEXT), so that the
+# statement also works on a connection whose driver sends a str typed as text
+# rather than untyped (psycopg's default): about 1.5 us of the server's time.
 _ONE_COLUMNS = (("u", "uuid"), ("e", "event"), ("d", "distinct_id"), ("p", "properties"))
 _ONE_OPTIONAL = (("t", '"timestamp"'), ("s", "destination"))
+_NOT_TEXT = {"u": "uuid", "p": "json", "t": "timestamptz"}
 _ONE_PLAIN_SQL = """
 INSERT INTO {table} ({columns}) VALUES ({values})"""
 # Waking the workers too: the same row from a SELECT over the one-row pg_notify call;
@@ -88,10 +90,10 @@ _ONE_WAKE_SQL = """
 INSERT INTO {table} ({columns})
 SELECT {casts}{wake}"""
 # Several events without dedup keys (and not waking the workers) are one multi-row
-# VALUES list, one parameter per value and DEFAULT for a null timestamp, up to
-# _VALUES_MAX events: cheaper for the server than unpacking a JSON array (measured:
-# ten events in about 85 us less). The text depends on the events, which costs
-# nothing since the library never prepares its statements.
+# VALUES list, one parameter per value (cast as above) and DEFAULT for a null
+# timestamp, up to _VALUES_MAX events: cheaper for the server than unpacking a JSON
+# array (measured: ten events in about 85 us less). The text depends on the events,
+# which costs nothing since the library never prepares its statements.
 _VALUES_MAX = 1000
 _MANY_VALUES_SQL = """
 INSERT INTO {table} (uuid, event, distinct_id, properties, "timestamp", destination)
@@ -180,14 +182,16 @@ def _many_values(events: Sequence[PreparedEvent]) -> tuple[_Built, dict[str, str
         if e.timestamp is None:
             t = "DEFAULT"
         else:
-            t = f"%(t{i})s"
+            t = f"CAST(%(t{i})s AS timestamptz)"
             params[f"t{i}"] = e.timestamp.isoformat()
         if e.destination == DESTINATION_POSTHOG:
             d = "NULL"
         else:
             d = f"%(s{i})s"
             params[f"s{i}"] = e.destination
-        rows.append(f"(%(u{i})s, %(e{i})s, %(d{i})s, %(p{i})s, {t}, {d})")
+        rows.append(
+            f"(CAST(%(u{i})s AS uuid), %(e{i})s, %(d{i})s, CAST(%(p{i})s AS json), {t}, {d})"
+        )
     table = event_table(event_table_slot(time.time()))
     return _Built(_MANY_VALUES_SQL.format(table=table) + ", ".join(rows)), params
 
@@ -206,7 +210,9 @@ def _one_plain(wake: bool, slot: int, given: tuple[str, ...]) -> _Statements:
             casts=casts,
             wake=" FROM " + _NOTIFY,
         )
-    values = ", ".join(f"{{{p}}}" for p, _ in pairs)
+    values = ", ".join(
+        f"CAST({{{p}}} AS {_NOT_TEXT[p]})" if p in _NOT_TEXT else f"{{{p}}}" for p, _ in pairs
+    )
     return _Statements(
         _ONE_PLAIN_SQL, _ONE_PARAMS, table=event_table(slot), columns=columns, values=values
     )

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import psycopg.types.string
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
@@ -293,6 +294,31 @@ def test_one_event_with_and_without_timestamp_and_destination(
         + ") AS e ORDER BY uuid"
     ).fetchall()
     assert raw == [(None,), (None,), ("metrics",), ("metrics",)]  # NULL for posthog
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_every_statement_works_when_str_is_sent_typed_as_text(
+    binary: bool, database_url: str, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # psycopg sends a str untyped by default; a connection may register a dumper that
+    # types it as text, and the statements must not depend on the server's inference.
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    with psycopg.connect(database_url) as conn:
+        dumper = psycopg.types.string.StrBinaryDumper if binary else psycopg.types.string.StrDumper
+        conn.adapters.register_dumper(str, dumper)
+        for wake in (False, True):
+            monkeypatch.setattr(enqueue_module, "_wake_now", lambda w=wake: w)
+            for n in (1, 3):
+                for extra in ({}, {"timestamp": when}, {"dedup_key": f"k-{wake}-{n}"}):
+                    items = [{"event": "e", "distinct_id": "u", **extra}] * n
+                    if "dedup_key" in extra:
+                        items = [
+                            {**item, "dedup_key": f"{extra['dedup_key']}-{i}"}
+                            for i, item in enumerate(items)
+                        ]
+                    assert all(outbox.enqueue_many(conn, items))
+        conn.commit()
+    assert db.execute("SELECT count(*) FROM outbox_events").fetchone() == (2 * 3 * 4,)
 
 
 def test_the_slot_rule_in_python_is_the_databases(db: psycopg.Connection[Any]) -> None:

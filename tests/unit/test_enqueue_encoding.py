@@ -306,7 +306,8 @@ def test_a_call_picks_the_statement_for_its_shape() -> None:
     assert "json_to_recordset" not in one.statements.psycopg
     many = _Call([_event(), _event(uuid=uuid.uuid4())])
     assert set(many.params) == {"u0", "e0", "d0", "p0", "u1", "e1", "d1", "p1"}
-    assert "VALUES (%(u0)s, %(e0)s, %(d0)s, %(p0)s, DEFAULT, NULL), (" in many.statements.psycopg
+    values = "VALUES (CAST(%(u0)s AS uuid), %(e0)s, %(d0)s, CAST(%(p0)s AS json), DEFAULT, NULL), ("
+    assert values in many.statements.psycopg
     # Past _VALUES_MAX events, or when waking the workers: one JSON array.
     items = [_event(uuid=uuid.uuid4()) for _ in range(enqueue_module._VALUES_MAX + 1)]
     bulk = _Call(items)

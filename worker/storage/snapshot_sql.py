@@ -22,20 +22,28 @@ _ISO = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
 # how selective a txid range is and would scan a whole table, in parallel, for every
 # chunk (measured: 27 ms for a chunk of 200 out of 50,000 rows); with seq scans off it
 # takes the BRIN index. And with its inflated costs a one-row statement would pay for
-# JIT compilation (milliseconds) each time. TID scans are off too: the chunk's
-# "ctid > progress" would otherwise be planned as a scan from there to the table's end.
-SETTINGS = {
-    "jit": "off",
-    "enable_seqscan": "off",
-    "enable_tidscan": "off",
-    "max_parallel_workers_per_gather": "0",
-}
-#: :data:`SETTINGS` as SET statements for a session.
-SESSION = "; ".join(f"SET {name} = {value}" for name, value in SETTINGS.items())
+# JIT compilation (milliseconds) each time. TID scans stay on (with seq scans off, a
+# chunk's rows are fetched by TID whatever the planner thinks of the table's size: a seq
+# scan testing every row against a chunk's thousand positions cost 2 ms per chunk); the
+# scan for a batch's positions writes its "ctid > progress" as tidgt(), which is no TID
+# range condition, so that it is not planned as a scan from there to the table's end.
+SESSION = (
+    "SET jit = off; SET enable_seqscan = off; SET enable_tidscan = on;"
+    " SET max_parallel_workers_per_gather = 0"
+)
 
 TICK = "SELECT outbox_snapshot_tick(%(split_rows)s)"
 
 ROTATE = "SELECT outbox_snapshot_rotate(%(current)s)"
+
+#: :data:`SESSION`'s settings as name -> value (for a caller that sets them per
+#: transaction, behind a transaction pooler).
+SETTINGS = {
+    name.strip(): value.strip()
+    for name, value in (
+        part.strip().removeprefix("SET ").split("=", 1) for part in SESSION.split(";")
+    )
+}
 
 # Lease the oldest batch nobody holds (or whose lease ran out), with what reading it
 # needs: its interval's two snapshots, its txid range and where the next chunk starts.
@@ -65,59 +73,72 @@ SELECT EXISTS (
 
 
 # The columns of an event as the worker reads them, computed from the raw row.
-_COLUMNS = f"""r.t, r.c, r.uuid, r.event, r.distinct_id, r.properties::text,
-    to_char(r.ts AT TIME ZONE 'UTC', {_ISO}), r.destination, r.dedup_key,
-    r.ts > now() + interval '23 hours'"""
+_COLUMNS = f"""e.ctid, e.uuid, e.event, e.distinct_id, e.properties::text,
+    to_char(e."timestamp" AT TIME ZONE 'UTC', {_ISO}), e.destination, e.dedup_key,
+    e."timestamp" > now() + interval '23 hours'"""
 
-_RAW = """e.ctid AS c, e.uuid, e.event, e.distinct_id, e.properties, e."timestamp" AS ts,
-    e.destination, e.dedup_key"""
+#: The most positions one scan of a batch returns (a bigger batch is scanned again
+#: from where the last scan ended, once its positions are used up).
+POSITIONS_CAP = 20_000
 
 
-def _chunk_parts(t: int, *, first: bool, extra: bool, snap1: bool) -> list[str]:
-    after = " AND e.ctid > %(pc)s::tid" if first else ""
-    # A transaction of the range that the earlier snapshot saw: possible only when the
-    # range starts below its xmax (the tick starts it at that xmax).
-    earlier = ""
+def _member(snap1: bool) -> str:
+    """Whether row ``e`` belongs to the batch's txid range: its transaction is below
+    the later snapshot's xmax and finished in it (and, with ``snap1``, not finished in
+    the earlier one; the tick's batches start at the earlier snapshot's xmax, so no
+    transaction of the range can be)."""
+    test = (
+        "e.txid >= %(lo)s AND e.txid < %(hi)s"
+        " AND txid_visible_in_snapshot(e.txid, %(snap2)s::txid_snapshot)"
+    )
     if snap1:
-        earlier = " AND NOT txid_visible_in_snapshot(e.txid, %(snap1)s::txid_snapshot)"
-    parts = [
-        f"""SELECT {t} AS t, {_RAW}
-FROM outbox_events_{t} AS e
-WHERE e.txid >= %(lo)s AND e.txid < %(hi)s
-  AND txid_visible_in_snapshot(e.txid, %(snap2)s::txid_snapshot){earlier}{after}"""
-    ]
-    if extra:
-        parts.append(
-            f"""SELECT {t} AS t, {_RAW}
-FROM outbox_events_{t} AS e
-WHERE e.txid >= %(xlo)s AND e.txid <= %(xhi)s AND e.txid = ANY(%(extra)s::bigint[]){after}"""
-        )
-    return parts
+        test += " AND NOT txid_visible_in_snapshot(e.txid, %(snap1)s::txid_snapshot)"
+    return test
+
+
+def _listed() -> str:
+    """Whether row ``e`` is of one of the older transactions the batch lists (which
+    the earlier snapshot saw in progress and the later one sees finished)."""
+    return "e.txid >= %(xlo)s AND e.txid <= %(xhi)s AND e.txid = ANY(%(extra)s::bigint[])"
 
 
 @functools.cache
-def read_statement(progress_table: int, *, extra: bool, snap1: bool) -> str:
-    """The statement that reads the next chunk of a batch whose progress is in event
-    table ``progress_table``: its events after (progress_table, progress_ctid), in
-    (table, ctid) order, at most :limit. The events of the batch are the rows whose
-    transaction the later tick's snapshot sees as finished and the earlier one's does
-    not: those in its txid range (from the earlier xmax) that pass both tests, and
-    those of the listed older transactions (``extra``: the batch lists some), which the
-    earlier snapshot saw in progress (rows of rolled-back transactions are not visible
-    at all). ``snap1``: the range starts below the earlier snapshot's xmax, so its rows
-    must be tested against that snapshot too (never, for the tick's batches).
-
-    Only the tables from ``progress_table`` on are read, and the text columns are
-    computed after the LIMIT, for the rows returned only (every remaining row of the
-    batch goes through the sort; the chunk is the first :limit of them)."""
-    parts = [
-        part
-        for t in range(progress_table, EVENT_TABLES)
-        for part in _chunk_parts(t, first=t == progress_table, extra=extra, snap1=snap1)
-    ]
+def positions_statement(progress_table: int, *, extra: bool, snap1: bool) -> str:
+    """Where the events of a batch are after its progress (progress_table,
+    progress_ctid): ``(table, ctid)`` in that order, at most :cap. The events of the
+    batch are the rows whose transaction the later tick's snapshot sees as finished and
+    the earlier one's does not: those of its txid range, and those of the listed older
+    transactions (``extra``: the batch lists some); rows of rolled-back transactions
+    are not visible at all. Only the tables from ``progress_table`` on are read, through
+    their BRIN index; nothing but the positions is sorted or sent.
+    """
+    parts: list[str] = []
+    for t in range(progress_table, EVENT_TABLES):
+        after = " AND tidgt(e.ctid, %(pc)s::tid)" if t == progress_table else ""
+        tests = [_member(snap1)] + ([_listed()] if extra else [])
+        parts.extend(
+            f"SELECT {t} AS t, e.ctid AS c FROM outbox_events_{t} AS e WHERE {test}{after}"
+            for test in tests
+        )
     union = "\nUNION ALL\n".join(f"({part})" for part in parts)
-    chunk = f"{union}\nORDER BY t, c LIMIT %(limit)s"
-    return f"SELECT {_COLUMNS}\nFROM ({chunk}) AS r\nORDER BY r.t, r.c"
+    return f"{union}\nORDER BY t, c LIMIT %(cap)s"
+
+
+@functools.cache
+def fetch_statement(tables: tuple[int, ...], *, extra: bool, snap1: bool) -> str:
+    """The events at the given positions (``%(c<table>)s``: the ctids in each of
+    ``tables``), by TID, that still belong to the batch (a table truncated since holds
+    other rows at those positions, which the test leaves out)."""
+    member = f"({_member(snap1)})" + (f" OR ({_listed()})" if extra else "")
+    # OFFSET 0 keeps the test out of the scan, so that it is a TID scan of the
+    # positions, not a BRIN scan of the batch's pages with the positions as a filter.
+    parts = [
+        f"SELECT {t} AS t, {_COLUMNS} FROM ("
+        f"SELECT ctid, * FROM outbox_events_{t} WHERE ctid = ANY(%(c{t})s::tid[]) OFFSET 0"
+        f") AS e WHERE {member}"
+        for t in tables
+    ]
+    return "\nUNION ALL\n".join(f"({part})" for part in parts)
 
 
 # A chunk was sent (or failed): in one statement, fenced on the lease, move the

@@ -419,6 +419,19 @@ def test_orjson_is_used_only_where_its_floats_are_written_as_python_writes_them(
     [
         {"nan": math.nan},
         {"inf": [math.inf]},
+        {"text": "null is a word", "nothing": None},
+        {"text": "a 3e-5 in a string", "id": "ab3e9f"},
+    ],
+)
+def test_what_orjson_writes_as_the_walk_would_is_kept(value: Any) -> None:
+    # NaN and infinity: null, as the walk stores them; an e after a digit in a string.
+    text = v._orjson_encode(value)
+    assert text is not None and text == v._walk_encode(value, "properties")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
         {"big": 2**64},
         {"small": -(2**63) - 1},
         {"lone": "\ud800"},
@@ -426,7 +439,8 @@ def test_orjson_is_used_only_where_its_floats_are_written_as_python_writes_them(
         {"nested": {1: "int key"}},
         {"dict": OrderedDict(a=1)},
         {"e": 1e-7, "f": 1e300},
-        {"text": "null is a word"},
+        {"g": [1.5e-10]},
+        {"h": {"x": -2e22}},
     ],
 )
 def test_what_orjson_would_write_differently_goes_to_the_json_module(value: Any) -> None:

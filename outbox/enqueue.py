@@ -28,7 +28,7 @@ import psycopg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from outbox._db import aexecute, execute, is_async, is_sync, resolve
+from outbox._db import aexecute, execute, execute_args, is_async, is_sync, resolve
 from outbox.actors import Actor
 from outbox.config import AnalyticsConfig, get_config
 from outbox.contexts import current_scope
@@ -156,6 +156,10 @@ class _Statements:
 
         self.psycopg = render("%({})s")
         self.sqlalchemy = text(render(":{}"))
+        #: When set, the same statement in psycopg's positional style (``%s``), and
+        #: the names of its parameters in their order.
+        self.positional: str | None = None
+        self.order: tuple[str, ...] = ()
 
 
 class _Built:
@@ -164,6 +168,8 @@ class _Built:
 
     __slots__ = ("psycopg",)
     sqlalchemy = None
+    positional = None
+    order = ()
 
     def __init__(self, sql: str) -> None:
         self.psycopg = sql
@@ -213,9 +219,18 @@ def _one_plain(wake: bool, slot: int, given: tuple[str, ...]) -> _Statements:
     values = ", ".join(
         f"CAST({{{p}}} AS {_NOT_TEXT[p]})" if p in _NOT_TEXT else f"{{{p}}}" for p, _ in pairs
     )
-    return _Statements(
+    statements = _Statements(
         _ONE_PLAIN_SQL, _ONE_PARAMS, table=event_table(slot), columns=columns, values=values
     )
+    # On a psycopg Connection this one goes positionally: cheaper than looking up the
+    # names on every call (about 4 us a transaction).
+    statements.positional = _ONE_PLAIN_SQL.format(
+        table=event_table(slot),
+        columns=columns,
+        values=values.format(**dict.fromkeys(_ONE_PARAMS, "%s")),
+    )
+    statements.order = tuple(p for p, _ in pairs)
+    return statements
 
 
 _SHAPES = ((), ("t",), ("s",), ("t", "s"))
@@ -800,7 +815,12 @@ def enqueue_prepared(conn: Any, events: Sequence[PreparedEvent]) -> list[uuid_mo
     call = _Call(events)
     statements = call.statements
     try:
-        rows = execute(conn, statements.psycopg, call.params, sqlalchemy=statements.sqlalchemy)
+        positional = statements.positional
+        if positional is not None and type(conn) is psycopg.Connection:
+            params = call.params
+            rows = execute_args(conn, positional, [params[n] for n in statements.order])
+        else:
+            rows = execute(conn, statements.psycopg, call.params, sqlalchemy=statements.sqlalchemy)
     except (sa_exc.DBAPIError, psycopg.Error) as exc:
         raise _translate(exc) from exc
     return call.results(_claimed(rows) if call.reads_keys else [])

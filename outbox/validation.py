@@ -510,12 +510,15 @@ _PLAIN_ENCODER: Final = json.JSONEncoder(
 # the benchmark's events). It writes the same text for str, int, bool, list, tuple,
 # dict and uuid.UUID (every code point but a lone surrogate, which it refuses; ints of
 # up to 64 bits, refusing bigger ones) and hands datetimes and subclasses of the
-# built-in types to the same hook. It differs in three ways, each caught so that
-# ``_FAST_ENCODER`` decides instead: NaN and infinity come out as ``null`` (so any
-# ``null`` in the output), and a float Python writes with an exponent comes out with a
-# lowercase ``e`` of its own or as ``0.0000...`` (so any digit before ``e``, or
-# ``0.0000``). tests/unit/test_enqueue_encoding.py compares the two on every code
-# point and on floats of every magnitude.
+# built-in types to the same hook. It differs in two ways. NaN and infinity come out
+# as ``null``, where ``_FAST_ENCODER`` refuses them and the walk stores them as
+# ``null`` (``_normalise``): the same stored text, so a ``null`` needs no second look
+# (most events have a ``None`` somewhere). A float Python writes with an exponent
+# comes out with an ``e`` of its own or as ``0.0000...``: caught (a number token with
+# an ``e``: a digit before an ``e``, confirmed by ``_EXPONENT``, which strings rarely
+# match; or ``0.0000``) so that ``_FAST_ENCODER`` decides instead.
+# tests/unit/test_enqueue_encoding.py compares the two on every code point and on
+# floats of every magnitude.
 _ORJSON_OPTIONS: Final = (
     orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_SUBCLASS
@@ -527,9 +530,15 @@ _orjson_dumps: Final = orjson.dumps
 _DIGITS_AS_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
 
 
+#: A number token (after ``:``, ``,`` or ``[``: orjson writes no spaces) with an exponent.
+_EXPONENT: Final = re.compile(rb"[:,\[]-?[0-9]+(?:\.[0-9]+)?e").search
+
+
 def _orjson_suspect(raw: bytes) -> bool:
-    """Whether orjson's text may differ from ``_FAST_ENCODER``'s (see above)."""
-    return b"null" in raw or b"0.0000" in raw or b"0e" in raw.translate(_DIGITS_AS_ZERO)
+    """Whether orjson's text may differ from what would be stored (see above)."""
+    if b"0.0000" in raw:
+        return True
+    return b"0e" in raw.translate(_DIGITS_AS_ZERO) and _EXPONENT(raw) is not None
 
 
 def _orjson_encode(properties: dict[Any, Any]) -> str | None:

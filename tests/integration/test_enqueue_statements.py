@@ -8,6 +8,7 @@ and SQLAlchemy's placeholder styles. Each must store exactly what was validated.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import psycopg.types.string
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
@@ -22,6 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import outbox
+from outbox import schema
+from outbox.install import migrations_dir
 from outbox.schema import NOTIFY_CHANNEL
 from outbox.validation import MAX_EVENT_BYTES, PreparedEvent, new_event_uuid
 from tests.conftest import STAMP, record_statements
@@ -290,6 +294,49 @@ def test_one_event_with_and_without_timestamp_and_destination(
         + ") AS e ORDER BY uuid"
     ).fetchall()
     assert raw == [(None,), (None,), ("metrics",), ("metrics",)]  # NULL for posthog
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_every_statement_works_when_str_is_sent_typed_as_text(
+    binary: bool, database_url: str, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # psycopg sends a str untyped by default; a connection may register a dumper that
+    # types it as text, and the statements must not depend on the server's inference.
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    with psycopg.connect(database_url) as conn:
+        dumper = psycopg.types.string.StrBinaryDumper if binary else psycopg.types.string.StrDumper
+        conn.adapters.register_dumper(str, dumper)
+        for wake in (False, True):
+            monkeypatch.setattr(enqueue_module, "_wake_now", lambda w=wake: w)
+            for n in (1, 3):
+                for extra in ({}, {"timestamp": when}, {"dedup_key": f"k-{wake}-{n}"}):
+                    items = [{"event": "e", "distinct_id": "u", **extra}] * n
+                    if "dedup_key" in extra:
+                        items = [
+                            {**item, "dedup_key": f"{extra['dedup_key']}-{i}"}
+                            for i, item in enumerate(items)
+                        ]
+                    assert all(outbox.enqueue_many(conn, items))
+        conn.commit()
+    assert db.execute("SELECT count(*) FROM outbox_events").fetchone() == (2 * 3 * 4,)
+
+
+def test_the_slot_rule_in_python_is_the_databases(db: psycopg.Connection[Any]) -> None:
+    # outbox_snapshot_slot() reads now(); enqueue computes the same from its clock.
+    row = db.execute("SELECT extract(epoch FROM now())::float8, outbox_snapshot_slot()").fetchone()
+    assert row is not None and schema.event_table_slot(row[0]) == row[1]
+    for at, slot in ((0.0, 0), (599.999, 0), (600.0, 1), (2399.0, 3), (2400.0, 0)):
+        assert schema.event_table_slot(at) == slot
+    # Migration 0006 keeps its own copies of the constants: they must agree.
+    path = migrations_dir() / "versions" / "0006_snapshot_engine.py"
+    spec = importlib.util.spec_from_file_location("outbox_migration_0006", path)
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    assert (migration.SLOT_SECONDS, migration.EVENT_TABLES) == (
+        schema.SLOT_SECONDS,
+        schema.EVENT_TABLES,
+    )
 
 
 def test_a_thousand_events_keep_their_order(database_url: str, db: psycopg.Connection[Any]) -> None:

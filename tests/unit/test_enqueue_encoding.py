@@ -306,7 +306,8 @@ def test_a_call_picks_the_statement_for_its_shape() -> None:
     assert "json_to_recordset" not in one.statements.psycopg
     many = _Call([_event(), _event(uuid=uuid.uuid4())])
     assert set(many.params) == {"u0", "e0", "d0", "p0", "u1", "e1", "d1", "p1"}
-    assert "VALUES (%(u0)s, %(e0)s, %(d0)s, %(p0)s, DEFAULT, NULL), (" in many.statements.psycopg
+    values = "VALUES (CAST(%(u0)s AS uuid), %(e0)s, %(d0)s, CAST(%(p0)s AS json), DEFAULT, NULL), ("
+    assert values in many.statements.psycopg
     # Past _VALUES_MAX events, or when waking the workers: one JSON array.
     items = [_event(uuid=uuid.uuid4()) for _ in range(enqueue_module._VALUES_MAX + 1)]
     bulk = _Call(items)
@@ -418,6 +419,19 @@ def test_orjson_is_used_only_where_its_floats_are_written_as_python_writes_them(
     [
         {"nan": math.nan},
         {"inf": [math.inf]},
+        {"text": "null is a word", "nothing": None},
+        {"text": "a 3e-5 in a string", "id": "ab3e9f"},
+    ],
+)
+def test_what_orjson_writes_as_the_walk_would_is_kept(value: Any) -> None:
+    # NaN and infinity: null, as the walk stores them; an e after a digit in a string.
+    text = v._orjson_encode(value)
+    assert text is not None and text == v._walk_encode(value, "properties")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
         {"big": 2**64},
         {"small": -(2**63) - 1},
         {"lone": "\ud800"},
@@ -425,7 +439,8 @@ def test_orjson_is_used_only_where_its_floats_are_written_as_python_writes_them(
         {"nested": {1: "int key"}},
         {"dict": OrderedDict(a=1)},
         {"e": 1e-7, "f": 1e300},
-        {"text": "null is a word"},
+        {"g": [1.5e-10]},
+        {"h": {"x": -2e22}},
     ],
 )
 def test_what_orjson_would_write_differently_goes_to_the_json_module(value: Any) -> None:

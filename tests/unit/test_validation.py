@@ -1143,10 +1143,24 @@ def test_plain_properties_take_the_fast_path(
     prepare_event("e", "u", properties)
 
 
+def test_nan_and_infinity_are_stored_as_null_without_the_walk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # orjson writes them as null, which is what the walk stores for them.
+    properties = {"bad": NAN, "worse": [math.inf, {"x": -math.inf}], "none": None}
+    expected = validation._walk_encode(properties, "properties")
+    assert expected == '{"bad":null,"worse":[null,{"x":null}],"none":null}'
+
+    def no_walk(*args: Any) -> Any:
+        raise AssertionError("the normalising walk ran")
+
+    monkeypatch.setattr(validation, "_normalise_mapping", no_walk)
+    assert prepare_event("e", "u", properties).properties_json == expected
+
+
 @pytest.mark.parametrize(
     "properties",
     [
-        {"bad": NAN},
         {"nul": "\x00"},
         {"lone": "\ud800"},
         {"nested": {1: "int key"}},

@@ -19,8 +19,10 @@ every page writes a full-page image, as it would after any checkpoint):
 4. the snapshot engine of issue 12, not yet behind ``enqueue`` (migration 0006,
    ``worker.storage.snapshot``): a multi-row INSERT into ``outbox_snapshot_slot()``'s
    table; ``outbox_snapshot_tick`` on its own connection every 1,000 events (as PgQ's
-   ticker); the drain claims batches and reads them in chunks of 1,000 (each a
-   statement of its own), advancing each batch past each chunk (one fenced statement);
+   ticker), which splits an interval of more than 5,000 rows into several batches (the
+   worker's default); the drain claims batches and reads them in chunks of 1,000 (the
+   worker's default batch size), advancing each batch past each chunk (one fenced
+   statement);
    nothing is POSTed, as for PgQ; cleanup is ``outbox_snapshot_rotate`` (TRUNCATE).
 
 Every engine enqueues in transactions of 100 events. The measured connections (the
@@ -28,7 +30,7 @@ worker's too, through ``PGOPTIONS``) run with ``synchronous_commit=off`` (see
 `MEASURED`). Autovacuum is switched off for
 the measured tables, so that it does not run in the middle of a phase (the cleanup
 phase does its work). WAL: see `bench.walmeter`. PostgreSQL CPU is the backends' own
-(``/proc/<pid>/stat``): the enqueuing connection; on the drain side, every connection
+(`bench.walmeter.backend_cpu`): the enqueuing connection; on the drain side, every connection
 of the worker (every other backend on the scratch database), or PgQ's consumer and
 ticker connections.
 
@@ -85,8 +87,12 @@ FLOOR = "bare INSERT"
 PGQ = "PgQ"
 OUTBOX = "posthog-outbox"
 SNAPSHOT = "snapshot engine (next)"
-#: Events per chunk the snapshot engine's drain reads (and would send in one request).
+#: Events per chunk the snapshot engine's drain reads (and would send in one request):
+#: the worker's default batch size (OUTBOX_BATCH_SIZE).
 SNAPSHOT_CHUNK = 1_000
+#: Rows above which the ticker splits an interval into several batches: the worker's
+#: default (SnapshotStorage's split_rows).
+SNAPSHOT_SPLIT = 5_000
 
 PGQ_PACKAGE = "postgresql-15-pgq3"
 PGQ_QUEUE = "bench"
@@ -757,9 +763,9 @@ def run_snapshot(url: str, meter: WalMeter, events: int) -> Engine:
                     conn.commit()
                     since_tick += len(chunk)
                     if since_tick >= TICK_EVERY:
-                        ticks.tick(SNAPSHOT_CHUNK)
+                        ticks.tick(SNAPSHOT_SPLIT)
                         since_tick = 0
-                ticks.tick(SNAPSHOT_CHUNK)
+                ticks.tick(SNAPSHOT_SPLIT)
                 return _cpu_delta(cpu0, connection_cpu(conn))
 
             engine.enqueue = _timed_phase(meter, enqueue)
@@ -771,7 +777,7 @@ def run_snapshot(url: str, meter: WalMeter, events: int) -> Engine:
             nonlocal batches
             cpu0 = connection_cpu(drainer)
             received = 0
-            while (batch := worker.claim(60, split_rows=SNAPSHOT_CHUNK)) is not None:
+            while (batch := worker.claim(60, split_rows=SNAPSHOT_SPLIT)) is not None:
                 batches += 1
                 while True:
                     part = worker.read(batch, SNAPSHOT_CHUNK)
@@ -843,8 +849,9 @@ def print_results(
                 if meter.full_page_writes
                 else "off (full_page_writes=off)"
             ),
-            "PostgreSQL CPU": "user+system time of the backends involved, from /proc/<pid>/stat "
-            "(10 ms ticks); the measured connections use synchronous_commit=off, so that no "
+            "PostgreSQL CPU": "time on a CPU of the backends involved, from /proc/<pid>/schedstat "
+            "(nanoseconds; else user+system from /proc/<pid>/stat, 10 ms ticks); the measured "
+            "connections use synchronous_commit=off, so that no "
             "COMMIT of theirs writes out other sessions' WAL; noisy on a loaded machine, WAL "
             "bytes are not",
             "PgQ": pgq.absent or "; ".join(pgq.notes),

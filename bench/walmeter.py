@@ -11,12 +11,15 @@ out; the 24-byte page headers (0.3%) are not counted. The sum is what this datab
 work cost, whatever else the server does, and it says how much of it is full-page
 images.
 
-CPU: a backend's user + system time from ``/proc/<pid>/stat``, which needs the server
-on this machine and permission to read its processes.
+CPU: a backend's time on a CPU from ``/proc/<pid>/schedstat`` (the scheduler's own
+count, in nanoseconds), or where the kernel has none, its user + system time from
+``/proc/<pid>/stat`` (in clock ticks, 10 ms); either needs the server on this machine
+and permission to read its processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -143,14 +146,17 @@ class WalMeter:
 
 
 def backend_cpu(pid: int) -> float | None:
-    """CPU seconds (user + system) of the server process ``pid``, or None if unreadable."""
+    """CPU seconds of the server process ``pid`` (see the module's docstring), or None
+    if unreadable."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"postgres" not in cmdline:
+            return None  # not a PostgreSQL process of this machine (a remote server)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    if b"postgres" not in cmdline:
-        return None  # not a PostgreSQL process of this machine (a remote server)
     fields = stat.rsplit(")", 1)[1].split()
     # After the command: state is field 3, utime 14 and stime 15 (1-based, man proc).
     return (int(fields[11]) + int(fields[12])) / _TICKS

@@ -38,7 +38,7 @@ from outbox.exceptions import (
     OutboxValidationError,
     UnsupportedConnectionError,
 )
-from outbox.schema import NOTIFY_CHANNEL
+from outbox.schema import EVENT_TABLES, NOTIFY_CHANNEL, event_table, event_table_slot
 from outbox.validation import (
     DESTINATION_METRICS,
     DESTINATION_POSTHOG,
@@ -57,48 +57,71 @@ DistinctId = str | int | uuid_module.UUID | Actor
 """What ``enqueue()`` takes as ``distinct_id``: an id, or an :class:`~outbox.actors.Actor`."""
 
 # One statement per call, whatever the number of events, so one round trip. Nothing
-# is read back from outbox_events, so the application's role needs only INSERT on the
-# columns it writes (the uuids are made in Python).
+# is read back, so the application's role needs only INSERT on the event tables (the
+# uuids are made in Python).
 #
-# Several events travel as one JSON parameter (driver-neutral, one statement text for
-# any number of events). Each event is an object with one-letter keys, written in the
-# order jsonb keeps object keys (by length, then bytewise), so the server's key sort
-# finds them already sorted: d distinct_id, e event, k dedup_key, p properties,
-# s destination, t timestamp, u uuid; k, s and t are left out when they are null,
-# 'posthog' and null; uuids are written as 32 hex digits (uuid input takes them, and
-# Python makes them faster than the hyphenated form). WITH ORDINALITY numbers the
-# events in array order, so ORDER BY n inserts them in call order (ascending ids)
-# without a sort step.
-_MANY_INPUT = """
-    SELECT * FROM ROWS FROM (
-        jsonb_to_recordset(CAST({rows} AS jsonb))
-            AS (d text, e text, k text, p jsonb, s text, t timestamptz, u uuid)
-    ) WITH ORDINALITY
-        AS r(distinct_id, event, dedup_key, properties, destination, "timestamp", uuid, n)
-"""
-# A single event (the common enqueue() call) travels as one parameter per column: the
-# server then skips unpacking a JSON array, about 20 us of the ~55 us it spends on a
-# one-row statement.
-_ONE_INPUT = """
-    SELECT CAST({u} AS uuid) AS uuid, CAST({e} AS text) AS event,
-           CAST({d} AS text) AS distinct_id, CAST({p} AS jsonb) AS properties,
-           CAST({s} AS text) AS destination, CAST({t} AS timestamptz) AS "timestamp",
-           CAST({k} AS text) AS dedup_key, 1 AS n
-"""
-_PLAIN_SQL = """
-INSERT INTO outbox_events (uuid, event, distinct_id, properties, "timestamp", destination)
-SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()),
-       coalesce(destination, 'posthog')
-FROM ({input}) AS input{wake} ORDER BY n"""
+# The events go into the event table the clock picks (outbox.schema.event_table_slot,
+# the rule of the database's outbox_snapshot_slot(), from this process's clock): the
+# snapshot engine reads every event table, so a clock that disagrees with the
+# server's near a slot boundary only writes to the neighbouring table. Rotation
+# truncates a table only under an ACCESS EXCLUSIVE lock taken with NOWAIT after
+# finding every row in it delivered, so a row written there meanwhile is either
+# waited for (the INSERT holds its lock until the caller commits) or written after
+# the TRUNCATE. ``properties`` is stored as ``json``: the text orjson made, checked
+# by the server's JSON lexer but never parsed into jsonb. ``destination`` is NULL for
+# an ordinary event and 'metrics' for a metrics-only one; ``txid`` is the column's
+# default (txid_current()), which the engine's snapshots read.
+#
+# A single event (the common enqueue() call) travels as one parameter per column in
+# a VALUES list, the cheapest INSERT there is: only the columns it has a value for
+# (a null timestamp is the column's default, now(); a null destination is NULL), and
+# no casts, so the server takes each parameter as the column's type (psycopg sends a
+# str as untyped text), as for a bare INSERT.
+_ONE_COLUMNS = (("u", "uuid"), ("e", "event"), ("d", "distinct_id"), ("p", "properties"))
+_ONE_OPTIONAL = (("t", '"timestamp"'), ("s", "destination"))
+_ONE_PLAIN_SQL = """
+INSERT INTO {table} ({columns}) VALUES ({values})"""
+# Waking the workers too: the same row from a SELECT over the one-row pg_notify call;
+# a SELECT list gives untyped parameters the type text, so they are cast here.
+_ONE_CASTS = {"u": "uuid", "e": "text", "d": "text", "p": "json", "t": "timestamptz", "s": "text"}
+_ONE_WAKE_SQL = """
+INSERT INTO {table} ({columns})
+SELECT {casts}{wake}"""
+# Several events without dedup keys (and not waking the workers) are one multi-row
+# VALUES list, one parameter per value and DEFAULT for a null timestamp, up to
+# _VALUES_MAX events: cheaper for the server than unpacking a JSON array (measured:
+# ten events in about 85 us less). The text depends on the events, which costs
+# nothing since the library never prepares its statements.
+_VALUES_MAX = 1000
+_MANY_VALUES_SQL = """
+INSERT INTO {table} (uuid, event, distinct_id, properties, "timestamp", destination)
+VALUES """
+# Otherwise several events travel as one JSON parameter (driver-neutral, one statement
+# text for any number of events). Each event is an object with one-letter keys: d distinct_id,
+# e event, p properties, s destination, t timestamp, u uuid; s and t are left out
+# when they are null ('posthog' for s); uuids are written as 32 hex digits (uuid
+# input takes them, and Python makes them faster than the hyphenated form).
+# json_to_recordset hands each event's properties over as the text of that value,
+# never building jsonb. WITH ORDINALITY numbers the events in array order, so ORDER
+# BY n inserts them in call order without a sort step.
+_MANY_PLAIN_SQL = """
+INSERT INTO {table} (uuid, event, distinct_id, properties, "timestamp", destination)
+SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()), destination
+FROM ROWS FROM (
+    json_to_recordset(CAST({rows} AS json))
+        AS (d text, e text, p json, s text, t timestamptz, u uuid)
+) WITH ORDINALITY AS r(distinct_id, event, properties, destination, "timestamp", uuid, n)
+{wake}ORDER BY n"""
 
-# With dedup keys, the events go through a function of migration 0004
-# (SECURITY DEFINER), so the application's role needs no right on outbox_dedup_keys:
-# it claims the keys and inserts only the events whose key was free (or that have
-# none), and returns the claimed keys, which tells which events were written. A key
-# is free when it is new, or when the event that held it was delivered longer ago
-# than the window (the worker sets expires_at at delivery; an undelivered event
-# holds 'infinity'). The one-event function takes the same parameters as _ONE_INPUT,
-# the many-event one the same JSON array as _MANY_INPUT.
+# With dedup keys, the events go through a function (SECURITY DEFINER; migration
+# 0004, redefined over the event tables by 0007, same signatures), so the
+# application's role needs no right on outbox_dedup_keys: it claims the keys and
+# inserts only the events whose key was free (or that have none), and returns the
+# claimed keys, which tells which events were written. A key is free when it is new,
+# or when the event that held it was delivered longer ago than the window (the
+# worker sets expires_at at delivery; an undelivered event holds 'infinity'). The
+# one-event function takes one parameter per column (properties as jsonb, as its
+# signature says), the many-event one a JSON array as above with k the dedup key.
 _KEYED_ONE_SQL = """
 SELECT outbox_enqueue_keyed(CAST({u} AS uuid), CAST({e} AS text), CAST({d} AS text),
     CAST({p} AS jsonb), CAST({s} AS text), CAST({t} AS timestamptz), CAST({k} AS text))
@@ -113,39 +136,106 @@ LEFT JOIN outbox_enqueue_keyed_rows(CAST({rows} AS jsonb)) AS k(k) ON true"""
 # keeps looking for longer than that (worker.app.HOT_LINGER), so an event whose
 # notification was throttled away is still found at once. Polling stays the fallback.
 NOTIFY_INTERVAL = 0.05
-_WAKE_PLAIN = f", (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS wake"
-_WAKE_DEDUP = f" FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS wake"
+_NOTIFY = f"(SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS wake"
 _last_notify = 0.0
 
 _ONE_PARAMS = ("u", "e", "d", "p", "s", "t", "k")
+_MANY_PARAMS = ("rows",)
 
 
 class _Statements:
     """One SQL text in the two placeholder styles: psycopg's and SQLAlchemy's."""
 
-    def __init__(self, sql: str, input_sql: str, params: Sequence[str], wake: str) -> None:
+    def __init__(self, sql: str, params: Sequence[str], **parts: str) -> None:
         def render(style: str) -> str:
             names = {name: style.format(name) for name in params}
-            return sql.format(input=input_sql.format(**names), wake=wake, **names)
+            filled = {key: part.format(**names) for key, part in parts.items()}
+            return sql.format(**filled, **names)
 
         self.psycopg = render("%({})s")
         self.sqlalchemy = text(render(":{}"))
 
 
-def _statements(
-    input_sql: str, keyed_sql: str, params: Sequence[str]
-) -> dict[tuple[bool, bool], _Statements]:
-    """The four statements for one input shape, by (reads dedup keys, wakes workers)."""
-    return {
-        (False, False): _Statements(_PLAIN_SQL, input_sql, params, ""),
-        (False, True): _Statements(_PLAIN_SQL, input_sql, params, _WAKE_PLAIN),
-        (True, False): _Statements(keyed_sql, "", params, ""),
-        (True, True): _Statements(keyed_sql, "", params, _WAKE_DEDUP),
-    }
+class _Built:
+    """A statement made for one call: psycopg's text (SQLAlchemy's is derived from it
+    by :func:`outbox._db.execute` only for a driver other than psycopg)."""
+
+    __slots__ = ("psycopg",)
+    sqlalchemy = None
+
+    def __init__(self, sql: str) -> None:
+        self.psycopg = sql
 
 
-_ONE = _statements(_ONE_INPUT, _KEYED_ONE_SQL, _ONE_PARAMS)
-_MANY = _statements(_MANY_INPUT, _KEYED_MANY_SQL, ("rows",))
+def _many_values(events: Sequence[PreparedEvent]) -> tuple[_Built, dict[str, str | None]]:
+    """The multi-row VALUES INSERT of ``events`` and its parameters (see
+    ``_MANY_VALUES_SQL``)."""
+    params: dict[str, str | None] = {}
+    rows = []
+    for i, e in enumerate(events):
+        params[f"u{i}"] = e.uuid.hex
+        params[f"e{i}"] = e.event
+        params[f"d{i}"] = e.distinct_id
+        params[f"p{i}"] = e.properties_json
+        if e.timestamp is None:
+            t = "DEFAULT"
+        else:
+            t = f"%(t{i})s"
+            params[f"t{i}"] = e.timestamp.isoformat()
+        if e.destination == DESTINATION_POSTHOG:
+            d = "NULL"
+        else:
+            d = f"%(s{i})s"
+            params[f"s{i}"] = e.destination
+        rows.append(f"(%(u{i})s, %(e{i})s, %(d{i})s, %(p{i})s, {t}, {d})")
+    table = event_table(event_table_slot(time.time()))
+    return _Built(_MANY_VALUES_SQL.format(table=table) + ", ".join(rows)), params
+
+
+def _one_plain(wake: bool, slot: int, given: tuple[str, ...]) -> _Statements:
+    """The one-event INSERT into event table ``slot`` of the columns ``given``."""
+    pairs = [*_ONE_COLUMNS, *(pair for pair in _ONE_OPTIONAL if pair[0] in given)]
+    columns = ", ".join(column for _, column in pairs)
+    if wake:
+        casts = ", ".join(f"CAST({{{p}}} AS {_ONE_CASTS[p]})" for p, _ in pairs)
+        return _Statements(
+            _ONE_WAKE_SQL,
+            _ONE_PARAMS,
+            table=event_table(slot),
+            columns=columns,
+            casts=casts,
+            wake=" FROM " + _NOTIFY,
+        )
+    values = ", ".join(f"{{{p}}}" for p, _ in pairs)
+    return _Statements(
+        _ONE_PLAIN_SQL, _ONE_PARAMS, table=event_table(slot), columns=columns, values=values
+    )
+
+
+_SHAPES = ((), ("t",), ("s",), ("t", "s"))
+# By (wakes the workers, event table, which of timestamp and destination are given).
+_ONE_PLAIN = {
+    (wake, slot, given): _one_plain(wake, slot, given)
+    for wake in (False, True)
+    for slot in range(EVENT_TABLES)
+    for given in _SHAPES
+}
+# By whether the statement wakes the workers, then by event table.
+_MANY_PLAIN = {
+    wake: [
+        _Statements(_MANY_PLAIN_SQL, _MANY_PARAMS, table=event_table(slot), wake=notify)
+        for slot in range(EVENT_TABLES)
+    ]
+    for wake, notify in ((False, ""), (True, ", " + _NOTIFY + "\n"))
+}
+_ONE_KEYED = {
+    False: _Statements(_KEYED_ONE_SQL, _ONE_PARAMS, wake=""),
+    True: _Statements(_KEYED_ONE_SQL, _ONE_PARAMS, wake=" FROM " + _NOTIFY),
+}
+_MANY_KEYED = {
+    False: _Statements(_KEYED_MANY_SQL, _MANY_PARAMS, wake=""),
+    True: _Statements(_KEYED_MANY_SQL, _MANY_PARAMS, wake=" FROM " + _NOTIFY),
+}
 
 
 def _wake_now() -> bool:
@@ -179,7 +269,9 @@ def enqueue(
     function never begins, commits or rolls back. ``timestamp`` defaults to the
     transaction's ``now()``; ``uuid`` to a new UUIDv7, which PostHog uses as the
     event's identity (a re-sent copy is collapsed with the first when ClickHouse
-    merges them, not at once).
+    merges them, not at once). The outbox does not refuse a ``uuid`` an earlier
+    call already enqueued: both rows are shipped, and PostHog merges the copies the
+    same way. Use ``dedup_key`` to have the outbox write an event at most once.
 
     ``distinct_id`` may be an :class:`~outbox.actors.Actor` (see
     :func:`outbox.user_actor` and friends): its id is used and its properties are
@@ -222,7 +314,8 @@ def enqueue_many(
     dedup key (including a key repeated within ``events``), or ``None`` for every
     item when analytics is disabled. Nothing is written when any item is invalid;
     the error names it, e.g. ``events[3].distinct_id``, or ``events[3].uuid`` for a
-    ``uuid`` an earlier item has too.
+    ``uuid`` an earlier item of the same call has too (across calls a repeated
+    ``uuid`` is written again: see :func:`enqueue`).
     """
     cfg = config or get_config()
     if cfg.disabled:
@@ -360,8 +453,10 @@ def _prepare_all(cfg: AnalyticsConfig, events: Iterable[Mapping[str, Any]]) -> l
 
 
 def _check_unique_uuids(events: Sequence[PreparedEvent]) -> None:
-    """Refuse a uuid given twice: the INSERT would fail on the outbox's unique uuid
-    and abort the caller's transaction. (Fresh UUIDv7s never repeat.)"""
+    """Refuse a uuid given twice in one call: two events of one call with the same
+    uuid are a mistake of the caller's (PostHog would keep only one of them).
+    (Fresh UUIDv7s never repeat.) Across calls nothing refuses it: the event tables
+    have no unique index."""
     first: dict[uuid_module.UUID, int] = {}
     for index, event in enumerate(events):
         earlier = first.setdefault(event.uuid, index)
@@ -561,8 +656,19 @@ def _prepare(
                     )
                 merged["$process_person_profile"] = False
     try:
+        # Only the keyed functions parse the properties as jsonb (their parameter is
+        # jsonb), so only a keyed event's keys are put in jsonb's order; a plain
+        # event's JSON is stored as text, keys in the caller's order.
         return _prepare_event(
-            event, distinct_id, merged, timestamp, dedup_key, uuid, prefix, destination, True
+            event,
+            distinct_id,
+            merged,
+            timestamp,
+            dedup_key,
+            uuid,
+            prefix,
+            destination,
+            dedup_key is not None,
         )
     except OutboxValidationError as exc:
         if renames:
@@ -574,7 +680,7 @@ _quote = json.encoder.encode_basestring  # a str as a JSON string literal, non-A
 
 
 def _rows_param(events: Sequence[PreparedEvent]) -> str:
-    """The events as the JSON array the statement reads (see ``_MANY_INPUT``)."""
+    """The events as the JSON array the many-event statements read."""
     quote = _quote
     rows = []
     for e in events:
@@ -589,8 +695,8 @@ def _rows_param(events: Sequence[PreparedEvent]) -> str:
 
 
 def _one_params(e: PreparedEvent) -> dict[str, str | None]:
-    """One event's columns as parameters (see ``_ONE_INPUT``); all text, so the
-    statement is prepared once whatever is null."""
+    """One event's columns as parameters; all text, so the statement has the same
+    parameter types whatever is null."""
     return {
         "u": e.uuid.hex,
         "e": e.event,
@@ -621,18 +727,39 @@ class _Call:
 
     def __init__(self, events: Sequence[PreparedEvent]) -> None:
         self.events = events
+        self.params: dict[str, str | None]
+        self.statements: _Statements | _Built
+        wake = _wake_now()
+        if len(events) == 1:  # the common call: nothing to drop, one statement to pick
+            e = events[0]
+            self.sent = events
+            self.reads_keys = e.dedup_key is not None
+            self.params = params = _one_params(e)
+            if self.reads_keys:
+                self.statements = _ONE_KEYED[wake]
+            else:
+                given = _SHAPES[(params["t"] is not None) + 2 * (params["s"] is not None)]
+                self.statements = _ONE_PLAIN[wake, event_table_slot(time.time()), given]
+            return
         self.sent = _unique_keys(events)
         self.reads_keys = any(e.dedup_key is not None for e in self.sent)
-        self.params: dict[str, str | None]
         if len(self.sent) == 1:
-            self.statements = _ONE[self.reads_keys, _wake_now()]
             self.params = _one_params(self.sent[0])
+            self.statements = _ONE_KEYED[wake]  # what is left of repeated keys
         else:
-            self.statements = _MANY[self.reads_keys, _wake_now()]
-            self.params = {"rows": _rows_param(self.sent)}
+            if self.reads_keys or wake or len(self.sent) > _VALUES_MAX:
+                self.params = {"rows": _rows_param(self.sent)}
+            if self.reads_keys:
+                self.statements = _MANY_KEYED[wake]
+            elif not wake and len(self.sent) <= _VALUES_MAX:
+                self.statements, self.params = _many_values(self.sent)
+            else:
+                self.statements = _MANY_PLAIN[wake][event_table_slot(time.time())]
 
     def results(self, claimed: Iterable[str | None]) -> list[uuid_module.UUID | None]:
         """Each event's uuid if it was written, else None."""
+        if not self.reads_keys:
+            return [e.uuid for e in self.events]  # every one of them
         keys = {k for k in claimed if k is not None}
         written = {e.uuid for e in self.sent if e.dedup_key is None or e.dedup_key in keys}
         return [e.uuid if e.uuid in written else None for e in self.events]
@@ -647,11 +774,6 @@ def _translate(exc: Exception) -> Exception:
             "the outbox tables predate this version (migration 0004 is missing): "
             "run `outbox-worker migrate` first; the caller's transaction is aborted"
         )
-    if isinstance(orig, psycopg.errors.UniqueViolation) and "outbox_events_uuid_key" in str(orig):
-        return OutboxDatabaseError(
-            "an event with this uuid is already in the outbox; the caller's transaction "
-            "is aborted and must be rolled back"
-        )
     first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     return OutboxDatabaseError(f"the outbox INSERT failed: {first}")
 
@@ -665,9 +787,10 @@ def enqueue_prepared(conn: Any, events: Sequence[PreparedEvent]) -> list[uuid_mo
     """
     if not events:
         return []
-    conn = resolve(conn)
-    if not is_sync(conn):
-        raise _unsupported(conn, sync=True)
+    if type(conn) is not psycopg.Connection:  # the common case needs no resolving
+        conn = resolve(conn)
+        if not is_sync(conn):
+            raise _unsupported(conn, sync=True)
     call = _Call(events)
     statements = call.statements
     try:
@@ -683,9 +806,10 @@ async def aenqueue_prepared(
     """The async twin of :func:`enqueue_prepared`."""
     if not events:
         return []
-    conn = resolve(conn)
-    if not is_async(conn):
-        raise _unsupported(conn, sync=False)
+    if type(conn) is not psycopg.AsyncConnection:
+        conn = resolve(conn)
+        if not is_async(conn):
+            raise _unsupported(conn, sync=False)
     call = _Call(events)
     statements = call.statements
     try:

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from tests.conftest import wait_for
+from worker.storage import snapshot_sql
 from worker.storage.snapshot import (
     Chunk,
     Failure,
@@ -114,6 +115,91 @@ def test_a_chunk_is_read_in_order_and_progress_is_kept_across_leases(
     rest = second.read(again, 100)
     assert rest.last
     assert [e.uuid for e in rest.events] == [e["uuid"] for e in committed[10:]]
+
+
+def test_a_batch_over_several_tables_is_read_in_table_order_in_chunks(
+    database_url: str, engines: Callable[..., SnapshotEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch with rows in two tables, read in chunks of 4 while one scan finds at
+    most 7 positions: the engine scans again where its positions run out."""
+    monkeypatch.setattr(snapshot_sql, "POSITIONS_CAP", 7)
+    in_three, in_one = _events(12), _events(9)
+    _commit(database_url, in_three, table=3)
+    _commit(database_url, in_one, table=1)
+    sent = drain(engines(), chunk=4)
+    assert sent == [e["uuid"] for e in in_one + in_three]
+    # A chunk bigger than the cap is read whole.
+    more = _events(20)
+    _commit(database_url, more, table=2)
+    engine = engines()
+    batch = engine.claim(30)
+    assert batch is not None
+    part = engine.read(batch, 15)
+    assert [e.uuid for e in part.events] == [e["uuid"] for e in more[:15]]
+    assert not part.last
+
+
+def test_positions_kept_by_one_worker_follow_what_another_sent(
+    database_url: str, engines: Callable[..., SnapshotEngine]
+) -> None:
+    committed = _events(30)
+    _commit(database_url, committed)
+    a, b = engines("a"), engines("b")
+    batch = a.claim(30)
+    assert batch is not None
+    first = a.read(batch, 10)  # a keeps the batch's positions
+    assert a.advance(batch, first.events[-1], last=False, delivered=first.events)
+    assert a.release(batch)
+    taken = b.claim(30, tick=False)
+    assert taken is not None
+    second = b.read(taken, 10)
+    assert b.advance(taken, second.events[-1], last=False, delivered=second.events)
+    assert b.release(taken)
+    again = a.claim(30, tick=False)
+    assert again is not None and again.batch_id == batch.batch_id
+    rest = a.read(again, 100)
+    assert rest.last
+    assert [e.uuid for e in first.events + second.events + rest.events] == [
+        e["uuid"] for e in committed
+    ]
+
+
+def test_a_stale_worker_reads_nothing_of_a_table_truncated_and_written_again(
+    database_url: str, engines: Callable[..., SnapshotEngine]
+) -> None:
+    """The positions a worker kept point at other rows once the table was truncated and
+    written again: it reads none of them (they are not its batch's)."""
+    _commit(database_url, _events(30), table=2)
+    slow, other = engines("slow"), engines("other")
+    batch = slow.claim(0.2)
+    assert batch is not None
+    slow.read(batch, 10)
+    taken: LeasedBatch = wait_for(lambda: other.claim(30, tick=False), what="the re-claim")
+    rest = other.read(taken, 100)
+    assert other.advance(taken, rest.events[-1], last=True, delivered=rest.events)
+    assert other.rotate(current=True) >= 1
+    newer = _events(30)
+    _commit(database_url, newer, table=2)
+    late = slow.read(batch, 10)
+    assert late.events == [] and late.last
+    assert not slow.advance(batch, None, last=True)
+    assert drain(other) == [e["uuid"] for e in newer]
+
+
+def test_a_range_below_the_earlier_snapshot_leaves_out_what_it_saw(
+    database_url: str, db: psycopg.Connection[Any], engines: Callable[..., SnapshotEngine]
+) -> None:
+    """A batch whose txid range starts below the earlier tick's xmax (the tick never
+    makes one; a batch written by hand could) holds only what that tick did not see."""
+    engine = engines()
+    seen = _events(5)
+    _commit(database_url, seen)
+    assert drain(engine) == [e["uuid"] for e in seen]
+    later = _events(5)
+    _commit(database_url, later)
+    assert engine.tick() is not None
+    db.execute("UPDATE outbox_batches SET txid_lo = 1")
+    assert drain(engine, chunk=3) == [e["uuid"] for e in later]
 
 
 def test_an_open_transaction_is_delivered_after_it_commits(

@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 
 from outbox.exceptions import OutboxDatabaseError
+from outbox.validation import new_event_uuid
 from worker.sinks.base import Outbound
 from worker.storage import snapshot_sql as sql
 
@@ -138,6 +139,21 @@ class LeasedBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class _Positions:
+    """Where a batch's events are, in order, after ``start`` (a progress)."""
+
+    start: tuple[int, str]
+    items: list[tuple[int, str]]
+    index: dict[tuple[int, str], int]
+    #: The scan reached the batch's end (else there may be events after the last).
+    complete: bool
+
+
+#: How many batches' positions an engine keeps (the oldest go first).
+_KEPT_BATCHES = 4
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """Events of a batch, in order; ``last`` when the batch has no events after them."""
 
@@ -165,13 +181,20 @@ class RetryOutcome:
 class SnapshotEngine:
     """The snapshot engine's statements over one autocommit psycopg connection."""
 
-    def __init__(self, conn: psycopg.Connection[Any], *, worker_id: str = "worker") -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], *, worker_id: str = "worker", settings: bool = True
+    ) -> None:
+        """With ``settings``, apply :data:`snapshot_sql.SETTINGS` to the session (a
+        caller that applies them itself, per transaction behind a pooler, passes
+        False)."""
         if not conn.autocommit:
             raise ValueError("the snapshot engine needs an autocommit connection")
         self.conn = conn
         self.worker_id = worker_id
+        self._positions: dict[int, _Positions] = {}
         for setting in sql.SESSION.split(";"):
-            conn.execute(setting.strip())
+            if settings:  # else the caller applies them (per transaction, behind a pooler)
+                conn.execute(setting.strip())
 
     def _run(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:
         try:
@@ -202,9 +225,14 @@ class SnapshotEngine:
     ) -> LeasedBatch | None:
         """Lease the oldest unleased batch; with none, tick (when ``tick``) and try once
         more. None when there is nothing to send."""
-        params = {"worker": self.worker_id, "lease_seconds": float(lease_seconds)}
+        params = {
+            "worker": self.worker_id,
+            "lease_seconds": float(lease_seconds),
+            "lease": new_event_uuid(),
+        }
         rows = self._run(sql.CLAIM, params)
         if not rows and tick and self.tick(split_rows) is not None:
+            params["lease"] = new_event_uuid()
             rows = self._run(sql.CLAIM, params)
         if not rows:
             return None
@@ -212,22 +240,48 @@ class SnapshotEngine:
         return LeasedBatch(batch_id, lease, lo, hi, list(extra), snap1, snap2, pt, str(pc), sent)
 
     def read(self, batch: LeasedBatch, limit: int) -> Chunk:
-        """The batch's next ``limit`` events at most (no transaction stays open)."""
-        rows = self._run(
-            sql.READ,
-            {
-                "lo": batch.txid_lo,
-                "hi": batch.txid_hi,
-                "extra": batch.txid_extra,
-                "xlo": min(batch.txid_extra, default=1),
-                "xhi": max(batch.txid_extra, default=0),
-                "snap1": batch.snap1,
-                "snap2": batch.snap2,
-                "pt": batch.progress_table,
-                "pc": batch.progress_ctid,
-                "limit": limit,
-            },
-        )
+        """The batch's next ``limit`` events at most (no transaction stays open).
+
+        The batch's positions (table, ctid) after its progress are found by one scan
+        and kept (a batch's rows never change: all their transactions have finished),
+        so that each chunk reads only its own rows, by TID, whoever advanced the batch
+        in between; a batch of more than ``POSITIONS_CAP`` events is scanned again from
+        where the last scan ended."""
+        if limit < 1:
+            raise ValueError(f"limit: {limit} is not a positive number of events")
+        snap1 = batch.txid_lo < int(batch.snap1.split(":", 2)[1])
+        extra = bool(batch.txid_extra)
+        params: dict[str, Any] = {
+            "lo": batch.txid_lo,
+            "hi": batch.txid_hi,
+            "extra": batch.txid_extra,
+            "xlo": min(batch.txid_extra, default=1),
+            "xhi": max(batch.txid_extra, default=0),
+            "snap1": batch.snap1,
+            "snap2": batch.snap2,
+            "pt": batch.progress_table,
+            "pc": batch.progress_ctid,
+        }
+        for scanned in (False, True):
+            positions, start = self._positions_after(
+                batch, params, snap1, extra, limit, fresh=scanned
+            )
+            take = positions.items[start : start + limit]
+            if not take:
+                return Chunk([], last=True)
+            tables = tuple(sorted({t for t, _ in take}))
+            for t in tables:
+                params[f"c{t}"] = [c for u, c in take if u == t]
+            rows = self._run(sql.fetch_statement(tables, extra=extra, snap1=snap1), params)
+            if len(rows) == len(take):
+                break
+            # Rows no longer there (a table truncated since the scan): scan again.
+            self._positions.pop(batch.batch_id, None)
+        else:
+            raise SnapshotError("a snapshot engine statement failed: the batch's rows changed")
+        order = {p: i for i, p in enumerate(take)}
+        if [(r[0], str(r[1])) for r in rows] != take:
+            rows.sort(key=lambda r: order[(r[0], str(r[1]))])
         events = [
             SnapshotEvent(
                 table=t,
@@ -247,7 +301,44 @@ class SnapshotEngine:
             )
             for t, c, u, ev, d, p, ts, dest, k, ahead in rows
         ]
-        return Chunk(events, last=len(events) < limit)
+        end = start + len(take)
+        return Chunk(events, last=positions.complete and end == len(positions.items))
+
+    def _positions_after(
+        self,
+        batch: LeasedBatch,
+        params: dict[str, Any],
+        snap1: bool,
+        extra: bool,
+        limit: int,
+        *,
+        fresh: bool,
+    ) -> tuple[_Positions, int]:
+        """The kept positions of ``batch`` and the index of the first one after its
+        progress; scanned now if none are kept from there, or too few for a chunk of
+        ``limit`` (a scan that stopped at its cap), or when ``fresh``."""
+        progress = (batch.progress_table, batch.progress_ctid)
+        kept = None if fresh else self._positions.get(batch.batch_id)
+        if kept is not None:
+            if progress == kept.start:
+                start = 0
+            elif (i := kept.index.get(progress)) is not None:
+                start = i + 1
+            else:
+                start = -1
+            if start >= 0 and (kept.complete or start + limit <= len(kept.items)):
+                return kept, start
+        rows = self._run(
+            sql.positions_statement(batch.progress_table, extra=extra, snap1=snap1),
+            {**params, "cap": (cap := max(sql.POSITIONS_CAP, limit))},
+        )
+        items = [(int(t), str(c)) for t, c in rows]
+        kept = _Positions(progress, items, {p: i for i, p in enumerate(items)}, len(items) < cap)
+        self._positions.pop(batch.batch_id, None)
+        while len(self._positions) >= _KEPT_BATCHES:
+            self._positions.pop(next(iter(self._positions)))
+        self._positions[batch.batch_id] = kept
+        return kept, 0
 
     def advance(
         self,
@@ -313,8 +404,10 @@ class SnapshotEngine:
         self, limit: int, lease_seconds: float
     ) -> tuple[uuid.UUID, list[SnapshotEvent]]:
         """Lease up to ``limit`` due retries; returns the lease and the events (their
-        ``position`` is the retry row's id)."""
-        lease = uuid.uuid4()
+        ``position`` is the retry row's id). The lease is a UUIDv7: its first 48 bits
+        are when it was made (the worker's clock, in milliseconds), which is how
+        ``outbox-worker status`` tells how long leased retries have been held."""
+        lease = new_event_uuid()
         rows = self._run(
             sql.CLAIM_RETRIES,
             {"lease": lease, "lease_seconds": float(lease_seconds), "limit": limit},

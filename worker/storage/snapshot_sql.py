@@ -9,6 +9,8 @@ claimed since) writes nothing.
 
 from __future__ import annotations
 
+import functools
+
 #: How many event tables migration 0006 creates.
 EVENT_TABLES = 4
 
@@ -20,10 +22,13 @@ _ISO = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
 # how selective a txid range is and would scan a whole table, in parallel, for every
 # chunk (measured: 27 ms for a chunk of 200 out of 50,000 rows); with seq scans off it
 # takes the BRIN index. And with its inflated costs a one-row statement would pay for
-# JIT compilation (milliseconds) each time. TID scans are off too: the chunk's
-# "ctid > progress" would otherwise be planned as a scan from there to the table's end.
+# JIT compilation (milliseconds) each time. TID scans stay on (with seq scans off, a
+# chunk's rows are fetched by TID whatever the planner thinks of the table's size: a seq
+# scan testing every row against a chunk's thousand positions cost 2 ms per chunk); the
+# scan for a batch's positions writes its "ctid > progress" as tidgt(), which is no TID
+# range condition, so that it is not planned as a scan from there to the table's end.
 SESSION = (
-    "SET jit = off; SET enable_seqscan = off; SET enable_tidscan = off;"
+    "SET jit = off; SET enable_seqscan = off; SET enable_tidscan = on;"
     " SET max_parallel_workers_per_gather = 0"
 )
 
@@ -31,11 +36,21 @@ TICK = "SELECT outbox_snapshot_tick(%(split_rows)s)"
 
 ROTATE = "SELECT outbox_snapshot_rotate(%(current)s)"
 
+#: :data:`SESSION`'s settings as name -> value (for a caller that sets them per
+#: transaction, behind a transaction pooler).
+SETTINGS = {
+    name.strip(): value.strip()
+    for name, value in (
+        part.strip().removeprefix("SET ").split("=", 1) for part in SESSION.split(";")
+    )
+}
+
 # Lease the oldest batch nobody holds (or whose lease ran out), with what reading it
 # needs: its interval's two snapshots, its txid range and where the next chunk starts.
+# The lease (a fresh UUIDv7 per claim) says when it was made, for `status`.
 CLAIM = """
 UPDATE outbox_batches AS b
-SET leased_by = %(worker)s, lease = gen_random_uuid(),
+SET leased_by = %(worker)s, lease = %(lease)s,
     leased_until = now() + %(lease_seconds)s * interval '1 second'
 FROM (
     SELECT batch_id FROM outbox_batches
@@ -57,37 +72,74 @@ SELECT EXISTS (
 """
 
 
-_COLUMNS = f"""e.ctid AS c, e.uuid, e.event, e.distinct_id, e.properties::text,
+# The columns of an event as the worker reads them, computed from the raw row.
+_COLUMNS = f"""e.ctid, e.uuid, e.event, e.distinct_id, e.properties::text,
     to_char(e."timestamp" AT TIME ZONE 'UTC', {_ISO}), e.destination, e.dedup_key,
     e."timestamp" > now() + interval '23 hours'"""
 
-
-def _chunk_part(t: int) -> str:
-    after = f"(%(pt)s::integer < {t} OR (%(pt)s::integer = {t} AND e.ctid > %(pc)s::tid))"
-    return f"""
-(SELECT {t} AS t, {_COLUMNS}
-FROM outbox_events_{t} AS e
-WHERE e.txid >= %(lo)s AND e.txid < %(hi)s
-  AND txid_visible_in_snapshot(e.txid, %(snap2)s::txid_snapshot)
-  AND NOT txid_visible_in_snapshot(e.txid, %(snap1)s::txid_snapshot)
-  AND {after})
-UNION ALL
-(SELECT {t} AS t, {_COLUMNS}
-FROM outbox_events_{t} AS e
-WHERE e.txid >= %(xlo)s AND e.txid <= %(xhi)s AND e.txid = ANY(%(extra)s::bigint[])
-  AND {after})"""
+#: The most positions one scan of a batch returns (a bigger batch is scanned again
+#: from where the last scan ended, once its positions are used up).
+POSITIONS_CAP = 20_000
 
 
-# The next chunk of a batch: its events after (progress_table, progress_ctid), in
-# (table, ctid) order, at most :limit. The events of the batch are the rows whose
-# transaction the later tick's snapshot sees as finished and the earlier one's does
-# not: those in its txid range (from the earlier xmax) that pass both tests, and
-# those of the listed older transactions, which the earlier snapshot saw in progress
-# (rows of rolled-back transactions are not visible at all).
-READ = (
-    " UNION ALL ".join(_chunk_part(t) for t in range(EVENT_TABLES))
-    + "\nORDER BY t, c LIMIT %(limit)s"
-)
+def _member(snap1: bool) -> str:
+    """Whether row ``e`` belongs to the batch's txid range: its transaction is below
+    the later snapshot's xmax and finished in it (and, with ``snap1``, not finished in
+    the earlier one; the tick's batches start at the earlier snapshot's xmax, so no
+    transaction of the range can be)."""
+    test = (
+        "e.txid >= %(lo)s AND e.txid < %(hi)s"
+        " AND txid_visible_in_snapshot(e.txid, %(snap2)s::txid_snapshot)"
+    )
+    if snap1:
+        test += " AND NOT txid_visible_in_snapshot(e.txid, %(snap1)s::txid_snapshot)"
+    return test
+
+
+def _listed() -> str:
+    """Whether row ``e`` is of one of the older transactions the batch lists (which
+    the earlier snapshot saw in progress and the later one sees finished)."""
+    return "e.txid >= %(xlo)s AND e.txid <= %(xhi)s AND e.txid = ANY(%(extra)s::bigint[])"
+
+
+@functools.cache
+def positions_statement(progress_table: int, *, extra: bool, snap1: bool) -> str:
+    """Where the events of a batch are after its progress (progress_table,
+    progress_ctid): ``(table, ctid)`` in that order, at most :cap. The events of the
+    batch are the rows whose transaction the later tick's snapshot sees as finished and
+    the earlier one's does not: those of its txid range, and those of the listed older
+    transactions (``extra``: the batch lists some); rows of rolled-back transactions
+    are not visible at all. Only the tables from ``progress_table`` on are read, through
+    their BRIN index; nothing but the positions is sorted or sent.
+    """
+    parts: list[str] = []
+    for t in range(progress_table, EVENT_TABLES):
+        after = " AND tidgt(e.ctid, %(pc)s::tid)" if t == progress_table else ""
+        tests = [_member(snap1)] + ([_listed()] if extra else [])
+        parts.extend(
+            f"SELECT {t} AS t, e.ctid AS c FROM outbox_events_{t} AS e WHERE {test}{after}"
+            for test in tests
+        )
+    union = "\nUNION ALL\n".join(f"({part})" for part in parts)
+    return f"{union}\nORDER BY t, c LIMIT %(cap)s"
+
+
+@functools.cache
+def fetch_statement(tables: tuple[int, ...], *, extra: bool, snap1: bool) -> str:
+    """The events at the given positions (``%(c<table>)s``: the ctids in each of
+    ``tables``), by TID, that still belong to the batch (a table truncated since holds
+    other rows at those positions, which the test leaves out)."""
+    member = f"({_member(snap1)})" + (f" OR ({_listed()})" if extra else "")
+    # OFFSET 0 keeps the test out of the scan, so that it is a TID scan of the
+    # positions, not a BRIN scan of the batch's pages with the positions as a filter.
+    parts = [
+        f"SELECT {t} AS t, {_COLUMNS} FROM ("
+        f"SELECT ctid, * FROM outbox_events_{t} WHERE ctid = ANY(%(c{t})s::tid[]) OFFSET 0"
+        f") AS e WHERE {member}"
+        for t in tables
+    ]
+    return "\nUNION ALL\n".join(f"({part})" for part in parts)
+
 
 # A chunk was sent (or failed): in one statement, fenced on the lease, move the
 # batch's progress past it (or delete the batch, when it was the last chunk), file

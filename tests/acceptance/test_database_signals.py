@@ -299,8 +299,8 @@ def test_a_slow_batch_holds_no_lock_so_a_migration_does_not_wait_for_it(
                 # outbox_batches, outbox_ticks).
                 migration.execute("LOCK TABLE outbox_events IN ACCESS EXCLUSIVE MODE")
                 granted = time.monotonic() - started
-                assert batches_in_flight(database_url) == 1  # it did not wait for the batch
                 migration.commit()
+            assert batches_in_flight(database_url) == 1  # it did not wait for the batch
             wait_for(lambda: len(app.waits) >= 3, what="enqueues after the lock")
         assert time.monotonic() - sent < SLOW  # all of it while the batch was on the wire
         longest = max(app.waits)

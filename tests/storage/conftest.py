@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 import outbox
+from tests.pgbouncer import bounced_url, pgbouncer  # noqa: F401 (fixtures)
 from worker.storage.base import Storage
 from worker.storage.memory import MemoryEvents, MemoryStorage
 from worker.storage.snapshot import insert_events
@@ -146,11 +147,26 @@ def _snapshot(request: pytest.FixtureRequest) -> SnapshotHarness:
     return SnapshotHarness(request.getfixturevalue("database_url"), SnapshotStorage)
 
 
+class BouncedHarness(SnapshotHarness):
+    """The snapshot engine through a real PgBouncer in transaction pooling mode, as
+    ``OUTBOX_POOLER=transaction`` runs it (no prepared statements; the timeouts and
+    planner settings set for each transaction, never left on a server session);
+    events go in directly."""
+
+    def __init__(self, database_url: str, through_pgbouncer: str) -> None:
+        super().__init__(database_url, functools.partial(SnapshotStorage, pooler="transaction"))
+        self.bounced_url = through_pgbouncer
+
+    def new(self, *, for_batches: bool = True) -> Storage:
+        engine = self.make(self.bounced_url, worker_id="suite", for_batches=for_batches)
+        self.made.append(engine)
+        return engine
+
+
 def _snapshot_pooled(request: pytest.FixtureRequest) -> SnapshotHarness:
-    """As behind a transaction pooler: no prepared statements, and the timeouts and
-    planner settings set for each transaction rather than the session."""
-    make = functools.partial(SnapshotStorage, pooler="transaction")
-    return SnapshotHarness(request.getfixturevalue("database_url"), make)
+    return BouncedHarness(
+        request.getfixturevalue("database_url"), request.getfixturevalue("bounced_url")
+    )
 
 
 def _memory(request: pytest.FixtureRequest) -> MemoryHarness:

@@ -320,3 +320,19 @@ def test_a_database_without_the_tables_is_not_installed_not_an_outage(
         assert actions(caplog) == []
     finally:
         s.close()
+
+
+def test_a_claim_cut_short_after_leasing_hands_the_lease_back(
+    harness: SnapshotHarness, database_url: str
+) -> None:
+    put = harness.put([{"event": "e", "distinct_id": f"u{i}"} for i in range(3)])
+    store = harness.new()
+    store.maintain()  # the batch exists: the claim leases it, then reads it
+    with psycopg.connect(database_url) as holder:
+        holder.execute("LOCK TABLE outbox_events_3 IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(LockTimeout):
+            store.claim(10, 1_000_000, 30.0)
+        holder.rollback()
+    # Due again at once, not when the 30 s lease would have run out.
+    batch = store.claim(10, 1_000_000, 30.0)
+    assert batch is not None and {e.uuid for e in batch.events} == set(put)

@@ -194,3 +194,31 @@ def test_in_flight_lists_leased_batches_and_leased_retries(harness: SnapshotHarn
     t.release(retries)
     s.release(fresh)
     assert look.in_flight() == []
+
+
+def test_a_failed_event_keeps_its_enqueue_time(harness: SnapshotHarness, database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as db:
+        db.execute("UPDATE outbox_ticks SET taken_at = now() - interval '1 hour'")
+        with db.transaction():  # committed within the hour, timestamped long before
+            insert_events(
+                db,
+                [
+                    {"uuid": uuid.uuid4(), "event": name, "distinct_id": "u",
+                     "timestamp": datetime(2000, 1, 1, tzinfo=UTC)}
+                    for name in ("dies", "retries")
+                ],
+            )  # fmt: skip
+    s, look = harness.new(), harness.new(for_batches=False)
+    batch = s.claim(10, 10_000_000, 30.0)
+    assert batch is not None
+    by_name = {e.event: e.id for e in batch.events}
+    outcome = BatchOutcome(
+        dead=[(by_name["dies"], "refused")], retry=[by_name["retries"]], retry_error="x"
+    )
+    s.finish(batch, outcome, **{**POLICY, "backoff_base": 3600.0, "backoff_max": 3600.0})
+    backlog = look.backlog()
+    assert (backlog.pending, backlog.retrying, backlog.dead) == (1, 1, 1)
+    assert 3600 <= backlog.oldest_pending_age_seconds < 3600 + 600
+    [dead] = look.dead()
+    created = datetime.fromisoformat(dead["created_at"])
+    assert 3600 <= (datetime.now(UTC) - created).total_seconds() < 3600 + 600

@@ -20,8 +20,8 @@ Each statement is bounded by the connection's ``lock_timeout`` and
 ``statement_timeout``: set for the transaction it runs in (``per_transaction``, as a
 transaction pooler needs, since a session setting would stay on whichever server
 session the pooler handed out), or once for the session when it connects (one round
-trip per connection instead of three more per statement). Other settings an engine
-needs (``settings``) are applied the same way.
+trip per connection instead of two more per statement, BEGIN and COMMIT). Other
+settings an engine needs (``settings``) are applied the same way.
 
 An engine (:class:`worker.storage.snapshot_storage.SnapshotStorage`) holds one
 :class:`Connection` and gives it three hooks: what to check on a new connection
@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import re
 import select
 import threading
 import time
@@ -124,6 +125,10 @@ def application_name(worker_id: str, *, for_batches: bool) -> str:
     return (prefix + worker_id)[:_APPLICATION_NAME_MAX]
 
 
+#: What a setting's name and value may be made of (they are written into SQL as is).
+_SETTING = re.compile(r"[A-Za-z0-9_.]+")
+
+
 def _nothing() -> None:
     return None
 
@@ -189,16 +194,23 @@ class Connection:
         self.per_transaction = (
             pooler == "transaction" if per_transaction is None else per_transaction
         )
-        #: One statement applying the settings (for the transaction, or the session).
+        #: One statement applying the settings to a new session (unless per transaction).
         self._apply = (
             "SELECT "
-            + ", ".join(
-                f"set_config('{name}', %({name})s, {'true' if self.per_transaction else 'false'})"
-                for name in self._settings
-            )
-            if self._settings
+            + ", ".join(f"set_config('{name}', %({name})s, false)" for name in self._settings)
+            if self._settings and not self.per_transaction
             else ""
         )
+        for name, value in self._settings.items():
+            if not (_SETTING.fullmatch(name) and _SETTING.fullmatch(value)):
+                raise ValueError(f"settings: {name!r} = {value!r} is not a plain setting")
+        #: The start of a transaction, with its settings, in one round trip (no
+        #: parameters, so both statements go in one simple query).
+        self._begin = "BEGIN"
+        if self._settings and self.per_transaction:
+            self._begin += "; SELECT " + ", ".join(
+                f"set_config('{name}', '{value}', true)" for name, value in self._settings.items()
+            )
         self._prepare = prepare
         self._holding = holding
         self._on_drop = on_drop
@@ -243,7 +255,7 @@ class Connection:
                 # short enough to cancel the next one can be named in the error.
                 self._session_statement_timeout = setting(conn, "statement_timeout")
                 self._prepare(conn)
-                if self._apply and not self.per_transaction:
+                if self._apply:
                     conn.execute(self._apply, self._settings)
             except psycopg.errors.QueryCanceled as exc:
                 conn.close()
@@ -298,7 +310,7 @@ class Connection:
         params: Mapping[str, Any] | None,
         bounded: bool,
     ) -> tuple[list[Any], int]:
-        if not (bounded and self._apply and self.per_transaction):
+        if not (bounded and self._settings and self.per_transaction):
             # Set for the session, the timeouts bound every statement; else none of ours.
             self._bounded = {} if self.per_transaction else self._timeouts
             cur = conn.execute(query, params)
@@ -318,11 +330,9 @@ class Connection:
         raises) under the connection's timeouts and settings; use it inside
         :meth:`guard`, holding :attr:`lock`."""
         conn = conn if conn is not None else self.connection()
-        conn.execute("BEGIN")
+        self._bounded = self._timeouts
         try:
-            self._bounded = self._timeouts
-            if self._apply and self.per_transaction:
-                conn.execute(self._apply, self._settings)
+            conn.execute(self._begin)
             yield conn
             conn.execute("COMMIT")
             self._bounded = {}

@@ -248,17 +248,30 @@ FOR UPDATE
 
 # Deferred events share one due time (the uncorrelated subquery runs once), so a held
 # batch comes back whole rather than as the part a poll at the boundary happens to see.
+# created_at is when the event was enqueued as far as can be told (as the old table's
+# created_at was, and as PENDING's since): its timestamp, kept within the batch's two
+# ticks. So `dead`, `purge` and the backlog's oldest age count from then, not from its
+# first failure.
 FILE_RETRIES = """
+WITH w AS (
+    SELECT t1.taken_at AS at1, t2.taken_at AS at2
+    FROM outbox_batches AS b
+    JOIN outbox_ticks AS t1 ON t1.tick_id = b.from_tick
+    JOIN outbox_ticks AS t2 ON t2.tick_id = b.to_tick
+    WHERE b.batch_id = %(batch)s
+)
 INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, destination, dedup_key,
-    properties, status, attempts, next_attempt_at, last_error)
+    properties, status, attempts, next_attempt_at, last_error, created_at)
 SELECT f.uuid, f.ts, f.event, f.distinct_id, f.destination, f.dedup_key, f.properties::json,
-    f.status, f.attempts, (SELECT clock_timestamp()) + f.delay * interval '1 second', f.error
+    f.status, f.attempts, (SELECT clock_timestamp()) + f.delay * interval '1 second', f.error,
+    coalesce(greatest(least(f.ts, w.at2), w.at1), now())
 FROM unnest(%(uuid)s::uuid[], %(ts)s::timestamptz[], %(event)s::text[],
             %(distinct_id)s::text[], %(destination)s::text[], %(dedup_key)s::text[],
             %(properties)s::text[], %(status)s::text[], %(attempts)s::integer[],
             %(delay)s::double precision[], %(error)s::text[])
     AS f(uuid, ts, event, distinct_id, destination, dedup_key, properties, status,
          attempts, delay, error)
+LEFT JOIN w ON true
 """
 
 START_WINDOW = """
@@ -595,6 +608,7 @@ class SnapshotStorage:
             conn.execute(
                 FILE_RETRIES,
                 {
+                    "batch": leased.batch_id,
                     "uuid": [f[0].uuid for f in filed],
                     "ts": [f[0].timestamp for f in filed],
                     "event": [f[0].event for f in filed],
@@ -738,8 +752,7 @@ class SnapshotStorage:
         (its transaction's start, as the old engine's ``created_at``); for one given
         a timestamp, the time since it committed as nearly as the ticks tell (at most
         the time since the tick before it committed, at least since the tick after).
-        A retry's age runs from when it was filed into ``outbox_retry`` (its first
-        failure)."""
+        A retried event keeps that time (``outbox_retry.created_at``)."""
         return self._backlog(BACKLOG, None)
 
     def backlog_capped(self, cap: int = 100_000) -> Backlog:

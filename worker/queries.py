@@ -43,7 +43,9 @@ RETRY_STORABLE = f"""(json_typeof(properties) = 'object'
 # table has never failed): the count, the oldest and newest created_at, the first
 # %(ids)s row ids (in id order) for a `retry --id` command (the ids `dead` lists), how
 # many event names the group has (and the first), how many dead rows carry that name in
-# all (what `retry --event` would requeue), and the newest row as the group's example.
+# all (what `retry --event` would requeue), and the newest row as the group's example
+# (its properties as text: the caller decodes them, so that no stored value, such as
+# an integer too long for Python, can fail the query's read).
 # A deferred row (rate limited, unauthorised: an error, no attempt) is not a failure.
 ERROR_GROUPS = f"""
 WITH grouped AS (
@@ -62,7 +64,7 @@ SELECT g.status, g.error, g.n, {utc_text("g.first_at")}, {utc_text("g.last_at")}
            THEN greatest(extract(epoch FROM now() - g.last_at), 0) ELSE 0 END,
        g.ids, g.names, g.name,
        (SELECT count(*) FROM outbox_retry d WHERE d.status = 'dead' AND d.event = g.name),
-       e.id, e.event, e.distinct_id, e.properties, e.attempts
+       e.id, e.event, e.distinct_id, e.properties::text, e.attempts
 FROM grouped AS g
 JOIN outbox_retry AS e ON e.id = g.example_id
 ORDER BY g.n DESC, g.status, g.error

@@ -62,3 +62,16 @@ def test_failed_events_are_grouped_by_status_and_error(
     odd = by_error["E2"]
     assert odd["last_at"] == "infinity" and odd["last_age_seconds"] == 0
     assert odd["properties"]["p"] == 1 and odd["distinct_id"] == "x"
+
+
+def test_an_example_python_cannot_decode_leaves_the_groups_readable(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    huge = "1" + "0" * 5000  # valid json; Python refuses to decode an int this long
+    _file(db, 1, event="a", error="E1", properties=f'{{"n": {huge}}}')
+    store = SnapshotStorage(database_url)
+    try:
+        [group] = store.error_groups()
+    finally:
+        store.close()
+    assert group["error"] == "E1" and group["properties"] is None

@@ -27,6 +27,7 @@ waits for the lease to run out.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import uuid
 from collections.abc import Iterator, Sequence
@@ -798,7 +799,13 @@ class SnapshotStorage:
             "properties", "attempts",
         )  # fmt: skip
         rows = self._rows(queries.ERROR_GROUPS, {"limit": limit, "ids": ids})
-        return [dict(zip(columns, row, strict=True)) for row in rows]
+        groups = [dict(zip(columns, row, strict=True)) for row in rows]
+        for group in groups:  # the example's properties, or None if Python cannot read them
+            try:
+                group["properties"] = json.loads(group["properties"])
+            except (TypeError, ValueError):
+                group["properties"] = None
+        return groups
 
     def dead(self, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:
         """See :meth:`worker.storage.base.Inspection.dead` (``id`` is the

@@ -249,11 +249,11 @@ FOR UPDATE
 
 # Deferred events share one due time (the uncorrelated subquery runs once), so a held
 # batch comes back whole rather than as the part a poll at the boundary happens to see.
-# created_at is when the event was enqueued as far as can be told (as the old table's
-# created_at was, and as PENDING's since): its timestamp, kept within the batch's two
-# ticks. So `dead`, `purge` and the backlog's oldest age count from then, not from its
-# first failure.
 FILE_RETRIES = """
+-- created_at is when the event was enqueued as far as can be told (as the old table's
+-- created_at was, and as PENDING's since): its timestamp, kept within the batch's two
+-- ticks. So dead, purge and the backlog's oldest age count from then, not from its
+-- first failure.
 WITH w AS (
     SELECT t1.taken_at AS at1, t2.taken_at AS at2
     FROM outbox_batches AS b
@@ -263,16 +263,16 @@ WITH w AS (
 )
 INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, destination, dedup_key,
     properties, status, attempts, next_attempt_at, last_error, created_at)
+SELECT x.*, coalesce(greatest(least(x.ts, w.at2), w.at1), now()) FROM (
 SELECT f.uuid, f.ts, f.event, f.distinct_id, f.destination, f.dedup_key, f.properties::json,
-    f.status, f.attempts, (SELECT clock_timestamp()) + f.delay * interval '1 second', f.error,
-    coalesce(greatest(least(f.ts, w.at2), w.at1), now())
+    f.status, f.attempts, (SELECT clock_timestamp()) + f.delay * interval '1 second', f.error
 FROM unnest(%(uuid)s::uuid[], %(ts)s::timestamptz[], %(event)s::text[],
             %(distinct_id)s::text[], %(destination)s::text[], %(dedup_key)s::text[],
             %(properties)s::text[], %(status)s::text[], %(attempts)s::integer[],
             %(delay)s::double precision[], %(error)s::text[])
     AS f(uuid, ts, event, distinct_id, destination, dedup_key, properties, status,
          attempts, delay, error)
-LEFT JOIN w ON true
+) AS x LEFT JOIN w ON true
 """
 
 START_WINDOW = """

@@ -20,6 +20,7 @@ import pytest
 from psycopg import sql
 
 import outbox
+from outbox.schema import EVENT_TABLES
 from worker.database import downgrade, libpq_url, migrate, start_embedded, with_database
 from worker.settings import Settings
 from worker.testing import FLAGS_PATHS, CaptureServer, ReceivedRequest
@@ -205,9 +206,6 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
 # outbox_batches with ``lease`` and ``leased_until``, or retry rows with ``lease`` and
 # ``next_attempt_at`` at the lease's end), so a killed worker's batch comes back when
 # its lease runs out, not when its session ends.
-
-#: How many event tables there are (outbox_events_0 .. outbox_events_{N-1}).
-EVENT_TABLES = 4
 
 
 def _one(url: str, query: str, params: Any = None) -> Any:

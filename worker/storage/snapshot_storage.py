@@ -247,13 +247,13 @@ WHERE batch_id = %(batch)s AND lease = %(lease)s AND leased_until > now()
 FOR UPDATE
 """
 
+# Deferred events share one due time (the uncorrelated subquery runs once), so a held
+# batch comes back whole rather than as the part a poll at the boundary happens to see.
 FILE_RETRIES = """
 -- created_at is when the event was enqueued as far as can be told (as the old table's
 -- created_at was, and as PENDING's since): its timestamp, kept within the batch's two
 -- ticks. So dead, purge and the backlog's oldest age count from then, not from its
--- first failure. Deferred events share one due time (the uncorrelated subquery runs
--- once), so a held batch comes back whole rather than as the part a poll at the
--- boundary happens to see.
+-- first failure.
 WITH w AS (
     SELECT t1.taken_at AS at1, t2.taken_at AS at2
     FROM outbox_batches AS b

@@ -11,6 +11,20 @@ from typing import Any
 
 import psycopg
 
+from outbox.schema import DEDUP_TABLE, EVENT_TABLES, EVENTS_TABLE, event_table
+
+#: The relations whose locks outbox statements wait for: the event tables enqueue
+#: writes to and the view over them, the snapshot engine's bookkeeping, the retries
+#: and the dedup keys.
+OUTBOX_RELATIONS = (
+    EVENTS_TABLE,
+    *(event_table(n) for n in range(EVENT_TABLES)),
+    "outbox_retry",
+    "outbox_batches",
+    "outbox_ticks",
+    DEDUP_TABLE,
+)
+
 # The other sessions that hold, or wait for, a lock of one of :modes on an outbox
 # table, as pid, table, mode, granted, application_name, seconds (its transaction's
 # age). No query text: it may hold data or secrets.
@@ -21,12 +35,12 @@ SELECT l.pid, l.relation::regclass::text, l.mode, l.granted,
 FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a USING (pid)
 WHERE l.locktype = 'relation'
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.relation IN (to_regclass('outbox_events'), to_regclass('outbox_dedup_keys'))
+  AND l.relation IN ({relations})
   AND l.mode = ANY(%(modes)s)
   AND l.pid <> pg_backend_pid()
 ORDER BY l.granted DESC, 6 DESC NULLS LAST
 LIMIT 5
-"""
+""".replace("{relations}", ", ".join(f"to_regclass('{name}')" for name in OUTBOX_RELATIONS))
 
 #: The lock modes that block the worker's claims and outcomes (SHARE and above).
 BLOCKING_MODES = ["ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"]

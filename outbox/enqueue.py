@@ -38,7 +38,7 @@ from outbox.exceptions import (
     OutboxValidationError,
     UnsupportedConnectionError,
 )
-from outbox.schema import NOTIFY_CHANNEL
+from outbox.schema import EVENT_TABLES, NOTIFY_CHANNEL, event_table, event_table_slot
 from outbox.validation import (
     DESTINATION_METRICS,
     DESTINATION_POSTHOG,
@@ -57,48 +57,59 @@ DistinctId = str | int | uuid_module.UUID | Actor
 """What ``enqueue()`` takes as ``distinct_id``: an id, or an :class:`~outbox.actors.Actor`."""
 
 # One statement per call, whatever the number of events, so one round trip. Nothing
-# is read back from outbox_events, so the application's role needs only INSERT on the
-# columns it writes (the uuids are made in Python).
+# is read back, so the application's role needs only INSERT on the event tables (the
+# uuids are made in Python).
 #
+# The events go into the event table the clock picks (outbox.schema.event_table_slot,
+# the rule of the database's outbox_snapshot_slot(), from this process's clock): the
+# snapshot engine reads every event table, so a clock that disagrees with the
+# server's near a slot boundary only writes to the neighbouring table. Rotation
+# truncates a table only under an ACCESS EXCLUSIVE lock taken with NOWAIT after
+# finding every row in it delivered, so a row written there meanwhile is either
+# waited for (the INSERT holds its lock until the caller commits) or written after
+# the TRUNCATE. ``properties`` is stored as ``json``: the text orjson made, checked
+# by the server's JSON lexer but never parsed into jsonb. ``destination`` is NULL for
+# an ordinary event and 'metrics' for a metrics-only one; ``txid`` is the column's
+# default (txid_current()), which the engine's snapshots read.
+#
+# A single event (the common enqueue() call) travels as one parameter per column in
+# a VALUES list, the cheapest INSERT there is.
+_ONE_VALUES = """(
+    CAST({u} AS uuid), CAST({e} AS text), CAST({d} AS text), CAST({p} AS json),
+    coalesce(CAST({t} AS timestamptz), now()), CAST({s} AS text))"""
+_ONE_PLAIN_SQL = """
+INSERT INTO {table} (uuid, event, distinct_id, properties, "timestamp", destination)
+VALUES {values}"""
+# Waking the workers too: the same row from a SELECT over the one-row pg_notify call.
+_ONE_WAKE_SQL = """
+INSERT INTO {table} (uuid, event, distinct_id, properties, "timestamp", destination)
+SELECT input.* FROM (VALUES {values}) AS input{wake}"""
 # Several events travel as one JSON parameter (driver-neutral, one statement text for
-# any number of events). Each event is an object with one-letter keys, written in the
-# order jsonb keeps object keys (by length, then bytewise), so the server's key sort
-# finds them already sorted: d distinct_id, e event, k dedup_key, p properties,
-# s destination, t timestamp, u uuid; k, s and t are left out when they are null,
-# 'posthog' and null; uuids are written as 32 hex digits (uuid input takes them, and
-# Python makes them faster than the hyphenated form). WITH ORDINALITY numbers the
-# events in array order, so ORDER BY n inserts them in call order (ascending ids)
-# without a sort step.
-_MANY_INPUT = """
-    SELECT * FROM ROWS FROM (
-        jsonb_to_recordset(CAST({rows} AS jsonb))
-            AS (d text, e text, k text, p jsonb, s text, t timestamptz, u uuid)
-    ) WITH ORDINALITY
-        AS r(distinct_id, event, dedup_key, properties, destination, "timestamp", uuid, n)
-"""
-# A single event (the common enqueue() call) travels as one parameter per column: the
-# server then skips unpacking a JSON array, about 20 us of the ~55 us it spends on a
-# one-row statement.
-_ONE_INPUT = """
-    SELECT CAST({u} AS uuid) AS uuid, CAST({e} AS text) AS event,
-           CAST({d} AS text) AS distinct_id, CAST({p} AS jsonb) AS properties,
-           CAST({s} AS text) AS destination, CAST({t} AS timestamptz) AS "timestamp",
-           CAST({k} AS text) AS dedup_key, 1 AS n
-"""
-_PLAIN_SQL = """
-INSERT INTO outbox_events (uuid, event, distinct_id, properties, "timestamp", destination)
-SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()),
-       coalesce(destination, 'posthog')
-FROM ({input}) AS input{wake} ORDER BY n"""
+# any number of events). Each event is an object with one-letter keys: d distinct_id,
+# e event, p properties, s destination, t timestamp, u uuid; s and t are left out
+# when they are null ('posthog' for s); uuids are written as 32 hex digits (uuid
+# input takes them, and Python makes them faster than the hyphenated form).
+# json_to_recordset hands each event's properties over as the text of that value,
+# never building jsonb. WITH ORDINALITY numbers the events in array order, so ORDER
+# BY n inserts them in call order without a sort step.
+_MANY_PLAIN_SQL = """
+INSERT INTO {table} (uuid, event, distinct_id, properties, "timestamp", destination)
+SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()), destination
+FROM ROWS FROM (
+    json_to_recordset(CAST({rows} AS json))
+        AS (d text, e text, p json, s text, t timestamptz, u uuid)
+) WITH ORDINALITY AS r(distinct_id, event, properties, destination, "timestamp", uuid, n)
+{wake}ORDER BY n"""
 
-# With dedup keys, the events go through a function of migration 0004
-# (SECURITY DEFINER), so the application's role needs no right on outbox_dedup_keys:
-# it claims the keys and inserts only the events whose key was free (or that have
-# none), and returns the claimed keys, which tells which events were written. A key
-# is free when it is new, or when the event that held it was delivered longer ago
-# than the window (the worker sets expires_at at delivery; an undelivered event
-# holds 'infinity'). The one-event function takes the same parameters as _ONE_INPUT,
-# the many-event one the same JSON array as _MANY_INPUT.
+# With dedup keys, the events go through a function (SECURITY DEFINER; migration
+# 0004, redefined over the event tables by 0007, same signatures), so the
+# application's role needs no right on outbox_dedup_keys: it claims the keys and
+# inserts only the events whose key was free (or that have none), and returns the
+# claimed keys, which tells which events were written. A key is free when it is new,
+# or when the event that held it was delivered longer ago than the window (the
+# worker sets expires_at at delivery; an undelivered event holds 'infinity'). The
+# one-event function takes one parameter per column (properties as jsonb, as its
+# signature says), the many-event one a JSON array as above with k the dedup key.
 _KEYED_ONE_SQL = """
 SELECT outbox_enqueue_keyed(CAST({u} AS uuid), CAST({e} AS text), CAST({d} AS text),
     CAST({p} AS jsonb), CAST({s} AS text), CAST({t} AS timestamptz), CAST({k} AS text))
@@ -113,39 +124,48 @@ LEFT JOIN outbox_enqueue_keyed_rows(CAST({rows} AS jsonb)) AS k(k) ON true"""
 # keeps looking for longer than that (worker.app.HOT_LINGER), so an event whose
 # notification was throttled away is still found at once. Polling stays the fallback.
 NOTIFY_INTERVAL = 0.05
-_WAKE_PLAIN = f", (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS wake"
-_WAKE_DEDUP = f" FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS wake"
+_NOTIFY = f"(SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS wake"
 _last_notify = 0.0
 
 _ONE_PARAMS = ("u", "e", "d", "p", "s", "t", "k")
+_MANY_PARAMS = ("rows",)
 
 
 class _Statements:
     """One SQL text in the two placeholder styles: psycopg's and SQLAlchemy's."""
 
-    def __init__(self, sql: str, input_sql: str, params: Sequence[str], wake: str) -> None:
+    def __init__(self, sql: str, params: Sequence[str], table: str = "", wake: str = "") -> None:
         def render(style: str) -> str:
             names = {name: style.format(name) for name in params}
-            return sql.format(input=input_sql.format(**names), wake=wake, **names)
+            values = _ONE_VALUES.format(**names) if "u" in names else ""
+            return sql.format(table=table, values=values, wake=wake, **names)
 
         self.psycopg = render("%({})s")
         self.sqlalchemy = text(render(":{}"))
 
 
-def _statements(
-    input_sql: str, keyed_sql: str, params: Sequence[str]
-) -> dict[tuple[bool, bool], _Statements]:
-    """The four statements for one input shape, by (reads dedup keys, wakes workers)."""
-    return {
-        (False, False): _Statements(_PLAIN_SQL, input_sql, params, ""),
-        (False, True): _Statements(_PLAIN_SQL, input_sql, params, _WAKE_PLAIN),
-        (True, False): _Statements(keyed_sql, "", params, ""),
-        (True, True): _Statements(keyed_sql, "", params, _WAKE_DEDUP),
-    }
+def _plain(sql: str, params: Sequence[str], wake: str) -> list[_Statements]:
+    """``sql`` for each event table, by slot."""
+    return [_Statements(sql, params, event_table(slot), wake) for slot in range(EVENT_TABLES)]
 
 
-_ONE = _statements(_ONE_INPUT, _KEYED_ONE_SQL, _ONE_PARAMS)
-_MANY = _statements(_MANY_INPUT, _KEYED_MANY_SQL, ("rows",))
+# By whether the statement wakes the workers; the plain ones by slot too.
+_ONE_PLAIN = {
+    False: _plain(_ONE_PLAIN_SQL, _ONE_PARAMS, ""),
+    True: _plain(_ONE_WAKE_SQL, _ONE_PARAMS, ", " + _NOTIFY),
+}
+_MANY_PLAIN = {
+    False: _plain(_MANY_PLAIN_SQL, _MANY_PARAMS, ""),
+    True: _plain(_MANY_PLAIN_SQL, _MANY_PARAMS, ", " + _NOTIFY + "\n"),
+}
+_ONE_KEYED = {
+    False: _Statements(_KEYED_ONE_SQL, _ONE_PARAMS),
+    True: _Statements(_KEYED_ONE_SQL, _ONE_PARAMS, wake=" FROM " + _NOTIFY),
+}
+_MANY_KEYED = {
+    False: _Statements(_KEYED_MANY_SQL, _MANY_PARAMS),
+    True: _Statements(_KEYED_MANY_SQL, _MANY_PARAMS, wake=" FROM " + _NOTIFY),
+}
 
 
 def _wake_now() -> bool:
@@ -179,7 +199,9 @@ def enqueue(
     function never begins, commits or rolls back. ``timestamp`` defaults to the
     transaction's ``now()``; ``uuid`` to a new UUIDv7, which PostHog uses as the
     event's identity (a re-sent copy is collapsed with the first when ClickHouse
-    merges them, not at once).
+    merges them, not at once). The outbox does not refuse a ``uuid`` an earlier
+    call already enqueued: both rows are shipped, and PostHog merges the copies the
+    same way. Use ``dedup_key`` to have the outbox write an event at most once.
 
     ``distinct_id`` may be an :class:`~outbox.actors.Actor` (see
     :func:`outbox.user_actor` and friends): its id is used and its properties are
@@ -222,7 +244,8 @@ def enqueue_many(
     dedup key (including a key repeated within ``events``), or ``None`` for every
     item when analytics is disabled. Nothing is written when any item is invalid;
     the error names it, e.g. ``events[3].distinct_id``, or ``events[3].uuid`` for a
-    ``uuid`` an earlier item has too.
+    ``uuid`` an earlier item of the same call has too (across calls a repeated
+    ``uuid`` is written again: see :func:`enqueue`).
     """
     cfg = config or get_config()
     if cfg.disabled:
@@ -360,8 +383,10 @@ def _prepare_all(cfg: AnalyticsConfig, events: Iterable[Mapping[str, Any]]) -> l
 
 
 def _check_unique_uuids(events: Sequence[PreparedEvent]) -> None:
-    """Refuse a uuid given twice: the INSERT would fail on the outbox's unique uuid
-    and abort the caller's transaction. (Fresh UUIDv7s never repeat.)"""
+    """Refuse a uuid given twice in one call: two events of one call with the same
+    uuid are a mistake of the caller's (PostHog would keep only one of them).
+    (Fresh UUIDv7s never repeat.) Across calls nothing refuses it: the event tables
+    have no unique index."""
     first: dict[uuid_module.UUID, int] = {}
     for index, event in enumerate(events):
         earlier = first.setdefault(event.uuid, index)
@@ -561,8 +586,19 @@ def _prepare(
                     )
                 merged["$process_person_profile"] = False
     try:
+        # Only the keyed functions parse the properties as jsonb (their parameter is
+        # jsonb), so only a keyed event's keys are put in jsonb's order; a plain
+        # event's JSON is stored as text, keys in the caller's order.
         return _prepare_event(
-            event, distinct_id, merged, timestamp, dedup_key, uuid, prefix, destination, True
+            event,
+            distinct_id,
+            merged,
+            timestamp,
+            dedup_key,
+            uuid,
+            prefix,
+            destination,
+            dedup_key is not None,
         )
     except OutboxValidationError as exc:
         if renames:
@@ -574,7 +610,7 @@ _quote = json.encoder.encode_basestring  # a str as a JSON string literal, non-A
 
 
 def _rows_param(events: Sequence[PreparedEvent]) -> str:
-    """The events as the JSON array the statement reads (see ``_MANY_INPUT``)."""
+    """The events as the JSON array the many-event statements read."""
     quote = _quote
     rows = []
     for e in events:
@@ -589,8 +625,8 @@ def _rows_param(events: Sequence[PreparedEvent]) -> str:
 
 
 def _one_params(e: PreparedEvent) -> dict[str, str | None]:
-    """One event's columns as parameters (see ``_ONE_INPUT``); all text, so the
-    statement is prepared once whatever is null."""
+    """One event's columns as parameters; all text, so the statement has the same
+    parameter types whatever is null."""
     return {
         "u": e.uuid.hex,
         "e": e.event,
@@ -624,12 +660,19 @@ class _Call:
         self.sent = _unique_keys(events)
         self.reads_keys = any(e.dedup_key is not None for e in self.sent)
         self.params: dict[str, str | None]
+        wake = _wake_now()
         if len(self.sent) == 1:
-            self.statements = _ONE[self.reads_keys, _wake_now()]
             self.params = _one_params(self.sent[0])
+            if self.reads_keys:
+                self.statements = _ONE_KEYED[wake]
+            else:
+                self.statements = _ONE_PLAIN[wake][event_table_slot(time.time())]
         else:
-            self.statements = _MANY[self.reads_keys, _wake_now()]
             self.params = {"rows": _rows_param(self.sent)}
+            if self.reads_keys:
+                self.statements = _MANY_KEYED[wake]
+            else:
+                self.statements = _MANY_PLAIN[wake][event_table_slot(time.time())]
 
     def results(self, claimed: Iterable[str | None]) -> list[uuid_module.UUID | None]:
         """Each event's uuid if it was written, else None."""
@@ -646,11 +689,6 @@ def _translate(exc: Exception) -> Exception:
         return OutboxNotInstalledError(
             "the outbox tables predate this version (migration 0004 is missing): "
             "run `outbox-worker migrate` first; the caller's transaction is aborted"
-        )
-    if isinstance(orig, psycopg.errors.UniqueViolation) and "outbox_events_uuid_key" in str(orig):
-        return OutboxDatabaseError(
-            "an event with this uuid is already in the outbox; the caller's transaction "
-            "is aborted and must be rolled back"
         )
     first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     return OutboxDatabaseError(f"the outbox INSERT failed: {first}")

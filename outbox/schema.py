@@ -2,22 +2,30 @@
 
 The Alembic migrations under ``migrations/`` create these tables (a test runs
 ``alembic check`` against this metadata), and also what it leaves out: the
-``outbox_stuck`` view, migration 0004's functions and its constraints on pending rows.
+``outbox_events`` and ``outbox_stuck`` views, the functions and the CHECK constraints.
 An application that manages its own schema with Alembic can skip the tables named
 here in its ``include_object`` hook (and :data:`VERSION_TABLE`), so that autogenerate
 neither drops nor duplicates them; the README shows such a hook.
 
 Operators query these tables by hand, so the column names are part of the interface:
 
-``outbox_events``
-    One row per undelivered event. A delivered event is deleted.
-    ``status`` is ``pending`` (waiting, backing off or being shipped) or ``dead``.
-    A worker claims rows by locking them (``FOR UPDATE SKIP LOCKED``) in a
-    transaction that lasts while the batch is on the wire; nothing in the row
-    changes until the outcome (deleted, rescheduled or dead) commits.
-    ``destination`` is ``posthog`` for an ordinary event and ``metrics`` for a
+``outbox_events_0`` .. ``outbox_events_3``
+    The event tables (migration 0006): ``enqueue`` INSERTs each event into the one
+    the clock picks (``outbox_snapshot_slot()``), and nothing updates or deletes a
+    row; a table is TRUNCATEd once all its rows are delivered. ``txid`` is the
+    inserting transaction (the worker batches rows by it), ``properties`` is ``json``
+    text, ``destination`` is NULL for an ordinary event and ``metrics`` for a
     metrics-only one, which the worker counts in Prometheus and never sends to
     PostHog (see :mod:`outbox.contract`).
+``outbox_retry``
+    One row per event whose delivery failed: ``pending`` (with ``attempts``,
+    ``next_attempt_at`` and ``last_error``) or ``dead``.
+``outbox_events`` (a view, migration 0007)
+    Every event not delivered yet, one row each: the event tables' rows that no
+    finished batch took (``retry_id`` NULL, ``status`` ``pending``, ``attempts`` 0),
+    then ``outbox_retry``'s rows. ``destination`` is ``posthog`` or ``metrics``. A
+    session sees its own uncommitted events. :data:`outbox_events` describes its
+    columns, on its own :data:`view_metadata` (not created by ``metadata``).
 ``outbox_dedup_keys``
     Dedup keys of events that are undelivered (``expires_at`` is ``infinity``) or
     were delivered within the dedup window (``expires_at`` is delivery + window).
@@ -34,7 +42,6 @@ from typing import Final
 
 from sqlalchemy import (
     BigInteger,
-    CheckConstraint,
     Column,
     DateTime,
     Identity,
@@ -45,7 +52,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, UUID
 
 EVENTS_TABLE = "outbox_events"
 DEDUP_TABLE = "outbox_dedup_keys"
@@ -89,6 +96,8 @@ __all__ = [
     "DESTINATION_METRICS",
     "DESTINATION_POSTHOG",
     "EVENTS_TABLE",
+    "EVENT_TABLES",
+    "SLOT_SECONDS",
     "STATUS_DEAD",
     "STATUS_PENDING",
     "STUCK_VIEW",
@@ -96,54 +105,17 @@ __all__ = [
     "TIMESTAMP_MIN",
     "VERSION_TABLE",
     "WORKER_STATE_TABLE",
+    "event_table",
+    "event_table_slot",
     "metadata",
     "outbox_dedup_keys",
     "outbox_events",
     "outbox_worker_state",
     "snapshot_tables",
+    "view_metadata",
 ]
 
 metadata = MetaData()
-
-outbox_events = Table(
-    EVENTS_TABLE,
-    metadata,
-    Column("id", BigInteger, Identity(always=True), primary_key=True),
-    Column("uuid", UUID(as_uuid=True), nullable=False, unique=True),
-    Column("event", Text, nullable=False),
-    Column("distinct_id", Text, nullable=False),
-    Column("properties", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
-    Column("timestamp", DateTime(timezone=True), nullable=False, server_default=text("now()")),
-    Column("dedup_key", Text, nullable=True),
-    Column("status", Text, nullable=False, server_default=text("'pending'")),
-    Column("attempts", Integer, nullable=False, server_default=text("0")),
-    Column(
-        "next_attempt_at", DateTime(timezone=True), nullable=False, server_default=text("now()")
-    ),
-    Column("last_error", Text, nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
-    Column("destination", Text, nullable=False, server_default=text("'posthog'")),
-    CheckConstraint("status IN ('pending', 'dead')", name="outbox_events_status_check"),
-    CheckConstraint("attempts >= 0", name="outbox_events_attempts_check"),
-    CheckConstraint(
-        "destination IN ('posthog', 'metrics')", name="outbox_events_destination_check"
-    ),
-)
-
-# The claim query walks this partial index in due order and stops at the first
-# future row; dead rows are not in it at all.
-Index(
-    "outbox_events_due_idx",
-    outbox_events.c.next_attempt_at,
-    outbox_events.c.id,
-    postgresql_where=text("status = 'pending'"),
-)
-# For `outbox-worker dead` / `retry` / `purge` and the dead count.
-Index(
-    "outbox_events_dead_idx",
-    outbox_events.c.created_at,
-    postgresql_where=text("status = 'dead'"),
-)
 
 outbox_dedup_keys = Table(
     DEDUP_TABLE,
@@ -164,14 +136,29 @@ outbox_worker_state = Table(
 )
 
 
-# The snapshot storage engine (migration 0006), built beside outbox_events and not
-# written by enqueue yet: see worker/storage/snapshot.py.
-#: How many rotated event tables the snapshot engine has.
-SNAPSHOT_EVENT_TABLES: Final = 4
+# The snapshot storage engine (migration 0006; the only one since 0007): see
+# worker/storage/snapshot.py.
+#: How many rotated event tables there are (``outbox_events_0`` .. ``outbox_events_3``).
+EVENT_TABLES: Final = 4
+#: How long the clock keeps enqueue writing to one event table before moving on to the
+#: next, so that a table stops receiving rows and can be truncated once delivered.
+SLOT_SECONDS: Final = 600
+SNAPSHOT_EVENT_TABLES: Final = EVENT_TABLES
+
+
+def event_table_slot(epoch_seconds: float) -> int:
+    """The event table to write to at ``epoch_seconds`` (Unix time): the rule of the
+    database's ``outbox_snapshot_slot()`` (which reads ``now()``), in Python."""
+    return int(epoch_seconds // SLOT_SECONDS) % EVENT_TABLES
+
+
+def event_table(slot: int) -> str:
+    """The name of event table ``slot``."""
+    return f"outbox_events_{slot}"
 
 
 def _snapshot_event_table(number: int) -> Table:
-    name = f"outbox_events_{number}"
+    name = event_table(number)
     table = Table(
         name,
         metadata,
@@ -260,3 +247,31 @@ Index(
 )
 Index("outbox_retry_dead_idx", _retry.c.created_at, postgresql_where=text("status = 'dead'"))
 snapshot_tables.append(_retry)
+
+#: Metadata for the views: described for queries, never created from here.
+view_metadata = MetaData()
+
+#: The view ``outbox_events`` (migration 0007): every event not delivered yet.
+outbox_events = Table(
+    EVENTS_TABLE,
+    view_metadata,
+    #: ``outbox_retry.id``; NULL for an event still in an event table.
+    Column("retry_id", BigInteger),
+    Column("uuid", UUID(as_uuid=True)),
+    Column("event", Text),
+    Column("distinct_id", Text),
+    Column("properties", JSON),
+    Column("timestamp", DateTime(timezone=True)),
+    #: ``posthog`` or ``metrics``, never NULL.
+    Column("destination", Text),
+    Column("dedup_key", Text),
+    #: ``pending`` or ``dead``.
+    Column("status", Text),
+    #: 0 for an event still in an event table.
+    Column("attempts", Integer),
+    #: NULL for an event still in an event table.
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("last_error", Text),
+    #: The inserting transaction's id; NULL for a row of outbox_retry.
+    Column("txid", BigInteger),
+)

@@ -11,12 +11,13 @@ outbox before anything commits::
 
 Every function takes the connection or session the code under test wrote on, of any
 kind ``enqueue()`` takes (psycopg, SQLAlchemy ``Session``/``Connection``, Django's
-connection; the ``a`` functions the async forms), reads ``outbox_events`` on it
+connection; the ``a`` functions the async forms), reads the view ``outbox_events`` on it
 (never as a prepared statement, see :mod:`outbox._db`), and begins, commits or rolls
 back nothing: a read on a connection outside a transaction begins one only where the
 driver always does (psycopg outside autocommit, SQLAlchemy's autobegin).
 
-Which rows count (``scope``):
+Every event not yet delivered is a row of the view ``outbox_events`` (the event tables'
+undelivered rows and ``outbox_retry``'s). Which rows count (``scope``):
 
 ``"transaction"`` (the default)
     Only the rows the connection's open transaction inserted and has not committed,
@@ -24,18 +25,20 @@ Which rows count (``scope``):
     from a savepoint rolled back to is gone, so it is not seen). Rows committed
     earlier, by this connection or any other, are left out, so a row left behind by
     an earlier test cannot make an assertion pass. A row is the transaction's own
-    when the transaction that inserted it (its ``xmin``) is this one or one of its
-    subtransactions, which PostgreSQL reports as still in progress
-    (``pg_xact_status``): a visible row whose inserter is in progress can only be
-    the transaction's own, since other transactions' uncommitted rows are invisible.
-    This assigns no transaction id (``txid_current()`` would) and works under every
-    isolation level. A connection in autocommit mode outside a transaction is
-    refused with this scope, since nothing it wrote can be uncommitted.
+    when its ``txid`` (the id of the top-level transaction that inserted it, which
+    subtransactions share) is this transaction's id: a transaction that has none
+    yet (``pg_current_xact_id_if_assigned()`` is null) wrote nothing. This assigns no
+    transaction id (``txid_current()`` would) and works under every isolation level.
+    A connection in autocommit mode outside a transaction is refused with this
+    scope, since nothing it wrote can be uncommitted.
 ``"all"``
-    Every row the connection can see: its transaction's uncommitted rows and the
-    committed ones. :attr:`EnqueuedEvent.in_transaction` tells them apart.
+    Every undelivered row the connection can see: its transaction's uncommitted rows
+    and the committed ones (waiting in an event table, or in ``outbox_retry`` after a
+    failed delivery). :attr:`EnqueuedEvent.in_transaction` tells them apart.
 
-Events are returned in the order they were enqueued (by ``id``). Matching:
+Events are returned in the order they were enqueued: ``outbox_retry``'s rows first
+(by ``retry_id``), then by ``txid``, and a transaction's rows in the order it wrote
+them. Matching:
 ``event`` and ``distinct_id`` compare with the stored value (a distinct_id passed as
 an ``int`` or ``uuid.UUID`` is stored, and compared, as its text); ``properties``
 is a subset: every key given must be stored with an equal value, other stored keys
@@ -93,11 +96,14 @@ MAX_LINE: Final = 240
 
 @dataclass(frozen=True)
 class EnqueuedEvent:
-    """One row of ``outbox_events``, as the worker will ship it.
+    """One row of the view ``outbox_events``, as the worker will ship it.
 
     ``properties`` is what is stored: the standard and super properties of the
     configuration, ``$set``/``$set_once``/``$groups`` and the contract's additions
-    included. ``timestamp`` and ``created_at`` are aware datetimes in UTC.
+    included. ``timestamp`` is an aware datetime in UTC. ``status`` is ``pending``
+    or ``dead``; ``attempts`` and ``retry_id`` (the ``outbox_retry`` row's id) are
+    0 and ``None`` for an event no delivery has failed yet. ``txid`` is the id of the
+    transaction that inserted it into its event table (as the view reports it).
     ``in_transaction`` is true when the connection's open transaction inserted the
     row and has not committed it (always true with the default scope).
     """
@@ -111,8 +117,8 @@ class EnqueuedEvent:
     destination: str
     status: str
     attempts: int
-    created_at: datetime
-    id: int
+    retry_id: int | None
+    txid: int | None
     in_transaction: bool
 
     def describe(self, note: str = "") -> str:
@@ -133,53 +139,31 @@ class EnqueuedEvent:
 # same whatever loaders the connection has registered (Django's return jsonb as
 # text, for one).
 #
-# Which rows are the open transaction's. Nothing is ours when the transaction has no
-# id yet (pg_current_xact_id_if_assigned() is null: it wrote nothing; asking for one
-# with txid_current() would assign one). Otherwise every row it or one of its
-# subtransactions inserted has an xmin at or after its own id ("top"), since a
-# subtransaction gets its id after its parent. xmin is 32 bits; it is placed within
-# 2^31 of top (every unfrozen xid is) to get the 64-bit id pg_xact_status takes, and
-# the status is asked only of ids known to be in the past (below the snapshot's
-# xmax), since it raises an error for a future one. A row whose xmin is at or after
-# the snapshot's xmax is visible only because it is ours: other transactions' rows
-# are visible once committed before the snapshot. A visible row below it is ours when
-# its inserter is still in progress, as only our own uncommitted rows are visible.
-# (A row frozen after more than 2^31 transactions could be misplaced; an outbox row
-# does not live that long in a test database.)
+# Which rows are the open transaction's: those of the event tables whose txid (the
+# column's default, txid_current(): the top-level transaction's id, also inside a
+# savepoint) is this transaction's. Nothing is ours when the transaction has no id
+# yet (pg_current_xact_id_if_assigned() is null: it wrote nothing). Other
+# transactions' uncommitted rows are invisible anyway; the application never writes
+# outbox_retry. The rows come in the view's order (each event table in the order its
+# rows were written, then outbox_retry): _read sorts them without a sort on the
+# server, so that a transaction's rows keep the order it wrote them in.
 
 _PROBE: Final = """
 SELECT to_regclass('outbox_events') IS NOT NULL AS installed,
+       coalesce((SELECT relkind = 'v' FROM pg_class
+                 WHERE oid = to_regclass('outbox_events')), false) AS current,
        has_table_privilege(CAST(to_regclass('outbox_events') AS oid), 'SELECT') AS readable"""
 
 _ROWS: Final = """
-WITH reference AS (
-    SELECT CAST(CAST(pg_current_xact_id_if_assigned() AS text) AS bigint) AS top,
-           CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint) AS r
-), inserted AS (
-    SELECT e.*, top, r, x, mod(x - mod(top, 4294967296) + 4294967296, 4294967296) AS d
-    FROM outbox_events AS e
-    CROSS JOIN reference
-    CROSS JOIN LATERAL (SELECT CAST(CAST(e.xmin AS text) AS bigint) AS x) AS xid
-), placed AS (
-    SELECT i.*, top + CASE WHEN d >= 2147483648 THEN d - 4294967296 ELSE d END AS c
-    FROM inserted AS i
-), judged AS (
-    SELECT p.*,
-        CASE WHEN top IS NULL OR x < 3 OR c < top THEN false
-             WHEN c >= r THEN true
-             ELSE coalesce(pg_xact_status(CAST(CAST(c AS text) AS xid8)) = 'in progress', false)
-        END AS in_transaction
-    FROM placed AS p
-)
-SELECT id, CAST(uuid AS text) AS uuid, event, distinct_id,
-       CAST(properties AS text) AS properties,
-       to_char("timestamp" AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') AS "timestamp",
-       dedup_key, destination, status, attempts,
-       to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') AS created_at,
-       in_transaction
-FROM judged {where} ORDER BY id"""
+SELECT e.retry_id, CAST(e.uuid AS text) AS uuid, e.event, e.distinct_id,
+       CAST(e.properties AS text) AS properties,
+       to_char(e."timestamp" AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') AS "timestamp",
+       e.dedup_key, e.destination, e.status, e.attempts, e.txid,
+       e.retry_id IS NULL AND e.txid = r.top AS in_transaction
+FROM (SELECT CAST(CAST(pg_current_xact_id_if_assigned() AS text) AS bigint) AS top) AS r
+CROSS JOIN outbox_events AS e {where}"""
 
-_OWN_ROWS: Final = _ROWS.format(where="WHERE in_transaction")
+_OWN_ROWS: Final = _ROWS.format(where="WHERE e.retry_id IS NULL AND e.txid = r.top")
 _ALL_ROWS: Final = _ROWS.format(where="")
 _VISIBLE_COUNT: Final = "SELECT count(*) AS n FROM outbox_events"
 
@@ -255,6 +239,7 @@ def _moment(value: str) -> datetime:
 
 
 def _event(row: Row) -> EnqueuedEvent:
+    retry_id = row["retry_id"]
     return EnqueuedEvent(
         event=row["event"],
         distinct_id=row["distinct_id"],
@@ -265,10 +250,18 @@ def _event(row: Row) -> EnqueuedEvent:
         destination=row["destination"],
         status=row["status"],
         attempts=int(row["attempts"]),
-        created_at=_moment(row["created_at"]),
-        id=int(row["id"]),
+        retry_id=None if retry_id is None else int(retry_id),
+        txid=None if row["txid"] is None else int(row["txid"]),
         in_transaction=bool(row["in_transaction"]),
     )
+
+
+def _order(numbered: tuple[int, EnqueuedEvent]) -> tuple[int, int, int]:
+    """Retries first by id, then by transaction, each in the order it was read."""
+    n, e = numbered
+    if e.retry_id is not None:
+        return (0, e.retry_id, n)
+    return (1, e.txid or 0, n)
 
 
 def _read(scope: Scope) -> _Steps:
@@ -276,13 +269,18 @@ def _read(scope: Scope) -> _Steps:
     [probe] = yield _PROBE
     if not probe["installed"]:
         raise OutboxNotInstalledError()
+    if not probe["current"]:
+        raise OutboxNotInstalledError(
+            "the outbox tables predate this version (outbox_events is not the view of "
+            "migration 0007): run `outbox-worker migrate` first"
+        )
     if not probe["readable"]:
         raise OutboxDatabaseError(
             "this database role may not read outbox_events: the testing helpers need "
             "SELECT on it (GRANT SELECT ON outbox_events TO <the test role>)"
         )
     rows = yield (_OWN_ROWS if scope == "transaction" else _ALL_ROWS)
-    return [_event(row) for row in rows]
+    return [e for _, e in sorted(enumerate(_event(row) for row in rows), key=_order)]
 
 
 def _cut(value: object, limit: int = 40) -> str:

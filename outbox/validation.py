@@ -791,9 +791,11 @@ def _check_person_and_groups(properties: Mapping[Any, Any], field: str) -> None:
 # PostgreSQL's jsonb input sorts the keys of every object (shorter keys first, then
 # bytewise), and its sort returns after one pass when they already are in that
 # order. For a typical 20-key properties object that sort is about a third of the
-# server's cost of parsing the event, so the events enqueue() sends list their keys
-# in jsonb's order. The order of a key set is computed once: applications send the
-# same shapes over and over. Smaller objects are left alone (PostgreSQL sorts them
+# server's cost of parsing the event, so the events enqueue() sends to the keyed
+# functions (whose parameter is jsonb) list their keys in jsonb's order; a plain
+# event is stored as json text, never parsed into jsonb, and keeps the caller's
+# order. The order of a key set is computed once: applications send the same shapes
+# over and over. Smaller objects are left alone (PostgreSQL sorts them
 # with an insertion sort, which costs next to nothing either way).
 _JSONB_ORDER_MIN_KEYS: Final = 8
 _JSONB_ORDER_CACHE_SIZE: Final = 4096

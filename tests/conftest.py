@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 
 import outbox
-from worker.database import libpq_url, migrate, start_embedded, with_database
+from worker.database import downgrade, libpq_url, migrate, start_embedded, with_database
 from worker.settings import Settings
 from worker.testing import FLAGS_PATHS, CaptureServer, ReceivedRequest
 
@@ -178,19 +178,12 @@ CHECKS_0004 = (
 
 
 def pend_a_migration_that_alters_outbox_events(url: str) -> None:
-    """Make ``migrate`` have work that takes a lock on ``outbox_events`` while this
-    version's worker can still run: the database as 0004 left it when it stopped
-    before adding its constraints (every step of 0004 can be run again), 0005 not
-    applied."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        for name in CHECKS_0004:
-            conn.execute(
-                sql.SQL("ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {}").format(
-                    sql.Identifier(name)
-                )
-            )
-        conn.execute("DROP TABLE IF EXISTS outbox_worker_state")
-        conn.execute("UPDATE outbox_alembic_version SET version_num = '0003'")
+    """Make ``migrate`` have work that locks the outbox tables: the database as revision
+    0006 left it (0007's downgrade: the old ``outbox_events`` table back, holding the
+    undelivered events), so that ``migrate`` applies 0007 again, which locks that
+    table, moves its rows into the snapshot engine's tables and makes the view. (A
+    worker of this version needs 0007: it does not run on such a database.)"""
+    downgrade(url, "0006")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -204,28 +197,173 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def batches_in_flight(url: str) -> int:
-    """Worker batch transactions open on ``url``'s database now (each holds a claimed
-    batch's rows), as ``outbox-worker status`` counts them."""
+# -- the snapshot engine, seen from a test -------------------------------------------
+#
+# Events wait in the insert-only tables outbox_events_0 .. outbox_events_3 and, once a
+# delivery failed, in outbox_retry; the view ``outbox_events`` shows every event not
+# yet delivered. A worker holds nothing across a POST: a batch is *leased* (a row of
+# outbox_batches with ``lease`` and ``leased_until``, or retry rows with ``lease`` and
+# ``next_attempt_at`` at the lease's end), so a killed worker's batch comes back when
+# its lease runs out, not when its session ends.
+
+#: How many event tables there are (outbox_events_0 .. outbox_events_{N-1}).
+EVENT_TABLES = 4
+
+
+def _one(url: str, query: str, params: Any = None) -> Any:
     with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND application_name LIKE 'outbox-worker batches %%'"
-            " AND state = 'idle in transaction'"
-        ).fetchone()
+        row = conn.execute(query, params).fetchone()
     assert row is not None
-    return int(row[0])
+    return row[0]
+
+
+def undelivered(url: str, where: str = "true") -> int:
+    """Events not yet delivered (rows of the view ``outbox_events``) matching the SQL
+    condition ``where`` over its columns (``status``, ``attempts``, ``retry_id``, ...)."""
+    return int(_one(url, f"SELECT count(*) FROM outbox_events WHERE {where}"))
+
+
+#: Live leases: each leased snapshot batch, and each set of retry rows claimed together.
+_LEASES = """
+SELECT (SELECT count(*) FROM outbox_batches
+        WHERE lease IS NOT NULL AND leased_until > now())
+     + (SELECT count(DISTINCT lease) FROM outbox_retry
+        WHERE lease IS NOT NULL AND status = 'pending' AND next_attempt_at > now())
+"""
+
+
+def batches_in_flight(url: str) -> int:
+    """Batches a worker holds now: leased snapshot batches and leased sets of retry
+    rows whose lease has not run out (a killed worker's stay held until then)."""
+    return int(_one(url, _LEASES))
+
+
+def _held_part(t: int) -> str:
+    """Rows of event table ``t`` in a snapshot batch under a live lease, after the
+    batch's progress (the membership test of the engine's read)."""
+    return f"""
+SELECT count(*) FROM outbox_batches AS b
+JOIN outbox_ticks AS t1 ON t1.tick_id = b.from_tick
+JOIN outbox_ticks AS t2 ON t2.tick_id = b.to_tick
+JOIN outbox_events_{t} AS e ON (
+    (e.txid >= b.txid_lo AND e.txid < b.txid_hi
+     AND txid_visible_in_snapshot(e.txid, t2.snapshot::txid_snapshot)
+     AND NOT txid_visible_in_snapshot(e.txid, t1.snapshot::txid_snapshot))
+    OR e.txid = ANY(b.txid_extra))
+WHERE b.lease IS NOT NULL AND b.leased_until > now()
+  AND (b.progress_table < {t} OR (b.progress_table = {t} AND e.ctid > b.progress_ctid::tid))"""
+
+
+_CLAIMABLE = (
+    "SELECT (SELECT count(*) FROM outbox_events WHERE retry_id IS NULL)"
+    + "".join(f" - ({_held_part(t)})" for t in range(EVENT_TABLES))
+    + " + (SELECT count(*) FROM outbox_retry"
+    " WHERE status = 'pending' AND next_attempt_at <= now())"
+)
 
 
 def claimable(url: str) -> int:
-    """Rows no transaction holds right now (locks them for an instant, then lets go)."""
+    """Events a worker could claim right now: those of the event tables in no live
+    lease (not yet in a batch, or in a batch nobody holds or whose lease ran out) and
+    the due retries."""
+    return int(_one(url, _CLAIMABLE))
+
+
+def make_retries_due(url: str) -> int:
+    """Make every pending retry nobody holds due now (what waiting out the backoff
+    would do); returns how many. Leased rows are left to their lease."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(
+            "UPDATE outbox_retry SET next_attempt_at = now()"
+            " WHERE status = 'pending' AND lease IS NULL"
+        )
+        return cur.rowcount
+
+
+def move_to_retry(
+    url: str | psycopg.Connection[Any],
+    uuids: Any,
+    *,
+    status: str = "dead",
+    attempts: int = 1,
+    last_error: str | None = None,
+    due_in: float = 0.0,
+    **columns: Any,
+) -> int:
+    """Move the events ``uuids`` from the event tables into ``outbox_retry``, as a
+    failed delivery leaves them: ``status`` (``dead`` or ``pending``), ``attempts``,
+    ``last_error``, due in ``due_in`` seconds. ``columns`` (``event``, ``distinct_id``)
+    overwrite theirs, for what older versions, other writers or a server's answer may
+    have stored. Returns how many moved.
+
+    On a URL the events must be committed and in no batch yet (call it before a
+    worker starts); on a connection it runs in the caller's transaction (commit it),
+    so events enqueued in that transaction are in ``outbox_retry`` when they commit
+    and a running worker never sees them in an event table. (A test shortcut: the
+    engine itself never deletes from an event table; it files a batch's failed
+    events into outbox_retry.)"""
+    names = [u if isinstance(u, str) else str(u) for u in uuids]
+    event = columns.pop("event", None)
+    distinct_id = columns.pop("distinct_id", None)
+    if columns:
+        raise TypeError(f"move_to_retry: unknown columns {sorted(columns)}")
+    if not isinstance(url, str):
+        return _move_to_retry(url, names, event, distinct_id, status, attempts, last_error, due_in)
     with psycopg.connect(url) as conn:
+        return _move_to_retry(conn, names, event, distinct_id, status, attempts, last_error, due_in)
+
+
+def _move_to_retry(
+    conn: psycopg.Connection[Any],
+    names: list[str],
+    event: str | None,
+    distinct_id: str | None,
+    status: str,
+    attempts: int,
+    last_error: str | None,
+    due_in: float,
+) -> int:
+    moved = 0
+    for t in range(EVENT_TABLES):
+        cur = conn.execute(
+            f"""
+            WITH gone AS (
+                DELETE FROM outbox_events_{t} WHERE uuid = ANY(%(uuids)s::uuid[])
+                RETURNING *
+            )
+            INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, destination,
+                dedup_key, properties, status, attempts, next_attempt_at, last_error)
+            SELECT uuid, "timestamp", coalesce(%(event)s, event),
+                coalesce(%(distinct_id)s, distinct_id), destination, dedup_key,
+                properties, %(status)s, %(attempts)s,
+                now() + %(due_in)s * interval '1 second', %(last_error)s
+            FROM gone
+            """,
+            {
+                "uuids": names,
+                "event": event,
+                "distinct_id": distinct_id,
+                "status": status,
+                "attempts": attempts,
+                "due_in": due_in,
+                "last_error": last_error,
+            },
+        )
+        moved += cur.rowcount
+    return moved
+
+
+def event_table_bytes(url: str) -> list[int]:
+    """Each event table's size on disk (``pg_relation_size``): 0 once rotation has
+    truncated it."""
+    with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(
-            "SELECT count(*) FROM (SELECT 1 FROM outbox_events FOR UPDATE SKIP LOCKED) s"
+            "SELECT ARRAY["
+            + ", ".join(f"pg_relation_size('outbox_events_{t}')" for t in range(EVENT_TABLES))
+            + "]"
         ).fetchone()
-        conn.rollback()
     assert row is not None
-    return int(row[0])
+    return [int(n) for n in row[0]]
 
 
 # What every event is stamped with under the default configuration (pinned by the

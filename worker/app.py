@@ -31,8 +31,9 @@ from worker.sinks.metrics import MetricsSink
 from worker.sinks.posthog_v1 import PostHogV1Sink
 from worker.statuspage import BacklogHistory, Privacy, StatusPage
 from worker.statuspage.page import STATUS_STATEMENT_TIMEOUT
-from worker.storage.base import DrainStorage, Storage
-from worker.store import DatabaseTimeout, DatabaseUnavailable, Health, Store
+from worker.storage.base import DatabaseTimeout, DatabaseUnavailable, DrainStorage, Storage
+from worker.storage.connection import Health
+from worker.storage.snapshot_storage import SnapshotStorage
 from worker.wakeup import Listener
 from worker.worker_state import WorkerStateReporter
 
@@ -40,6 +41,10 @@ log = logging.getLogger("outbox.worker")
 
 DEDUP_EXPIRY_INTERVAL = 300.0
 METRICS_REFRESH_INTERVAL = 15.0
+#: How often housekeeping runs the engine's upkeep (:meth:`SnapshotStorage.maintain`:
+#: a tick, and the TRUNCATE of every event table whose rows are all delivered), in
+#: seconds. Claims tick by themselves when no batch waits; this is what rotates.
+MAINTAIN_INTERVAL = 15.0
 #: While events keep arriving the drain job looks again this often (seconds)...
 HOT_POLL = 0.02
 #: ...until nothing has turned up for this long; then it falls back to the poll
@@ -100,9 +105,9 @@ class Worker:
         # The two batch connections report into one Health: their latest statement
         # says whether this worker can ship (readiness).
         self.batch_health = Health()
-        # Today's engine, Store, is the one built here; everything else sees the
-        # protocols of worker.storage.base.
-        self.store: DrainStorage = Store(
+        # The snapshot engine is built here; everything else sees the protocols of
+        # worker.storage.base.
+        self.store: DrainStorage = SnapshotStorage(
             url,
             worker_id=settings.worker_id,
             for_batches=True,
@@ -112,7 +117,7 @@ class Worker:
         # Housekeeping and probes get their own connection, so a slow count never
         # holds up the drain loop.
         # Its outages show on the batch connections; its timeouts are its own.
-        housekeeping = Store(
+        housekeeping = SnapshotStorage(
             url,
             worker_id=settings.worker_id,
             log_outages=False,
@@ -126,7 +131,7 @@ class Worker:
         self.metrics_sink = MetricsSink(
             self.metrics.registry, contract, namespace=settings.metrics_namespace
         )
-        self.claim_store: DrainStorage = Store(
+        self.claim_store: DrainStorage = SnapshotStorage(
             url,
             worker_id=settings.worker_id,
             log_outages=False,
@@ -153,7 +158,7 @@ class Worker:
         if settings.status_page and settings.metrics_port is not None:
             # A connection of its own, each statement bounded: a slow page load never
             # holds up the refresh or /readyz.
-            self.status_store = Store(
+            self.status_store = SnapshotStorage(
                 url,
                 worker_id=settings.worker_id,
                 log_outages=False,
@@ -202,6 +207,9 @@ class Worker:
             stats = self.drainer.drain()
             if self._capture_refused_key():
                 self._require_key()
+            # A worker run from cron has no housekeeping job: rotate here, or the
+            # event tables would keep every row ever delivered.
+            self.maintain()
             self.state_reporter.remove()
             return stats
         finally:
@@ -243,6 +251,12 @@ class Worker:
             "interval",
             seconds=DEDUP_EXPIRY_INTERVAL,
             id="expire_dedup_keys",
+        )
+        scheduler.add_job(
+            self.maintain,
+            "interval",
+            seconds=MAINTAIN_INTERVAL,
+            id="maintain",
         )
         scheduler.add_job(
             self.refresh_metrics,
@@ -390,7 +404,6 @@ class Worker:
         self.state_reporter.expire()
         try:
             removed = self.housekeeping_store.expire_dedup_keys()
-            self.housekeeping_store.maintain()
         except OutboxDatabaseError:
             return  # the drain job reports database trouble
         if removed:
@@ -399,6 +412,14 @@ class Worker:
                 removed,
                 extra={"action": "dedup_keys_expired", "keys": removed},
             )
+
+    def maintain(self) -> None:
+        """The engine's upkeep (the ``maintain`` job, and the end of ``run
+        --until-empty``): tick, and truncate the event tables that are all delivered.
+        Any worker may run it at any time; a table still being read, or locked, is
+        left for the next run."""
+        with contextlib.suppress(OutboxDatabaseError):  # the drain job reports it
+            self.housekeeping_store.maintain()
 
     def refresh_metrics(self) -> None:
         """Publish the backlog and the sink state (the ``refresh_metrics`` job)."""

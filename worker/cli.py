@@ -434,8 +434,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     worker.stop()
     if not worker.drainer.idle.is_set():
         # The abandoned batch's request is still blocked in a scheduler thread, which
-        # the interpreter would wait for at exit. Its rows are already released and its
-        # late outcome is fenced off, so leave without waiting.
+        # the interpreter would wait for at exit. Its lease is already handed back and
+        # its late outcome is fenced off, so leave without waiting.
         logging.shutdown()
         sys.stdout.flush()
         os._exit(0)

@@ -11,8 +11,8 @@ from outbox.schema import STATUS_DEAD, STATUS_PENDING
 from worker.database import connect, resolve_database_url
 from worker.database import migrate as apply_migrations
 from worker.settings import Settings
-from worker.storage.base import Inspection, WorkerStates
-from worker.store import DatabaseTimeout, Store
+from worker.storage.base import DatabaseTimeout, Inspection, WorkerStates
+from worker.storage.snapshot_storage import SnapshotStorage
 from worker.terminal import DEFAULT_LIMIT, age, printable
 from worker.worker_state import STALE_AFTER_SECONDS, WorkerStateUnavailable
 
@@ -20,8 +20,9 @@ from worker.worker_state import STALE_AFTER_SECONDS, WorkerStateUnavailable
 ERROR_COLUMN_LIMIT = 120
 
 #: Each of ``status``'s queries gives up after this long (statement_timeout), and
-#: after :data:`~worker.store.LOCK_TIMEOUT` when an outbox table is locked, as every
-#: statement of the commands does: status answers in bounded time, saying why.
+#: after :data:`~worker.storage.connection.LOCK_TIMEOUT` when an outbox table is
+#: locked, as every statement of the commands does: status answers in bounded time,
+#: saying why.
 STATUS_STATEMENT_TIMEOUT = 30.0
 
 
@@ -29,9 +30,9 @@ class StatusSource(Inspection, WorkerStates, Protocol):
     """What ``status`` reads: the storage's counts and the workers' own lines."""
 
 
-def _store(settings: Settings, *, statement_timeout: float | None = None) -> Store:
+def _store(settings: Settings, *, statement_timeout: float | None = None) -> SnapshotStorage:
     url = resolve_database_url(settings.database_url, settings.data_dir)
-    return Store(
+    return SnapshotStorage(
         url, log_outages=False, statement_timeout=statement_timeout, pooler=settings.pooler
     )
 
@@ -174,7 +175,8 @@ def status(settings: Settings, *, as_json: bool) -> int:
 
 
 def dead(settings: Settings, *, event: str | None, limit: int, as_json: bool) -> int:
-    """List dead rows with their last error."""
+    """List dead events with their last error (``id`` is the ``outbox_retry`` row's,
+    what ``retry --id`` takes)."""
     store = _store(settings)
     try:
         rows = store.dead(limit=limit, event=event)
@@ -205,7 +207,7 @@ def dead(settings: Settings, *, event: str | None, limit: int, as_json: bool) ->
 
 
 def retry(settings: Settings, *, all_: bool, ids: Sequence[int] | None, event: str | None) -> int:
-    """Requeue dead rows (all, by id, or by event name)."""
+    """Requeue dead events (all, by id, or by event name)."""
     store = _store(settings)
     try:
         done = store.requeue_dead(ids=None if all_ else ids, event=event)
@@ -221,7 +223,7 @@ def retry(settings: Settings, *, all_: bool, ids: Sequence[int] | None, event: s
 
 
 def purge(settings: Settings, *, older_than: float) -> int:
-    """Delete dead rows older than the given number of seconds."""
+    """Delete dead events older than the given number of seconds."""
     store = _store(settings)
     try:
         count = store.purge_dead(older_than)

@@ -1,14 +1,14 @@
 """The drain loop: claim a batch, ship it to the sink, record the outcome.
 
 The drainer sees its storage only through :class:`worker.storage.base.DrainStorage`.
-With today's engine (:class:`worker.store.Store`) a batch is a database
-transaction: the claim locks its rows, and they stay locked (so no other worker can
-take them) while the batch is on the wire; the outcome is written and committed in
-one round trip. If the worker dies, hangs past its lease or
-loses the database, the transaction ends without the outcome and the rows are
-claimed again, to be sent with the same uuids and timestamps. PostHog keeps both
-copies at first; ClickHouse collapses them when it merges the parts that hold them
-(docs/design.md, "Deduplication").
+With the snapshot engine (:class:`worker.storage.snapshot_storage.SnapshotStorage`)
+a batch is a leased chunk of the events committed between two ticks (or of due
+retries): no transaction stays open while it is on the wire, and its outcome is
+written in one short transaction fenced on the lease. If the worker dies, hangs past
+its lease or loses the database, the outcome is never written and the events are
+claimed again once the lease runs out, to be sent with the same uuids and timestamps.
+PostHog keeps both copies at first; ClickHouse collapses them when it merges the
+parts that hold them (docs/design.md, "Deduplication").
 
 With two connections the next batch is claimed while the current one is on the wire.
 """
@@ -191,7 +191,6 @@ class Drainer:
                 done = self._process(batch)
                 if done is not None:
                     stats.add(done)
-                claimed_ahead = ahead is not None
                 next_batch: Batch | None = None
                 if ahead is not None:
                     future, ahead = ahead, None
@@ -205,7 +204,10 @@ class Drainer:
                     # lease. Hand it back and claim afresh.
                     self._release(next_batch)
                     next_batch = self._claim(next_batch.store)
-                batch = next_batch if claimed_ahead else self._claim(batch.store)
+                # A claim ahead that found nothing is not the end: the snapshot engine
+                # leases a batch whole, so the rest of the batch just sent is claimable
+                # only once its chunk is finished. Ask the store that sent it.
+                batch = next_batch if next_batch is not None else self._claim(batch.store)
         except DatabaseUnavailable:
             stats.interrupted = True
         finally:
@@ -301,8 +303,8 @@ class Drainer:
         to_sink = [e for e in events if e.destination != DESTINATION_METRICS]
         chunks = self._by_size(to_sink, payloads) if to_sink else []
         # Splitting a refused batch takes many requests; stop at half the lease so the
-        # outcome is written while the transaction still holds the rows, and release
-        # the rest.
+        # outcome is written while the lease still holds the events, and release the
+        # rest.
         budget = claimed_at + self.settings.lease_seconds / 2
         # The single events refused in a row with the same answer (the breaker).
         streak: list[ClaimedEvent] = []

@@ -30,7 +30,7 @@ from worker.drain import (
     Outcome,
 )
 from worker.settings import SettingsError
-from worker.store import Backlog, Batch
+from worker.storage.base import Backlog, Batch
 from worker.terminal import printable
 
 log = logging.getLogger("outbox.worker")
@@ -61,8 +61,8 @@ class WorkerMetrics(DrainObserver):
         r = self.registry
         self.events_shipped = Counter(
             "outbox_events_shipped",
-            "Events the sink accepted and the worker deleted; metrics-only events under "
-            "sink=metrics.",
+            "Events the sink accepted and the worker recorded as delivered; metrics-only "
+            "events under sink=metrics.",
             ["sink"],
             registry=r,
         )
@@ -89,7 +89,10 @@ class WorkerMetrics(DrainObserver):
             registry=r,
         )
         self.backlog = Gauge(
-            "outbox_backlog_events", "Rows in outbox_events by state.", ["state"], registry=r
+            "outbox_backlog_events",
+            "Undelivered events (what the view outbox_events shows) by state.",
+            ["state"],
+            registry=r,
         )
         self.oldest_pending = Gauge(
             "outbox_oldest_pending_age_seconds", "Age of the oldest pending event.", registry=r

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from outbox.exceptions import OutboxDatabaseError
 
 if TYPE_CHECKING:
-    from worker.store import Store
+    from worker.storage.base import WorkerStates
 
 log = logging.getLogger("outbox.worker")
 
@@ -62,7 +62,7 @@ ORDER BY worker_id
 class WorkerStateReporter:
     """Writes one worker's row: on change (:meth:`report`) and as a heartbeat."""
 
-    def __init__(self, store: Store, host: str) -> None:
+    def __init__(self, store: WorkerStates, host: str) -> None:
         self.store = store
         self.host = host
         self._last: tuple[str, str] | None = None

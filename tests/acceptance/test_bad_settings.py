@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 import outbox
 from tests.acceptance.test_worker_process import WORKER, run_cli
-from tests.conftest import worker_env
+from tests.conftest import move_to_retry, worker_env
 from worker.database import libpq_url, sqlalchemy_url
 from worker.testing import CaptureServer
 
@@ -187,15 +187,21 @@ ERROR = "HTTP 400: \x1b[H\x1b[2Jbad\nrow"
 @pytest.fixture
 def hostile_rows(database_url: str, db: psycopg.Connection[Any]) -> None:
     with psycopg.connect(database_url) as conn:
-        outbox.enqueue_many(conn, [{"event": "e", "distinct_id": "u"}] * 3)
+        first, *rest = outbox.enqueue_many(conn, [{"event": "e", "distinct_id": "u"}] * 3)
         conn.commit()
-    # What older versions, other writers or a server's answer may have stored.
-    db.execute(
-        "UPDATE outbox_events SET event = %s, distinct_id = %s, last_error = %s,"
-        " status = CASE WHEN id = (SELECT min(id) FROM outbox_events) THEN 'pending'"
-        " ELSE 'dead' END, attempts = 3",
-        (NAME, DISTINCT, ERROR),
-    )
+    # What older versions, other writers or a server's answer may have stored: one
+    # retrying, two dead.
+    for status, uuids in (("pending", [first]), ("dead", rest)):
+        moved = move_to_retry(
+            database_url,
+            uuids,
+            status=status,
+            attempts=3,
+            last_error=ERROR,
+            event=NAME,
+            distinct_id=DISTINCT,
+        )
+        assert moved == len(uuids)
 
 
 def assert_terminal_safe(out: str) -> None:

@@ -60,14 +60,24 @@ def test_worker_survives_the_database_going_away(
     mode: str, private_cluster: tuple[PostgresServer, str], capture: CaptureServer
 ) -> None:
     server, url = private_cluster
-    env = worker_env(url, capture, OUTBOX_POLL_INTERVAL="0.1", OUTBOX_BATCH_SIZE="50")
+    # A short lease: the batch on the wire when the server goes is sent again once
+    # its lease runs out (the lease is a row, and outlives the server's restart).
+    env = worker_env(
+        url,
+        capture,
+        OUTBOX_POLL_INTERVAL="0.1",
+        OUTBOX_BATCH_SIZE="50",
+        OUTBOX_LEASE_SECONDS="5",
+        OUTBOX_REQUEST_TIMEOUT="2.4",
+    )
     proc = start_worker(env)
     try:
         first = enqueue_n(url, 100)
         capture.wait_for_events(100, timeout=20)
 
-        # Down while a batch is on the wire: its transaction dies with the server, and
-        # once the server is back the batch is claimed and sent again (same uuids).
+        # Down while a batch is on the wire: its outcome cannot be written, and once
+        # the server is back and the lease has run out, the batch is claimed and sent
+        # again (same uuids).
         capture.enqueue_reply(Reply(status=200, delay=1.5))
         second = enqueue_n(url, 50)
         # Claimed (the 50 are the only rows left), so its request is on the wire.

@@ -26,7 +26,7 @@ import pytest
 import outbox
 from tests.acceptance.test_probes import free_port, get
 from tests.acceptance.test_worker_process import run_cli, start_worker
-from tests.conftest import wait_for, worker_env
+from tests.conftest import move_to_retry, wait_for, worker_env
 from worker.testing import CaptureServer, Reply
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -99,7 +99,7 @@ def test_a_person_sees_the_backlog_the_sink_and_the_dead_letters(
 ) -> None:
     url, password = with_password(database_url)
     with psycopg.connect(database_url) as conn:
-        outbox.enqueue_many(
+        uuids = outbox.enqueue_many(
             conn,
             [
                 {
@@ -116,14 +116,12 @@ def test_a_person_sees_the_backlog_the_sink_and_the_dead_letters(
         )
         conn.commit()
     # Dead letters, as a 400 leaves them (with a hostile error that names both secrets).
-    db.execute(
-        "UPDATE outbox_events SET status = 'dead', attempts = 1, last_error = %s WHERE event = %s",
-        (HOSTILE_ERROR.replace(PASSWORD, password), HOSTILE_EVENT),
-    )
-    db.execute(
-        "UPDATE outbox_events SET status = 'dead', attempts = 24, last_error = %s "
-        "WHERE id IN (SELECT id FROM outbox_events WHERE event = 'signed_up' ORDER BY id LIMIT 3)",
-        ("503: upstream unavailable",),
+    hostile_error = HOSTILE_ERROR.replace(PASSWORD, password)
+    assert move_to_retry(database_url, uuids[30:], attempts=1, last_error=hostile_error) == 4
+    signed_up = [u for i, u in enumerate(uuids[:30]) if i % 3 == 0][:3]
+    assert (
+        move_to_retry(database_url, signed_up, attempts=24, last_error="503: upstream unavailable")
+        == 3
     )
     # The sink refuses the rest: they stay pending and retry (and its answer plants the key).
     capture.default_reply = Reply(status=503, body=f"overloaded, key {KEY} <b>bold</b>")

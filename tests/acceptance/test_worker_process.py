@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,17 @@ import pytest
 
 import outbox
 from tests.conftest import (
+    EVENT_TABLES,
     batches_in_flight,
     capture_requests,
     claimable,
+    event_table_bytes,
+    make_retries_due,
+    move_to_retry,
     wait_for,
     worker_env,
 )
+from worker.storage.snapshot import insert_events
 from worker.testing import CaptureServer, Reply
 
 WORKER = [str(Path(sys.executable).with_name("outbox-worker"))]
@@ -62,7 +68,15 @@ def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 
 
 def count(db: psycopg.Connection[Any], where: str = "true") -> int:
+    """Events not yet delivered (rows of the view ``outbox_events``) matching ``where``."""
     row = db.execute(f"SELECT count(*) FROM outbox_events WHERE {where}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def slot_now(db: psycopg.Connection[Any]) -> int:
+    """The event table the clock has enqueue write to now."""
+    row = db.execute("SELECT outbox_snapshot_slot()").fetchone()
     assert row is not None
     return int(row[0])
 
@@ -90,12 +104,13 @@ def test_sigkill_mid_batch_loses_nothing(
 ) -> None:
     uuids = enqueue_n(database_url, 500)
     capture.default_reply = Reply(status=200, delay=30)  # hold the batch on the wire
+    lease = 8.0
     env = worker_env(
         database_url,
         capture,
-        OUTBOX_LEASE_SECONDS="130",  # more than twice the timeout, as the worker requires
+        OUTBOX_LEASE_SECONDS=str(lease),  # more than twice the timeout, as the worker requires
         OUTBOX_BATCH_SIZE="200",
-        OUTBOX_REQUEST_TIMEOUT="60",
+        OUTBOX_REQUEST_TIMEOUT="3",
     )
     proc = start_worker(env)
     try:
@@ -105,11 +120,16 @@ def test_sigkill_mid_batch_loses_nothing(
     finally:
         if proc.poll() is None:
             proc.kill()
+    killed = time.monotonic()
     assert proc.returncode == -signal.SIGKILL
     assert count(db) == 500  # nothing delivered, nothing lost
     capture.default_reply = Reply(status=200)
-    # The dead worker's session ended with it: its rows can be claimed at once.
-    assert claimable(database_url) == 500
+    # The dead worker held no transaction, but its lease outlives it: its batch (the
+    # chunk on the wire and the rest of the batch) is nobody's until the lease runs out,
+    # and then anyone's.
+    assert claimable(database_url) <= 500 - 200
+    wait_for(lambda: claimable(database_url) == 500, timeout=lease + 30, what="the lease to end")
+    assert time.monotonic() - killed < lease + 30
     env2 = worker_env(database_url, capture, OUTBOX_BATCH_SIZE="200")
     deadline = time.monotonic() + 30
     while count(db) and time.monotonic() < deadline:
@@ -133,7 +153,8 @@ def test_sigterm_finishes_the_in_flight_batch_and_exits_0(
     shipped = len(capture.uuids())
     assert shipped >= 100  # the in-flight batch finished
     assert count(db) == 300 - shipped
-    assert claimable(database_url) == 300 - shipped  # nothing left held
+    assert batches_in_flight(database_url) == 0  # nothing left held
+    assert claimable(database_url) == 300 - shipped
     assert "worker_stopped" in err
 
 
@@ -156,8 +177,10 @@ def test_sigterm_past_the_grace_releases_the_batch_at_once(
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert time.monotonic() - started < 10
-    # Released, not left to a 600 s lease: another worker can take them right away.
-    assert count(db, "next_attempt_at <= now() AND attempts = 0") == 50
+    # Released, not left to a 600 s lease: another worker can take them right away,
+    # and no attempt was counted against them.
+    assert count(db, "status = 'pending' AND attempts = 0") == 50
+    assert batches_in_flight(database_url) == 0
     assert claimable(database_url) == 50
     capture.stop()
     with CaptureServer() as fresh:
@@ -186,14 +209,46 @@ def test_two_worker_processes_ship_no_event_twice(
     assert count(db) == 0
 
 
+def test_a_running_worker_truncates_the_tables_it_has_drained(
+    database_url: str, db: psycopg.Connection[Any], capture: CaptureServer
+) -> None:
+    """The old table needed VACUUM after its DELETEs; the event tables are emptied
+    whole: once every row of a table is delivered, the worker's rotation TRUNCATEs it
+    (0 bytes, nothing left to vacuum), except the one the clock has enqueue write to."""
+    slot = slot_now(db)
+    earlier = (slot - 1) % EVENT_TABLES  # where enqueue wrote ten minutes ago
+    older = [
+        {"uuid": str(uuid.uuid4()), "event": "page_viewed", "distinct_id": f"user-{i}"}
+        for i in range(100)
+    ]
+    with psycopg.connect(database_url) as conn:
+        insert_events(conn, older, table=earlier)
+    uuids = {e["uuid"] for e in older} | enqueue_n(database_url, 50)
+    assert event_table_bytes(database_url)[earlier] > 0
+    proc = start_worker(worker_env(database_url, capture, OUTBOX_BATCH_SIZE="40"))
+    try:
+        capture.wait_for_events(150, timeout=60)
+        wait_for(lambda: count(db) == 0, what="every event delivered")
+        # The worker rotates on its maintenance cadence (with the backlog refresh).
+        wait_for(
+            lambda: event_table_bytes(database_url)[earlier] == 0,
+            timeout=90,
+            what=f"outbox_events_{earlier} truncated",
+        )
+        if slot_now(db) == slot:
+            assert event_table_bytes(database_url)[slot] > 0  # still enqueue's table
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert set(capture.uuids()) == uuids and len(capture.uuids()) == 150
+
+
 def test_status_dead_retry_purge(
     database_url: str, db: psycopg.Connection[Any], capture: CaptureServer
 ) -> None:
-    enqueue_n(database_url, 10)
-    db.execute(
-        "UPDATE outbox_events SET status = 'dead', attempts = 16, last_error = 'HTTP 400: bad'"
-        " WHERE id IN (SELECT id FROM outbox_events ORDER BY id LIMIT 3)"
-    )
+    uuids = sorted(enqueue_n(database_url, 10))
+    assert move_to_retry(database_url, uuids[:3], attempts=16, last_error="HTTP 400: bad") == 3
     env = worker_env(database_url, capture)
     status = run_cli(env, "status", "--json")
     assert status.returncode == 0, status.stderr
@@ -275,7 +330,7 @@ def test_until_empty_exit_codes_tell_cron_what_happened(
     assert "batch_failed" in failed.stderr
     assert count(db, "attempts = 1") == 5
     capture.default_reply = Reply(status=200)
-    db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+    assert make_retries_due(database_url) == 5  # as if their backoff had passed
     assert run_cli(env, "run", "--until-empty").returncode == 0
     assert count(db) == 0
 

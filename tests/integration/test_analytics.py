@@ -65,7 +65,7 @@ def configured() -> Iterator[None]:
 
 def stored(db: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     rows = db.execute(
-        "SELECT event, distinct_id, properties, destination FROM outbox_events ORDER BY id"
+        "SELECT event, distinct_id, properties, destination FROM outbox_events ORDER BY uuid"
     ).fetchall()
     return [
         {"event": e, "distinct_id": d, "properties": p, "destination": x} for e, d, p, x in rows

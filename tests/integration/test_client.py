@@ -34,7 +34,7 @@ def rows(db: psycopg.Connection[Any]) -> Rows:
     """(event, distinct_id, properties without the standard stamps, uuid) in order."""
     standard = {"environment", "release", "event_schema_version", "$lib", "$lib_version"}
     result = db.execute(
-        "SELECT event, distinct_id, properties, uuid::text FROM outbox_events ORDER BY id"
+        "SELECT event, distinct_id, properties, uuid::text FROM outbox_events ORDER BY uuid"
     )
     return [(e, d, {k: v for k, v in p.items() if k not in standard}, u) for e, d, p, u in result]
 

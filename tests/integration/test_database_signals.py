@@ -19,8 +19,8 @@ from psycopg import sql
 import outbox
 from outbox.exceptions import OutboxDatabaseError
 from tests.conftest import pend_a_migration_that_alters_outbox_events, wait_for
-from worker import store as store_module
 from worker.database import migrate
+from worker.storage import connection as connection_module
 from worker.store import (
     LOCK_TIMEOUT,
     BatchLostError,
@@ -119,7 +119,7 @@ def test_a_connection_that_breaks_under_a_statement_is_replaced_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Without the idle check, the break shows only when the statement is sent.
-    monkeypatch.setattr(store_module, "_closed_by_peer", lambda conn: False)
+    monkeypatch.setattr(connection_module, "closed_by_peer", lambda conn: False)
     store.ping_or_raise()
     terminate(db, backend_pid(store))
     with caplog.at_level(logging.INFO, logger="outbox.worker"):
@@ -343,7 +343,7 @@ def test_a_claim_on_a_connection_that_broke_is_retried_by_the_next_poll_not_an_o
 ) -> None:
     enqueue(database_url, 2)
     store.ping_or_raise()
-    monkeypatch.setattr(store_module, "_closed_by_peer", lambda conn: False)
+    monkeypatch.setattr(connection_module, "closed_by_peer", lambda conn: False)
     terminate(db, backend_pid(store))
     with caplog.at_level(logging.INFO, logger="outbox.worker"):
         with pytest.raises(ConnectionReset):  # a DatabaseUnavailable: the drain stops

@@ -1,8 +1,6 @@
-"""Migration 0002: outbox_events.destination, up and down."""
+"""Migration 0002: outbox_events.destination, up and down (through 0007's view and back)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import psycopg
 import pytest
@@ -19,9 +17,9 @@ def columns(url: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def test_destination_defaults_to_posthog_and_allows_only_two_values(
-    db: psycopg.Connection[Any],
-) -> None:
+def test_destination_defaults_to_posthog_and_allows_only_two_values(empty_database: str) -> None:
+    migrate(empty_database, "0002")
+    db = psycopg.connect(empty_database, autocommit=True)
     db.execute(
         "INSERT INTO outbox_events (uuid, event, distinct_id) VALUES (gen_random_uuid(), 'e', 'u')"
     )
@@ -31,6 +29,7 @@ def test_destination_defaults_to_posthog_and_allows_only_two_values(
             "INSERT INTO outbox_events (uuid, event, distinct_id, destination)"
             " VALUES (gen_random_uuid(), 'e', 'u', 'elsewhere')"
         )
+    db.close()
 
 
 def test_downgrade_drops_the_column_and_the_metrics_rows(empty_database: str) -> None:
@@ -45,8 +44,10 @@ def test_downgrade_drops_the_column_and_the_metrics_rows(empty_database: str) ->
     )
     config = outbox.AnalyticsConfig(registry=registry)
     with psycopg.connect(empty_database) as conn:
-        outbox.enqueue(conn, "tick", "w", {"kind": "a"}, config=config)
-        outbox.enqueue(conn, "signup", "u", config=config)
+        # Keyed: the functions write the snapshot engine's tables whatever enqueue's
+        # own INSERT names.
+        outbox.enqueue(conn, "tick", "w", {"kind": "a"}, config=config, dedup_key="t")
+        outbox.enqueue(conn, "signup", "u", config=config, dedup_key="s")
         conn.commit()
     downgrade(empty_database, "0001")
     assert "destination" not in columns(empty_database)

@@ -83,7 +83,7 @@ def events(url: str) -> list[tuple[str, str, dict[str, Any]]]:
         return [
             (e, d, {k: v for k, v in p.items() if k not in STAMP})
             for e, d, p in conn.execute(
-                "SELECT event, distinct_id, properties FROM outbox_events ORDER BY id"
+                "SELECT event, distinct_id, properties FROM outbox_events ORDER BY uuid"
             )
         ]
 

@@ -23,7 +23,7 @@ from worker.app import Worker
 from worker.commands import status_report
 from worker.settings import Settings
 from worker.sinks import PostHogSink
-from worker.store import Store
+from worker.storage.snapshot_storage import SnapshotStorage
 from worker.testing import CaptureServer, Reply
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,7 +209,7 @@ def test_status_shows_each_sink_state_a_worker_reports(
     try:
         worker.drainer.drain()
         worker.report_state()
-        store = Store(database_url, log_outages=False)
+        store = SnapshotStorage(database_url, log_outages=False)
         try:
             (entry,) = status_report(store)["workers"]
         finally:

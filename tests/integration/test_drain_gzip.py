@@ -12,7 +12,7 @@ import outbox
 from worker.drain import Drainer
 from worker.settings import Settings
 from worker.sinks import PostHogSink
-from worker.store import Store
+from worker.storage.snapshot_storage import SnapshotStorage
 from worker.testing import CaptureServer
 
 
@@ -32,10 +32,10 @@ def fill(database_url: str, n: int) -> list[str]:
 def two_connection_drainer(settings: Settings, sink: PostHogSink) -> Drainer:
     assert settings.database_url
     return Drainer(
-        Store(settings.database_url, worker_id=settings.worker_id),
+        SnapshotStorage(settings.database_url, worker_id=settings.worker_id),
         sink,
         settings,
-        claim_store=Store(settings.database_url, worker_id=settings.worker_id),
+        claim_store=SnapshotStorage(settings.database_url, worker_id=settings.worker_id),
     )
 
 

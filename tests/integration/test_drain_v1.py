@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import capture_requests
+from tests.conftest import capture_requests, make_retries_due
 from tests.integration.test_drain import enqueue_n, make_drainer, remaining
 from worker.app import Worker, build_sink
 from worker.drain import SINK_BACKING_OFF, SINK_OK, SINK_RATE_LIMITED, SINK_REQUEST_REJECTED
@@ -95,7 +95,7 @@ def test_a_retry_event_is_sent_again_alone_with_an_attempt_counted(
     [(uid, status, attempts, error)] = remaining(db)
     assert (str(uid), status, attempts) == (str(uuids[7]), "pending", 1)
     assert "not_persisted" in error
-    db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+    make_retries_due(database_url)
     second = drainer.drain()
     assert second.shipped == 1 and second.clean
     assert [list(a.results) for a in capture.v1.answers][1] == [str(uuids[7])]
@@ -122,7 +122,7 @@ def test_the_billing_limit_pauses_and_counts_attempts_until_the_events_die(
     assert "billing_limit_exceeded" in (drainer.last_error or "")
     assert [(r[1], r[2]) for r in remaining(db)] == [("pending", 1)] * 5
     # The pause holds every request back, even for due rows.
-    db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+    make_retries_due(database_url)
     drainer.drain()
     assert len(capture_requests(capture)) == 1
     # Once it is over, the next refusal uses the last attempt: dead, not pending for ever.

@@ -45,7 +45,7 @@ def engine(database_url: str) -> Iterator[Engine]:
 def stored(db: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     cur = db.execute(
         'SELECT uuid, event, distinct_id, properties, "timestamp", dedup_key, destination'
-        " FROM outbox_events ORDER BY id"
+        " FROM outbox_events ORDER BY uuid"
     )
     names = [c.name for c in cur.description or []]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 import outbox
-from tests.conftest import capture_requests, wait_for
+from tests.conftest import EVENT_TABLES, capture_requests, make_retries_due, wait_for
 from worker.app import Worker
 from worker.settings import Settings
 from worker.testing import CaptureServer, Reply
@@ -34,8 +34,10 @@ def enqueue(database_url: str, n: int, size: int = 10) -> set[str]:
 
 
 def left(db: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    """Every undelivered event (the view outbox_events)."""
     return db.execute(
-        "SELECT uuid::text, status, attempts, last_error FROM outbox_events ORDER BY id"
+        "SELECT uuid::text, status, attempts, last_error FROM outbox_events"
+        ' ORDER BY "timestamp", uuid'
     ).fetchall()
 
 
@@ -107,15 +109,15 @@ def test_a_number_posthog_cannot_parse_kills_only_its_own_event(
     running: Callable[..., Worker],
 ) -> None:
     """PostHog's parser refuses a number beyond a double's range with a 400 for the
-    whole request ("failed to parse request"); jsonb holds it fine. The split finds the
+    whole request ("failed to parse request"); json holds it fine. The split finds the
     one event; everything else ships."""
     uuids = sorted(enqueue(database_url, 32))
     poison = uuids[9]
-    db.execute(
-        "UPDATE outbox_events SET properties = jsonb_build_object('n', 1e400::numeric)"
-        " WHERE uuid = %s",
-        (poison,),
-    )
+    for t in range(EVENT_TABLES):  # the event table it went into
+        db.execute(
+            f"""UPDATE outbox_events_{t} SET properties = '{{"n": 1e400}}' WHERE uuid = %s""",
+            (poison,),
+        )
     running()
     capture.wait_for_events(31)
     wait_for(lambda: [r[1] for r in left(db)] == ["dead"])
@@ -336,7 +338,7 @@ def test_the_breaker_stops_a_split_that_keeps_ending_in_the_same_400(
     assert worker.readiness()[0] is False
     capture.clear_rules()
     worker.drainer.paused_until = 0  # the pause is over
-    db.execute("UPDATE outbox_events SET next_attempt_at = now()")
+    make_retries_due(database_url)
     worker.wake()
     capture.wait_for_events(64)
     wait_for(lambda: left(db) == [])

@@ -65,7 +65,7 @@ def engine(schema: str) -> Iterator[Engine]:
 
 def events(db: psycopg.Connection[Any], name: str) -> list[tuple[Any, ...]]:
     return db.execute(
-        "SELECT uuid, distinct_id, properties FROM outbox_events WHERE event = %s ORDER BY id",
+        "SELECT uuid, distinct_id, properties FROM outbox_events WHERE event = %s ORDER BY uuid",
         (name,),
     ).fetchall()
 

@@ -13,9 +13,8 @@ import outbox
 from outbox import install
 from outbox.exceptions import OutboxDatabaseError, OutboxError, UnsupportedConnectionError
 from outbox.schema import VERSION_TABLE
-from tests.conftest import pend_a_migration_that_alters_outbox_events
 
-ALL = ["0001", "0002", "0003", "0004", "0005", "0006"]
+ALL = ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]
 
 
 def test_upgrade_on_a_url_returns_what_it_applied_then_nothing(empty_database: str) -> None:
@@ -24,13 +23,13 @@ def test_upgrade_on_a_url_returns_what_it_applied_then_nothing(empty_database: s
     assert install.current(empty_database) == install.head() == ALL[-1]
     assert install.upgrade(empty_database) == []
     with psycopg.connect(empty_database) as conn:
-        assert outbox.enqueue(conn, "e", "u", dedup_key="k") is not None  # 0004's function
+        assert outbox.enqueue(conn, "e", "u", dedup_key="k") is not None  # the keyed function
 
 
 def test_upgrade_in_steps_and_downgrade_name_their_revisions(empty_database: str) -> None:
     assert install.upgrade(empty_database, "0003") == ["0001", "0002", "0003"]
-    assert install.upgrade(empty_database) == ["0004", "0005", "0006"]
-    assert install.downgrade(empty_database, "0002") == ["0006", "0005", "0004", "0003"]
+    assert install.upgrade(empty_database) == ["0004", "0005", "0006", "0007"]
+    assert install.downgrade(empty_database, "0002") == ["0007", "0006", "0005", "0004", "0003"]
     assert install.current(empty_database) == "0002"
     assert install.downgrade(empty_database, "base") == ["0002", "0001"]
     assert install.current(empty_database) is None
@@ -109,13 +108,15 @@ def test_a_refused_statement_is_one_line_naming_the_privilege(empty_database: st
             conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
-def test_on_a_connection_a_held_lock_is_retried_then_named(database_url: str) -> None:
+def test_on_a_connection_a_held_lock_is_retried_then_named(empty_database: str) -> None:
     """The retries run on the caller's connection too: each try rolled back, the lock
-    holders named when they are over, and the connection left usable."""
-    pend_a_migration_that_alters_outbox_events(database_url)
-    engine = create_engine(install.sqlalchemy_url(database_url), poolclass=pool.NullPool)
-    separator = "&" if "?" in database_url else "?"
-    holder = psycopg.connect(f"{database_url}{separator}application_name=holding_a_batch")
+    holders named when they are over, and the connection left usable. (The lock is
+    what a worker of before 0007 holds on the old table while a batch is on the wire;
+    0007 drops that table.)"""
+    install.upgrade(empty_database, "0006")
+    engine = create_engine(install.sqlalchemy_url(empty_database), poolclass=pool.NullPool)
+    separator = "&" if "?" in empty_database else "?"
+    holder = psycopg.connect(f"{empty_database}{separator}application_name=holding_a_batch")
     try:
         holder.execute("SELECT id FROM outbox_events FOR UPDATE")  # RowShareLock
         with engine.connect() as connection:
@@ -127,7 +128,7 @@ def test_on_a_connection_a_held_lock_is_retried_then_named(database_url: str) ->
             assert connection.execute(text("SHOW lock_timeout")).scalar_one() == "3s"
             connection.rollback()
             holder.rollback()  # the batch ends
-            assert install.upgrade(connection, lock_timeout=0.1) == ["0004", "0005", "0006"]
+            assert install.upgrade(connection, lock_timeout=0.1) == ["0007"]
     finally:
         holder.close()
         engine.dispose()

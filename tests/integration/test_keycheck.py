@@ -28,7 +28,7 @@ from worker.keycheck import (
     ApiKeyNotVerifiedError,
 )
 from worker.settings import Settings
-from worker.store import Store
+from worker.storage.snapshot_storage import SnapshotStorage
 from worker.testing import CaptureServer, Exchange, Reply
 
 RIGHT = "phc_rightrightrightrightrightrightright"
@@ -50,7 +50,8 @@ def enqueue(database_url: str, n: int, name: str = "e") -> set[str]:
 
 
 def rows(db: psycopg.Connection[Any]) -> list[tuple[str, int]]:
-    return db.execute("SELECT status, attempts FROM outbox_events ORDER BY id").fetchall()
+    query = 'SELECT status, attempts FROM outbox_events ORDER BY "timestamp", uuid'
+    return db.execute(query).fetchall()
 
 
 def state_row(db: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
@@ -268,7 +269,7 @@ def test_status_lists_each_worker_and_a_stop_removes_it(
     capture.project_keys = set()
     worker = running(WRONG, worker_id="w-status", unauthorized_pause=0.2)
     wait_for(lambda: state_row(db) is not None and state_row(db)[2] == "key_rejected")  # type: ignore[index]
-    store = Store(database_url, log_outages=False)
+    store = SnapshotStorage(database_url, log_outages=False)
     try:
         report = status_report(store)
     finally:
@@ -309,7 +310,7 @@ def test_old_rows_are_stale_then_expire(
     assert commands.status(settings_for(), as_json=False) == 0
     text = capsys.readouterr().out
     assert "2d00h ago (stale)" in text and "here" in text
-    store = Store(database_url, worker_id="x", log_outages=False)
+    store = SnapshotStorage(database_url, worker_id="x", log_outages=False)
     try:
         assert store.expire_worker_states(86400) == 1
     finally:
@@ -334,7 +335,7 @@ def test_without_the_table_the_worker_still_ships_and_warns_once(
     assert set(capture.uuids()) == uuids
     warned = [r for r in caplog.records if getattr(r, "action", "") == "worker_state_unavailable"]
     assert len(warned) == 1
-    store = Store(database_url, log_outages=False)
+    store = SnapshotStorage(database_url, log_outages=False)
     try:
         report = status_report(store)
     finally:
@@ -352,7 +353,7 @@ def test_the_worker_role_may_write_its_state(
         db.execute(WORKER_GRANTS.format(worker=role))
         separator = "&" if "?" in database_url else "?"
         as_worker = f"{database_url}{separator}options={quote(f'-c role={role}')}"
-        store = Store(as_worker, worker_id="w-role", log_outages=False)
+        store = SnapshotStorage(as_worker, worker_id="w-role", log_outages=False)
         try:
             store.write_worker_state("https://us.i.posthog.com", "ok", "")
             store.write_worker_state("https://us.i.posthog.com", "key_rejected", "why")

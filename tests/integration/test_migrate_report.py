@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from outbox import install
-from tests.conftest import pend_a_migration_that_alters_outbox_events, worker_env
+from tests.conftest import worker_env
 from worker.commands import migrate_report
 
 WORKER = [sys.executable, "-m", "worker.cli"]
@@ -35,9 +35,9 @@ def test_migrate_says_it_created_the_tables_then_that_they_are_up_to_date(
     assert _migrate(empty_database) == f"outbox tables were already up to date (revision {HEAD})"
 
 
-def test_migrate_says_from_which_revision_it_upgraded(database_url: str) -> None:
-    pend_a_migration_that_alters_outbox_events(database_url)
-    assert _migrate(database_url) == f"upgraded the outbox tables from revision 0003 to {HEAD}"
+def test_migrate_says_from_which_revision_it_upgraded(empty_database: str) -> None:
+    install.upgrade(empty_database, "0006")
+    assert _migrate(empty_database) == f"upgraded the outbox tables from revision 0006 to {HEAD}"
 
 
 def test_the_report_of_each_case() -> None:

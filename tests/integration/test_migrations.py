@@ -20,6 +20,7 @@ from worker.database import alembic_config, downgrade, migrate
 from worker.drain import Drainer
 from worker.settings import Settings
 from worker.sinks import MemorySink
+from worker.storage.snapshot_storage import SnapshotStorage
 from worker.store import Store
 
 
@@ -50,33 +51,37 @@ def test_models_match_migrations(database_url: str) -> None:
         raise AssertionError(f"schema drift: {exc}") from exc
 
 
-def test_queue_autovacuum_settings(db: psycopg.Connection[Any]) -> None:
-    row = db.execute("SELECT reloptions FROM pg_class WHERE relname = 'outbox_events'").fetchone()
-    assert row is not None
-    assert "autovacuum_vacuum_scale_factor=0.0" in row[0]
+def test_event_tables_are_never_vacuumed(db: psycopg.Connection[Any]) -> None:
+    """Insert-only and emptied by TRUNCATE (migration 0006): nothing for autovacuum."""
+    rows = db.execute(
+        "SELECT relname, reloptions FROM pg_class WHERE relname ~ '^outbox_events_[0-9]$'"
+    ).fetchall()
+    assert len(rows) == 4
+    assert all("autovacuum_enabled=off" in options for _, options in rows), rows
 
 
-def test_claim_walks_the_due_index_not_the_table(db: psycopg.Connection[Any]) -> None:
-    # Many dead and future rows, few due ones: the plan must use the partial index.
+def test_retry_claim_walks_the_due_index_not_the_table(db: psycopg.Connection[Any]) -> None:
+    # Many dead and future retries, few due ones: the plan must use the partial index.
     db.execute(
         """
-        INSERT INTO outbox_events (uuid, event, distinct_id, status, next_attempt_at)
-        SELECT gen_random_uuid(), 'e', 'u',
+        INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, properties,
+            status, next_attempt_at)
+        SELECT gen_random_uuid(), now(), 'e', 'u', '{}',
                CASE WHEN g % 2 = 0 THEN 'dead' ELSE 'pending' END,
                now() + interval '1 hour'
         FROM generate_series(1, 20000) g
         """
     )
-    db.execute("ANALYZE outbox_events")
+    db.execute("ANALYZE outbox_retry")
     plan = db.execute(
         """
-        EXPLAIN SELECT id FROM outbox_events
+        EXPLAIN SELECT id FROM outbox_retry
         WHERE status = 'pending' AND next_attempt_at <= now()
         ORDER BY next_attempt_at, id LIMIT 100 FOR UPDATE SKIP LOCKED
         """
     ).fetchall()
     text = "\n".join(r[0] for r in plan)
-    assert "outbox_events_due_idx" in text, text
+    assert "outbox_retry_due_idx" in text, text
     assert "Seq Scan" not in text, text
 
 
@@ -125,7 +130,7 @@ def test_0004_buries_the_rows_written_before_it_and_validates(empty_database: st
         _insert(conn, "array", properties="'[]'")
         _insert(conn, "blank_user", distinct_id="' '")
         _insert(conn, "already_dead", properties="'[]'", status="'dead'", last_error="'x'")
-    migrate(empty_database)
+    migrate(empty_database, "0004")
     assert _constraints(empty_database) == dict.fromkeys(CHECKS_0004, True)
     with psycopg.connect(empty_database) as conn:
         rows = {
@@ -151,21 +156,29 @@ def test_0004_buries_the_rows_written_before_it_and_validates(empty_database: st
 
 
 def test_0004_downgrades_and_upgrades_again(empty_database: str) -> None:
-    migrate(empty_database)
+    migrate(empty_database, "0004")
     assert _functions(empty_database) == set(FUNCTIONS_0004)
     downgrade(empty_database, "0003")
     assert _constraints(empty_database) == {} and _functions(empty_database) == set()
     with psycopg.connect(empty_database, autocommit=True) as conn:
         _insert(conn, "infinite", timestamp="'infinity'")  # 0003 took it
-    migrate(empty_database)
+    migrate(empty_database, "0004")
     assert _constraints(empty_database) == dict.fromkeys(CHECKS_0004, True)
     assert _functions(empty_database) == set(FUNCTIONS_0004)
+    # On to the head: 0007 drops the functions only the old table used, and takes the
+    # row 0004 buried to outbox_retry, dead.
+    migrate(empty_database)
+    assert _functions(empty_database) == set(FUNCTIONS_0004) - {"outbox_ack", "outbox_purge_dead"}
+    with psycopg.connect(empty_database) as conn:
+        dead = conn.execute("SELECT event, status FROM outbox_retry").fetchall()
+    assert dead == [("infinite", "dead")]
     command.check(alembic_config(empty_database))
 
 
-def test_0004_keeps_the_grants_of_0003_working(empty_database: str) -> None:
+def test_0004_and_0007_keep_the_grants_of_0003_working(empty_database: str) -> None:
     """Roles set up with the grants documented before 0004 may still do their work
-    after it: 0004 grants them the functions that replace their table rights."""
+    after it: 0004 grants them the functions that replace their table rights, and 0007
+    the rights on the snapshot engine's tables that replace those on the old table."""
     migrate(empty_database, "0003")
     suffix = uuid.uuid4().hex[:8]
     app, worker = f"outbox_app_{suffix}", f"outbox_worker_{suffix}"
@@ -183,17 +196,33 @@ def test_0004_keeps_the_grants_of_0003_working(empty_database: str) -> None:
         with psycopg.connect(empty_database) as conn:
             conn.execute(f"SET ROLE {app}")
             assert outbox.enqueue(conn, "e", "u", dedup_key="k") is not None
-            assert outbox.enqueue_many(conn, [{"event": "e", "distinct_id": "u"}] * 2)
+            _plain_insert(conn, 2)
             conn.commit()
         separator = "&" if "?" in empty_database else "?"
         as_worker = f"{empty_database}{separator}options={quote(f'-c role={worker}')}"
         sink = MemorySink()
-        Drainer(Store(as_worker), sink, Settings(database_url=as_worker)).drain()
+        storage = SnapshotStorage(as_worker)
+        try:
+            Drainer(storage, sink, Settings(database_url=as_worker)).drain()
+        finally:
+            storage.close()
         assert len(sink.events) == 3
     finally:
         with psycopg.connect(empty_database, autocommit=True) as conn:
             for role in (app, worker):
                 conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def _plain_insert(conn: psycopg.Connection[Any], n: int) -> None:
+    """What enqueue's plain INSERT does: ``n`` events into the clock's event table."""
+    row = conn.execute("SELECT outbox_snapshot_slot()").fetchone()
+    assert row is not None
+    conn.execute(
+        f"INSERT INTO outbox_events_{row[0]}"
+        ' (uuid, event, distinct_id, properties, "timestamp", destination)'
+        " SELECT gen_random_uuid(), 'e', 'u', '{}', now(), NULL FROM generate_series(1, %s)",
+        (n,),
+    )
 
 
 DDL_LOG = """
@@ -218,7 +247,7 @@ def test_0004_validates_after_the_table_lock_is_released(empty_database: str) ->
     migrate(empty_database, "0003")
     with psycopg.connect(empty_database, autocommit=True) as conn:
         conn.execute(DDL_LOG)
-    migrate(empty_database)
+    migrate(empty_database, "0004")
     with psycopg.connect(empty_database) as conn:
         log = conn.execute("SELECT xid::text, query, exclusive FROM ddl_log").fetchall()
     added = [row for row in log if "ADD CONSTRAINT" in row[1]]
@@ -239,13 +268,13 @@ def test_0004_does_not_queue_inserts_behind_a_long_batch(empty_database: str) ->
     batch.execute("SELECT id FROM outbox_events FOR UPDATE")  # a worker's batch in flight
     failure: list[BaseException] = []
 
-    def run() -> None:
+    def run_0004() -> None:
         try:
-            migrate(empty_database)
+            migrate(empty_database, "0004")
         except BaseException as exc:  # pragma: no cover - reported below
             failure.append(exc)
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run_0004)
     thread.start()
     try:
         with psycopg.connect(empty_database, autocommit=True) as watcher:

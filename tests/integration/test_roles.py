@@ -15,32 +15,36 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import outbox
 from tests.conftest import create_database, drop_database
-from worker.commands import status_report
 from worker.drain import Drainer
 from worker.settings import Settings
 from worker.sinks import MemorySink
-from worker.store import Store
+from worker.storage.snapshot_storage import SnapshotStorage
 
-APP_GRANTS = """
-GRANT USAGE ON SCHEMA public TO {app};
+EVENT_TABLES = "outbox_events_0, outbox_events_1, outbox_events_2, outbox_events_3"
+APP_GRANTS = f"""
+GRANT USAGE ON SCHEMA public TO {{app}};
 GRANT INSERT (uuid, event, distinct_id, properties, "timestamp", destination)
-    ON outbox_events TO {app};
+    ON {EVENT_TABLES} TO {{app}};
 GRANT EXECUTE ON FUNCTION
     outbox_enqueue_keyed(uuid, text, text, jsonb, text, timestamptz, text),
-    outbox_enqueue_keyed_rows(jsonb)
-    TO {app};
+    outbox_enqueue_keyed_rows(jsonb),
+    outbox_snapshot_slot()
+    TO {{app}};
 """
-WORKER_GRANTS = """
-GRANT USAGE ON SCHEMA public TO {worker};
-GRANT SELECT ON outbox_events TO {worker};
-GRANT UPDATE (status, attempts, next_attempt_at, last_error) ON outbox_events TO {worker};
+WORKER_GRANTS = f"""
+GRANT USAGE ON SCHEMA public TO {{worker}};
+GRANT SELECT ON {EVENT_TABLES}, outbox_ticks, outbox_event_tables TO {{worker}};
+GRANT SELECT, UPDATE, DELETE ON outbox_batches TO {{worker}};
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_retry TO {{worker}};
+GRANT SELECT, UPDATE, DELETE ON outbox_dedup_keys TO {{worker}};
 GRANT EXECUTE ON FUNCTION
-    outbox_ack(bigint[], double precision),
-    outbox_purge_dead(double precision),
+    outbox_snapshot_tick(integer),
+    outbox_snapshot_rotate(boolean),
+    outbox_snapshot_slot(),
     outbox_expire_dedup_keys(integer)
-    TO {worker};
-GRANT SELECT ON outbox_stuck TO {worker};
-GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_worker_state TO {worker};
+    TO {{worker}};
+GRANT SELECT ON outbox_events, outbox_stuck TO {{worker}};
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_worker_state TO {{worker}};
 """
 
 
@@ -73,7 +77,7 @@ def test_the_application_role_can_only_insert(
             conn.execute("SELECT * FROM outbox_events")
         conn.rollback()
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("DELETE FROM outbox_events")
+            conn.execute("DELETE FROM outbox_events_0")
     assert plain is not None and keyed is not None and duplicate is None
     assert all(many)
     assert db.execute("SELECT count(*) FROM outbox_events").fetchone() == (5,)
@@ -91,7 +95,11 @@ def test_the_worker_role_can_drain(
     as_worker = f"{database_url}{separator}options={quote(f'-c role={worker}')}"
     sink = MemorySink()
     settings = Settings(database_url=as_worker)
-    Drainer(Store(as_worker), sink, settings).drain()
+    storage = SnapshotStorage(as_worker)
+    try:
+        Drainer(storage, sink, settings).drain()
+    finally:
+        storage.close()
     assert len(sink.events) == 2
     assert db.execute("SELECT count(*) FROM outbox_events").fetchone() == (0,)
     with psycopg.connect(as_worker) as conn:
@@ -101,7 +109,7 @@ def test_the_worker_role_can_drain(
 
 
 # --------------------------------------------------------------------------- what each
-# role cannot do (migration 0004 and the documented grants)
+# role cannot do (migrations 0004 and 0007 and the documented grants)
 
 # The database-level part of the documented setup: PostgreSQL lets PUBLIC connect to
 # every database and create temporary tables in it unless told otherwise.
@@ -135,24 +143,28 @@ def test_what_the_application_role_cannot_do(
     with psycopg.connect(_as(database_url, app), autocommit=True) as conn:
         # Read no event and no key.
         _refused(conn, "SELECT uuid FROM outbox_events")
+        for t in range(4):
+            _refused(conn, f"SELECT uuid FROM outbox_events_{t}")
+        _refused(conn, "SELECT uuid FROM outbox_retry")
         _refused(conn, "SELECT dedup_key FROM outbox_dedup_keys")
-        # Change nothing written, set no worker-owned column.
-        _refused(conn, "UPDATE outbox_events SET status = 'dead'")
-        _refused(conn, "DELETE FROM outbox_events")
-        _refused(conn, "TRUNCATE outbox_events")
-        for column, value in (
-            ("status", "'dead'"),
-            ("attempts", "3"),
-            ("next_attempt_at", "'infinity'"),
-            ("last_error", "'x'"),
-            ("created_at", "now()"),
-            ("dedup_key", "'k'"),
-        ):
+        # Change nothing written; no transaction id of its choosing (which could hide
+        # an event from the batches), no key without claiming it.
+        _refused(conn, "UPDATE outbox_events_0 SET event = 'x'")
+        _refused(conn, "DELETE FROM outbox_events_0")
+        _refused(conn, "TRUNCATE outbox_events_0")
+        for column, value in (("txid", "1"), ("dedup_key", "'k'")):
             _refused(
                 conn,
-                f"INSERT INTO outbox_events (uuid, event, distinct_id, {column})"
+                f"INSERT INTO outbox_events_0 (uuid, event, distinct_id, {column})"
                 f" VALUES (gen_random_uuid(), 'e', 'u', {value})",
             )
+        _refused(
+            conn,
+            'INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, properties)'
+            " VALUES (gen_random_uuid(), now(), 'e', 'u', '{}')",
+        )
+        _refused(conn, "UPDATE outbox_batches SET lease = NULL")
+        _refused(conn, "UPDATE outbox_ticks SET snapshot = snapshot")
         # No key without its event: the table is closed, the function writes both.
         _refused(conn, "INSERT INTO outbox_dedup_keys VALUES ('k', 'infinity')")
         _refused(conn, "UPDATE outbox_dedup_keys SET expires_at = now()")
@@ -162,12 +174,13 @@ def test_what_the_application_role_cannot_do(
         ).fetchone()
         assert row == ("k",)
         # None of the worker's functions; no lock that could stop the others.
-        _refused(conn, "SELECT outbox_ack(ARRAY[1]::bigint[], 0)")
-        _refused(conn, "SELECT outbox_purge_dead(0)")
+        _refused(conn, "SELECT outbox_snapshot_tick(5000)")
+        _refused(conn, "SELECT outbox_snapshot_rotate(true)")
         _refused(conn, "SELECT outbox_expire_dedup_keys(10)")
         for mode in ("SHARE", "EXCLUSIVE", "ACCESS EXCLUSIVE"):
-            with conn.transaction():
-                _refused(conn, f"LOCK TABLE outbox_events IN {mode} MODE")
+            for t in range(4):
+                with conn.transaction():
+                    _refused(conn, f"LOCK TABLE outbox_events_{t} IN {mode} MODE")
         for mode in LOCK_MODES:
             with conn.transaction():
                 _refused(conn, f"LOCK TABLE outbox_dedup_keys IN {mode} MODE")
@@ -187,32 +200,33 @@ def test_what_the_worker_role_cannot_do(
         db.execute(OTHER_DATABASE.format(other=other))
         with psycopg.connect(make_conninfo(database_url, user=worker), autocommit=True) as conn:
             assert conn.execute("SELECT current_user").fetchone() == (worker,)
+            # No event of its own, no change to one written: the event tables are
+            # read-only to it (emptied only by outbox_snapshot_rotate's TRUNCATE).
+            for t in range(4):
+                _refused(
+                    conn,
+                    f"INSERT INTO outbox_events_{t} (uuid, event, distinct_id)"
+                    " VALUES (gen_random_uuid(), 'e', 'u')",
+                )
+                _refused(conn, f"DELETE FROM outbox_events_{t}")
+                _refused(conn, f"TRUNCATE outbox_events_{t}")
+                _refused(conn, f"UPDATE outbox_events_{t} SET event = event")
+                # Nothing that would stop enqueue's INSERTs.
+                for mode in ("ROW EXCLUSIVE", "SHARE", "EXCLUSIVE", "ACCESS EXCLUSIVE"):
+                    with conn.transaction():
+                        _refused(conn, f"LOCK TABLE outbox_events_{t} IN {mode} MODE")
             _refused(
                 conn,
-                "INSERT INTO outbox_events (uuid, event, distinct_id)"
-                " VALUES (gen_random_uuid(), 'e', 'u')",
+                "INSERT INTO outbox_ticks (tick_id, snapshot, pages) VALUES (99, '1:1:', '{}')",
             )
-            _refused(conn, "DELETE FROM outbox_events")
-            _refused(conn, "TRUNCATE outbox_events")
-            for column in (
-                "uuid",
-                "event",
-                "distinct_id",
-                "properties",
-                "timestamp",
-                "dedup_key",
-                "destination",
-                "created_at",
-            ):
-                _refused(conn, f'UPDATE outbox_events SET "{column}" = "{column}"')
-            _refused(conn, "SELECT dedup_key FROM outbox_dedup_keys")
+            _refused(
+                conn,
+                "INSERT INTO outbox_batches (from_tick, to_tick, txid_lo, txid_hi)"
+                " VALUES (1, 1, 1, 1)",
+            )
             _refused(conn, "SELECT outbox_enqueue_keyed_rows('[]')")
-            for mode in ("ROW EXCLUSIVE", "SHARE", "EXCLUSIVE", "ACCESS EXCLUSIVE"):
-                with conn.transaction():
-                    _refused(conn, f"LOCK TABLE outbox_events IN {mode} MODE")
-            for mode in LOCK_MODES:
-                with conn.transaction():
-                    _refused(conn, f"LOCK TABLE outbox_dedup_keys IN {mode} MODE")
+            # (The worker writes the keys' dedup window and purges the dead with its
+            # keys by itself: it may read, update and delete outbox_dedup_keys.)
             _refused(conn, "CREATE TABLE nope (id int)")
             _refused(conn, "CREATE TEMP TABLE nope (id int)")
         with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
@@ -228,15 +242,16 @@ def test_what_the_worker_role_cannot_do(
 def test_a_delete_right_would_let_a_role_lock_the_whole_table(
     database_url: str, db: psycopg.Connection[Any]
 ) -> None:
-    """Why the worker deletes through functions: PostgreSQL lets DELETE (or a
-    table-wide UPDATE) take any table lock, and ACCESS EXCLUSIVE stops every enqueue."""
+    """Why the worker truncates through a function and has no right but SELECT on the
+    event tables: PostgreSQL lets DELETE (or UPDATE) take any table lock, and ACCESS
+    EXCLUSIVE stops every enqueue."""
     role = f"outbox_deleter_{uuid.uuid4().hex[:8]}"
     db.execute(f"CREATE ROLE {role}")
     db.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-    db.execute(f"GRANT SELECT, DELETE ON outbox_events TO {role}")
+    db.execute(f"GRANT SELECT, DELETE ON outbox_events_0 TO {role}")
     try:
         with psycopg.connect(_as(database_url, role)) as conn:
-            conn.execute("LOCK TABLE outbox_events IN ACCESS EXCLUSIVE MODE")
+            conn.execute("LOCK TABLE outbox_events_0 IN ACCESS EXCLUSIVE MODE")
             conn.rollback()
     finally:
         db.execute(f"DROP OWNED BY {role}")
@@ -249,20 +264,27 @@ def test_the_worker_role_runs_every_command(
     _, worker = roles
     with psycopg.connect(database_url) as conn:
         outbox.enqueue_many(
-            conn, [{"event": "e", "distinct_id": f"u{i}", "dedup_key": f"k{i}"} for i in range(4)]
+            conn, [{"event": "e", "distinct_id": f"u{i}", "dedup_key": f"k{i}"} for i in (2, 3)]
         )
         conn.commit()
-    db.execute("UPDATE outbox_events SET status = 'dead' WHERE dedup_key IN ('k0', 'k1')")
+    # Two dead ones, as a worker leaves them, with their keys held.
+    db.execute(
+        'INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, dedup_key,'
+        " properties, status, attempts, last_error)"
+        " SELECT gen_random_uuid(), now(), 'e', 'u' || k, k, '{}', 'dead', 5, 'HTTP 400'"
+        " FROM unnest(ARRAY['k0', 'k1']) AS k"
+    )
+    db.execute("INSERT INTO outbox_dedup_keys VALUES ('k0', 'infinity'), ('k1', 'infinity')")
     db.execute(
         "UPDATE outbox_dedup_keys SET expires_at = now() - interval '1 day' WHERE dedup_key = 'k3'"
     )
-    store = Store(_as(database_url, worker))
+    store = SnapshotStorage(_as(database_url, worker))
     try:
-        assert status_report(store)["dead"] == 2
+        assert store.backlog().dead == 2
         assert len(store.dead()) == 2
         assert store.backlog_capped().pending == 2
         assert store.requeue_dead(event="e").requeued == 2
-        db.execute("UPDATE outbox_events SET status = 'dead' WHERE dedup_key = 'k0'")
+        db.execute("UPDATE outbox_retry SET status = 'dead' WHERE dedup_key = 'k0'")
         assert store.purge_dead(0.0) == 1
         assert store.expire_dedup_keys() == 1
     finally:

@@ -1,4 +1,8 @@
-"""Store.error_groups, the status page's one new query, against PostgreSQL."""
+"""SnapshotStorage.error_groups, the status page's own query, against PostgreSQL.
+
+Failed events are rows of ``outbox_retry`` (an event still in an event table has never
+failed), so the rows are written there as the worker files them.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +10,43 @@ from typing import Any
 
 import psycopg
 
-import outbox
-from worker.store import Store
+from worker.storage.snapshot_storage import SnapshotStorage
+
+_FILE = """
+INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, properties, status,
+    attempts, last_error, created_at)
+SELECT gen_random_uuid(), now(), %(event)s, %(distinct_id)s, %(properties)s::json,
+    %(status)s, %(attempts)s, %(error)s, %(created_at)s::timestamptz
+FROM generate_series(1, %(n)s)
+"""
 
 
-def _enqueue(url: str, events: list[dict[str, Any]]) -> None:
-    with psycopg.connect(url) as conn:
-        outbox.enqueue_many(conn, events)
-        conn.commit()
+def _file(db: psycopg.Connection[Any], n: int, **row: Any) -> None:
+    values = {
+        "distinct_id": "u",
+        "properties": "{}",
+        "status": "dead",
+        "attempts": 1,
+        "created_at": "now",
+        **row,
+    }
+    db.execute(_FILE, {"n": n, **values})
 
 
 def test_failed_events_are_grouped_by_status_and_error(
     database_url: str, db: psycopg.Connection[Any]
 ) -> None:
-    _enqueue(database_url, [{"event": "a", "distinct_id": f"u{i}"} for i in range(60)])
-    _enqueue(database_url, [{"event": "b", "distinct_id": "x", "properties": {"p": 1}}])
-    _enqueue(database_url, [{"event": "c", "distinct_id": "y"} for _ in range(5)])
     # 60 'a' dead with one error; 'b' dead with another and a created_at no one can
-    # subtract; 2 'c' retrying; 3 'c' never tried (not failed).
-    db.execute("UPDATE outbox_events SET status = 'dead', last_error = 'E1' WHERE event = 'a'")
-    db.execute(
-        "UPDATE outbox_events SET status = 'dead', last_error = 'E2', created_at = 'infinity' "
-        "WHERE event = 'b'"
-    )
-    db.execute(
-        "UPDATE outbox_events SET attempts = 1, last_error = 'E3' "
-        "WHERE id IN (SELECT id FROM outbox_events WHERE event = 'c' ORDER BY id LIMIT 2)"
-    )
-    store = Store(database_url, log_outages=False)
+    # subtract; 2 'c' retrying; 3 'c' deferred (an error, no attempt: not failed).
+    _file(db, 60, event="a", error="E1")
+    _file(db, 1, event="b", error="E2", distinct_id="x", properties='{"p": 1}',
+          created_at="infinity")  # fmt: skip
+    _file(db, 2, event="c", error="E3", status="pending")
+    _file(db, 3, event="c", error="E4", status="pending", attempts=0)
+    store = SnapshotStorage(database_url)
     try:
         groups = store.error_groups(limit=20, ids=50)
+        dead_ids = {int(r["id"]) for r in store.dead(limit=1000)}
     finally:
         store.close()
     by_error = {g["error"]: g for g in groups}
@@ -43,6 +54,7 @@ def test_failed_events_are_grouped_by_status_and_error(
     big = by_error["E1"]
     assert big["status"] == "dead" and big["count"] == 60 and big["names"] == 1
     assert len(big["ids"]) == 50 and big["ids"] == sorted(big["ids"])
+    assert set(big["ids"]) <= dead_ids  # what `retry --id` takes
     assert big["dead_of_name"] == 60 and big["event"] == "a"
     assert big["example_id"] == max(big["ids"]) + 10  # the newest row
     assert big["first_at"] <= big["last_at"] and big["first_at"].endswith("+00:00")

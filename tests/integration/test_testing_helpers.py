@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 
 import outbox
+from outbox.schema import EVENT_TABLES
 from outbox.testing import (
     MAX_LINE,
     MAX_LISTED,
@@ -27,7 +28,7 @@ from outbox.testing import (
     assert_not_enqueued,
     enqueued,
 )
-from worker.database import sqlalchemy_url
+from worker.database import migrate, sqlalchemy_url
 from worker.testing import CaptureServer, NotDeliveredError, Reply, deliver
 
 # --------------------------------------------------------------------------- fixtures
@@ -142,17 +143,26 @@ def test_another_transactions_uncommitted_rows_are_not_seen(
         other.rollback()
 
 
-def test_frozen_committed_rows_are_read_as_committed(
+def test_committed_rows_waiting_for_a_retry_are_read_as_committed(
     database_url: str, db: psycopg.Connection[Any], conn: psycopg.Connection[Any]
 ) -> None:
-    commit_one(database_url, "frozen")
+    commit_one(database_url, "committed")
+    # What the worker does after a failed delivery: the event waits in outbox_retry.
+    db.execute(
+        'INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, properties,'
+        " attempts, next_attempt_at, last_error)"
+        " VALUES (gen_random_uuid(), now(), 'retrying', 'u', '{\"a\": 1}', 2,"
+        " now() + interval '1 hour', 'HTTP 503')"
+    )
     outbox.enqueue(conn, "mine", "u")
-    db.execute("VACUUM (FREEZE) outbox_events")  # freezes the committed row
 
     assert names(enqueued(conn)) == ["mine"]
-    frozen, mine = enqueued(conn, scope="all")
-    assert frozen.event == "frozen" and not frozen.in_transaction
-    assert mine.in_transaction
+    retrying, committed, mine = enqueued(conn, scope="all")
+    assert (retrying.event, retrying.status, retrying.attempts) == ("retrying", "pending", 2)
+    assert retrying.retry_id is not None and retrying.properties == {"a": 1}
+    assert not retrying.in_transaction and not committed.in_transaction
+    assert committed.event == "committed" and committed.retry_id is None
+    assert mine.in_transaction and mine.attempts == 0 and mine.retry_id is None
 
 
 def test_keyed_and_batched_events_are_the_transactions_too(
@@ -179,11 +189,13 @@ def test_an_event_reads_back_as_stored(conn: psycopg.Connection[Any]) -> None:
 
     [event] = enqueued(conn)
     [row] = conn.execute(
-        "SELECT id, created_at, properties FROM outbox_events WHERE uuid = %s", [given]
+        "SELECT retry_id, txid, properties, txid = txid_current()"
+        " FROM outbox_events WHERE uuid = %s",
+        [given],
     ).fetchall()
 
     assert (event.uuid, event.timestamp) == (given, when)
-    assert (event.id, event.created_at, event.properties) == row
+    assert (event.retry_id, event.txid, event.properties, True) == row
     assert event.properties["note"] == "café ✓" and event.attempts == 0
 
 
@@ -435,7 +447,8 @@ def test_missing_tables_and_rights_keep_the_callers_transaction(
 
     role = f"outbox_insert_only_{uuid.uuid4().hex[:8]}"
     db.execute(f"CREATE ROLE {role}")
-    db.execute(f"GRANT INSERT ON outbox_events TO {role}")
+    tables = ", ".join(f"outbox_events_{n}" for n in range(EVENT_TABLES))
+    db.execute(f"GRANT INSERT ON {tables} TO {role}")  # what an application role has
     try:
         with psycopg.connect(database_url) as limited:
             limited.execute(f"SET LOCAL ROLE {role}")
@@ -446,6 +459,15 @@ def test_missing_tables_and_rights_keep_the_callers_transaction(
     finally:
         db.execute(f"DROP OWNED BY {role}")
         db.execute(f"DROP ROLE {role}")
+
+
+def test_tables_of_an_earlier_version_are_reported(empty_database: str) -> None:
+    migrate(empty_database, "0006")  # outbox_events is still the old engine's table
+    with psycopg.connect(empty_database) as old:
+        with pytest.raises(outbox.OutboxNotInstalledError, match="predate this version"):
+            enqueued(old, scope="all")
+        assert old.execute("SELECT 1").fetchone() == (1,)  # the transaction is still usable
+        old.rollback()
 
 
 def test_an_aborted_transaction_is_reported_not_hidden(conn: psycopg.Connection[Any]) -> None:

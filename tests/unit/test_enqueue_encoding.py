@@ -7,20 +7,23 @@ give exactly what the straightforward version gives.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import pickle
+import time
 import uuid
 from collections import OrderedDict
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import Enum
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
 
-from outbox import AnalyticsConfig, OutboxValidationError
+from outbox import AnalyticsConfig, OutboxValidationError, schema
 from outbox import validation as v
 from outbox.enqueue import (
     _Call,
@@ -31,6 +34,8 @@ from outbox.enqueue import (
     prepare_enqueue,
 )
 from outbox.validation import PreparedEvent, prepare_event
+
+enqueue_module = importlib.import_module("outbox.enqueue")
 
 CONFIG = AnalyticsConfig(environment="test")
 
@@ -122,13 +127,17 @@ def test_the_order_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0 < len(v._jsonb_orders) <= v._JSONB_ORDER_CACHE_SIZE
 
 
-def test_enqueue_sends_properties_in_jsonb_order_and_prepare_event_keeps_the_callers() -> None:
+def test_a_keyed_event_goes_in_jsonb_order_and_a_plain_one_keeps_the_callers() -> None:
+    # Only the keyed functions parse jsonb; a plain event is stored as json text.
     props = {f"p{'x' * (20 - i)}": i for i in range(20)}
-    via_enqueue = prepare_enqueue("e", "u", props, config=CONFIG)
-    assert via_enqueue is not None
-    stored = json.loads(via_enqueue.properties_json)
+    keyed = prepare_enqueue("e", "u", props, dedup_key="k", config=CONFIG)
+    assert keyed is not None
+    stored = json.loads(keyed.properties_json)
     assert list(stored) == jsonb_sorted(list(stored))
     assert stored == {**CONFIG._standard, **props}
+    via_enqueue = prepare_enqueue("e", "u", props, config=CONFIG)
+    assert via_enqueue is not None
+    assert list(json.loads(via_enqueue.properties_json)) == list({**CONFIG._standard, **props})
     plain = prepare_event("e", "u", props)
     assert list(json.loads(plain.properties_json)) == list(props)
 
@@ -139,7 +148,7 @@ def test_the_reported_field_does_not_depend_on_the_order_sent() -> None:
     props["zzzzzzzzzzzz"] = object()
     props["a"] = b"bytes"
     with pytest.raises(OutboxValidationError) as info:
-        prepare_enqueue("e", "u", props, config=CONFIG)
+        prepare_enqueue("e", "u", props, dedup_key="k", config=CONFIG)  # reordered
     assert info.value.field == "properties.zzzzzzzzzzzz"
 
 
@@ -162,7 +171,9 @@ def test_the_slow_path_gives_the_same_result_with_or_without_reordering(props: A
         return ("ok", json.loads(prepared.properties_json))
 
     standard = AnalyticsConfig()._standard
-    via_enqueue = outcome(lambda: prepare_enqueue("e", "u", props, config=AnalyticsConfig()))
+    via_enqueue = outcome(
+        lambda: prepare_enqueue("e", "u", props, dedup_key="k", config=AnalyticsConfig())
+    )
     plain = outcome(lambda: prepare_event("e", "u", {**standard, **props}))
     assert via_enqueue == plain
 
@@ -292,13 +303,30 @@ def test_one_event_travels_as_one_text_parameter_per_column() -> None:
 def test_a_call_picks_the_statement_for_its_shape() -> None:
     one = _Call([_event()])
     assert set(one.params) == {"u", "e", "d", "p", "s", "t", "k"}
-    assert "jsonb_to_recordset" not in one.statements.psycopg
+    assert "json_to_recordset" not in one.statements.psycopg
     many = _Call([_event(), _event(uuid=uuid.uuid4())])
     assert set(many.params) == {"rows"}
-    assert "jsonb_to_recordset" in many.statements.psycopg
+    assert "json_to_recordset" in many.statements.psycopg
     # Duplicate dedup keys are dropped first: what is left may be a single event.
     deduped = _Call([_event(dedup_key="k"), _event(uuid=uuid.uuid4(), dedup_key="k")])
     assert len(deduped.sent) == 1 and "u" in deduped.params and deduped.reads_keys
+
+
+def test_a_plain_call_writes_to_the_event_table_of_the_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The rule of outbox_snapshot_slot(): floor(epoch / SLOT_SECONDS) mod EVENT_TABLES.
+    for slot in range(schema.EVENT_TABLES + 1):
+        at = 1_700_000_000 // schema.SLOT_SECONDS * schema.SLOT_SECONDS
+        at += slot * schema.SLOT_SECONDS + schema.SLOT_SECONDS - 0.001
+        clock = SimpleNamespace(time=lambda at=at: at, monotonic=time.monotonic)
+        monkeypatch.setattr(enqueue_module, "time", clock)
+        expected = f"outbox_events_{int(at // schema.SLOT_SECONDS) % schema.EVENT_TABLES}"
+        assert schema.event_table_slot(at) == int(expected[-1])
+        for call in (_Call([_event()]), _Call([_event(), _event(uuid=uuid.uuid4())])):
+            assert f"INSERT INTO {expected} " in call.statements.psycopg
+    keyed = _Call([_event(dedup_key="k")])
+    assert "INSERT" not in keyed.statements.psycopg  # the function picks the table
 
 
 # --------------------------------------------------------------------------- uuids

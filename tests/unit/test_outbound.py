@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from worker.store import ClaimedEvent
+from worker.storage.base import ClaimedEvent
 
 
 def claimed(timestamp: str, properties: str = "{}", has_ip: bool = False) -> ClaimedEvent:

@@ -31,7 +31,7 @@ from worker.sinks.posthog_v1 import (
     _splice,
     to_v1_event,
 )
-from worker.store import ClaimedEvent
+from worker.storage.base import ClaimedEvent
 from worker.testing import CaptureServer, Reply
 
 KEY = "phc_v1_secret_key"

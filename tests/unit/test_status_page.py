@@ -16,7 +16,7 @@ from worker.statuspage import BacklogHistory, PageData, Privacy, SinkView, rende
 from worker.statuspage.page import StatusPage, group_commands
 from worker.statuspage.privacy import HIDDEN, property_names
 from worker.statuspage.render import chart
-from worker.store import Backlog, DatabaseUnavailable
+from worker.storage.base import Backlog, DatabaseUnavailable
 
 NOW = 1_800_000_000.0
 KEY = "phc_PLANTEDsecretKEY0123456789"

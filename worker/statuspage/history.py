@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from worker.store import Backlog
+from worker.storage.base import Backlog
 
 #: Seconds of history the page draws.
 HISTORY_SECONDS = 3600.0

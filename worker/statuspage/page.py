@@ -13,7 +13,7 @@ from outbox.exceptions import OutboxError
 from outbox.schema import STATUS_DEAD, STATUS_PENDING
 from worker.statuspage.history import BacklogHistory, Sample
 from worker.statuspage.privacy import Privacy
-from worker.store import Backlog
+from worker.storage.base import Backlog
 from worker.terminal import has_control_characters
 
 #: Error groups the page lists.

@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 
 from outbox.exceptions import OutboxDatabaseError
+from outbox.validation import new_event_uuid
 from worker.sinks.base import Outbound
 from worker.storage import snapshot_sql as sql
 
@@ -180,14 +181,20 @@ class RetryOutcome:
 class SnapshotEngine:
     """The snapshot engine's statements over one autocommit psycopg connection."""
 
-    def __init__(self, conn: psycopg.Connection[Any], *, worker_id: str = "worker") -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], *, worker_id: str = "worker", settings: bool = True
+    ) -> None:
+        """With ``settings``, apply :data:`snapshot_sql.SETTINGS` to the session (a
+        caller that applies them itself, per transaction behind a pooler, passes
+        False)."""
         if not conn.autocommit:
             raise ValueError("the snapshot engine needs an autocommit connection")
         self.conn = conn
         self.worker_id = worker_id
         self._positions: dict[int, _Positions] = {}
-        for setting in sql.SESSION.split(";"):
-            conn.execute(setting.strip())
+        if settings:
+            for setting in sql.SESSION.split(";"):
+                conn.execute(setting.strip())
 
     def _run(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:
         try:
@@ -218,9 +225,14 @@ class SnapshotEngine:
     ) -> LeasedBatch | None:
         """Lease the oldest unleased batch; with none, tick (when ``tick``) and try once
         more. None when there is nothing to send."""
-        params = {"worker": self.worker_id, "lease_seconds": float(lease_seconds)}
+        params = {
+            "worker": self.worker_id,
+            "lease_seconds": float(lease_seconds),
+            "lease": new_event_uuid(),
+        }
         rows = self._run(sql.CLAIM, params)
         if not rows and tick and self.tick(split_rows) is not None:
+            params["lease"] = new_event_uuid()
             rows = self._run(sql.CLAIM, params)
         if not rows:
             return None
@@ -392,8 +404,10 @@ class SnapshotEngine:
         self, limit: int, lease_seconds: float
     ) -> tuple[uuid.UUID, list[SnapshotEvent]]:
         """Lease up to ``limit`` due retries; returns the lease and the events (their
-        ``position`` is the retry row's id)."""
-        lease = uuid.uuid4()
+        ``position`` is the retry row's id). The lease is a UUIDv7: its first 48 bits
+        are when it was made (the worker's clock, in milliseconds), which is how
+        ``outbox-worker status`` tells how long leased retries have been held."""
+        lease = new_event_uuid()
         rows = self._run(
             sql.CLAIM_RETRIES,
             {"lease": lease, "lease_seconds": float(lease_seconds), "limit": limit},

@@ -27,10 +27,14 @@ _ISO = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
 # scan testing every row against a chunk's thousand positions cost 2 ms per chunk); the
 # scan for a batch's positions writes its "ctid > progress" as tidgt(), which is no TID
 # range condition, so that it is not planned as a scan from there to the table's end.
-SESSION = (
-    "SET jit = off; SET enable_seqscan = off; SET enable_tidscan = on;"
-    " SET max_parallel_workers_per_gather = 0"
-)
+SETTINGS = {
+    "jit": "off",
+    "enable_seqscan": "off",
+    "enable_tidscan": "on",
+    "max_parallel_workers_per_gather": "0",
+}
+#: :data:`SETTINGS` as SET statements for a session.
+SESSION = "; ".join(f"SET {name} = {value}" for name, value in SETTINGS.items())
 
 TICK = "SELECT outbox_snapshot_tick(%(split_rows)s)"
 
@@ -38,9 +42,10 @@ ROTATE = "SELECT outbox_snapshot_rotate(%(current)s)"
 
 # Lease the oldest batch nobody holds (or whose lease ran out), with what reading it
 # needs: its interval's two snapshots, its txid range and where the next chunk starts.
+# The lease (a fresh UUIDv7 per claim) says when it was made, for `status`.
 CLAIM = """
 UPDATE outbox_batches AS b
-SET leased_by = %(worker)s, lease = gen_random_uuid(),
+SET leased_by = %(worker)s, lease = %(lease)s,
     leased_until = now() + %(lease_seconds)s * interval '1 second'
 FROM (
     SELECT batch_id FROM outbox_batches

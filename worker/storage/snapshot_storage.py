@@ -10,14 +10,19 @@ ones and moves the batch's progress past the chunk, in one transaction fenced on
 batch's lease (and on the lease not having run out). Event ids are positions in the
 batch (1, 2, ...), meaningful only to the object that claimed it.
 
-Nothing uses it yet: the worker still runs :class:`worker.store.Store`.
+Its connection is a :class:`worker.storage.connection.Connection`, as
+:class:`worker.store.Store`'s is: the same constructor arguments, outage logging,
+timeouts, :class:`~worker.storage.connection.Health` and ``application_name``.
+
+Housekeeping must call :meth:`SnapshotStorage.maintain` regularly (see its text): it
+ticks, so that events committed while no worker claims still get a batch, and it
+TRUNCATEs the event tables whose rows are all delivered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from outbox.exceptions import OutboxDatabaseError, OutboxNotInstalledError
-from worker.database import connect
+from worker import queries, worker_state
 from worker.storage import snapshot_sql
 from worker.storage.base import (
     Backlog,
@@ -34,22 +39,14 @@ from worker.storage.base import (
     BatchLostError,
     BatchOutcome,
     ClaimedEvent,
-    ConnectionReset,
-    DatabaseUnavailable,
     Finished,
-    LockTimeout,
     Requeued,
-    StatementTimeout,
 )
+from worker.storage.connection import LOCK_TIMEOUT, Connection, Health, first_line
 from worker.storage.snapshot import LeasedBatch, SnapshotEngine, SnapshotEvent, own_keys
 
 if TYPE_CHECKING:
-    from worker.storage.base import Storage
-
-APPLICATION_PREFIX = "outbox-worker snapshot "
-_APPLICATION_NAME_MAX = 63
-
-_ISO = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
+    from worker.storage.base import Storage, WorkerStates
 
 
 def _pending_part(t: int) -> str:
@@ -115,7 +112,7 @@ GROUP BY event ORDER BY n DESC, event LIMIT %(limit)s
 """
 
 TOP_ERRORS = f"""
-SELECT status, error, n, to_char(since AT TIME ZONE 'UTC', {_ISO}) FROM (
+SELECT status, error, n, {queries.utc_text("since")} FROM (
     SELECT status, left(last_error, 200) AS error, count(*) AS n, min(created_at) AS since
     FROM outbox_retry WHERE last_error IS NOT NULL
     GROUP BY status, left(last_error, 200)
@@ -124,19 +121,32 @@ ORDER BY n DESC, error LIMIT %(limit)s
 """
 
 LIST_DEAD = f"""
-SELECT id, uuid, event, distinct_id, attempts, last_error,
-       to_char(created_at AT TIME ZONE 'UTC', {_ISO})
+SELECT id, uuid, event, distinct_id, attempts, last_error, {queries.utc_text("created_at")}
 FROM outbox_retry
 WHERE status = 'dead' AND (%(event)s::text IS NULL OR event = %(event)s::text)
 ORDER BY created_at, id LIMIT %(limit)s
 """
 
-REQUEUE_DEAD = """
-UPDATE outbox_retry
-SET status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = now(), lease = NULL
-WHERE status = 'dead'
-  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
-  AND (%(event)s::text IS NULL OR event = %(event)s::text)
+# Dead rows (all, some ids, or one event name) pending again with no attempts, but
+# for those an event table's constraints would refuse (they could never be sent:
+# they stay dead, and are counted).
+REQUEUE_DEAD = f"""
+WITH chosen AS (
+    SELECT id, {queries.RETRY_STORABLE} AS storable
+    FROM outbox_retry
+    WHERE status = 'dead'
+      AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+      AND (%(event)s::text IS NULL OR event = %(event)s::text)
+    FOR UPDATE
+), requeued AS (
+    UPDATE outbox_retry AS r
+    SET status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = now(),
+        lease = NULL
+    FROM chosen
+    WHERE r.id = chosen.id AND chosen.storable
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM requeued), count(*) FILTER (WHERE NOT storable) FROM chosen
 """
 
 PURGE_DEAD = """
@@ -152,13 +162,30 @@ WITH gone AS (
 SELECT count(*) FROM gone
 """
 
-# held_seconds: the batch row records no lease start, so this is the time since the
-# batch was made (at least as long as it has been held).
-IN_FLIGHT = """
-SELECT leased_by, greatest(extract(epoch FROM now() - created_at), 0), 'leased'
-FROM outbox_batches
-WHERE lease IS NOT NULL AND leased_until > now()
-ORDER BY created_at
+# The milliseconds since the Unix epoch in a UUIDv7's first 48 bits (the engine's leases
+# are made so: see SnapshotEngine.claim_retries and CLAIM), as seconds.
+_LEASE_SECONDS = (
+    "(('x' || lpad(left(replace({}::text, '-', ''), 12), 16, '0'))::bit(64)::bigint / 1000.0)"
+)
+
+# The leased snapshot batches (worker, seconds since the lease was made), and the leased
+# retries, one line per lease (their rows record no worker).
+IN_FLIGHT = f"""
+SELECT worker, held, state FROM (
+    SELECT leased_by AS worker,
+           greatest(extract(epoch FROM now()) - {_LEASE_SECONDS.format("lease")}, 0) AS held,
+           'leased batch' AS state
+    FROM outbox_batches
+    WHERE lease IS NOT NULL AND leased_until > now()
+    UNION ALL
+    SELECT '(not recorded)',
+           greatest(extract(epoch FROM now()) - {_LEASE_SECONDS.format("lease")}, 0),
+           'leased retries (' || count(*) || ' events)'
+    FROM outbox_retry
+    WHERE lease IS NOT NULL AND status = 'pending' AND next_attempt_at > now()
+    GROUP BY lease
+) AS f
+ORDER BY held DESC, worker
 """
 
 # -- finishing a chunk of a snapshot batch (one transaction) -----------------------------
@@ -169,11 +196,13 @@ WHERE batch_id = %(batch)s AND lease = %(lease)s AND leased_until > now()
 FOR UPDATE
 """
 
+# Deferred events share one due time (the uncorrelated subquery runs once), so a held
+# batch comes back whole rather than as the part a poll at the boundary happens to see.
 FILE_RETRIES = """
 INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, destination, dedup_key,
     properties, status, attempts, next_attempt_at, last_error)
 SELECT f.uuid, f.ts, f.event, f.distinct_id, f.destination, f.dedup_key, f.properties::json,
-    f.status, f.attempts, clock_timestamp() + f.delay * interval '1 second', f.error
+    f.status, f.attempts, (SELECT clock_timestamp()) + f.delay * interval '1 second', f.error
 FROM unnest(%(uuid)s::uuid[], %(ts)s::timestamptz[], %(event)s::text[],
             %(distinct_id)s::text[], %(destination)s::text[], %(dedup_key)s::text[],
             %(properties)s::text[], %(status)s::text[], %(attempts)s::integer[],
@@ -237,7 +266,7 @@ RETURNING r.status
 
 DEFER_RETRIES = """
 UPDATE outbox_retry
-SET next_attempt_at = clock_timestamp() + %(delay)s * interval '1 second',
+SET next_attempt_at = (SELECT clock_timestamp()) + %(delay)s * interval '1 second',
     last_error = coalesce(%(error)s::text, last_error), lease = NULL
 WHERE id = ANY(%(ids)s::bigint[]) AND lease = %(lease)s
 """
@@ -260,110 +289,103 @@ class _Handle:
     #: The chunk is the batch's last: finishing it deletes the batch.
     last: bool = False
     retry_lease: uuid.UUID | None = None
-    #: The connection it was claimed on (a new connection means it is lost).
-    conn: psycopg.Connection[Any] | None = None
 
 
 class SnapshotStorage:
-    """The snapshot engine as a :class:`worker.storage.base.Storage`, over one
-    autocommit connection that is made again after it is lost."""
+    """The snapshot engine as a :class:`worker.storage.base.Storage` (and
+    :class:`worker.storage.base.WorkerStates`), over one
+    :class:`worker.storage.connection.Connection`: reconnecting, with the worker's
+    outage logging, timeouts and :class:`~worker.storage.connection.Health`."""
 
     def __init__(
         self,
         url: str,
         *,
         worker_id: str = "outbox-worker",
+        log_outages: bool = True,
         for_batches: bool = False,
+        lock_timeout: float | None = LOCK_TIMEOUT,
+        statement_timeout: float | None = None,
+        health: Health | None = None,
         pooler: str = "none",
         split_rows: int = 5_000,
     ) -> None:
-        self.url = url
+        """The keyword arguments are :class:`worker.store.Store`'s (see
+        :class:`worker.storage.connection.Connection`): ``lock_timeout`` and
+        ``statement_timeout`` (seconds; None leaves the session's own) bound every
+        statement, set once per session, or for each transaction behind a
+        transaction pooler (``pooler="transaction"``), where the engine's planner
+        settings (:data:`snapshot_sql.SETTINGS`) are set per transaction too.
+        ``split_rows``: a tick splits an interval of more rows than this into
+        several batches (so that several workers can share it)."""
         self.worker_id = worker_id
-        self.for_batches = for_batches
-        self.pooler = pooler
         self.split_rows = split_rows
-        self.application_name = (APPLICATION_PREFIX + worker_id)[:_APPLICATION_NAME_MAX]
-        self._conn: psycopg.Connection[Any] | None = None
         self._engine: SnapshotEngine | None = None
-        self._worked = False
         self._batch: Batch | None = None
-        self._lock = threading.RLock()
+        self._db = Connection(
+            url,
+            worker_id=worker_id,
+            log_outages=log_outages,
+            for_batches=for_batches,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+            health=health,
+            pooler=pooler,
+            settings=snapshot_sql.SETTINGS,
+            prepare=_check_installed,
+            on_drop=self._forget,
+        )
+        self.url = url
+        self.pooler = pooler
+        self.for_batches = for_batches
+        self.health = self._db.health
+        self.application_name = self._db.application_name
 
     # -- connection -------------------------------------------------------------------
 
-    def _connected(self) -> SnapshotEngine:
-        if self._engine is not None and self._conn is not None and not self._conn.closed:
-            return self._engine
-        conn = connect(
-            self.url,
-            pooler=self.pooler,
-            autocommit=True,
-            connect_timeout=10,
-            application_name=self.application_name,
-        )
-        try:
-            row = conn.execute(
-                "SELECT to_regclass('outbox_batches') IS NOT NULL"
-                " AND to_regclass('outbox_retry') IS NOT NULL"
-            ).fetchone()
-            if not (row and row[0]):
-                raise OutboxNotInstalledError(
-                    "the snapshot engine's tables are missing (migration 0006): "
-                    "run `outbox-worker migrate` first"
-                )
-            engine = SnapshotEngine(conn, worker_id=self.worker_id)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn, self._engine, self._worked = conn, engine, False
-        return engine
+    @property
+    def _conn(self) -> psycopg.Connection[Any] | None:
+        return self._db.conn
 
-    def _drop(self) -> None:
-        """Forget the connection (and the batch claimed on it: its lease runs out)."""
-        if self._batch is not None:
-            self._batch.closed = True
-            self._batch = None
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-        self._conn = self._engine = None
+    def _forget(self) -> None:
+        """The connection is gone, and the engine on it. A batch claimed on it is not:
+        its lease is a row, so it is finished (or released) over the next connection
+        as long as the lease holds."""
+        self._engine = None
 
     @contextlib.contextmanager
-    def _guard(self) -> Iterator[SnapshotEngine]:
-        """The engine, connected; the driver's errors as the protocol's."""
-        with self._lock:
+    def _guard(self, *, transaction: bool = False) -> Iterator[SnapshotEngine]:
+        """The engine on a working connection, under the connection's lock and
+        :meth:`~worker.storage.connection.Connection.guard` (the driver's errors as the
+        protocol's), in one transaction when ``transaction`` (or behind a transaction
+        pooler, where the settings are per transaction). Other statement failures
+        raise :class:`~outbox.exceptions.OutboxDatabaseError`."""
+        db = self._db
+        with db.lock, db.guard():
+            conn = db.connection()
+            if self._engine is None or self._engine.conn is not conn:
+                self._engine = SnapshotEngine(conn, worker_id=self.worker_id, settings=False)
             try:
-                yield self._connected()
-            except psycopg.errors.QueryCanceled as exc:
-                raise StatementTimeout(f"{_first_line(exc)}; check statement_timeout") from exc
-            except psycopg.errors.LockNotAvailable as exc:
-                raise LockTimeout(f"{_first_line(exc)}; an outbox table is locked") from exc
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                worked = self._worked
-                self._drop()
-                if worked:
-                    raise ConnectionReset(f"database connection lost: {_first_line(exc)}") from exc
-                raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+                if transaction or db.per_transaction:
+                    with db.transaction(conn):
+                        yield self._engine
+                else:
+                    yield self._engine
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise  # the guard's to judge
             except psycopg.Error as exc:
                 raise OutboxDatabaseError(
-                    f"a snapshot storage statement failed: {_first_line(exc)}"
+                    f"a snapshot storage statement failed: {first_line(exc)}"
                 ) from exc
-            except OutboxNotInstalledError:
-                raise
-            except OutboxDatabaseError as exc:
-                if self._conn is None:  # could not connect
-                    raise DatabaseUnavailable(str(exc)) from exc
-                raise
-            self._worked = True
 
     def _rows(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:
-        with self._guard() as engine:
-            cur = engine.conn.execute(query, params)
-            return cur.fetchall() if cur.description is not None else []
+        """One statement's rows (run once more on a new connection if the old one
+        broke under it: every statement given here may run twice)."""
+        return self._db.execute(query, params)
 
     def ping_or_raise(self) -> None:
         """Run a trivial query; raise what went wrong (connection, missing tables)."""
-        self._rows("SELECT 1")
+        self._db.run("SELECT 1", bounded=False)
 
     def ping(self) -> bool:
         """True when a trivial query succeeds."""
@@ -375,11 +397,11 @@ class SnapshotStorage:
 
     def close(self) -> None:
         """Hand back the batch held, if any, and close the connection."""
-        with self._lock:
+        with self._db.lock:
             if self._batch is not None and not self._batch.closed:
                 with contextlib.suppress(OutboxDatabaseError):
                     self.release(self._batch)
-            self._drop()
+            self._db.close()
 
     # -- the batch life cycle ---------------------------------------------------------
 
@@ -399,7 +421,7 @@ class SnapshotStorage:
                         " WHERE id = ANY(%(ids)s::bigint[])",
                         {"ids": [int(e.position) for e in rows[len(kept) :]]},
                     )
-                handle = _Handle(kept, retry_lease=lease, conn=engine.conn)
+                handle = _Handle(kept, retry_lease=lease)
             else:
                 while True:
                     leased = engine.claim(lease_seconds, split_rows=self.split_rows)
@@ -411,7 +433,7 @@ class SnapshotStorage:
                     engine.advance(leased, None, last=True)  # nothing left in it
                 kept = _within(chunk.events, max_bytes)
                 last = chunk.last and len(kept) == len(chunk.events)
-                handle = _Handle(kept, leased=leased, last=last, conn=engine.conn)
+                handle = _Handle(kept, leased=leased, last=last)
             events = [_claimed(i, e) for i, e in enumerate(handle.events, 1)]
             self._batch = Batch(store=self, events=events, handle=handle)
             return self._batch
@@ -427,21 +449,23 @@ class SnapshotStorage:
         backoff_max: float,
     ) -> Finished:
         """See :meth:`worker.storage.base.DrainStorage.finish`."""
-        with self._lock:
+        with self._db.lock:
             handle = batch.handle
             if (
                 batch.store is not self
                 or batch.closed
                 or self._batch is not batch
                 or not isinstance(handle, _Handle)
-                or handle.conn is not self._conn
             ):
                 batch.closed = True
                 if self._batch is batch:
                     self._batch = None
                 raise BatchLostError("the batch is already over")
             try:
-                with self._guard() as engine, engine.conn.transaction():
+                with self._guard(transaction=True) as engine:
+                    # A lease that ran out is not the database's problem: the guard
+                    # sees it as a statement that worked (and the transaction wrote
+                    # nothing).
                     if handle.leased is not None:
                         done = self._finish_chunk(
                             engine, handle, outcome, dedup_window, max_attempts,
@@ -452,6 +476,8 @@ class SnapshotStorage:
                             engine, handle, outcome, dedup_window, max_attempts,
                             backoff_base, backoff_max,
                         )  # fmt: skip
+                if isinstance(done, str):
+                    raise BatchLostError(done)
             except BatchLostError:
                 raise
             except OutboxDatabaseError as exc:
@@ -471,7 +497,8 @@ class SnapshotStorage:
         max_attempts: int,
         backoff_base: float,
         backoff_max: float,
-    ) -> Finished:
+    ) -> Finished | str:
+        """What was written, or why nothing was (the lease is lost)."""
         leased = handle.leased
         assert leased is not None
         conn = engine.conn
@@ -479,7 +506,7 @@ class SnapshotStorage:
             conn.execute(FENCE_BATCH, {"batch": leased.batch_id, "lease": leased.lease}).fetchone()
             is None
         ):
-            raise BatchLostError("the batch's lease ran out or was taken over")
+            return "the batch's lease ran out or was taken over"
         events = dict(enumerate(handle.events, 1))
         shipped = [events.pop(i) for i in dict.fromkeys(outcome.shipped) if i in events]
         # Each filed event: (event, status, attempts, delay, error).
@@ -551,13 +578,14 @@ class SnapshotStorage:
         max_attempts: int,
         backoff_base: float,
         backoff_max: float,
-    ) -> Finished:
+    ) -> Finished | str:
+        """What was written, or why nothing was (the lease is lost)."""
         conn = engine.conn
         lease = handle.retry_lease
         ids = {i: int(e.position) for i, e in enumerate(handle.events, 1)}
         held = {int(r[0]) for r in conn.execute(FENCE_RETRIES, {"lease": lease}).fetchall()}
         if not set(ids.values()) <= held:
-            raise BatchLostError("the retries' lease ran out or was taken over")
+            return "the retries' lease ran out or was taken over"
 
         def rows(named: Sequence[int]) -> list[int]:
             return [ids[i] for i in dict.fromkeys(named) if i in ids]
@@ -605,14 +633,9 @@ class SnapshotStorage:
 
     def release(self, batch: Batch) -> bool:
         """See :meth:`worker.storage.base.DrainStorage.release`."""
-        with self._lock:
+        with self._db.lock:
             handle = batch.handle
-            live = (
-                not batch.closed
-                and self._batch is batch
-                and isinstance(handle, _Handle)
-                and handle.conn is self._conn
-            )
+            live = not batch.closed and self._batch is batch and isinstance(handle, _Handle)
             batch.closed = True
             if self._batch is batch:
                 self._batch = None
@@ -655,6 +678,21 @@ class SnapshotStorage:
             for r in self._rows(TOP_ERRORS, {"limit": limit})
         ]
 
+    def error_groups(self, limit: int = 20, ids: int = 50) -> list[dict[str, Any]]:
+        """The status page's failed events (dead, or pending after a failed attempt:
+        rows of ``outbox_retry``) grouped by status and error text, most first: count,
+        first and last created_at (ISO 8601 text in UTC), the newest's age in seconds,
+        the first ``ids`` row ids (those ``dead`` lists and ``retry --id`` takes), the
+        number of event names and the first, how many dead rows have that name, and
+        the newest row as an example (id, event, distinct_id, properties, attempts)."""
+        columns = (
+            "status", "error", "count", "first_at", "last_at", "last_age_seconds", "ids",
+            "names", "name", "dead_of_name", "example_id", "event", "distinct_id",
+            "properties", "attempts",
+        )  # fmt: skip
+        rows = self._rows(queries.ERROR_GROUPS, {"limit": limit, "ids": ids})
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
     def dead(self, limit: int = 100, event: str | None = None) -> list[dict[str, Any]]:
         """See :meth:`worker.storage.base.Inspection.dead` (``id`` is the
         ``outbox_retry`` row's)."""
@@ -663,25 +701,56 @@ class SnapshotStorage:
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
     def requeue_dead(self, ids: Sequence[int] | None = None, event: str | None = None) -> Requeued:
-        """See :meth:`worker.storage.base.Inspection.requeue_dead` (every dead event
-        here passed the event tables' constraints, so none is unsendable)."""
-        with self._guard() as engine:
-            cur = engine.conn.execute(
-                REQUEUE_DEAD, {"ids": list(ids) if ids else None, "event": event}
-            )
-            return Requeued(requeued=cur.rowcount, unsendable=0)
+        """See :meth:`worker.storage.base.Inspection.requeue_dead`: a dead row an
+        event table's constraints would refuse stays dead (``unsendable``)."""
+        params = {"ids": list(ids) if ids else None, "event": event}
+        row = self._rows(REQUEUE_DEAD, params)[0]
+        return Requeued(requeued=int(row[0]), unsendable=int(row[1]))
 
     def purge_dead(self, older_than_seconds: float) -> int:
         """See :meth:`worker.storage.base.Inspection.purge_dead`."""
         return int(self._rows(PURGE_DEAD, {"older_than": float(older_than_seconds)})[0][0])
 
     def in_flight(self) -> list[dict[str, Any]]:
-        """Leased snapshot batches (not leased retries): ``held_seconds`` is the
-        batch's age, since its row records no lease start."""
+        """See :meth:`worker.storage.base.Inspection.in_flight`: each leased snapshot
+        batch (``state`` ``leased batch``) and each lease of retry rows (``leased
+        retries (N events)``, ``worker`` ``(not recorded)``: the rows do not say
+        whose), longest held first. ``held_seconds`` runs from when the lease was
+        made, by the claiming worker's clock (the time in its UUIDv7)."""
         return [
             {"worker": r[0], "held_seconds": float(r[1]), "state": r[2]}
             for r in self._rows(IN_FLIGHT)
         ]
+
+    # -- worker state (outbox_worker_state; see worker.worker_state) ------------------
+
+    def write_worker_state(self, host: str, state: str, reason: str) -> None:
+        """See :meth:`worker.storage.base.WorkerStates.write_worker_state`."""
+        params = {"worker": self.worker_id, "host": host, "state": state, "reason": reason}
+        self._state_statement(worker_state.WRITE, params)
+
+    def delete_worker_state(self) -> None:
+        """See :meth:`worker.storage.base.WorkerStates.delete_worker_state`."""
+        self._state_statement(worker_state.DELETE, {"worker": self.worker_id})
+
+    def expire_worker_states(self, older_than_seconds: float) -> int:
+        """See :meth:`worker.storage.base.WorkerStates.expire_worker_states`."""
+        params = {"older_than": float(older_than_seconds)}
+        return self._state_statement(worker_state.EXPIRE, params)[1]
+
+    def worker_states(self) -> list[dict[str, Any]]:
+        """See :meth:`worker.storage.base.WorkerStates.worker_states`."""
+        columns = ("worker", "host", "state", "reason", "updated_at", "age_seconds")
+        rows = self._state_statement(worker_state.LIST, None)[0]
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+    def _state_statement(self, query: str, params: dict[str, Any] | None) -> tuple[list[Any], int]:
+        try:
+            return self._db.run(query, params)
+        except psycopg.Error as exc:  # no table (migration 0005), no grant
+            raise worker_state.WorkerStateUnavailable(
+                f"outbox_worker_state: {first_line(exc)}"
+            ) from exc
 
     # -- housekeeping -----------------------------------------------------------------
 
@@ -727,12 +796,23 @@ def _claimed(position: int, e: SnapshotEvent) -> ClaimedEvent:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _check_installed(conn: psycopg.Connection[Any]) -> None:
+    """Raise :class:`OutboxNotInstalledError` unless migration 0006's tables exist."""
+    row = conn.execute(
+        "SELECT to_regclass('outbox_batches') IS NOT NULL"
+        " AND to_regclass('outbox_retry') IS NOT NULL"
+    ).fetchone()
+    if not (row and row[0]):
+        raise OutboxNotInstalledError(
+            "the snapshot engine's tables are missing (migration 0006): "
+            "run `outbox-worker migrate` first"
+        )
 
 
 if TYPE_CHECKING:
 
     def _is_an_engine(store: SnapshotStorage) -> Storage:
         return store  # mypy checks that SnapshotStorage implements the protocol
+
+    def _keeps_worker_states(store: SnapshotStorage) -> WorkerStates:
+        return store

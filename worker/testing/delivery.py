@@ -39,6 +39,9 @@ _MIN_WAIT = 0.01
 _MAX_SHOWN = 5
 _MAX_TEXT = 200
 
+# Over the view outbox_events (every undelivered event): next_attempt_at is NULL for
+# an event never tried, which is due at once; retries, deferred and dead events are
+# the rows of outbox_retry (their id is retry_id).
 _PENDING = """
 SELECT count(*) AS n,
        greatest(0, extract(epoch FROM min(next_attempt_at) - now())) AS due_in,
@@ -46,7 +49,10 @@ SELECT count(*) AS n,
          WHERE status = 'pending' AND last_error IS NOT NULL
          ORDER BY next_attempt_at DESC LIMIT 1) AS last_error
 FROM outbox_events WHERE status = 'pending'"""
-_DEAD = "SELECT id, event, uuid, last_error FROM outbox_events WHERE status = 'dead' ORDER BY id"
+_DEAD = (
+    "SELECT retry_id, event, uuid, last_error FROM outbox_events"
+    " WHERE status = 'dead' ORDER BY retry_id"
+)
 
 
 class NotDeliveredError(AssertionError):

@@ -230,9 +230,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "storage",
         help="WAL, PostgreSQL CPU and size per event, vs a bare INSERT and PgQ",
         description="The same events through a bare INSERT into a minimal table, PgQ "
-        "(when the server has the pgq extension) and posthog-outbox (enqueue_many, then "
-        "the worker, then VACUUM), a CHECKPOINT before each phase: WAL bytes per event "
-        "by phase, PostgreSQL CPU per event, table size after the drain; then what one "
+        "(when the server has the pgq extension) and posthog-outbox (enqueue_many, ticks, "
+        "the snapshot engine's batches, rotation), a CHECKPOINT before each phase: WAL "
+        "bytes per event by phase, PostgreSQL CPU per event, table size after the drain; "
+        "then what one "
         "event and ten cost the application's transaction.",
     )
     _common(storage)

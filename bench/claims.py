@@ -189,7 +189,7 @@ def measure(ctx: Context, form: str, claimers: int, events: int) -> ClaimResult:
 def run(ctx: Context, *, events: int, claimers: list[int]) -> list[ClaimResult]:
     """The claims command."""
     results = [measure(ctx, form, n, events) for n in claimers for form in FORMS]
-    ctx.out.heading(f"Claim forms in PostgreSQL alone: {events:,} rows, batches of {BATCH:,}")
+    ctx.out.heading(f"Claim forms in PostgreSQL alone: {events:,} events, batches of {BATCH:,}")
     rows: list[list[Cell]] = []
     for r in results:
         rows.append(

@@ -18,7 +18,7 @@ librdkafka refuses a record whose worst-case wire size (36 bytes of framing, the
 the value and the serialised headers: ``rd_kafka_msg_max_wire_size``) is over
 ``message.max.bytes``; capture sets that from ``KAFKA_PRODUCER_MESSAGE_MAX_BYTES``,
 1,000,000 by default (``rust/capture/src/config.rs``), and answers the request with an
-"event too big" error. The worker ships events as ``worker.store.ClaimedEvent.outbound``
+"event too big" error. The worker ships events as ``worker.storage.base.ClaimedEvent.outbound``
 writes them: the stored properties plus ``$ignore_sent_at`` and ``$geoip_disable``,
 the row's uuid and timestamp.
 

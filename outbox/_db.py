@@ -152,6 +152,8 @@ def execute(
     statement): it then always goes through SQLAlchemy. Database errors propagate
     (psycopg's, or SQLAlchemy's for a SQLAlchemy connection).
     """
+    if type(conn) is psycopg.Connection:  # the common case, first
+        return _run_psycopg(conn, sql, params)
     conn = resolve(conn)
     if isinstance(conn, PSYCOPG_SYNC):
         return _run_psycopg(_psycopg_connection(conn), sql, params)
@@ -181,6 +183,8 @@ async def aexecute(
 ) -> list[Row]:
     """:func:`execute` on an async connection (psycopg ``AsyncConnection``, SQLAlchemy
     ``AsyncSession`` or ``AsyncConnection``)."""
+    if type(conn) is psycopg.AsyncConnection:
+        return await _arun_psycopg(conn, sql, params)
     conn = resolve(conn)
     if isinstance(conn, PSYCOPG_ASYNC):
         return await _arun_psycopg(_psycopg_connection(conn), sql, params)

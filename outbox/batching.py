@@ -61,8 +61,8 @@ class Batch:
             self._order.append(None)
             return None
         if prepared.uuid in self._uuids:
-            # The one statement would fail on the unique uuid and abort the caller's
-            # transaction: refuse it here, as enqueue_many does.
+            # Two events of one batch with one uuid are a mistake (PostHog would keep
+            # one of them): refuse it here, as enqueue_many does.
             raise OutboxValidationError(
                 "uuid", f"{prepared.uuid} is already the uuid of an event in this batch"
             )

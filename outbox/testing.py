@@ -136,8 +136,8 @@ class EnqueuedEvent:
 # --------------------------------------------------------------------------- SQL
 #
 # Every column comes back as text, an integer or a boolean, so the result is the
-# same whatever loaders the connection has registered (Django's return jsonb as
-# text, for one).
+# same whatever loaders the connection has registered (Django's return json and
+# jsonb as text, for one).
 #
 # Which rows are the open transaction's: those of the event tables whose txid (the
 # column's default, txid_current(): the top-level transaction's id, also inside a

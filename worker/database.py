@@ -226,22 +226,21 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
-#: A function of the latest migration the worker's statements need (0004).
-_LATEST_FUNCTION = "outbox_ack(bigint[], double precision)"
-
-
 def check_installed(conn: psycopg.Connection[Any]) -> None:
-    """Raise :class:`OutboxNotInstalledError` unless the outbox table exists and its
-    migrations are recent enough for this worker."""
+    """Raise :class:`OutboxNotInstalledError` unless the outbox tables exist and their
+    migrations are recent enough for this worker: since migration 0007, ``outbox_events``
+    is a view over the snapshot engine's tables (a table of that name is an older
+    version's, whose events this worker would never see)."""
     row = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL, to_regprocedure(%s) IS NOT NULL",
-        (EVENTS_TABLE, _LATEST_FUNCTION),
+        "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)),"
+        " to_regclass('outbox_batches') IS NOT NULL AND to_regclass('outbox_retry') IS NOT NULL",
+        (EVENTS_TABLE,),
     ).fetchone()
-    if not row or not row[0]:
+    if not row or row[0] is None:
         raise OutboxNotInstalledError()
-    if not row[1]:
+    if row[0] != "v" or not row[1]:
         raise OutboxNotInstalledError(
-            "the outbox tables predate this worker (migration 0004 is missing): "
+            "the outbox tables predate this worker (migration 0007 is missing): "
             "run `outbox-worker migrate` first"
         )
 

@@ -7,8 +7,10 @@ Create Date: 2026-12-02
 Stop every worker of an older version before applying it (they read and delete rows
 of the table this revision drops; a batch one of them holds open keeps the table
 locked, and the migration waits at most its ``lock_timeout`` for it, then tries again).
-The application may keep enqueueing: its INSERTs wait for the instant of the move,
-and the enqueue functions are redefined in the same transaction.
+The application may keep enqueueing, even on a version from before this one: its
+INSERTs wait for the move, and once it commits they land in the snapshot engine's
+tables (the enqueue functions are redefined in the same transaction, and an INSERT
+into ``outbox_events`` goes through the view's trigger, see below).
 
 In one transaction, under ``ACCESS EXCLUSIVE`` on the old ``outbox_events`` (so that
 no event is written to it after the copy):
@@ -31,11 +33,16 @@ no event is written to it after the copy):
   signatures and results to insert into the event table of ``outbox_snapshot_slot()``.
 - ``outbox_events`` is now a VIEW of every event not delivered yet (see
   :data:`EVENTS_VIEW`), and ``outbox_stuck`` is redefined over the new tables with the
-  same columns and meaning.
+  same columns and meaning. An INSERT into the view (``enqueue``'s plain INSERT before
+  this version: an application not redeployed yet keeps enqueueing across the
+  upgrade) writes a new event into the clock's event table (an INSTEAD OF trigger,
+  ``outbox_events_insert()``); one that sets ``retry_id``, ``status``, ``attempts``,
+  ``next_attempt_at``, ``last_error`` or ``txid`` is refused in one line.
 - Grants carry over. A role that could INSERT into the old table (the whole table or
   some columns) may INSERT ``uuid, event, distinct_id, properties, "timestamp",
   destination`` into every event table and EXECUTE ``outbox_snapshot_slot()``; one
-  that could SELECT from it may SELECT from the view; one that could UPDATE or DELETE
+  that could SELECT from it may SELECT from the view (and one that could INSERT may
+  INSERT those columns into the view); one that could UPDATE or DELETE
   in it (the worker) gets what the snapshot engine's worker does: SELECT on the event
   tables, ``outbox_ticks`` and ``outbox_event_tables``, SELECT, UPDATE, DELETE on
   ``outbox_batches``, SELECT, INSERT, UPDATE, DELETE on ``outbox_retry``, SELECT,
@@ -221,6 +228,18 @@ _KEYED_INSERT = """
         VALUES (p_uuid, p_event, p_distinct_id, p_properties::json,
                 coalesce(p_timestamp, now()), p_dedup_key, nullif(p_destination, 'posthog'));"""
 
+# An INSERT into the view (what enqueue did before 0007: an application still on an
+# older version keeps enqueueing across the upgrade), into the clock's event table.
+# The dedup_key is kept: no application role may set it (its grant names the other
+# columns), but a keyed enqueue function of before 0007 whose call waited for the
+# migration's lock inserts its event here, after claiming the key.
+_VIEW_INSERT = """
+        INSERT INTO %1$I.outbox_events_{t}
+            (uuid, event, distinct_id, properties, "timestamp", destination, dedup_key)
+        VALUES (NEW.uuid, NEW.event, NEW.distinct_id, coalesce(NEW.properties, '{{}}'),
+                coalesce(NEW."timestamp", now()), nullif(NEW.destination, 'posthog'),
+                NEW.dedup_key);"""
+
 _ROWS_QUERY = """
         RETURN QUERY
         WITH input AS (
@@ -273,6 +292,25 @@ BEGIN
     slot := %1$I.outbox_snapshot_slot();
     {_by_slot(_KEYED_INSERT)}
     RETURN claimed;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION %1$I.outbox_events_insert() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    slot integer;
+BEGIN
+    IF NEW.retry_id IS NOT NULL OR NEW.status IS NOT NULL OR NEW.attempts IS NOT NULL
+       OR NEW.next_attempt_at IS NOT NULL OR NEW.last_error IS NOT NULL
+       OR NEW.txid IS NOT NULL THEN
+        RAISE EXCEPTION 'outbox_events is a view: INSERT writes only uuid, event, '
+            'distinct_id, properties, timestamp and destination (a new pending event)'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    slot := %1$I.outbox_snapshot_slot();
+    {_by_slot(_VIEW_INSERT)}
+    RETURN NEW;
 END
 $fn$;
 
@@ -419,6 +457,11 @@ def _upgrade_grants() -> list[str]:
         _carry("outbox_events", ("INSERT",), app),
         _carry("outbox_events", ("UPDATE", "DELETE"), worker),
         _carry("outbox_events", ("SELECT",), ["GRANT SELECT ON outbox_events_0007 TO %s"]),
+        _carry(
+            "outbox_events",
+            ("INSERT",),
+            [f"GRANT INSERT ({_INSERTABLE_COLUMNS}) ON outbox_events_0007 TO %s"],
+        ),
         _carry("outbox_stuck", ("SELECT",), ["GRANT SELECT ON outbox_stuck_0007 TO %s"]),
     ]
 
@@ -441,6 +484,11 @@ def upgrade() -> None:
     op.execute("ALTER VIEW outbox_events_0007 RENAME TO outbox_events")
     op.execute("ALTER VIEW outbox_stuck_0007 RENAME TO outbox_stuck")
     op.execute(_in_schema(_FUNCTIONS))
+    op.execute("REVOKE ALL ON FUNCTION outbox_events_insert() FROM PUBLIC")
+    op.execute(
+        "CREATE TRIGGER outbox_events_insert INSTEAD OF INSERT ON outbox_events"
+        " FOR EACH ROW EXECUTE FUNCTION outbox_events_insert()"
+    )
 
 
 # -- downgrade -----------------------------------------------------------------------------
@@ -543,6 +591,7 @@ def downgrade() -> None:
         op.execute(statement)
     op.execute("DROP VIEW outbox_stuck")
     op.execute("DROP VIEW outbox_events")
+    op.execute("DROP FUNCTION outbox_events_insert()")
     op.execute("ALTER TABLE outbox_events_0006 RENAME TO outbox_events")
     op.execute("ALTER VIEW outbox_stuck_0006 RENAME TO outbox_stuck")
     op.execute("ALTER SEQUENCE outbox_events_0006_id_seq RENAME TO outbox_events_id_seq")

@@ -25,7 +25,7 @@ from tests.conftest import (
     worker_env,
 )
 from worker.database import MIGRATE_LOCK_TIMEOUT
-from worker.store import LOCK_TIMEOUT
+from worker.storage.connection import LOCK_TIMEOUT
 from worker.testing import CaptureServer, Reply
 
 

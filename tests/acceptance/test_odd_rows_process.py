@@ -85,11 +85,11 @@ def test_the_worker_ships_around_rows_it_cannot_send(
     assert db.execute("SELECT count(*) FROM outbox_events").fetchone() == (0,)
 
 
-def test_the_worker_refuses_a_schema_without_0004_in_one_line(empty_database: str) -> None:
+def test_the_worker_refuses_a_schema_before_0007_in_one_line(empty_database: str) -> None:
     migrate(empty_database, "0003")
     for command in ("run", "status"):
         result = run_cli(worker_env(empty_database), command)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
         last = result.stderr.splitlines()[-1]
-        assert "migration 0004 is missing" in last and "outbox-worker migrate" in last
+        assert "migration 0007 is missing" in last and "outbox-worker migrate" in last

@@ -4,6 +4,7 @@ dead stay dead with their errors; dedup keys stay held. And back down again."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 from urllib.parse import quote
@@ -12,6 +13,7 @@ import psycopg
 import pytest
 
 import outbox
+from tests.conftest import wait_for
 from worker.database import downgrade, migrate
 from worker.drain import Drainer
 from worker.settings import Settings
@@ -307,6 +309,53 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_worker_state TO {worker};
 """
 
 
+#: enqueue's plain INSERT before 0007 (its shape: jsonb properties, the destination
+#: spelled out).
+OLD_PLAIN_INSERT = """
+INSERT INTO outbox_events (uuid, event, distinct_id, properties, "timestamp", destination)
+SELECT uuid, event, distinct_id, properties, coalesce("timestamp", now()),
+       coalesce(destination, 'posthog')
+FROM (SELECT gen_random_uuid() AS uuid, CAST(%s AS text) AS event, 'u' AS distinct_id,
+             CAST('{"n": 1}' AS jsonb) AS properties, NULL::text AS destination,
+             NULL::timestamptz AS "timestamp", 1 AS n) AS input ORDER BY n
+"""
+
+
+def test_an_insert_into_the_view_is_a_new_event_or_refused_in_one_line(
+    empty_database: str,
+) -> None:
+    migrate(empty_database)
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute(OLD_PLAIN_INSERT, ("via_view",))
+        row = conn.execute(
+            "SELECT retry_id, event, destination, status, attempts, properties::text"
+            " FROM outbox_events"
+        ).fetchall()
+        assert row == [(None, "via_view", "posthog", "pending", 0, '{"n": 1}')]
+        # A keyed enqueue function of before 0007 whose call waited for the migration
+        # writes its (already claimed) key with the event.
+        conn.execute(
+            "INSERT INTO outbox_events (uuid, event, distinct_id, dedup_key)"
+            " VALUES (gen_random_uuid(), 'keyed_via_view', 'u', 'k')"
+        )
+        keyed = conn.execute(
+            "SELECT dedup_key FROM outbox_events WHERE event = 'keyed_via_view'"
+        ).fetchall()
+        assert keyed == [("k",)]
+        for column, value in (("retry_id", "1"), ("status", "'dead'"), ("txid", "1")):
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
+                conn.execute(
+                    f"INSERT INTO outbox_events (uuid, event, distinct_id, {column})"
+                    f" VALUES (gen_random_uuid(), 'e', 'u', {value})"
+                )
+            assert "outbox_events is a view" in str(refused.value).splitlines()[0]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "INSERT INTO outbox_events (uuid, event, distinct_id, properties)"
+                " VALUES (gen_random_uuid(), 'e', 'u', '[1]')"
+            )
+
+
 def test_the_grants_documented_before_0007_keep_working(empty_database: str) -> None:
     migrate(empty_database, "0006")
     suffix = uuid.uuid4().hex[:8]
@@ -329,11 +378,20 @@ def test_the_grants_documented_before_0007_keep_working(empty_database: str) -> 
                 ' (uuid, event, distinct_id, properties, "timestamp", destination)'
                 " VALUES (gen_random_uuid(), 'plain', 'u', '{}', now(), NULL)"
             )
+            # An application not redeployed yet: its plain INSERT into outbox_events
+            # (the view now) still writes an event.
+            conn.execute(OLD_PLAIN_INSERT, ("old_app",))
             conn.commit()
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("SELECT * FROM outbox_events")
+            conn.rollback()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):  # no key unclaimed
+                conn.execute(
+                    "INSERT INTO outbox_events (uuid, event, distinct_id, dedup_key)"
+                    " VALUES (gen_random_uuid(), 'e', 'u', 'unclaimed')"
+                )
         with psycopg.connect(as_worker) as conn:
-            assert conn.execute("SELECT count(*) FROM outbox_events").fetchone() == (2,)
+            assert conn.execute("SELECT count(*) FROM outbox_events").fetchone() == (3,)
             assert conn.execute("SELECT count(*) FROM outbox_stuck").fetchone() == (0,)
         sink = MemorySink()
         storage = SnapshotStorage(as_worker)
@@ -343,8 +401,128 @@ def test_the_grants_documented_before_0007_keep_working(empty_database: str) -> 
             assert storage.expire_dedup_keys() == 0
         finally:
             storage.close()
-        assert sorted(e["event"] for e in sink.events) == ["keyed", "plain"]
+        assert sorted(e["event"] for e in sink.events) == ["keyed", "old_app", "plain"]
     finally:
         with psycopg.connect(empty_database, autocommit=True) as conn:
             for role in (app, worker):
                 conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_outbox_stuck_over_the_new_tables(empty_database: str) -> None:
+    """An event table row is stuck when it waits for over 5 minutes, counted from the
+    later of its timestamp and the tick before its interval (it records no creation
+    time); outbox_retry's rows as the old table's were."""
+    migrate(empty_database)
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        slot = conn.execute("SELECT outbox_snapshot_slot()").fetchone()
+        assert slot is not None
+        insert = (
+            f'INSERT INTO outbox_events_{slot[0]} (uuid, event, distinct_id, "timestamp")'
+            " VALUES (gen_random_uuid(), %s, 'u', now() - %s::interval)"
+        )
+        # A backfilled timestamp, just enqueued: the newest tick is recent, not stuck.
+        conn.execute(insert, ("backfill", "1 day"))
+        assert conn.execute("SELECT count(*) FROM outbox_stuck").fetchone() == (0,)
+        # No tick for 10 minutes, an event enqueued 10 minutes ago: nobody ticks.
+        conn.execute("UPDATE outbox_ticks SET taken_at = now() - interval '10 minutes'")
+        conn.execute(insert, ("waiting", "10 minutes"))
+        conn.execute(
+            'INSERT INTO outbox_retry (uuid, "timestamp", event, distinct_id, properties,'
+            " attempts, last_error) VALUES (gen_random_uuid(), now(), 'retrying', 'u', '{}',"
+            " 2, 'HTTP 503')"
+        )
+        rows = conn.execute(
+            "SELECT event, id IS NULL, status, attempts, reason, age > interval '9 minutes'"
+            " FROM outbox_stuck ORDER BY event"
+        ).fetchall()
+    assert rows == [
+        (
+            "backfill",
+            True,
+            "pending",
+            0,
+            "pending for over 5 minutes: is an outbox-worker running against this database?"
+            " (outbox-worker status lists the batches in flight)",
+            True,
+        ),
+        (
+            "retrying",
+            False,
+            "pending",
+            2,
+            "retrying after 2 failed attempts: HTTP 503",
+            False,
+        ),
+        (
+            "waiting",
+            True,
+            "pending",
+            0,
+            "pending for over 5 minutes: is an outbox-worker running against this database?"
+            " (outbox-worker status lists the batches in flight)",
+            True,
+        ),
+    ]
+
+
+def test_enqueues_waiting_behind_the_migration_land_in_the_new_tables(
+    empty_database: str,
+) -> None:
+    """An application's keyed call (the function of before 0007) and plain INSERT into
+    the old table, made while 0007 holds its lock, wait for it and then write their
+    events into the snapshot engine's tables (the view's trigger)."""
+    migrate(empty_database, "0006")
+    blocker = psycopg.connect(empty_database)
+    row = blocker.execute("SELECT outbox_snapshot_slot()").fetchone()
+    assert row is not None
+    # Holds the migration up after it has locked the old table (its first insert into
+    # the event table waits for this).
+    blocker.execute(f"LOCK TABLE outbox_events_{row[0]} IN ACCESS EXCLUSIVE MODE")
+    failures: list[BaseException] = []
+    results: dict[str, Any] = {}
+
+    def in_thread(name: str, run: Any) -> threading.Thread:
+        def target() -> None:
+            try:
+                results[name] = run()
+            except BaseException as exc:  # pragma: no cover - reported below
+                failures.append(exc)
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    def app() -> Any:
+        with psycopg.connect(empty_database) as conn:
+            key = conn.execute(
+                "SELECT outbox_enqueue_keyed(gen_random_uuid(), 'keyed', 'u', '{}',"
+                " NULL, NULL, 'k')"
+            ).fetchone()
+            conn.execute(OLD_PLAIN_INSERT, ("plain",))
+            conn.commit()
+            return key
+
+    def waiting(pattern: str) -> bool:
+        row = watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            (pattern,),
+        ).fetchone()
+        return bool(row and row[0])
+
+    threads = []
+    with psycopg.connect(empty_database, autocommit=True) as watcher:
+        try:
+            threads.append(in_thread("migrate", lambda: migrate(empty_database, lock_timeout=60)))
+            wait_for(lambda: waiting("%EXECUTE format($q$%"), what="the migration's move")
+            threads.append(in_thread("app", app))
+            wait_for(lambda: waiting("SELECT outbox_enqueue_keyed%"), what="the app's call")
+        finally:
+            blocker.rollback()
+            blocker.close()
+            for thread in threads:
+                thread.join(90)
+    assert not failures, failures
+    assert results == {"migrate": ["0007", "0008"], "app": ("k",)}
+    events = {(r[1], r[7], r[0]) for r in _view(empty_database).values()}
+    assert events == {("keyed", "k", True), ("plain", None, True)}

@@ -430,10 +430,11 @@ def test_the_migration_runs_in_the_role_django_assumes(
         call_command("migrate", "posthog_outbox", verbosity=0)
         connections.close_all()
         with psycopg.connect(empty_database, autocommit=True) as admin:
-            owner = admin.execute(
-                "SELECT tableowner FROM pg_tables WHERE tablename = 'outbox_events'"
-            ).fetchone()
-        assert owner == (role,)
+            owners = admin.execute(
+                "SELECT tableowner FROM pg_tables WHERE tablename LIKE 'outbox_events_%'"
+                " UNION ALL SELECT viewowner FROM pg_views WHERE viewname = 'outbox_events'"
+            ).fetchall()
+        assert owners == [(role,)] * 5  # the event tables and the view
     finally:
         connections.close_all()
         with psycopg.connect(empty_database, autocommit=True) as admin:

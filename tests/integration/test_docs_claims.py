@@ -58,9 +58,12 @@ def test_the_readmes_include_object_hook_keeps_autogenerate_off_the_outbox(
             )
     finally:
         engine.dispose()
-    # Without the hook, autogenerate would drop the outbox's tables.
+    # Without the hook, autogenerate would drop the outbox's tables (outbox_events is a
+    # view, which autogenerate does not compare).
     assert {d[1].name for d in plain if d[0] == "remove_table"} >= {
-        "outbox_events",
+        "outbox_events_0",
+        "outbox_retry",
+        "outbox_batches",
         "outbox_dedup_keys",
         "outbox_worker_state",
         "outbox_alembic_version",

@@ -402,13 +402,50 @@ def test_nul_and_non_finite_values_are_normalised_not_sent_to_the_server(
     assert props == {**STAMP, "k\ufffd": "v\ufffd", "nan": None, "inf": None}
 
 
-def test_missing_table_is_a_clear_error(empty_database: str) -> None:
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda conn: outbox.enqueue(conn, "e", "u"),
+        lambda conn: outbox.enqueue(conn, "e", "u", dedup_key="k"),
+        lambda conn: outbox.enqueue_many(conn, [{"event": "e", "distinct_id": "u"}] * 2),
+        lambda conn: outbox.enqueue_many(
+            conn, [{"event": "e", "distinct_id": "u", "dedup_key": f"k{i}"} for i in range(2)]
+        ),
+    ],
+    ids=["one", "one-keyed", "many", "many-keyed"],
+)
+def test_missing_table_is_a_clear_error(empty_database: str, call: Callable[[Any], Any]) -> None:
     with (
         psycopg.connect(empty_database) as conn,
         pytest.raises(outbox.OutboxNotInstalledError) as info,
     ):
-        outbox.enqueue(conn, "e", "u")
+        call(conn)
     assert "outbox-worker migrate" in str(info.value)
+    assert isinstance(info.value.__cause__, psycopg.Error)  # raise ... from the driver's
+
+
+def test_another_database_error_is_an_outbox_database_error_from_the_drivers(
+    database_url: str, db: psycopg.Connection[Any]
+) -> None:
+    role = f"outbox_nothing_{uuid.uuid4().hex[:8]}"
+    db.execute(f"CREATE ROLE {role}")
+    db.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+    try:
+        for items in (
+            [{"event": "e", "distinct_id": "u"}],
+            [{"event": "e", "distinct_id": "u"}] * 2,
+        ):
+            with psycopg.connect(database_url) as conn:
+                conn.execute(f"SET ROLE {role}")  # no right on the event tables
+                with pytest.raises(outbox.OutboxDatabaseError) as info:
+                    outbox.enqueue_many(conn, items)
+                conn.rollback()
+            assert not isinstance(info.value, outbox.OutboxNotInstalledError)
+            assert str(info.value).startswith("the outbox INSERT failed: permission denied")
+            assert isinstance(info.value.__cause__, psycopg.errors.InsufficientPrivilege)
+    finally:
+        db.execute(f"DROP OWNED BY {role}")
+        db.execute(f"DROP ROLE {role}")
 
 
 # -- enqueue_many: a uuid given twice ----------------------------------------------------

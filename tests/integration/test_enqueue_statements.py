@@ -248,6 +248,50 @@ def test_nulls_empty_properties_and_metrics_destination(
     assert [r["timestamp"] == when for r in rows[1:]] == [True] * (len(rows) - 1)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("wake", [False, True], ids=["quiet", "wake"])
+def test_one_event_with_and_without_timestamp_and_destination(
+    kind: str,
+    wake: bool,
+    database_url: str,
+    engine: Engine,
+    db: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The one-event INSERT names only the columns it has values for: four shapes.
+    monkeypatch.setattr(enqueue_module, "_wake_now", lambda: wake)
+    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=1)
+    shapes = [(None, "posthog"), (when, "posthog"), (None, "metrics"), (when, "metrics")]
+    prepared = [
+        PreparedEvent(new_event_uuid(), "e", "u", '{"a":1}', ts, None, destination)
+        for ts, destination in shapes
+    ]
+    before = db.execute("SELECT now()").fetchone()
+    for p in prepared:
+        if kind == "psycopg":
+            with psycopg.connect(database_url) as conn:
+                assert enqueue_module.enqueue_prepared(conn, [p]) == [p.uuid]
+                conn.commit()
+        else:
+            with Session(engine) as session, session.begin():
+                assert enqueue_module.enqueue_prepared(session, [p]) == [p.uuid]
+    rows = stored(db)
+    assert [r["uuid"] for r in rows] == [p.uuid for p in prepared]
+    assert [r["destination"] for r in rows] == [d for _, d in shapes]
+    assert [r["properties"] for r in rows] == [{"a": 1}] * 4
+    assert before is not None
+    assert [
+        r["timestamp"] == when if ts else r["timestamp"] >= before[0]
+        for r, (ts, _) in zip(rows, shapes, strict=True)
+    ] == [True] * 4
+    raw = db.execute(
+        "SELECT destination FROM ("
+        + " UNION ALL ".join(f"SELECT uuid, destination FROM outbox_events_{n}" for n in range(4))
+        + ") AS e ORDER BY uuid"
+    ).fetchall()
+    assert raw == [(None,), (None,), ("metrics",), ("metrics",)]  # NULL for posthog
+
+
 def test_a_thousand_events_keep_their_order(database_url: str, db: psycopg.Connection[Any]) -> None:
     items = [
         {"event": "e", "distinct_id": f"user-{i}", "properties": {"i": i}} for i in range(1000)

@@ -51,7 +51,7 @@ ODD_ROWS: dict[str, dict[str, str]] = {
     "long distinct_id": {"distinct_id": "repeat('é', 300)"},
 }
 # Let in by the constraints (a CHECK cannot hold now()); buried by the claim.
-AHEAD = ({"timestamp": "now() + interval '2 days'"}, "UTC is more than 23 hours ahead")
+AHEAD = ({"timestamp": "now() + interval '2 days'"}, "is more than 23 hours ahead")
 
 # Dead rows of outbox_retry holding what an event table refuses (their stored content
 # could never be sent): the columns, by SQL expression.
@@ -210,8 +210,8 @@ def test_no_odd_row_stops_delivery(
     store = SnapshotStorage(as_role(database_url, worker))
     try:  # the backlog reads every row too
         report = status_report(store)
-        assert report["pending"] == 154 and report["dead"] == len(ODD_DEAD)
-        assert store.backlog_capped().pending == 154
+        assert report["pending"] == 153 and report["dead"] == len(ODD_DEAD)
+        assert store.backlog_capped().pending == 153
     finally:
         store.close()
 

@@ -332,11 +332,11 @@ def test_notify_on_behind_a_pooler_is_ignored_with_a_warning(
     assert "notify_ignored_behind_pooler" not in actions_of(notify=False)
 
 
-def test_an_idle_worker_behind_a_pooler_polls_once_per_interval_without_the_claim_query(
+def test_an_idle_worker_behind_a_pooler_polls_once_per_interval_without_reading_a_batch(
     bounced_url: str,  # noqa: F811
     settings_for: Callable[..., Settings],
 ) -> None:
-    from worker import queries
+    from worker.storage import snapshot_sql
 
     sent: list[str] = []
 
@@ -352,13 +352,20 @@ def test_an_idle_worker_behind_a_pooler_polls_once_per_interval_without_the_clai
     worker.start()
     try:
         conn = wait_for(lambda: worker.store._conn, what="the worker's batch connection")
-        wait_for(lambda: worker.store._idle, what="an empty claim")
         conn.cursor_factory = Recording
+        wait_for(lambda: snapshot_sql.CLAIM_RETRIES in sent, what="a first idle poll")
         started = time.monotonic()
-        wait_for(lambda: sent.count(queries.ANY_DUE) >= 10, what="ten idle polls")
+        first = sent.count(snapshot_sql.CLAIM_RETRIES)
+        wait_for(
+            lambda: sent.count(snapshot_sql.CLAIM_RETRIES) >= first + 10, what="ten idle polls"
+        )
         # Ten polls 0.1 s apart take at least 0.9 s. A poll that lingered, looking
         # again every 20 ms, would make ten in a fifth of that.
         assert time.monotonic() - started >= 0.85
-        assert queries.CLAIM not in sent  # nothing was due: the claim query never ran
+        # Each poll asks for due retries and a batch (ticking when none waits):
+        # nothing was committed, so no batch is made and none is read.
+        assert snapshot_sql.READ not in sent
+        polls = sent.count(snapshot_sql.CLAIM_RETRIES)
+        assert sent.count(snapshot_sql.TICK) <= polls
     finally:
         worker.stop()

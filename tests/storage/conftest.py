@@ -8,6 +8,7 @@ harness for a test.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -21,7 +22,6 @@ from worker.storage.base import Storage
 from worker.storage.memory import MemoryEvents, MemoryStorage
 from worker.storage.snapshot import insert_events
 from worker.storage.snapshot_storage import SnapshotStorage
-from worker.store import Store
 
 
 class Harness(Protocol):
@@ -142,12 +142,15 @@ class MemoryHarness:
         pass
 
 
-def _store(request: pytest.FixtureRequest) -> PostgresHarness:
-    return PostgresHarness(request.getfixturevalue("database_url"), Store)
-
-
 def _snapshot(request: pytest.FixtureRequest) -> SnapshotHarness:
     return SnapshotHarness(request.getfixturevalue("database_url"), SnapshotStorage)
+
+
+def _snapshot_pooled(request: pytest.FixtureRequest) -> SnapshotHarness:
+    """As behind a transaction pooler: no prepared statements, and the timeouts and
+    planner settings set for each transaction rather than the session."""
+    make = functools.partial(SnapshotStorage, pooler="transaction")
+    return SnapshotHarness(request.getfixturevalue("database_url"), make)
 
 
 def _memory(request: pytest.FixtureRequest) -> MemoryHarness:
@@ -156,9 +159,9 @@ def _memory(request: pytest.FixtureRequest) -> MemoryHarness:
 
 #: Every engine the suite runs against: name -> its harness for one test.
 ENGINES: dict[str, Callable[[pytest.FixtureRequest], Any]] = {
-    "store": _store,
     "memory": _memory,
     "snapshot": _snapshot,
+    "snapshot-pooled": _snapshot_pooled,
 }
 
 

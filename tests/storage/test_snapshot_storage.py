@@ -4,7 +4,9 @@ connections, an unreachable database, and retries cut to ``max_bytes``."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -13,7 +15,9 @@ import pytest
 from tests.conftest import wait_for
 from tests.storage.conftest import SnapshotHarness
 from worker.storage.base import BatchLostError, BatchOutcome, DatabaseUnavailable
+from worker.storage.snapshot import insert_events
 from worker.storage.snapshot_storage import SnapshotStorage
+from worker.worker_state import WorkerStateUnavailable
 
 POLICY: dict[str, Any] = {
     "dedup_window": 60.0,
@@ -113,3 +117,80 @@ def test_retries_are_cut_to_max_bytes_and_the_rest_stay_due(harness: SnapshotHar
     other = harness.new().claim(10, 10_000_000, 30.0)
     assert other is not None and len(other.events) == 2
     assert not {e.uuid for e in other.events} & {e.uuid for e in one.events}
+
+
+def test_the_oldest_age_is_the_enqueue_time_kept_within_the_ticks(
+    harness: SnapshotHarness, database_url: str
+) -> None:
+    look = harness.new(for_batches=False)
+    with psycopg.connect(database_url, autocommit=True) as db:
+        # The newest tick is an hour old (a quiet hour: nothing committed to tick for).
+        db.execute("UPDATE outbox_ticks SET taken_at = now() - interval '1 hour'")
+        harness.put(_events(1))  # enqueued now, with the default timestamp
+        assert look.backlog().oldest_pending_age_seconds < 600
+        with db.transaction():  # a backfill: an old timestamp, committed in the last hour
+            insert_events(
+                db,
+                [{"uuid": uuid.uuid4(), "event": "old", "distinct_id": "u",
+                  "timestamp": datetime(2000, 1, 1, tzinfo=UTC)}],
+            )  # fmt: skip
+    for backlog in (look.backlog(), look.backlog_capped()):
+        assert backlog.pending == 2
+        assert 3600 <= backlog.oldest_pending_age_seconds < 3600 + 600
+    # Once batched (the tick is now), the same bounds hold: its interval's two ticks.
+    s = harness.new()
+    batch = s.claim(1, 10_000_000, 30.0)
+    assert batch is not None
+    assert 3600 <= look.backlog().oldest_pending_age_seconds < 3600 + 600
+    s.release(batch)
+
+
+def test_a_capped_backlog_reads_at_most_the_cap(harness: SnapshotHarness) -> None:
+    harness.put(_events(5))
+    s, look = harness.new(), harness.new(for_batches=False)
+    batch = s.claim(2, 10_000_000, 30.0)
+    a, b = batch.events
+    s.finish(batch, BatchOutcome(shipped=[a.id], retry=[b.id], retry_error="x"), **POLICY)
+    assert look.backlog().pending == 4  # 3 in the event tables, 1 retrying
+    capped = look.backlog_capped(cap=2)
+    assert (capped.pending, capped.retrying) == (3, 1)  # 2 (the cap) + 1 retry
+    assert look.backlog_capped(cap=100).pending == 4
+
+
+def test_it_keeps_the_worker_states(harness: SnapshotHarness, database_url: str) -> None:
+    s = SnapshotStorage(database_url, worker_id="w-snap", log_outages=False)
+    try:
+        s.write_worker_state("https://us.i.posthog.com", "ok", "")
+        s.write_worker_state("https://us.i.posthog.com", "key_rejected", "why")
+        [row] = s.worker_states()
+        assert (row["worker"], row["state"], row["reason"]) == ("w-snap", "key_rejected", "why")
+        assert s.expire_worker_states(86400) == 0
+        s.delete_worker_state()
+        assert s.worker_states() == []
+        with psycopg.connect(database_url, autocommit=True) as db:
+            db.execute("ALTER TABLE outbox_worker_state RENAME TO gone")
+        with pytest.raises(WorkerStateUnavailable, match="outbox_worker_state"):
+            s.write_worker_state("h", "ok", "")
+        assert s.backlog().pending == 0  # the storage goes on
+    finally:
+        s.close()
+
+
+def test_in_flight_lists_leased_batches_and_leased_retries(harness: SnapshotHarness) -> None:
+    harness.put(_events(3))
+    s, t, look = harness.new(), harness.new(), harness.new(for_batches=False)
+    batch = s.claim(10, 10_000_000, 30.0)
+    retried = [e.id for e in batch.events[:2]]
+    s.finish(batch, BatchOutcome(retry=retried, retry_error="x", shipped=[3]), **POLICY)
+    retries = wait_for(lambda: t.claim(10, 10_000_000, 30.0), timeout=30, what="the retries")
+    harness.put(_events(1))
+    fresh = s.claim(10, 10_000_000, 30.0)
+    assert fresh is not None and len(fresh.events) == 1
+    held = look.in_flight()
+    assert sorted(h["state"] for h in held) == ["leased batch", "leased retries (2 events)"]
+    by_state = {h["state"]: h for h in held}
+    assert by_state["leased batch"]["worker"] == "suite"
+    assert all(0 <= h["held_seconds"] < 60 for h in held)
+    t.release(retries)
+    s.release(fresh)
+    assert look.in_flight() == []

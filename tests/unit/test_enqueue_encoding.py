@@ -305,8 +305,13 @@ def test_a_call_picks_the_statement_for_its_shape() -> None:
     assert set(one.params) == {"u", "e", "d", "p", "s", "t", "k"}
     assert "json_to_recordset" not in one.statements.psycopg
     many = _Call([_event(), _event(uuid=uuid.uuid4())])
-    assert set(many.params) == {"rows"}
-    assert "json_to_recordset" in many.statements.psycopg
+    assert set(many.params) == {"u0", "e0", "d0", "p0", "u1", "e1", "d1", "p1"}
+    assert "VALUES (%(u0)s, %(e0)s, %(d0)s, %(p0)s, DEFAULT, NULL), (" in many.statements.psycopg
+    # Past _VALUES_MAX events, or when waking the workers: one JSON array.
+    items = [_event(uuid=uuid.uuid4()) for _ in range(enqueue_module._VALUES_MAX + 1)]
+    bulk = _Call(items)
+    assert set(bulk.params) == {"rows"} and "json_to_recordset" in bulk.statements.psycopg
+    assert "json_to_recordset" not in _Call(items[:-1]).statements.psycopg
     # Duplicate dedup keys are dropped first: what is left may be a single event.
     deduped = _Call([_event(dedup_key="k"), _event(uuid=uuid.uuid4(), dedup_key="k")])
     assert len(deduped.sent) == 1 and "u" in deduped.params and deduped.reads_keys

@@ -1,8 +1,8 @@
 """Where the worker's events live: the storage protocol and its engines.
 
 :mod:`worker.storage.base` holds the protocols every engine implements and the
-engine-neutral types the drainer and the commands see. Engines: the psycopg
-:class:`worker.store.Store` over ``outbox_events`` (today's), and
+engine-neutral types the drainer and the commands see. Engines: the snapshot engine,
+:class:`worker.storage.snapshot_storage.SnapshotStorage` (the worker's), and
 :class:`worker.storage.memory.MemoryStorage` (in memory, for tests). One behaviour
 suite, ``tests/storage``, runs against each.
 """

@@ -15,8 +15,8 @@ batches and records what happened to each. Three protocols, one per caller:
 whatever the engine.)
 
 :class:`Storage` is all three. An engine promises what the docstrings here say and
-nothing about how: a batch may be an open transaction holding row locks (today's
-:class:`worker.store.Store`) or a leased row read again in short transactions. The
+nothing about how: a batch may be a leased row read again in short transactions
+(:class:`worker.storage.snapshot_storage.SnapshotStorage`) or a list in memory. The
 behaviour suite ``tests/storage`` checks every engine against these promises.
 
 Event ids (:attr:`ClaimedEvent.id`, and the ids in :class:`BatchOutcome`) are opaque
@@ -349,8 +349,8 @@ class Housekeeping(Protocol):
 
     def maintain(self) -> None:
         """One step of the engine's own upkeep, called periodically by one worker's
-        housekeeping (a no-op for :class:`worker.store.Store`; where a batch engine
-        ticks and rotates its tables). Safe to call at any time, from any worker."""
+        housekeeping (where the snapshot engine ticks and rotates its tables). Safe
+        to call at any time, from any worker."""
         ...
 
 

@@ -23,11 +23,11 @@ session the pooler handed out), or once for the session when it connects (one ro
 trip per connection instead of three more per statement). Other settings an engine
 needs (``settings``) are applied the same way.
 
-The engines (:class:`worker.store.Store`, :class:`worker.storage.snapshot_storage.
-SnapshotStorage`) each hold one :class:`Connection` and give it three hooks: what to
-check on a new connection (``prepare``), whether a transaction of theirs stays open
-between calls (``holding``, a Store batch), and what to forget when the connection
-goes (``on_drop``).
+An engine (:class:`worker.storage.snapshot_storage.SnapshotStorage`) holds one
+:class:`Connection` and gives it three hooks: what to check on a new connection
+(``prepare``), whether a transaction of its own stays open between calls
+(``holding``: none of the snapshot engine's does), and what to forget when the
+connection goes (``on_drop``).
 """
 
 from __future__ import annotations
@@ -61,8 +61,7 @@ RECONNECT_DELAY_MIN = 0.25
 RECONNECT_DELAY_MAX = 15.0
 
 #: How long the worker's statements wait for a lock another session holds on an
-#: outbox table before they give up with :class:`LockTimeout` (milliseconds; the
-#: old engine's batch transactions, ``worker.queries.BATCH_SETTINGS``, use the same).
+#: outbox table before they give up with :class:`LockTimeout` (milliseconds).
 LOCK_TIMEOUT_MS = 2000
 #: :data:`LOCK_TIMEOUT_MS` in seconds (what the engines' ``lock_timeout`` defaults to).
 LOCK_TIMEOUT = LOCK_TIMEOUT_MS / 1000
@@ -394,8 +393,8 @@ class Connection:
         # The rollback undid the transaction's own settings: keep what was set.
         in_force, self._bounded = self._bounded, {}
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            # A transaction the engine holds between calls (a Store batch, which sets
-            # the lock timeout of its own).
+            # A transaction the engine holds between calls (which sets the lock
+            # timeout of its own).
             in_force = in_force or {"lock_timeout": str(LOCK_TIMEOUT_MS)}
             self._abort()
         if self.conn is None:

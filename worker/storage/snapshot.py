@@ -192,8 +192,8 @@ class SnapshotEngine:
         self.conn = conn
         self.worker_id = worker_id
         self._positions: dict[int, _Positions] = {}
-        if settings:
-            for setting in sql.SESSION.split(";"):
+        for setting in sql.SESSION.split(";"):
+            if settings:  # else the caller applies them (per transaction, behind a pooler)
                 conn.execute(setting.strip())
 
     def _run(self, query: str, params: dict[str, Any] | None = None) -> list[Any]:

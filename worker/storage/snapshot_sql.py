@@ -27,18 +27,23 @@ _ISO = """'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'"""
 # scan testing every row against a chunk's thousand positions cost 2 ms per chunk); the
 # scan for a batch's positions writes its "ctid > progress" as tidgt(), which is no TID
 # range condition, so that it is not planned as a scan from there to the table's end.
-SETTINGS = {
-    "jit": "off",
-    "enable_seqscan": "off",
-    "enable_tidscan": "on",
-    "max_parallel_workers_per_gather": "0",
-}
-#: :data:`SETTINGS` as SET statements for a session.
-SESSION = "; ".join(f"SET {name} = {value}" for name, value in SETTINGS.items())
+SESSION = (
+    "SET jit = off; SET enable_seqscan = off; SET enable_tidscan = on;"
+    " SET max_parallel_workers_per_gather = 0"
+)
 
 TICK = "SELECT outbox_snapshot_tick(%(split_rows)s)"
 
 ROTATE = "SELECT outbox_snapshot_rotate(%(current)s)"
+
+#: :data:`SESSION`'s settings as name -> value (for a caller that sets them per
+#: transaction, behind a transaction pooler).
+SETTINGS = {
+    name.strip(): value.strip()
+    for name, value in (
+        part.strip().removeprefix("SET ").split("=", 1) for part in SESSION.split(";")
+    )
+}
 
 # Lease the oldest batch nobody holds (or whose lease ran out), with what reading it
 # needs: its interval's two snapshots, its txid range and where the next chunk starts.

@@ -32,14 +32,14 @@ commands:
   drain     the side-by-side comparison: posthog-python Client, outbox-worker,
             pgqueuer, and the DELETE..RETURNING floor; gzip off, then on (default)
   latency   commit-to-endpoint latency of a running worker at a steady rate
-  backlog   drain rate, worker RSS and table size at 10,000 and 1,000,000 events
+  backlog   drain rate, worker RSS and tables' size at 10,000 and 1,000,000 events
   enqueue   what enqueue() adds to an application transaction, vs capture()
   scaleout  1, 2 and 4 workers on one backlog: throughput, and no uuid twice
   profile   where a draining worker spends its time (py-spy, else cProfile)
-  claims    the claim forms (row locks, the former written lease, the floor) in
-            PostgreSQL alone: rows/s and server CPU per row
+  claims    the claim forms (the snapshot engine's batches, the floor) in
+            PostgreSQL alone: events/s and server CPU per event
   storage   WAL bytes, PostgreSQL CPU and table size per event: a bare INSERT,
-            PgQ (where the server has it) and posthog-outbox, side by side
+            PgQ (where the server has it) and posthog-outbox's snapshot engine
   gzip      the worker alone, gzip off and on, interleaved rounds: rate spread
             and CPU per event by thread
   encode    enqueue's Python per event (no database), orjson vs the json module
@@ -169,8 +169,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "backlog",
         help="drain rate, RSS and table size by backlog size",
         description="Fill a backlog of each size, drain it with one `outbox-worker run "
-        "--until-empty`, VACUUM; reports the rate, the worker's peak RSS and the table "
-        "size before, after the drain and after VACUUM.",
+        "--until-empty`, rotate; reports the rate, the worker's peak RSS and the event "
+        "tables' size before, after the drain and after the rotation.",
     )
     _common(backlog)
     backlog.add_argument(
@@ -218,21 +218,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     claims = sub.add_parser(
         "claims",
         help="claim forms in PostgreSQL alone",
-        description="Claim and delete a backlog in batches of 1,000 with each claim form "
-        "(the worker's row locks, the written lease used before migration 0003, and a "
-        "bare DELETE..RETURNING), with 1 and 2 claiming processes; no HTTP.",
+        description="Claim a backlog in batches of 1,000 with each claim form (the "
+        "snapshot engine's batches, as the worker claims them, and a bare "
+        "DELETE..RETURNING), with 1 and 2 claiming processes; no HTTP.",
     )
     _common(claims)
-    claims.add_argument("--events", type=_positive, help="rows per run (100000)")
+    claims.add_argument("--events", type=_positive, help="events per run (100000)")
     claims.add_argument("--claimers", type=_sizes, help="claiming processes (1,2)")
 
     storage = sub.add_parser(
         "storage",
         help="WAL, PostgreSQL CPU and size per event, vs a bare INSERT and PgQ",
         description="The same events through a bare INSERT into a minimal table, PgQ "
-        "(when the server has the pgq extension) and posthog-outbox (enqueue_many, then "
-        "the worker, then VACUUM), a CHECKPOINT before each phase: WAL bytes per event "
-        "by phase, PostgreSQL CPU per event, table size after the drain; then what one "
+        "(when the server has the pgq extension) and posthog-outbox (enqueue_many, ticks, "
+        "the snapshot engine's batches, rotation), a CHECKPOINT before each phase: WAL "
+        "bytes per event by phase, PostgreSQL CPU per event, table size after the drain; "
+        "then what one "
         "event and ten cost the application's transaction.",
     )
     _common(storage)

@@ -1,13 +1,15 @@
 """``python -m bench backlog``: does the drain rate hold as the backlog grows?
 
 For each size: a fresh scratch database, the backlog enqueued with
-`outbox.enqueue_many`, VACUUM ANALYZE, then one ``outbox-worker run --until-empty``
+`outbox.enqueue_many`, a CHECKPOINT, then one ``outbox-worker run --until-empty``
 with ``OUTBOX_GZIP=0`` (timed like the drain comparison: from the first batch's
 acceptance to the last event's, the first batch not counted). Reported: the rate, the
-worker's peak RSS (its VmHWM, sampled every 20 ms), and ``outbox_events``' size
-before the drain (the backlog plus the untimed first batch), right after it, and after
-a plain VACUUM (which can give back the heap's empty pages at its end, but not index
-pages). Sizes are from the last run of each size.
+worker's peak RSS (its VmHWM, sampled every 20 ms), and the size of the tables that
+hold events (the snapshot engine's event tables and ``outbox_retry``) before the drain
+(the backlog plus the untimed first batch), right after it, and after the rotation
+(``outbox_snapshot_rotate(true)``: every table whose rows are all delivered is
+TRUNCATEd, the one enqueue writes to now included). Sizes are from the last run of
+each size.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from bench.db import PostgresCpu, TableSizes, execute, outbox_count, table_sizes
+from bench.db import PostgresCpu, TableSizes, outbox_count, scalar, table_sizes
 from bench.drain import CpuMeter, DrainResult, fill_for_worker, first_batch_size, run_worker
 from bench.endpoint import Endpoint
 from bench.errors import BenchFailed
@@ -46,9 +48,7 @@ class BacklogResult:
     empty: TableSizes
     before: TableSizes
     after_drain: TableSizes
-    after_vacuum: TableSizes
-    #: After ``REINDEX TABLE CONCURRENTLY``, following the last run's VACUUM.
-    after_reindex: TableSizes
+    after_rotation: TableSizes
 
     @property
     def rate(self) -> float:
@@ -82,13 +82,12 @@ def run(ctx: Context, *, sizes: list[int] | tuple[int, ...], repeat: int) -> lis
                         run_worker(ctx, group, url, endpoint, meter, size, gzip=False, refill=False)
                     )
                     after_drain = table_sizes(url)
-                    execute(url, "VACUUM outbox_events")
-                    after_vacuum = table_sizes(url)
                     if outbox_count(url):
                         raise BenchFailed(f"backlog {size:,}: rows are left after the drain")
-                # VACUUM keeps empty index pages for reuse; only a rebuild returns them.
-                execute(url, "REINDEX TABLE CONCURRENTLY outbox_events")
-                after_reindex = table_sizes(url)
+                    # (The worker may have truncated a table itself, once the clock
+                    # moved enqueue on to the next.)
+                    scalar(url, "SELECT outbox_snapshot_rotate(true)")
+                    after_rotation = table_sizes(url)
                 results.append(
                     BacklogResult(
                         size,
@@ -98,8 +97,7 @@ def run(ctx: Context, *, sizes: list[int] | tuple[int, ...], repeat: int) -> lis
                         empty,
                         before,
                         after_drain,
-                        after_vacuum,
-                        after_reindex,
+                        after_rotation,
                     )
                 )
     print_results(ctx, results)
@@ -123,8 +121,7 @@ def print_results(ctx: Context, results: list[BacklogResult]) -> None:
                 mb(r.max_rss_bytes),
                 mb(r.before.total),
                 mb(r.after_drain.total),
-                mb(r.after_vacuum.total),
-                mb(r.after_reindex.total),
+                mb(r.after_rotation.total),
             ]
         )
     ctx.out.table(
@@ -138,8 +135,7 @@ def print_results(ctx: Context, results: list[BacklogResult]) -> None:
             "peak RSS MiB",
             "table MiB before",
             "after drain",
-            "after VACUUM",
-            "after REINDEX",
+            "after rotation",
         ],
         rows,
     )
@@ -147,8 +143,7 @@ def print_results(ctx: Context, results: list[BacklogResult]) -> None:
         ctx.out.line(
             f"- {r.size:,}: rates {', '.join(f'{x.rate:,.0f}' for x in r.runs)} events/s; "
             f"heap/indexes MiB: empty {_split(r.empty)}, before {_split(r.before)}, "
-            f"after drain {_split(r.after_drain)}, after VACUUM {_split(r.after_vacuum)}, "
-            f"after REINDEX {_split(r.after_reindex)}"
+            f"after drain {_split(r.after_drain)}, after rotation {_split(r.after_rotation)}"
         )
     ctx.out.line()
     if len(results) >= 2:
@@ -170,22 +165,15 @@ def print_results(ctx: Context, results: list[BacklogResult]) -> None:
             f"peak {mb(peak):.1f} MiB"
             + ("" if peak < TARGET_RSS else f"; over by {mb(peak - TARGET_RSS):.1f} MiB"),
         )
-        worst = max(results, key=lambda r: r.after_vacuum.table - r.empty.table)
-        grown = worst.after_vacuum.table - worst.empty.table
+        worst = max(results, key=lambda r: r.after_rotation.total - r.empty.total)
+        grown = worst.after_rotation.total - worst.empty.total
         ctx.out.target(
-            f"table back to (near) empty size after drain and VACUUM (pg_table_size within "
-            f"{mb(NEAR_EMPTY):.0f} MiB of the empty table's)",
+            f"tables back to (near) empty size after the drain and the rotation "
+            f"(pg_total_relation_size within {mb(NEAR_EMPTY):.0f} MiB of the empty tables')",
             grown <= NEAR_EMPTY,
-            f"at {worst.size:,}: {mb(worst.after_vacuum.table):.2f} MiB vs "
-            f"{mb(worst.empty.table):.2f} MiB empty"
+            f"at {worst.size:,}: {mb(worst.after_rotation.total):.2f} MiB vs "
+            f"{mb(worst.empty.total):.2f} MiB empty"
             + ("" if grown <= NEAR_EMPTY else f", over by {mb(grown - NEAR_EMPTY):.1f} MiB"),
-        )
-        biggest = max(results, key=lambda r: r.after_vacuum.indexes)
-        ctx.out.line(
-            f"- indexes at {biggest.size:,}: {mb(biggest.before.indexes):.1f} MiB full, "
-            f"{mb(biggest.after_vacuum.indexes):.1f} MiB after VACUUM (its pages are empty and "
-            "reused by later rows, but plain VACUUM does not shrink index files), "
-            f"{mb(biggest.after_reindex.indexes):.2f} MiB after REINDEX TABLE CONCURRENTLY"
         )
 
 

@@ -1,33 +1,40 @@
 """``python -m bench claims``: the claim forms, in PostgreSQL alone.
 
-No HTTP, no worker process: each claiming process loops "claim a batch of 1,000 due
-rows, delete them" until the outbox is empty, and the harness measures rows/s and the
-server's CPU time per row. Three forms:
+No HTTP, no worker process: each claiming process loops "claim a batch of 1,000
+events, mark them delivered" until the outbox is empty, and the harness measures
+events/s and the server's CPU time per event. Two forms:
 
-- ``row locks``: the worker's own claim, through `worker.store.Store` (a transaction
-  per batch: ``FOR UPDATE SKIP LOCKED`` with the byte bound, then DELETE and COMMIT);
-- ``written lease``: the claim before migration 0003, kept here for comparison: an
-  ``UPDATE`` that writes a lease token, expiry and worker into every claimed row and
-  moves ``next_attempt_at`` to the lease's end, then a DELETE fenced by the token (the
-  scratch database gets the three lease columns back for it);
-- ``DELETE..RETURNING``: no lease at all (the drain comparison's floor).
+- ``snapshot batches``: the worker's own claim, through
+  `worker.storage.snapshot_storage.SnapshotStorage` (the next chunk of the oldest
+  snapshot batch, ticking when none waits; finishing it moves the batch's progress
+  past it, in one short transaction fenced on the batch's lease). Like the worker,
+  each claiming process has two connections and claims the next chunk on one before
+  it finishes the chunk it holds on the other.
+- ``DELETE..RETURNING``: no lease at all (the drain comparison's floor): up to 1,000
+  rows of an event table deleted by TID, from where the last batch ended.
 
-Like the worker, each claiming process has two connections and claims the next batch
-on one before it deletes the batch it holds on the other.
+Afterwards the snapshot engine's tables are rotated (TRUNCATE), which is how its
+events go; the floor's DELETEs leave dead rows for VACUUM instead.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from bench.db import PostgresCpu, execute, fill_outbox, outbox_count, prepare_for_drain, scalar
+from bench.db import (
+    EVENT_TABLES,
+    PostgresCpu,
+    fill_outbox,
+    outbox_count,
+    prepare_for_drain,
+    table_sizes,
+)
 from bench.errors import BenchFailed
 from bench.events import iter_events
 from bench.harness import Context
@@ -39,44 +46,15 @@ DEFAULT_CLAIMERS = (1, 2)
 BATCH = 1_000
 TIMEOUT = 300.0
 
-# The claim as it was before migration 0003 (see the module docstring).
-LEASE_COLUMNS = (
-    "ALTER TABLE outbox_events ADD COLUMN lease_token uuid, "
-    "ADD COLUMN leased_until timestamptz, ADD COLUMN leased_by text"
-)
-LEASE_CLAIM = """
-WITH locked AS (
-    SELECT id, next_attempt_at, pg_column_size(properties) + 200 AS size
-    FROM outbox_events
-    WHERE status = 'pending' AND next_attempt_at <= now()
-      AND (lease_token IS NULL OR leased_until <= now())
-    ORDER BY next_attempt_at, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-), sized AS (
-    SELECT id, sum(size) OVER (ORDER BY next_attempt_at, id) AS running,
-           row_number() OVER (ORDER BY next_attempt_at, id) AS n
-    FROM locked
-), chosen AS (
-    SELECT id FROM sized WHERE running <= %(max_bytes)s OR n = 1
-)
-UPDATE outbox_events AS e
-SET lease_token = %(token)s, leased_until = now() + interval '60 seconds',
-    leased_by = 'bench', next_attempt_at = now() + interval '60 seconds'
-FROM chosen
-WHERE e.id = chosen.id
-RETURNING e.id, e.uuid, e.event, e.distinct_id, e.properties::text, e."timestamp",
-          e.attempts, e.destination
-"""
-LEASE_ACK = "DELETE FROM outbox_events WHERE id = ANY(%(ids)s) AND lease_token = %(token)s"
 FLOOR = """
-DELETE FROM outbox_events WHERE id IN (
-    SELECT id FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= now()
-    ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-RETURNING id, uuid, event, distinct_id, properties::text, "timestamp", attempts, destination
+DELETE FROM {table}
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM {table} WHERE ctid > %(after)s::tid LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+))
+RETURNING ctid::text, uuid, event, distinct_id, properties::text, "timestamp", destination
 """
 
-FORMS = ("row locks", "written lease", "DELETE..RETURNING")
+FORMS = ("snapshot batches", "DELETE..RETURNING")
 
 
 @dataclass
@@ -92,14 +70,15 @@ class ClaimResult:
 
     @property
     def rate(self) -> float:
-        """Rows claimed and deleted per second."""
+        """Events claimed and marked delivered per second."""
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def _row_locks(url: str, start: Callable[[], None]) -> None:
-    from worker.store import BatchOutcome, Store
+def _snapshot_batches(url: str, start: Callable[[], None]) -> None:
+    from worker.storage.base import BatchOutcome
+    from worker.storage.snapshot_storage import SnapshotStorage
 
-    stores = [Store(url), Store(url)]
+    stores = [SnapshotStorage(url, worker_id=f"bench-{i}") for i in range(2)]
     for store in stores:
         store.ping_or_raise()  # connected before the clock starts
     start()
@@ -109,53 +88,42 @@ def _row_locks(url: str, start: Callable[[], None]) -> None:
         batch = stores[turn % 2].claim(BATCH, 4 * 1024 * 1024, 60.0)
         turn += 1
         if held is not None:
-            ids = [e.id for e in held.events]
             held.store.finish(
                 held,
-                BatchOutcome(shipped=ids),
+                BatchOutcome(shipped=[e.id for e in held.events]),
                 dedup_window=3600.0,
                 max_attempts=24,
                 backoff_base=2.0,
                 backoff_max=3600.0,
             )
         if batch is None:
-            break
+            if held is None:
+                break
+            held = None  # the other store may find more once the held chunk is done
+            continue
         held = batch
     for store in stores:
         store.close()
 
 
-def _written_lease(url: str, start: Callable[[], None]) -> None:
-    conns = [psycopg.connect(url, autocommit=True) for _ in range(2)]
-    start()
-    held: tuple[uuid.UUID, list[int], psycopg.Connection[Any]] | None = None
-    turn = 0
-    while True:
-        conn = conns[turn % 2]
-        turn += 1
-        token = uuid.uuid4()
-        rows = conn.execute(
-            LEASE_CLAIM, {"limit": BATCH, "max_bytes": 4 * 1024 * 1024, "token": token}
-        ).fetchall()
-        if held is not None:
-            held[2].execute(LEASE_ACK, {"ids": held[1], "token": held[0]})
-        if not rows:
-            break
-        held = (token, [r[0] for r in rows], conn)
-    for conn in conns:
-        conn.close()
-
-
 def _floor(url: str, start: Callable[[], None]) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         start()
-        while conn.execute(FLOOR, {"limit": BATCH}).fetchall():
-            pass
+        for table in EVENT_TABLES:
+            statement = FLOOR.format(table=table)
+            after = "(0,0)"
+            while True:
+                rows = conn.execute(statement, {"limit": BATCH, "after": after}).fetchall()
+                if rows:
+                    after = max(rows, key=lambda r: tuple(map(int, r[0][1:-1].split(","))))[0]
+                elif after == "(0,0)":
+                    break
+                else:
+                    after = "(0,0)"  # once more from the start
 
 
 _LOOPS: dict[str, Callable[[str, Callable[[], None]], None]] = {
-    "row locks": _row_locks,
-    "written lease": _written_lease,
+    "snapshot batches": _snapshot_batches,
     "DELETE..RETURNING": _floor,
 }
 
@@ -175,12 +143,10 @@ def measure(ctx: Context, form: str, claimers: int, events: int) -> ClaimResult:
     """Fill, then claim and delete everything with ``claimers`` processes."""
     with ctx.server.scratch(f"claims_{form}_{claimers}") as url:
         ctx.describe(url)
-        if form == "written lease":
-            execute(url, LEASE_COLUMNS)
         ctx.out.progress(f"{form}, {claimers} claiming process(es): filling {events:,} events")
         fill_outbox(url, iter_events(events))
         prepare_for_drain(url)
-        heap_before = int(scalar(url, "SELECT pg_relation_size('outbox_events')"))
+        heap_before = table_sizes(url).heap
         cpu = PostgresCpu(url)
         mp = multiprocessing.get_context("spawn")
         ready, go = mp.Semaphore(0), mp.Event()
@@ -209,7 +175,7 @@ def measure(ctx: Context, form: str, claimers: int, events: int) -> ClaimResult:
         left = outbox_count(url)
         if left:
             raise BenchFailed(f"{form}: {left} rows left after the claimers finished")
-        heap_after = int(scalar(url, "SELECT pg_relation_size('outbox_events')"))
+        heap_after = table_sizes(url).heap
         return ClaimResult(
             form,
             claimers,
@@ -223,7 +189,7 @@ def measure(ctx: Context, form: str, claimers: int, events: int) -> ClaimResult:
 def run(ctx: Context, *, events: int, claimers: list[int]) -> list[ClaimResult]:
     """The claims command."""
     results = [measure(ctx, form, n, events) for n in claimers for form in FORMS]
-    ctx.out.heading(f"Claim forms in PostgreSQL alone: {events:,} rows, batches of {BATCH:,}")
+    ctx.out.heading(f"Claim forms in PostgreSQL alone: {events:,} events, batches of {BATCH:,}")
     rows: list[list[Cell]] = []
     for r in results:
         rows.append(
@@ -241,17 +207,19 @@ def run(ctx: Context, *, events: int, claimers: list[int]) -> list[ClaimResult]:
         [
             "claim form",
             "claiming processes",
-            "rows",
+            "events",
             "seconds",
-            "rows/s",
-            "postgres CPU us/row",
+            "events/s",
+            "postgres CPU us/event",
             "heap growth MiB",
         ],
         rows,
     )
     ctx.out.line(
-        "- each process: two connections, the next batch claimed before the held one is "
-        "deleted (the floor: one connection, one statement per batch); heap growth: "
-        "pg_relation_size after the run minus before it (no VACUUM in between)"
+        "- snapshot batches: each process has two connections, the next chunk claimed before "
+        "the held one is finished; the floor: one connection, one DELETE per batch; "
+        "postgres CPU: the whole server's (every backend), during the claims; heap growth: "
+        "the event tables' and outbox_retry's pg_relation_size after the run minus before "
+        "it (no VACUUM or rotation in between)"
     )
     return results

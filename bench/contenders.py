@@ -20,11 +20,12 @@ Contenders:
     has arrived, the parent stops it with SIGTERM (its drain-mode teardown takes
     seconds and is not part of the measurement).
 ``floor``
-    No bookkeeping at all: ``DELETE ... RETURNING`` up to a batch of rows, build the
-    JSON body from the rows' text (properties are never decoded), one POST with
-    ``requests``; repeat until the table is empty. Not durable (the rows are gone
-    before the POST succeeds): it shows the cost of the database and HTTP round trips
-    alone.
+    No bookkeeping at all: ``DELETE ... RETURNING`` up to a batch of rows of an event
+    table (by TID, from where its last batch ended, then once more from the table's
+    start), build the JSON body from the rows' text (properties are never decoded),
+    one POST with ``requests``; repeat until every event table is empty. Not durable
+    (the rows are gone before the POST succeeds): it shows the cost of the database and
+    HTTP round trips alone.
 
 SIGINT is ignored: on Ctrl-C the parent stops its children itself.
 """
@@ -40,7 +41,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,13 +55,33 @@ PGQUEUER_ENTRYPOINT = "posthog_event"
 # The floor's whole job: take rows and ship them. JSON pieces come out of the database
 # as text and are pasted into the body; nothing is decoded or re-encoded in Python.
 FLOOR_CLAIM = """
-DELETE FROM outbox_events
-WHERE id IN (
-    SELECT id FROM outbox_events ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-)
+DELETE FROM {table}
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM {table} WHERE ctid > %(after)s::tid LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+))
 RETURNING to_json(event)::text, to_json(distinct_id)::text, properties::text,
-          uuid::text, to_json("timestamp")::text
+          uuid::text, to_json("timestamp")::text, ctid::text
 """
+#: The snapshot engine's event tables (migration 0006).
+FLOOR_TABLES = tuple(f"outbox_events_{t}" for t in range(4))
+
+
+def _floor_batches(
+    conn: psycopg.Connection[Any], limit: int
+) -> Iterator[list[tuple[str, str, str, str, str, str]]]:
+    """Delete and yield batches of rows until every event table is empty."""
+    for table in FLOOR_TABLES:
+        statement = FLOOR_CLAIM.format(table=table)
+        after = start = "(0,0)"
+        while True:
+            rows = conn.execute(statement, {"limit": limit, "after": after}).fetchall()
+            if rows:
+                yield rows
+                after = max(rows, key=lambda r: tuple(map(int, r[5][1:-1].split(","))))[5]
+            elif after == start:
+                break  # nothing from the start: empty
+            else:
+                after = start
 
 
 def _say(word: str, payload: dict[str, Any] | None = None) -> None:
@@ -199,10 +220,7 @@ def run_floor(args: argparse.Namespace) -> None:
     with psycopg.connect(args.database_url, autocommit=True) as conn:
         _say("READY")
         _wait_for("GO")
-        while True:
-            rows = conn.execute(FLOOR_CLAIM, {"limit": args.batch_size}).fetchall()
-            if not rows:
-                break
+        for rows in _floor_batches(conn, args.batch_size):
             body = _floor_body(rows).encode()
             if args.gzip:
                 body = gzip.compress(body)  # level 9, as posthog's request layer does
@@ -215,9 +233,9 @@ def run_floor(args: argparse.Namespace) -> None:
     _say("DONE", {"requests": requests_sent})
 
 
-def _floor_body(rows: Sequence[tuple[str, str, str, str, str]]) -> str:
+def _floor_body(rows: Sequence[tuple[str, str, str, str, str, str]]) -> str:
     parts = []
-    for event, distinct_id, properties, uuid, timestamp in rows:
+    for event, distinct_id, properties, uuid, timestamp, _ in rows:
         # The worker's $ignore_sent_at, spliced into the properties object as text.
         marked = (
             '{"$ignore_sent_at": true}'

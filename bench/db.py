@@ -27,6 +27,8 @@ from psycopg import sql
 
 import outbox
 from bench.events import BenchEvent
+from outbox.schema import EVENT_TABLES as SCHEMA_EVENT_TABLES
+from outbox.schema import event_table
 from worker.database import (
     check_database_url,
     describe_url,
@@ -159,9 +161,15 @@ def fill_outbox(
     return total, time.monotonic() - started
 
 
+#: The snapshot engine's event tables (migration 0006), where the events are.
+EVENT_TABLES = tuple(event_table(t) for t in range(SCHEMA_EVENT_TABLES))
+#: Every table of the outbox that holds events: the event tables and the retries.
+EVENT_HOLDERS = (*EVENT_TABLES, "outbox_retry")
+
+
 def prepare_for_drain(url: str) -> None:
-    """VACUUM ANALYZE the outbox and CHECKPOINT, so every contender starts the same."""
-    execute(url, "VACUUM ANALYZE outbox_events")
+    """CHECKPOINT, so every contender starts the same. (The event tables are never
+    vacuumed or analyzed: the snapshot engine plans without their statistics.)"""
     checkpoint(url)
 
 
@@ -172,17 +180,27 @@ def checkpoint(url: str) -> None:
 
 
 def outbox_count(url: str) -> int:
-    """Rows in outbox_events."""
+    """Events not delivered yet (rows of the view ``outbox_events``)."""
     return int(scalar(url, "SELECT count(*) FROM outbox_events"))
+
+
+def reset_outbox(url: str) -> None:
+    """Empty the outbox: the event tables, the batches, the retries and the dedup keys
+    (and the event tables' BRIN bookkeeping, which TRUNCATE resets)."""
+    execute(
+        url,
+        f"TRUNCATE {', '.join(EVENT_HOLDERS)}, outbox_batches, outbox_dedup_keys",
+    )
+    execute(url, "UPDATE outbox_event_tables SET summarized_pages = 0, truncated_at = now()")
 
 
 @dataclass(frozen=True, slots=True)
 class TableSizes:
-    """On-disk size of ``outbox_events``, in bytes."""
+    """On-disk size of the tables that hold events (`EVENT_HOLDERS`), in bytes."""
 
-    #: The main fork of the heap (``pg_relation_size``).
+    #: The main fork of the heaps (``pg_relation_size``).
     heap: int
-    #: All its indexes (``pg_indexes_size``).
+    #: All their indexes (``pg_indexes_size``).
     indexes: int
     #: Heap, TOAST, free space and visibility maps, without indexes (``pg_table_size``).
     table: int
@@ -192,11 +210,12 @@ class TableSizes:
 
 def table_sizes(url: str) -> TableSizes:
     """``pg_relation_size``, ``pg_indexes_size``, ``pg_table_size`` and
-    ``pg_total_relation_size`` of the outbox."""
+    ``pg_total_relation_size`` summed over the tables that hold events."""
     row = execute(
         url,
-        "SELECT pg_relation_size('outbox_events'), pg_indexes_size('outbox_events'), "
-        "pg_table_size('outbox_events'), pg_total_relation_size('outbox_events')",
+        "SELECT sum(pg_relation_size(t)), sum(pg_indexes_size(t)), sum(pg_table_size(t)),"
+        " sum(pg_total_relation_size(t)) FROM unnest(%s::regclass[]) AS t",
+        (list(EVENT_HOLDERS),),
     )[0]
     return TableSizes(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 

@@ -29,10 +29,10 @@ from functools import partial
 
 from bench.db import (
     PostgresCpu,
-    execute,
     fill_outbox,
     outbox_count,
     prepare_for_drain,
+    reset_outbox,
 )
 from bench.endpoint import Endpoint
 from bench.errors import BenchFailed
@@ -272,7 +272,7 @@ def _thread_split(
 
 
 def fill_for_worker(ctx: Context, url: str, env: dict[str, str], events: int) -> float:
-    """Empty the outbox, enqueue ``events`` plus the untimed first batch, VACUUM ANALYZE;
+    """Empty the outbox, enqueue ``events`` plus the untimed first batch, CHECKPOINT;
     returns the seconds the enqueueing took."""
     total = events + first_batch_size(env)
     reset_outbox(url)
@@ -382,11 +382,6 @@ def run_floor(
     if outbox_count(url):
         raise BenchFailed("the floor left rows in the outbox")
     return result
-
-
-def reset_outbox(url: str) -> None:
-    """Empty the outbox tables."""
-    execute(url, "TRUNCATE outbox_events, outbox_dedup_keys")
 
 
 # -- the command ------------------------------------------------------------------------

@@ -72,16 +72,23 @@ BUCKETS: tuple[Bucket, ...] = (
     ),
     Bucket(
         "claim SQL: round trip incl. PostgreSQL's time, row fetch",
-        (("claim", "worker/store.py"),),
+        (("claim", "worker/storage/snapshot_storage.py"),),
     ),
     Bucket(
-        "outcome SQL: DELETE of the shipped rows and COMMIT",
-        (("finish", "worker/store.py"), ("release", "worker/store.py")),
+        "outcome SQL: the batch moved past the chunk (or finished), failures filed, COMMIT",
+        (
+            ("finish", "worker/storage/snapshot_storage.py"),
+            ("release", "worker/storage/snapshot_storage.py"),
+        ),
     ),
     Bucket("posthog request layer, other", (("*", "posthog/"),)),
     Bucket(
         "building the request from rows (worker code)",
-        (("*", "worker/sinks/"), ("_ship", "worker/drain.py"), ("outbound", "worker/store.py")),
+        (
+            ("*", "worker/sinks/"),
+            ("_ship", "worker/drain.py"),
+            ("outbound", "worker/storage/snapshot.py"),
+        ),
     ),
     Bucket("logging", (("*", "logging/__init__.py"),)),
     Bucket(
@@ -102,7 +109,7 @@ STARTUP = BUCKETS[-1].name
 def _frame_matches(frame: tuple[str, str], pattern: tuple[str, str]) -> bool:
     func, path = frame
     want_func, want_path = pattern
-    # py-spy names methods with their class (``Store.claim``); cProfile does not.
+    # py-spy names methods with their class (``SnapshotStorage.claim``); cProfile does not.
     name_ok = want_func in ("*", func) or func.endswith("." + want_func)
     return name_ok and (want_path == "" or want_path in path)
 
@@ -110,7 +117,7 @@ def _frame_matches(frame: tuple[str, str], pattern: tuple[str, str]) -> bool:
 #: A stack with none of these frames is start-up or exit, not the drain.
 _DRAIN_CONTEXT = (
     ("*", "worker/drain.py"),
-    ("*", "worker/store.py"),
+    ("*", "worker/storage/"),
     ("*", "worker/sinks/"),
     ("*", "concurrent/futures/thread.py"),
 )
@@ -180,9 +187,11 @@ def cprofile_buckets(path: Path) -> dict[str, dict[str, float]]:
     encode = max(0.0, cumulative("encode", "json/encoder.py") - walk)
     http = cumulative("request", "requests/sessions.py")
     decode = cumulative("loads", "json/__init__.py")
-    claim = cumulative("claim", "worker/store.py")
-    ack = cumulative("finish", "worker/store.py")
-    build = cumulative("outbound", "worker/store.py") + cumulative("to_payload", "worker/drain.py")
+    claim = cumulative("claim", "worker/storage/snapshot_storage.py")
+    ack = cumulative("finish", "worker/storage/snapshot_storage.py")
+    build = cumulative("outbound", "worker/storage/snapshot.py") + cumulative(
+        "to_payload", "worker/drain.py"
+    )
     drain = cumulative("drain", "worker/drain.py")
     counts: dict[str, float] = defaultdict(float)
     counts[BUCKETS[0].name] = walk

@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from bench.db import PostgresCpu, execute, fill_outbox, outbox_count, scalar
+from bench.db import PostgresCpu, fill_outbox, outbox_count, reset_outbox, scalar
 from bench.drain import drain_timeout
 from bench.endpoint import Endpoint, UuidStats
 from bench.errors import BenchFailed
@@ -86,12 +86,7 @@ def run_once(
     ctx: Context, url: str, endpoint: Endpoint, group: ChildGroup, workers: int, events: int
 ) -> ScaleResult:
     """One worker count over one backlog."""
-    # TRUNCATE also forgets the table's statistics. Do NOT analyze the empty table
-    # here: a plan made for an empty table, met by a backlog committed at once (with
-    # autovacuum off, as on the development server), makes the claim scan and sort the
-    # whole backlog on every batch, and several workers then collapse (see
-    # docs/benchmarks.md).
-    execute(url, "TRUNCATE outbox_events, outbox_dedup_keys")
+    reset_outbox(url)
     endpoint.reset()
     pg_cpu = PostgresCpu(url)
     children: list[Child] = []

@@ -150,7 +150,7 @@ class _Positions:
 
 
 #: How many batches' positions an engine keeps (the oldest go first).
-_KEPT_BATCHES = 4
+_KEPT_BATCHES = 2
 
 
 @dataclass(frozen=True, slots=True)

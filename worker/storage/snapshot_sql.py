@@ -79,7 +79,7 @@ _COLUMNS = f"""e.ctid, e.uuid, e.event, e.distinct_id, e.properties::text,
 
 #: The most positions one scan of a batch returns (a bigger batch is scanned again
 #: from where the last scan ended, once its positions are used up).
-POSITIONS_CAP = 20_000
+POSITIONS_CAP = 10_000
 
 
 def _member(snap1: bool) -> str:

@@ -187,3 +187,20 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Harness]:
     harness = ENGINES[request.param](request)
     yield harness
     harness.close()
+
+
+#: The dedup window, attempts and backoff the engine tests finish batches with.
+POLICY: dict[str, Any] = {
+    "dedup_window": 60.0,
+    "max_attempts": 5,
+    "backoff_base": 0.0,
+    "backoff_max": 0.0,
+}
+
+
+@pytest.fixture
+def harness(database_url: str) -> Iterator[SnapshotHarness]:
+    """A SnapshotStorage harness over a fresh test database (the engine's own tests)."""
+    h = SnapshotHarness(database_url, SnapshotStorage)
+    yield h
+    h.close()

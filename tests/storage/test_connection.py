@@ -16,7 +16,7 @@ from psycopg import sql
 
 from outbox.exceptions import OutboxNotInstalledError
 from tests.conftest import wait_for
-from tests.storage.conftest import SnapshotHarness
+from tests.storage.conftest import POLICY, SnapshotHarness
 from worker.storage import connection as connection_module
 from worker.storage.base import (
     BatchLostError,
@@ -28,20 +28,6 @@ from worker.storage.base import (
 )
 from worker.storage.connection import LOCK_TIMEOUT, Health
 from worker.storage.snapshot_storage import SnapshotStorage
-
-POLICY: dict[str, Any] = {
-    "dedup_window": 60.0,
-    "max_attempts": 5,
-    "backoff_base": 0.0,
-    "backoff_max": 0.0,
-}
-
-
-@pytest.fixture
-def harness(database_url: str) -> Iterator[SnapshotHarness]:
-    h = SnapshotHarness(database_url, SnapshotStorage)
-    yield h
-    h.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,25 +12,11 @@ import psycopg
 import pytest
 
 from tests.conftest import wait_for
-from tests.storage.conftest import SnapshotHarness
+from tests.storage.conftest import POLICY, SnapshotHarness
 from worker.storage.base import BatchLostError, BatchOutcome, DatabaseUnavailable
 from worker.storage.snapshot import insert_events
 from worker.storage.snapshot_storage import SnapshotStorage
 from worker.worker_state import WorkerStateUnavailable
-
-POLICY: dict[str, Any] = {
-    "dedup_window": 60.0,
-    "max_attempts": 5,
-    "backoff_base": 0.0,
-    "backoff_max": 0.0,
-}
-
-
-@pytest.fixture
-def harness(database_url: str) -> Iterator[SnapshotHarness]:
-    h = SnapshotHarness(database_url, SnapshotStorage)
-    yield h
-    h.close()
 
 
 def terminate(db: psycopg.Connection[Any], application_name: str) -> None:

@@ -24,10 +24,10 @@ trip per connection instead of two more per statement, BEGIN and COMMIT). Other
 settings an engine needs (``settings``) are applied the same way.
 
 An engine (:class:`worker.storage.snapshot_storage.SnapshotStorage`) holds one
-:class:`Connection` and gives it three hooks: what to check on a new connection
-(``prepare``), whether a transaction of its own stays open between calls
-(``holding``: none of the snapshot engine's does), and what to forget when the
-connection goes (``on_drop``).
+:class:`Connection` and gives it two hooks: what to check on a new connection
+(``prepare``) and what to forget when the connection goes (``on_drop``). No
+transaction of an engine stays open between calls, so a broken idle connection is
+always replaced at once.
 """
 
 from __future__ import annotations
@@ -133,10 +133,6 @@ def _nothing() -> None:
     return None
 
 
-def _never() -> bool:
-    return False
-
-
 class Connection:
     """One autocommit connection that is made again after it is lost, and the
     protocol's errors for what happens to its statements (see the module's text).
@@ -159,9 +155,7 @@ class Connection:
         settings: Mapping[str, str] | None = None,
         per_transaction: bool | None = None,
         prepare: Callable[[psycopg.Connection[Any]], None] = check_installed,
-        holding: Callable[[], bool] = _never,
         on_drop: Callable[[], None] = _nothing,
-        on_abort: Callable[[], None] | None = None,
     ) -> None:
         """``lock_timeout`` and ``statement_timeout`` are seconds (None leaves the
         session's own). ``settings`` are more configuration parameters the engine's
@@ -170,11 +164,7 @@ class Connection:
 
         ``prepare`` runs on each new connection (raise
         :class:`~outbox.exceptions.OutboxNotInstalledError` there when the tables are
-        missing); ``holding`` says whether the engine keeps a transaction open on the
-        connection between calls (then a broken connection is never silently replaced
-        under it); ``on_drop`` is called when the connection is closed and forgotten;
-        ``on_abort`` when a statement failed inside such a transaction (default: roll
-        it back)."""
+        missing); ``on_drop`` is called when the connection is closed and forgotten."""
         self.url = url
         self.pooler = pooler
         self.worker_id = worker_id
@@ -212,9 +202,7 @@ class Connection:
                 f"set_config('{name}', '{value}', true)" for name, value in self._settings.items()
             )
         self._prepare = prepare
-        self._holding = holding
         self._on_drop = on_drop
-        self._on_abort = on_abort
         self.lock = threading.RLock()
         self.conn: psycopg.Connection[Any] | None = None
         #: A statement has worked on ``conn`` (so its breaking is not an outage).
@@ -233,7 +221,7 @@ class Connection:
         """The connection, made again if it was lost (or the server closed it while
         it sat idle). Raises :class:`DatabaseUnavailable` while backing off."""
         conn = self.conn
-        if conn is not None and not conn.closed and not self._holding() and closed_by_peer(conn):
+        if conn is not None and not conn.closed and closed_by_peer(conn):
             # The server ended the idle session (pg_terminate_backend, a restart,
             # idle_session_timeout) or a proxy dropped it: connect again now. That is
             # not an outage unless the new connection fails too.
@@ -298,7 +286,7 @@ class Connection:
             try:
                 return self._statement(conn, query, params, bounded)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                if conn is not before or self._holding() or not broken(conn):
+                if conn is not before or not broken(conn):
                     raise  # a fresh connection failed, or the statement did
                 self.reset(first_line(exc))
                 return self._statement(self.connection(), query, params, bounded)
@@ -386,8 +374,7 @@ class Connection:
             self.health.note(exc)
             raise
         self.worked = self.conn is not None
-        if not self._holding():  # a held transaction's outcome tells whether it worked
-            self.health.note(None)
+        self.health.note(None)
 
     def problem(self, exc: psycopg.Error) -> OutboxDatabaseError | None:
         """What a statement's failure means when the database is still up: a timeout,
@@ -423,9 +410,7 @@ class Connection:
         return canceled(exc, value, ours=ours)
 
     def _abort(self) -> None:
-        if self._on_abort is not None:
-            self._on_abort()
-        elif self.conn is not None:
+        if self.conn is not None:
             try:
                 self.conn.execute("ROLLBACK")
             except psycopg.Error as exc:

@@ -363,8 +363,10 @@ def test_the_ledger_section_shows_the_last_seven_days_escaped_and_bounded() -> N
     assert "1,294" in text  # delivered in all: 1,234 and 60 of 1
     assert section.count('class="ledger-row"') == 50
     assert "and 11 more rows" in text and "outbox-worker ledger --since 7d" in text
-    # Newest day first: the hostile row (the 15th) before any of the 9th.
-    assert text.index("2027-01-15") < text.index("2027-01-09")
+    # Newest day first: the 15th (the hostile row's) before the 14th; the oldest day's
+    # rows are the ones left out.
+    assert text.index("2027-01-15") < text.index("2027-01-14")
+    assert "2027-01-09" not in text
     empty = render(data(ledger=[]))
     assert "Nothing delivered, dead or purged in these days." in empty
 

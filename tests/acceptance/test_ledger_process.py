@@ -98,7 +98,7 @@ def test_sigkill_after_posthog_accepted_counts_each_event_once(
     assert report["totals"] == {"delivered": 500, "dead": 0, "purged": 0}
     assert {(r["event"], r["destination"]) for r in report["rows"]} == {("page_viewed", "posthog")}
     # Each event is counted on the UTC day of its timestamp (as sent: ISO 8601 in UTC).
-    assert {r["day"] for r in report["rows"]} == {e["timestamp"][:10] for e in capture.events()}
+    assert {r["day"] for r in report["rows"]} == {e["timestamp"][:10] for e in capture.events}
     assert metric(text, 'outbox_ledger_events_total{destination="posthog",outcome="dead"}') == 0.0
 
 
@@ -153,4 +153,4 @@ def test_the_ledger_command_table_json_filters_and_errors(
         done = run_cli(env, "ledger", "--since", bad)
         assert done.returncode == 2, (bad, done.stderr)
         (line,) = done.stderr.splitlines()
-        assert line.startswith("outbox-worker: error: --since="), line
+        assert line.startswith("outbox-worker ledger: error: --since="), line

@@ -40,6 +40,8 @@ ERROR_LINE_LIMIT = 2000
 #: The modules of the ``worker`` extra (pyproject.toml; tests/unit/test_packaging.py
 #: checks that the two agree). Without one of them, every command stops in one line.
 WORKER_EXTRA_MODULES = ("apscheduler", "prometheus_client", "posthog", "requests", "alembic")
+#: The variables holding API keys: no output shows their values.
+SECRET_VARIABLES = ("POSTHOG_API_KEY", "OUTBOX_POSTHOG_PERSONAL_API_KEY")
 #: The flags every command takes (the other settings' flags belong to ``run``).
 COMMON_FLAGS = ("--database-url", "--log-level")
 
@@ -298,11 +300,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _secrets(args: argparse.Namespace) -> tuple[str, ...]:
-    """What no output may show: the database passwords and the API key, as given."""
+    """What no output may show: the database passwords and the API keys, as given."""
     urls = (os.environ.get("DATABASE_URL"), getattr(args, "database_url", None))
     found = [s for url in urls for s in url_secrets(url)]
-    key = (os.environ.get("POSTHOG_API_KEY") or "").strip()
-    return (*found, key) if key else tuple(found)
+    for variable in SECRET_VARIABLES:
+        key = (os.environ.get(variable) or "").strip()
+        if key:
+            found.append(key)
+    return tuple(found)
 
 
 def _fail(message: str, secrets: Iterable[str]) -> None:

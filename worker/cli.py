@@ -33,6 +33,10 @@ MAX_DURATION = 36500 * 86400
 MAX_ROW_ID = 2**63 - 1
 #: ``dead --limit``: the rows are read into memory and printed at once.
 MAX_LIST_LIMIT = 10_000
+#: ``reconcile --threshold`` at most: a count of events.
+MAX_THRESHOLD = 10**15
+#: ``reconcile --threshold-percent`` at most (PostHog may count many times what was sent).
+MAX_PERCENT = 100_000
 #: Longest log line (after escaping); a traceback below it is not cut.
 LOG_LINE_LIMIT = 4000
 #: Longest one-line error.
@@ -73,6 +77,24 @@ def _whole(flag: str, low: int, high: int, why: str) -> Callable[[str], int]:
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(
                 f"{flag}={printable(text, 60)} must be from {low} to {high} ({why})"
+            )
+        return value
+
+    return convert
+
+
+def _percent(flag: str) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag}={printable(text, 60)} is not a number"
+            ) from None
+        if not 0 <= value <= MAX_PERCENT:  # also refuses nan
+            raise argparse.ArgumentTypeError(
+                f"{flag}={printable(text, 60)} must be from 0 to {MAX_PERCENT} (a percentage "
+                "of the delivered events)"
             )
         return value
 
@@ -291,6 +313,41 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help=f"e.g. 7d, 12h, 30m (at most {MAX_DURATION // 86400}d)",
     )
+    reconcile = sub.add_parser(
+        "reconcile",
+        parents=[common],
+        help="compare the delivery ledger with what PostHog counted, per day and event",
+        description=(
+            "Compare the ledger (events PostHog accepted, per UTC day and event) with "
+            "what PostHog's query API counts for the same days and events. Needs "
+            "OUTBOX_POSTHOG_PERSONAL_API_KEY and OUTBOX_POSTHOG_PROJECT_ID. Exit status: "
+            "0 within the threshold, 1 past it, 2 bad flags or settings, 3 PostHog "
+            "could not be asked. See docs/reconciliation.md."
+        ),
+    )
+    reconcile.add_argument(
+        "--since",
+        default="7d",
+        type=_text("--since", 40),
+        help="7d (from the UTC day 7 days ago; 0d: today) or a date YYYY-MM-DD (default 7d)",
+    )
+    reconcile.add_argument("--event", type=event, help="only this event name")
+    reconcile.add_argument(
+        "--threshold",
+        type=_whole("--threshold", 0, MAX_THRESHOLD, "a count of events"),
+        metavar="N",
+        help="a day and event passes the threshold when it differs by more than N events",
+    )
+    reconcile.add_argument(
+        "--threshold-percent",
+        type=_percent("--threshold-percent"),
+        metavar="P",
+        help=(
+            "... and by more than P%% of the delivered events (with both flags, both must "
+            "pass; with neither, any difference does)"
+        ),
+    )
+    reconcile.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -366,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, settings)
     except OutboxError as exc:
         _fail(str(exc), secrets)
-        return 2
+        status = getattr(exc, "exit_status", 2)
+        return status if isinstance(status, int) else 2
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -398,6 +456,17 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return commands.retry(settings, all_=args.all, ids=args.ids, event=args.event)
     if command == "purge":
         return commands.purge(settings, older_than=args.older_than)
+    if command == "reconcile":
+        from worker.reconcile import reconcile
+
+        return reconcile(
+            settings,
+            since=args.since,
+            event=args.event,
+            threshold=args.threshold,
+            threshold_percent=args.threshold_percent,
+            as_json=args.json,
+        )
     if command == "contract":
         from worker.contract_command import contract
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import textwrap
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ QUERY_NAME = "posthog-outbox reconcile"
 EXIT_POSTHOG_FAILED = 3
 #: Exit status when a difference passes the threshold.
 EXIT_OVER_THRESHOLD = 1
+#: Width of the notes under the table.
+NOTE_WIDTH = 88
 #: The longest event name shown in a table cell.
 EVENT_COLUMN_LIMIT = 80
 
@@ -573,14 +576,15 @@ def render_text(report: Report, *, project: str) -> list[str]:
 
         out.append(fmt(headers))
         out.extend(fmt(r) for r in rows)
-    out.append("")
-    out.extend(_notes(report))
+    for note in _notes(report):
+        out.append("")
+        out.extend(textwrap.wrap(note, NOTE_WIDTH, break_on_hyphens=False))
     over = report.over
     out.append("")
     if over:
         out.append(
-            f"{len(over)} of {len(report.lines)} rows differ by {report.threshold.describe()}: "
-            f"exit status {EXIT_OVER_THRESHOLD}."
+            f"{len(over)} of {len(report.lines)} rows pass the threshold (a difference of "
+            f"{report.threshold.describe()}): exit status {EXIT_OVER_THRESHOLD}."
         )
     else:
         out.append(f"Every row is within the threshold ({report.threshold.describe()}).")

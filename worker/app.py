@@ -402,9 +402,12 @@ class Worker:
         self.state_reporter.report(*self.reported_state(), heartbeat=heartbeat)
 
     def _expire_dedup_keys(self) -> None:
+        """The ``expire_dedup_keys`` job: forget expired dedup keys, the state lines
+        of workers long gone, and the ledger's days past its retention."""
         self.state_reporter.expire()
         try:
             removed = self.housekeeping_store.expire_dedup_keys()
+            days = self.housekeeping_store.expire_ledger(self.settings.ledger_retention_days)
         except OutboxDatabaseError:
             return  # the drain job reports database trouble
         if removed:
@@ -412,6 +415,13 @@ class Worker:
                 "expired %d dedup keys",
                 removed,
                 extra={"action": "dedup_keys_expired", "keys": removed},
+            )
+        if days:
+            log.info(
+                "deleted %d ledger rows older than %d days",
+                days,
+                self.settings.ledger_retention_days,
+                extra={"action": "ledger_expired", "rows": days},
             )
 
     def maintain(self) -> None:

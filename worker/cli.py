@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import logging
@@ -29,6 +30,10 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: ``purge --older-than`` at most: ``now() - older_than`` is PostgreSQL interval
 #: arithmetic, and no outbox row is a century old.
 MAX_DURATION = 36500 * 86400
+#: ``ledger --since``: ``7d`` (the last 7 days, today included) or a date.
+_SINCE_DAYS = re.compile(r"^\s*(\d{1,6})\s*d\s*$")
+#: ``ledger --since Nd`` at most (a century, as ``purge --older-than``).
+MAX_SINCE_DAYS = 36500
 #: ``retry --id``: row ids are PostgreSQL bigint.
 MAX_ROW_ID = 2**63 - 1
 #: ``dead --limit``: the rows are read into memory and printed at once.
@@ -64,6 +69,29 @@ def parse_duration(text: str) -> float:
             "(no outbox row is that old)"
         )
     return seconds
+
+
+def parse_since(text: str, *, today: datetime.date | None = None) -> datetime.date:
+    """``--since``: ``Nd``, the last N days with today (UTC) included (``1d`` is
+    today), or a day ``YYYY-MM-DD``; the first day it means."""
+    today = today or datetime.datetime.now(datetime.UTC).date()
+    match = _SINCE_DAYS.match(text)
+    if match:
+        days = int(match.group(1))
+        if not 1 <= days <= MAX_SINCE_DAYS:
+            raise argparse.ArgumentTypeError(
+                f"--since={printable(text, 60)} must be from 1d to {MAX_SINCE_DAYS}d (1d is today)"
+            )
+        return today - datetime.timedelta(days=days - 1)
+    try:
+        if not re.fullmatch(r"\s*\d{4}-\d{2}-\d{2}\s*", text):
+            raise ValueError(text)
+        return datetime.date.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since={printable(text, 60)} is not a number of days like 7d "
+            "or a date like 2026-12-01"
+        ) from None
 
 
 def _whole(flag: str, low: int, high: int, why: str) -> Callable[[str], int]:
@@ -305,6 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", metavar="FILE", help="exit 1 if FILE is not the current document"
     )
 
+    ledger = sub.add_parser(
+        "ledger",
+        parents=[common],
+        help="events delivered, dead and purged per day and event (the delivery ledger)",
+    )
+    ledger.add_argument(
+        "--since",
+        type=parse_since,
+        default=None,
+        metavar="7d|YYYY-MM-DD",
+        help="from this UTC day on: the last N days (today included) or a date (default 7d)",
+    )
+    ledger.add_argument("--event", type=event, help="only this event name")
+    ledger.add_argument("--json", action="store_true", help="machine-readable output")
+
     purge = sub.add_parser("purge", parents=[common], help="delete dead events")
     purge.add_argument("--dead", action="store_true", required=True, help="purge dead events")
     purge.add_argument(
@@ -327,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument(
         "--since",
-        default="7d",
-        type=_text("--since", 40),
-        help="7d (from the UTC day 7 days ago; 0d: today) or a date YYYY-MM-DD (default 7d)",
+        type=parse_since,
+        default=None,
+        metavar="7d|YYYY-MM-DD",
+        help="from this UTC day on: the last N days (today included) or a date (default 7d)",
     )
     reconcile.add_argument("--event", type=event, help="only this event name")
     reconcile.add_argument(
@@ -461,12 +505,15 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return reconcile(
             settings,
-            since=args.since,
+            since=args.since if args.since is not None else parse_since("7d"),
             event=args.event,
             threshold=args.threshold,
             threshold_percent=args.threshold_percent,
             as_json=args.json,
         )
+    if command == "ledger":
+        since = args.since if args.since is not None else parse_since("7d")
+        return commands.ledger(settings, since=since, event=args.event, as_json=args.json)
     if command == "contract":
         from worker.contract_command import contract
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -11,13 +12,16 @@ from outbox.schema import STATUS_DEAD, STATUS_PENDING
 from worker.database import connect, resolve_database_url
 from worker.database import migrate as apply_migrations
 from worker.settings import Settings
-from worker.storage.base import DatabaseTimeout, Inspection, WorkerStates
+from worker.storage.base import DatabaseTimeout, Inspection, LedgerRow, WorkerStates
 from worker.storage.snapshot_storage import SnapshotStorage
 from worker.terminal import DEFAULT_LIMIT, age, printable
 from worker.worker_state import STALE_AFTER_SECONDS, WorkerStateUnavailable
 
 #: Longest stored error shown in a table row (``dead``, ``status``).
 ERROR_COLUMN_LIMIT = 120
+
+#: Longest event name shown in a ``ledger`` table row (names are up to 200 characters).
+EVENT_COLUMN_LIMIT = 60
 
 #: Each of ``status``'s queries gives up after this long (statement_timeout), and
 #: after :data:`~worker.storage.connection.LOCK_TIMEOUT` when an outbox table is
@@ -230,6 +234,63 @@ def purge(settings: Settings, *, older_than: float) -> int:
     finally:
         store.close()
     print(f"purged {count} dead events")
+    return 0
+
+
+def ledger_report(
+    rows: Sequence[LedgerRow], since: datetime.date, event: str | None
+) -> dict[str, Any]:
+    """The ledger's rows and their totals, as a JSON-ready dict."""
+    totals = {
+        "delivered": sum(r.delivered for r in rows),
+        "dead": sum(r.dead for r in rows),
+        "purged": sum(r.purged for r in rows),
+    }
+    return {
+        "since": since.isoformat(),
+        "event": event,
+        "rows": [
+            {
+                "day": r.day.isoformat(),
+                "event": r.event,
+                "destination": r.destination,
+                "delivered": r.delivered,
+                "dead": r.dead,
+                "purged": r.purged,
+            }
+            for r in rows
+        ],
+        "totals": totals,
+    }
+
+
+def ledger(settings: Settings, *, since: datetime.date, event: str | None, as_json: bool) -> int:
+    """Print the delivery ledger from ``since`` on: per UTC day (of the events'
+    timestamps), event and destination, the events delivered, dead and purged."""
+    store = _store(settings, statement_timeout=STATUS_STATEMENT_TIMEOUT)
+    try:
+        rows = store.ledger(since, event)
+    finally:
+        store.close()
+    report = ledger_report(rows, since, event)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    which = f" for event {printable(event, EVENT_COLUMN_LIMIT)}" if event is not None else ""
+    if not rows:
+        print(f"no delivered, dead or purged events since {report['since']}{which}")
+        return 0
+    print(f"delivery ledger since {report['since']}{which} (UTC days of the events' timestamps)")
+    totals = report["totals"]
+    _table(
+        ["day", "event", "destination", "delivered", "dead", "purged"],
+        [
+            (r["day"], r["event"], r["destination"], r["delivered"], r["dead"], r["purged"])
+            for r in report["rows"]
+        ]
+        + [("total", "", "", totals["delivered"], totals["dead"], totals["purged"])],
+        limits={1: EVENT_COLUMN_LIMIT},
+    )
     return 0
 
 

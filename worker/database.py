@@ -230,17 +230,20 @@ def check_installed(conn: psycopg.Connection[Any]) -> None:
     """Raise :class:`OutboxNotInstalledError` unless the outbox tables exist and their
     migrations are recent enough for this worker: since migration 0007, ``outbox_events``
     is a view over the snapshot engine's tables (a table of that name is an older
-    version's, whose events this worker would never see)."""
+    version's, whose events this worker would never see), and since migration 0009
+    every batch's outcome is counted in ``outbox_ledger``."""
     row = conn.execute(
         "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)),"
-        " to_regclass('outbox_batches') IS NOT NULL AND to_regclass('outbox_retry') IS NOT NULL",
+        " to_regclass('outbox_batches') IS NOT NULL AND to_regclass('outbox_retry') IS NOT NULL,"
+        " to_regclass('outbox_ledger') IS NOT NULL",
         (EVENTS_TABLE,),
     ).fetchone()
     if not row or row[0] is None:
         raise OutboxNotInstalledError()
-    if row[0] != "v" or not row[1]:
+    missing = "0007" if row[0] != "v" or not row[1] else "0009" if not row[2] else None
+    if missing is not None:
         raise OutboxNotInstalledError(
-            "the outbox tables predate this worker (migration 0007 is missing): "
+            f"the outbox tables predate this worker (migration {missing} is missing): "
             "run `outbox-worker migrate` first"
         )
 

@@ -112,6 +112,10 @@ class DrainStats:
     dead_by_retry: int = 0
     #: The run stopped early because the database went away.
     interrupted: bool = False
+    #: What the batch's outcome added to the delivery ledger:
+    #: ``(destination, outcome, count)`` (see
+    #: :attr:`worker.storage.base.Finished.ledger`); not summed by :meth:`add`.
+    ledger: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def sink_failed(self) -> bool:
@@ -595,6 +599,7 @@ class Drainer:
         stats.dead = finished.dead_by_retry + len(outcome.dead)
         stats.dead_by_retry = finished.dead_by_retry
         stats.deferred = len(outcome.defer)
+        stats.ledger = finished.ledger
         if outcome.shipped:
             log.info(
                 "shipped %d events",

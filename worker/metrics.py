@@ -51,6 +51,11 @@ FAILURE_REASONS = (
 )
 #: The ``result`` label values of ``outbox_batches_total``.
 BATCH_RESULTS = ("ok", "failed", "partial")
+#: The label values of ``outbox_ledger_events_total``: every destination an event can
+#: have (the event tables' CHECK allows no other), and what the worker's finish counts
+#: (``purged`` is counted by ``outbox-worker purge``, another process).
+LEDGER_DESTINATIONS = ("posthog", "metrics")
+LEDGER_OUTCOMES = ("delivered", "dead")
 
 
 class WorkerMetrics(DrainObserver):
@@ -76,6 +81,14 @@ class WorkerMetrics(DrainObserver):
             registry=r,
         )
         self.events_dead = Counter("outbox_events_dead", "Events that became dead.", registry=r)
+        self.ledger_events = Counter(
+            "outbox_ledger_events",
+            "Events this worker added to the delivery ledger (outbox_ledger), counted when "
+            "the transaction that wrote their outcome committed: by destination (posthog, "
+            "metrics) and outcome (delivered, dead).",
+            ["destination", "outcome"],
+            registry=r,
+        )
         self.batches = Counter(
             "outbox_batches",
             "Batches claimed, by result (ok, failed, partial).",
@@ -118,6 +131,9 @@ class WorkerMetrics(DrainObserver):
             self.events_failed.labels(reason)
         for result in BATCH_RESULTS:
             self.batches.labels(result)
+        for destination in LEDGER_DESTINATIONS:
+            for what in LEDGER_OUTCOMES:
+                self.ledger_events.labels(destination, what)
 
     # -- DrainObserver ---------------------------------------------------------------
 
@@ -138,6 +154,8 @@ class WorkerMetrics(DrainObserver):
         if stats.metrics_only:
             self.events_shipped.labels(drainer.metrics_sink.name).inc(stats.metrics_only)
         self.events_dead.inc(stats.dead)
+        for destination, what, count in stats.ledger:
+            self.ledger_events.labels(destination, what).inc(count)
         if stats.interrupted and not stats.shipped:  # the outcome was lost: sent again
             self.batches.labels("failed").inc()
         elif not (stats.retried or stats.deferred or stats.dead):

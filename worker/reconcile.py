@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import textwrap
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -63,8 +62,6 @@ MAX_ROWS = 50_000
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
 #: Longest wait to connect (the read timeout is OUTBOX_REQUEST_TIMEOUT).
 CONNECT_TIMEOUT = 5.0
-#: Longest ``--since`` in days (the ledger keeps 90 days by default).
-MAX_SINCE_DAYS = 3660
 #: The name the query carries in PostHog's query log.
 QUERY_NAME = "posthog-outbox reconcile"
 #: Exit status when PostHog could not be asked (network, HTTP error, unusable answer).
@@ -88,8 +85,6 @@ _HOGQL_ESCAPES = {
     "\\": "\\\\",
     "'": "\\'",
 }
-_SINCE_DAYS = re.compile(r"^\s*(\d{1,5})\s*d\s*$")
-_SINCE_DATE = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})\s*$")
 
 
 class ReconcileError(OutboxError):
@@ -120,34 +115,6 @@ class LedgerSource(Protocol):
     """Where the command reads the ledger (a storage engine's :class:`Inspection`)."""
 
     def ledger(self, since: dt.date, event: str | None = None) -> Sequence[Any]: ...
-
-
-# -- flags ------------------------------------------------------------------------------
-
-
-def parse_since(text: str, today: dt.date) -> dt.date:
-    """``--since``: ``7d`` (the UTC day 7 days before ``today``; ``0d`` is today) or a
-    date ``YYYY-MM-DD``, not after ``today`` and at most :data:`MAX_SINCE_DAYS` back.
-    ``ValueError`` with a one-line reason otherwise."""
-    shown = printable(text, 40)
-    days = _SINCE_DAYS.match(text)
-    if days:
-        count = int(days.group(1))
-        if count > MAX_SINCE_DAYS:
-            raise ValueError(f"--since={shown} is more than {MAX_SINCE_DAYS} days back")
-        return today - dt.timedelta(days=count)
-    found = _SINCE_DATE.match(text)
-    if not found:
-        raise ValueError(f"--since={shown} is not a number of days like 7d or a date YYYY-MM-DD")
-    try:
-        day = dt.date.fromisoformat(found.group(1))
-    except ValueError:
-        raise ValueError(f"--since={shown} is not a date of the calendar") from None
-    if day > today:
-        raise ValueError(f"--since={shown} is after today ({today.isoformat()}, UTC)")
-    if (today - day).days > MAX_SINCE_DAYS:
-        raise ValueError(f"--since={shown} is more than {MAX_SINCE_DAYS} days back")
-    return day
 
 
 # -- the protocol (no I/O) --------------------------------------------------------------
@@ -643,31 +610,28 @@ def run_reconcile(
 def reconcile(
     settings: Settings,
     *,
-    since: str,
+    since: dt.date,
     event: str | None,
     threshold: int | None,
     threshold_percent: float | None,
     as_json: bool,
 ) -> int:
-    """``outbox-worker reconcile``: print the comparison; 0 within the threshold, 1 past it.
+    """``outbox-worker reconcile``: print the comparison from the UTC day ``since``;
+    0 within the threshold, 1 past it.
 
-    Raises :class:`SettingsError` (exit 2) for a missing setting or a bad ``--since``, and
+    Raises :class:`SettingsError` (exit 2) for a missing setting, and
     :class:`ReconcileError` (exit 3) when PostHog could not be asked.
     """
     _, project_id = require(settings)
     today = dt.datetime.now(dt.UTC).date()
-    try:
-        start = parse_since(since, today)
-    except ValueError as exc:
-        raise SettingsError(str(exc), setting="--since") from None
-    from worker.commands import _store
+    from worker.commands import STATUS_STATEMENT_TIMEOUT, _store
 
-    store = _store(settings)
+    store = _store(settings, statement_timeout=STATUS_STATEMENT_TIMEOUT)
     try:
         report = run_reconcile(
             settings,
             store,
-            since=start,
+            since=since,
             today=today,
             event=event,
             threshold=Threshold(threshold, threshold_percent),

@@ -53,6 +53,8 @@ DEFAULT_BACKOFF_BASE = 2.0
 DEFAULT_BACKOFF_MAX = 3600.0
 DEFAULT_REQUEST_TIMEOUT = 15.0
 DEFAULT_DEDUP_WINDOW = 24 * 3600.0
+#: Days the delivery ledger keeps (by the UTC day of the events' timestamps).
+DEFAULT_LEDGER_RETENTION_DAYS = 90
 DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_UNAUTHORIZED_PAUSE = 60.0
 DEFAULT_RATE_LIMIT_PAUSE = 10.0
@@ -156,6 +158,9 @@ class Settings:
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     #: Seconds a delivered event's dedup key keeps refusing duplicates.
     dedup_window: float = DEFAULT_DEDUP_WINDOW
+    #: Days of the delivery ledger (``outbox_ledger``) housekeeping keeps: a day's rows
+    #: are deleted once it is more than this many days before today (UTC).
+    ledger_retention_days: int = DEFAULT_LEDGER_RETENTION_DAYS
     #: Seconds to finish the in-flight batch after SIGTERM/SIGINT before abandoning it.
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     #: Seconds to pause sending after a 429 that names no Retry-After.
@@ -810,6 +815,17 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
             "366 days at most",
         ),
         "Seconds a delivered dedup key holds.",
+    ),
+    EnvVar(
+        "OUTBOX_LEDGER_RETENTION_DAYS",
+        "ledger_retention_days",
+        Count(
+            1,
+            36500,
+            "a day's counts are a few rows per event name, deleted once the day is this "
+            "old; a century at most, as PostgreSQL date arithmetic and purge allow",
+        ),
+        "Days of the delivery ledger kept.",
     ),
     EnvVar(
         "OUTBOX_SHUTDOWN_GRACE",

@@ -21,7 +21,6 @@ from worker.reconcile import (
     count_query,
     fetch_counts,
     interpret,
-    parse_since,
     render_text,
     report_json,
     run_reconcile,
@@ -211,41 +210,6 @@ def test_the_output_explains_both_signs_today_and_metrics_only_events() -> None:
     ]
     assert document["notes"][0] == NOTE_DIFFERENCE
     assert document["metrics_only"] == [{"event": "ops", "delivered": 1}]
-
-
-# -- --since ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "day"),
-    [
-        ("7d", dt.date(2026, 11, 25)),
-        ("0d", TODAY),
-        (" 30d ", dt.date(2026, 11, 2)),
-        ("2026-11-01", dt.date(2026, 11, 1)),
-        ("2026-12-02", TODAY),
-    ],
-)
-def test_since(text: str, day: dt.date) -> None:
-    assert parse_since(text, TODAY) == day
-
-
-@pytest.mark.parametrize(
-    ("text", "why"),
-    [
-        ("7", "not a number of days like 7d"),
-        ("1w", "not a number of days like 7d"),
-        ("2026-02-30", "not a date of the calendar"),
-        ("2026-12-03", "after today (2026-12-02, UTC)"),
-        ("99999d", "more than 3660 days back"),
-        ("1900-01-01", "more than 3660 days back"),
-        ("7d\x1b[2J", "not a number of days"),
-    ],
-)
-def test_a_bad_since_is_one_line_naming_the_flag(text: str, why: str) -> None:
-    with pytest.raises(ValueError, match=r"^--since=") as info:
-        parse_since(text, TODAY)
-    assert why in str(info.value) and "\x1b" not in str(info.value)
 
 
 # -- asking PostHog (CaptureServer) -------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import shlex
 import threading
 import time
@@ -13,7 +14,7 @@ from outbox.exceptions import OutboxError
 from outbox.schema import STATUS_DEAD, STATUS_PENDING
 from worker.statuspage.history import BacklogHistory, Sample
 from worker.statuspage.privacy import Privacy
-from worker.storage.base import Backlog
+from worker.storage.base import Backlog, LedgerRow
 from worker.terminal import has_control_characters
 
 #: Error groups the page lists.
@@ -22,9 +23,11 @@ GROUP_LIMIT = 20
 RETRY_IDS_MAX = 50
 #: Pending event names the page lists.
 TOP_PENDING_LIMIT = 10
-#: Seconds each of the page's statements may take (statement_timeout): five of them
-#: stay within the probe server's handler timeout.
-STATUS_STATEMENT_TIMEOUT = 2.0
+#: The days of the delivery ledger the page shows (today, UTC, included).
+LEDGER_DAYS = 7
+#: Seconds each of the page's statements may take (statement_timeout): six of them
+#: (9 s) stay within the probe server's handler timeout (10 s).
+STATUS_STATEMENT_TIMEOUT = 1.5
 #: What a load of the page answers while another one is still reading the database:
 #: one load at a time, so the page never takes both of the probe server's handler
 #: threads from /readyz and /metrics.
@@ -43,6 +46,7 @@ class PageStore(Protocol):
     def worker_states(self) -> list[dict[str, Any]]: ...
     def error_groups(self, limit: int = ..., ids: int = ...) -> list[dict[str, Any]]: ...
     def top_events(self, status: str, limit: int = ...) -> list[tuple[str, int]]: ...
+    def ledger(self, since: datetime.date, event: str | None = ...) -> list[LedgerRow]: ...
 
 
 class SinkSource(Protocol):
@@ -106,6 +110,9 @@ class PageData:
     groups_problem: str | None = None
     top_pending: Sequence[tuple[str, int]] = ()
     top_pending_problem: str | None = None
+    #: The delivery ledger's rows of the last :data:`LEDGER_DAYS` days.
+    ledger: Sequence[LedgerRow] = ()
+    ledger_problem: str | None = None
     privacy: Privacy = field(default_factory=Privacy)
 
 
@@ -199,6 +206,8 @@ class StatusPage:
     def gather(self) -> PageData:
         """Read everything the page shows; a section that fails says why."""
         now = float(self.clock())
+        today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+        since = today - datetime.timedelta(days=LEDGER_DAYS - 1)
         values: dict[str, Any] = {}
         for name, read in (
             ("backlog", self.store.backlog_capped),
@@ -206,6 +215,7 @@ class StatusPage:
             ("workers", self.store.worker_states),
             ("groups", lambda: self.store.error_groups(GROUP_LIMIT, RETRY_IDS_MAX)),
             ("top_pending", lambda: self.store.top_events(STATUS_PENDING, TOP_PENDING_LIMIT)),
+            ("ledger", lambda: self.store.ledger(since)),
         ):
             try:
                 values[name] = read()

@@ -26,13 +26,15 @@ from worker.drain import (
 )
 from worker.redaction import MASK, redact
 from worker.statuspage.history import HISTORY_SECONDS, Sample
-from worker.statuspage.page import PageData, group_commands
+from worker.statuspage.page import LEDGER_DAYS, PageData, group_commands
 from worker.terminal import age, printable
 
 #: Longest error text shown (the store groups by its first 200 characters).
 ERROR_LIMIT = 300
 #: Longest name (event, worker, property) shown.
 NAME_LIMIT = 200
+#: Rows of the ledger's table shown (each a day, event and destination), newest first.
+LEDGER_ROWS = 50
 
 SINK_MEANINGS = {
     SINK_OK: "sending normally",
@@ -394,6 +396,53 @@ def _top_pending(data: PageData, secrets: Sequence[str]) -> str:
     return "".join(out)
 
 
+def _ledger(data: PageData, secrets: Sequence[str]) -> str:
+    out = [f'<section id="ledger"><h2>Ledger (last {LEDGER_DAYS} days)</h2>']
+    if data.ledger_problem:
+        out.append(_problem(data.ledger_problem, secrets))
+        out.append("</section>")
+        return "".join(out)
+    rows = data.ledger
+    totals = (
+        ("delivered", sum(r.delivered for r in rows)),
+        ("dead", sum(r.dead for r in rows)),
+        ("purged", sum(r.purged for r in rows)),
+    )
+    out.append('<div class="cards">')
+    for name, count in totals:
+        out.append(
+            f'<div class="card" id="ledger-{name}"><b>{count:,}</b><span>{name}</span></div>'
+        )
+    out.append("</div>")
+    if not rows:
+        out.append("<p>Nothing delivered, dead or purged in these days.</p>")
+    else:
+        newest = sorted(rows, key=lambda r: (-r.day.toordinal(), r.event, r.destination))
+        out.append(
+            "<table><tr><th>day (UTC)</th><th>event</th><th>destination</th>"
+            "<th>delivered</th><th>dead</th><th>purged</th></tr>"
+        )
+        for r in newest[:LEDGER_ROWS]:
+            out.append(
+                f'<tr class="ledger-row"><td>{r.day.isoformat()}</td>'
+                f"<td>{text(r.event, secrets)}</td><td>{text(r.destination, secrets)}</td>"
+                f'<td class="n">{r.delivered:,}</td><td class="n">{r.dead:,}</td>'
+                f'<td class="n">{r.purged:,}</td></tr>'
+            )
+        out.append("</table>")
+        if len(newest) > LEDGER_ROWS:
+            out.append(
+                f'<p class="muted">and {_plural(len(newest) - LEDGER_ROWS, "more row")}: '
+                f"<code>outbox-worker ledger --since {LEDGER_DAYS}d</code> lists them all.</p>"
+            )
+    out.append(
+        '<p class="muted">Counted by the UTC day of each event\'s timestamp, in the '
+        "transaction that recorded its outcome (docs/operations.md, "
+        '"The delivery ledger").</p></section>'
+    )
+    return "".join(out)
+
+
 def _privacy_note(data: PageData) -> str:
     p = data.privacy
     if p.shown_properties is None:
@@ -423,6 +472,7 @@ def render(data: PageData, secrets: Sequence[str] = ()) -> str:
             _sink(data, secrets),
             _groups(data, secrets),
             _top_pending(data, secrets),
+            _ledger(data, secrets),
             _workers(data, secrets),
             "</main></body></html>",
         ]

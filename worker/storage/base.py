@@ -25,6 +25,7 @@ integers the engine chooses; only the engine that handed them out reads them.
 
 from __future__ import annotations
 
+import datetime
 import json
 import uuid
 from collections.abc import Sequence
@@ -193,6 +194,29 @@ class Finished:
     retried: int = 0
     #: Events that used their last attempt in this retry.
     dead_by_retry: int = 0
+    #: What the finish added to the delivery ledger, summed over days and events:
+    #: ``(destination, outcome, count)`` with outcome ``delivered`` or ``dead``.
+    ledger: tuple[tuple[str, str, int], ...] = ()
+
+
+#: The outcomes the delivery ledger counts (its columns).
+LEDGER_OUTCOMES = ("delivered", "dead", "purged")
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """One line of the delivery ledger (``outbox_ledger``): how many events of one
+    name, for one destination, whose timestamp falls on one UTC day, were delivered,
+    died, or were purged dead. Each count grows in the transaction that wrote the
+    outcome, so an outcome that was lost (and the event sent again) is counted once."""
+
+    day: datetime.date
+    event: str
+    #: ``posthog``, or ``metrics`` for metrics-only events.
+    destination: str
+    delivered: int
+    dead: int
+    purged: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +362,20 @@ class Inspection(Protocol):
         """Batches held by workers now: ``worker``, ``held_seconds``, ``state``."""
         ...
 
+    def ledger(self, since: datetime.date, event: str | None = None) -> list[LedgerRow]:
+        """The delivery ledger's rows of the days from ``since`` on (of one name if
+        ``event``), ordered by day, event and destination.
+
+        :meth:`DrainStorage.finish` adds its delivered (``shipped``) and dead events
+        (``dead``, and ``retry`` events that used their last attempt) in the
+        transaction that writes the outcome, grouped by the UTC day of each event's
+        timestamp, its name and its destination; :meth:`purge_dead` adds the events
+        it deletes to ``purged`` in its own statement. A finish that raises
+        :class:`BatchLostError` adds nothing. The counts are of outcomes, not of
+        states: an event requeued after it died and delivered later counts in
+        ``dead`` and in ``delivered``."""
+        ...
+
 
 class Housekeeping(Protocol):
     """The periodic jobs' side."""
@@ -345,6 +383,11 @@ class Housekeeping(Protocol):
     def expire_dedup_keys(self, limit: int = 10_000) -> int:
         """Forget up to ``limit`` dedup keys whose window has passed; returns how
         many."""
+        ...
+
+    def expire_ledger(self, retention_days: int) -> int:
+        """Delete the delivery ledger's rows of days more than ``retention_days``
+        before today (UTC); returns how many."""
         ...
 
     def maintain(self) -> None:

@@ -17,7 +17,7 @@ import uuid as uuid_module
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from worker.storage.base import (
@@ -27,6 +27,7 @@ from worker.storage.base import (
     BatchOutcome,
     ClaimedEvent,
     Finished,
+    LedgerRow,
     Requeued,
     Storage,
 )
@@ -67,7 +68,8 @@ class _Lease:
 
 
 class MemoryEvents:
-    """The shared state: events, dedup keys and leases, behind one lock."""
+    """The shared state: events, dedup keys, leases and the delivery ledger, behind
+    one lock."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
@@ -75,6 +77,8 @@ class MemoryEvents:
         self.rows: dict[int, _Row] = {}
         self.dedup_keys: dict[str, float] = {}
         self.leases: dict[int, _Lease] = {}
+        #: (day, event, destination) -> [delivered, dead, purged].
+        self.ledger: dict[tuple[date, str, str], list[int]] = {}
         self._next_id = 1
         self._next_token = 1
 
@@ -112,6 +116,11 @@ class MemoryEvents:
             self._next_id += 1
             self.rows[row.id] = row
             return row.uuid
+
+    def count(self, row: _Row, outcome: int) -> None:
+        """Add ``row`` to the ledger (``outcome``: 0 delivered, 1 dead, 2 purged)."""
+        day = datetime.fromtimestamp(row.timestamp, UTC).date()
+        self.ledger.setdefault((day, row.event, row.destination), [0, 0, 0])[outcome] += 1
 
     def expire_leases(self) -> None:
         """Let go of the events of every batch whose lease has run out."""
@@ -203,6 +212,7 @@ class MemoryStorage:
                 row = data.rows.get(event_id)
                 return row if row is not None and row.held_by == token else None
 
+            counted: Counter[tuple[str, str]] = Counter()
             shipped = 0
             for event_id in outcome.shipped:
                 row = held(event_id)
@@ -210,12 +220,16 @@ class MemoryStorage:
                     continue
                 del data.rows[event_id]
                 shipped += 1
+                data.count(row, 0)
+                counted[row.destination, "delivered"] += 1
                 if row.dedup_key is not None:
                     data.dedup_keys[row.dedup_key] = now + dedup_window
             for event_id, error in outcome.dead:
                 if (row := held(event_id)) is not None:
                     row.status, row.last_error = "dead", error[:2000]
                     row.attempts += 1
+                    data.count(row, 1)
+                    counted[row.destination, "dead"] += 1
             retried = dead_by_retry = 0
             for event_id in outcome.retry:
                 if (row := held(event_id)) is None:
@@ -227,6 +241,8 @@ class MemoryStorage:
                 if row.attempts >= max_attempts:
                     row.status = "dead"
                     dead_by_retry += 1
+                    data.count(row, 1)
+                    counted[row.destination, "dead"] += 1
                 else:
                     retried += 1
             if outcome.defer and (outcome.defer_delay > 0 or outcome.defer_error):
@@ -238,7 +254,10 @@ class MemoryStorage:
             data._end(token)
             batch.closed = True
             self._batch = None
-        return Finished(shipped=shipped, retried=retried, dead_by_retry=dead_by_retry)
+        ledger = tuple((dest, what, n) for (dest, what), n in sorted(counted.items()))
+        return Finished(
+            shipped=shipped, retried=retried, dead_by_retry=dead_by_retry, ledger=ledger
+        )
 
     def release(self, batch: Batch) -> bool:
         """See :meth:`worker.storage.base.DrainStorage.release`."""
@@ -362,6 +381,7 @@ class MemoryStorage:
             ]
             for r in gone:
                 del self.events.rows[r.id]
+                self.events.count(r, 2)
                 if r.dedup_key is not None:
                     self.events.dedup_keys.pop(r.dedup_key, None)
         return len(gone)
@@ -377,7 +397,26 @@ class MemoryStorage:
                 for lease in leases
             ]
 
+    def ledger(self, since: date, event: str | None = None) -> list[LedgerRow]:
+        """See :meth:`worker.storage.base.Inspection.ledger`."""
+        with self.events.lock:
+            return [
+                LedgerRow(day, name, destination, counts[0], counts[1], counts[2])
+                for (day, name, destination), counts in sorted(self.events.ledger.items())
+                if day >= since and (event is None or name == event)
+            ]
+
     # -- housekeeping -----------------------------------------------------------------
+
+    def expire_ledger(self, retention_days: int) -> int:
+        """See :meth:`worker.storage.base.Housekeeping.expire_ledger`."""
+        with self.events.lock:
+            today = datetime.fromtimestamp(self.events.clock(), UTC).date()
+            first = today - timedelta(days=retention_days)
+            old = [key for key in self.events.ledger if key[0] < first]
+            for key in old:
+                del self.events.ledger[key]
+        return len(old)
 
     def expire_dedup_keys(self, limit: int = 10_000) -> int:
         """See :meth:`worker.storage.base.Housekeeping.expire_dedup_keys`."""

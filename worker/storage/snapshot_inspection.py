@@ -10,13 +10,14 @@ is read-only or idempotent, so running it twice is safe.
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Sequence
 from typing import Any
 
 from worker import queries
 from worker.storage import snapshot_sql
-from worker.storage.base import Backlog, Requeued
+from worker.storage.base import Backlog, LedgerRow, Requeued
 
 
 def _in_batch(t: int) -> str:
@@ -157,17 +158,36 @@ WITH chosen AS (
 SELECT (SELECT count(*) FROM requeued), count(*) FILTER (WHERE NOT storable) FROM chosen
 """
 
+# The purged events are counted in the delivery ledger by the same statement (per UTC
+# day of their timestamp, name and destination; rows locked in key order, as the
+# worker's finish locks them).
 PURGE_DEAD = """
 WITH gone AS (
     DELETE FROM outbox_retry
     WHERE status = 'dead'
       AND (created_at < now() - %(older_than)s * interval '1 second' OR created_at > now())
-    RETURNING dedup_key
+    RETURNING dedup_key, "timestamp", event, destination
 ), keys AS (
     DELETE FROM outbox_dedup_keys AS k USING gone WHERE k.dedup_key = gone.dedup_key
     RETURNING 1
+), counted AS (
+    INSERT INTO outbox_ledger AS l (day, event, destination, purged, updated_at)
+    SELECT ("timestamp" AT TIME ZONE 'UTC')::date, event, coalesce(destination, 'posthog'),
+        count(*), now()
+    FROM gone
+    GROUP BY 1, 2, 3
+    ORDER BY 1, 2, 3
+    ON CONFLICT (day, event, destination) DO UPDATE
+    SET purged = l.purged + EXCLUDED.purged, updated_at = EXCLUDED.updated_at
+    RETURNING 1
 )
 SELECT count(*) FROM gone
+"""
+
+LEDGER = """
+SELECT day, event, destination, delivered, dead, purged FROM outbox_ledger
+WHERE day >= %(since)s::date AND (%(event)s::text IS NULL OR event = %(event)s::text)
+ORDER BY day, event, destination
 """
 
 # The milliseconds since the Unix epoch in a UUIDv7's first 48 bits (the engine's leases
@@ -282,6 +302,13 @@ class SnapshotInspection:
     def purge_dead(self, older_than_seconds: float) -> int:
         """See :meth:`worker.storage.base.Inspection.purge_dead`."""
         return int(self._rows(PURGE_DEAD, {"older_than": float(older_than_seconds)})[0][0])
+
+    def ledger(self, since: datetime.date, event: str | None = None) -> list[LedgerRow]:
+        """See :meth:`worker.storage.base.Inspection.ledger`."""
+        return [
+            LedgerRow(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]))
+            for r in self._rows(LEDGER, {"since": since, "event": event})
+        ]
 
     def in_flight(self) -> list[dict[str, Any]]:
         """See :meth:`worker.storage.base.Inspection.in_flight`: each leased snapshot

@@ -114,6 +114,26 @@ SET progress_table = %(pt)s, progress_ctid = %(pc)s, sent = sent + %(count)s,
 WHERE batch_id = %(batch)s
 """
 
+# -- the delivery ledger (the last statement of either finish) --------------------------
+
+# The finish's delivered and dead events, counted per (day, event, destination) by the
+# worker already (one element per group): one row per group is written, each at most
+# once. Rows are locked in key order, so that two workers finishing at once never wait
+# for each other in a cycle; being the transaction's last statement, it holds them for
+# the commit alone.
+LEDGER_ADD = """
+INSERT INTO outbox_ledger AS l (day, event, destination, delivered, dead, updated_at)
+SELECT f.day, f.event, f.destination, sum(f.delivered), sum(f.dead), now()
+FROM unnest(%(day)s::date[], %(event)s::text[], %(destination)s::text[],
+            %(delivered)s::bigint[], %(dead)s::bigint[])
+    AS f(day, event, destination, delivered, dead)
+GROUP BY f.day, f.event, f.destination
+ORDER BY f.day, f.event, f.destination
+ON CONFLICT (day, event, destination) DO UPDATE
+SET delivered = l.delivered + EXCLUDED.delivered, dead = l.dead + EXCLUDED.dead,
+    updated_at = EXCLUDED.updated_at
+"""
+
 # -- finishing leased retries (one transaction) ------------------------------------------
 
 FENCE_RETRIES = """
@@ -150,7 +170,7 @@ SET attempts = r.attempts + 1,
     ) * (0.5 + random() / 2) * interval '1 second',
     last_error = %(error)s, lease = NULL
 WHERE r.id = ANY(%(ids)s::bigint[]) AND r.lease = %(lease)s
-RETURNING r.status
+RETURNING r.id, r.status
 """
 
 DEFER_RETRIES = """
@@ -167,6 +187,17 @@ WHERE lease = %(lease)s AND status = 'pending'
 RETURNING 1
 """
 
+
+# The ledger's days before the retention (days before today, UTC; the primary key's
+# index leads with the day, so this reads only what it deletes).
+EXPIRE_LEDGER = """
+WITH gone AS (
+    DELETE FROM outbox_ledger
+    WHERE day < (now() AT TIME ZONE 'UTC')::date - %(days)s::integer
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
 
 #: How often housekeeping must call :meth:`SnapshotStorage.maintain` (seconds).
 MAINTAIN_EVERY_SECONDS = 15.0
@@ -466,7 +497,10 @@ class SnapshotStorage(SnapshotInspection, StoredWorkerStates):
                     "count": len(handle.events),
                 },
             )
-        return Finished(shipped=len(shipped), retried=retried, dead_by_retry=dead_by_retry)
+        ledger = _count(conn, shipped, [f[0] for f in filed if f[1] == "dead"])
+        return Finished(
+            shipped=len(shipped), retried=retried, dead_by_retry=dead_by_retry, ledger=ledger
+        )
 
     def _finish_retries(
         self,
@@ -486,23 +520,35 @@ class SnapshotStorage(SnapshotInspection, StoredWorkerStates):
         if not set(ids.values()) <= held:
             return "the retries' lease ran out or was taken over"
 
-        def rows(named: Sequence[int]) -> list[int]:
-            return [ids[i] for i in dict.fromkeys(named) if i in ids]
+        by_id = {int(e.position): e for e in handle.events}
+        # Each event's first outcome is the one written (as for a chunk).
+        named: set[int] = set()
+
+        def rows(listed: Sequence[int]) -> list[int]:
+            out = [ids[i] for i in dict.fromkeys(listed) if i in ids and ids[i] not in named]
+            named.update(out)
+            return out
 
         shipped = 0
+        delivered: list[SnapshotEvent] = []
         if outcome.shipped:
+            gone = rows(outcome.shipped)
             row = conn.execute(
-                SHIP_RETRIES,
-                {"ids": rows(outcome.shipped), "lease": lease, "window": float(dedup_window)},
+                SHIP_RETRIES, {"ids": gone, "lease": lease, "window": float(dedup_window)}
             ).fetchone()
             shipped = int(row[0]) if row else 0
-        dead = [(ids[i], error[:2000]) for i, error in outcome.dead if i in ids]
+            delivered = [by_id[i] for i in gone]  # the fence holds each of them
+        dead: list[tuple[int, str]] = []
+        for i, error in outcome.dead:
+            if i in ids and ids[i] not in named:
+                named.add(ids[i])
+                dead.append((ids[i], error[:2000]))
         if dead:
             conn.execute(
                 BURY_RETRIES,
                 {"ids": [d[0] for d in dead], "errors": [d[1] for d in dead], "lease": lease},
             )
-        statuses: list[str] = []
+        statuses: list[Any] = []
         if outcome.retry:
             cur = conn.execute(
                 RETRY_RETRIES,
@@ -515,7 +561,7 @@ class SnapshotStorage(SnapshotInspection, StoredWorkerStates):
                     "backoff_max": float(backoff_max),
                 },
             )
-            statuses = [r[0] for r in cur.fetchall()]
+            statuses = cur.fetchall()
         if outcome.defer and (outcome.defer_delay > 0 or outcome.defer_error):
             conn.execute(
                 DEFER_RETRIES,
@@ -527,8 +573,15 @@ class SnapshotStorage(SnapshotInspection, StoredWorkerStates):
                 },
             )
         conn.execute(RELEASE_RETRIES, {"lease": lease})
-        died = statuses.count("dead")
-        return Finished(shipped=shipped, retried=len(statuses) - died, dead_by_retry=died)
+        died = [by_id[int(r[0])] for r in statuses if r[1] == "dead"]
+        buried = [by_id[d[0]] for d in dead]
+        ledger = _count(conn, delivered, buried + died)
+        return Finished(
+            shipped=shipped,
+            retried=len(statuses) - len(died),
+            dead_by_retry=len(died),
+            ledger=ledger,
+        )
 
     def _let_go(self, handle: _Handle) -> None:
         """After a claim or an outcome failed with the database up (a timeout, a
@@ -576,6 +629,11 @@ class SnapshotStorage(SnapshotInspection, StoredWorkerStates):
         rows = self._rows("SELECT outbox_expire_dedup_keys(%(limit)s::integer)", {"limit": limit})
         return int(rows[0][0])
 
+    def expire_ledger(self, retention_days: int) -> int:
+        """See :meth:`worker.storage.base.Housekeeping.expire_ledger`."""
+        rows = self._rows(EXPIRE_LEDGER, {"days": int(retention_days)})
+        return int(rows[0][0])
+
     def maintain(self) -> None:
         """Tick (so batches wait for the next claim), truncate the event tables whose
         rows are all delivered, and delete the ticks no batch needs any more.
@@ -594,6 +652,41 @@ class SnapshotStorage(SnapshotInspection, StoredWorkerStates):
         with self._guard() as engine:
             engine.tick(self.split_rows)
             engine.rotate()
+
+
+def _count(
+    conn: psycopg.Connection[Any],
+    delivered: Sequence[SnapshotEvent],
+    dead: Sequence[SnapshotEvent],
+) -> tuple[tuple[str, str, int], ...]:
+    """Add the finish's delivered and dead events to the ledger (:data:`LEDGER_ADD`,
+    in the finish's transaction); what was added, per destination and outcome."""
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for outcome, events in ((0, delivered), (1, dead)):
+        for e in events:
+            # The UTC day: the timestamp is ISO 8601 in UTC (YYYY-MM-DDT...).
+            key = (e.timestamp[:10], e.event, e.destination)
+            if (counts := groups.get(key)) is None:
+                counts = groups[key] = [0, 0]
+            counts[outcome] += 1
+    if not groups:
+        return ()
+    conn.execute(
+        LEDGER_ADD,
+        {
+            "day": [k[0] for k in groups],
+            "event": [k[1] for k in groups],
+            "destination": [k[2] for k in groups],
+            "delivered": [c[0] for c in groups.values()],
+            "dead": [c[1] for c in groups.values()],
+        },
+    )
+    totals: dict[tuple[str, str], int] = {}
+    for (_, _, destination), (n_delivered, n_dead) in groups.items():
+        for what, n in (("delivered", n_delivered), ("dead", n_dead)):
+            if n:
+                totals[destination, what] = totals.get((destination, what), 0) + n
+    return tuple((d, o, n) for (d, o), n in sorted(totals.items()))
 
 
 def _within(events: list[SnapshotEvent], max_bytes: int) -> list[SnapshotEvent]:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import requests
+import urllib3
 
 from outbox.exceptions import OutboxError
 from worker.settings import Settings, SettingsError
@@ -299,8 +300,9 @@ def fetch_counts(
             stream=True,
         ) as response:
             body = response.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
-            status, answer_headers = response.status_code, dict(response.headers)
-    except requests.RequestException as exc:
+            status, answer_headers = response.status_code, response.headers
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        # urllib3's own errors (a read timeout, a cut connection) come from reading the body.
         reason = clean_text(" ".join(str(exc).split()), secrets, 300)
         raise ReconcileError(
             f"could not ask PostHog at {where}: {type(exc).__name__}: {reason}"

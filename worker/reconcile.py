@@ -27,7 +27,7 @@ What the query is, and why (read in PostHog's code, posthog/hogql and posthog/ap
 
 The answer is ``{"columns": [...], "results": [[event, "YYYY-MM-DD", count], ...]}``.
 PostHog limits HogQL queries through the API (``HogQLQueryThrottle``: 120 an hour per
-personal key; 429 with ``Retry-After``); one run of this command is one query.
+personal key by default; 429 with ``Retry-After``); one run of this command is one query.
 401 is a personal key PostHog does not know, 403 one without the ``query:read`` scope
 or without access to the project, 404 a project id (or app host) that is not PostHog's.
 
@@ -213,7 +213,7 @@ def interpret(
         after = f"; try again in {retry} s" if retry else ""
         raise ReconcileError(
             f"PostHog at {where} is rate-limiting queries (429: {detail}){after}; its API "
-            "runs 120 HogQL queries an hour per personal API key"
+            "allows 120 HogQL queries an hour per personal API key by default"
         )
     if status == 400:
         raise ReconcileError(f"PostHog at {where} refused the query (400: {detail})")

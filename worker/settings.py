@@ -303,10 +303,12 @@ def app_host_for(ingestion_host: str) -> str:
 def personal_key_problem(key: str) -> str | None:
     """Why ``key`` cannot be a PostHog personal API key by its shape, or None (the
     answer never contains the key)."""
-    if key.startswith(("phc_", "phs_")):
+    kinds = {"phc_": "a project API key (phc_...)", "phs_": "a project secret API key (phs_...)"}
+    kind = kinds.get(key[:4])
+    if kind is not None:
         return (
-            "is a project API key (phc_...): reconcile needs a personal API key "
-            "(phx_...) with the query:read scope, from your PostHog user settings"
+            f"is {kind}: reconcile needs a personal API key (phx_...) with the "
+            "query:read scope, from your PostHog user settings"
         )
     if not key.isascii() or any(c.isspace() for c in key):
         return "is not a personal API key: it has spaces or characters that are not ASCII"

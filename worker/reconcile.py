@@ -341,7 +341,7 @@ class Threshold:
         """The threshold in words."""
         parts = []
         if self.absolute is not None:
-            parts.append(f"more than {self.absolute} events")
+            parts.append(f"more than {self.absolute} event{'' if self.absolute == 1 else 's'}")
         if self.percent is not None:
             parts.append(f"more than {self.percent:g}% of the delivered ones")
         return " and ".join(parts) if parts else "any difference"

@@ -152,7 +152,7 @@ def test_a_key_of_no_project_shows_posthog_counting_none_of_the_ledger(
         [day, "issue_created", str(n), "0", f"-{n}"] for day, n in days.items()
     ]
     assert all("over threshold" in " ".join(r) for r in rows)
-    assert "2 of 2 rows pass the threshold (a difference of more than 1 events)" in " ".join(
+    assert "2 of 2 rows pass the threshold (a difference of more than 1 event)" in " ".join(
         text.stdout.split()
     )
 
@@ -201,10 +201,16 @@ def test_failures_are_one_line_with_their_exit_status_and_no_key(
     assert limited.returncode == 3
     assert "rate-limiting queries (429" in limited.stderr and "try again in 60 s" in limited.stderr
 
+    # A server that echoes the key back: masked, at every log level.
+    project.query.enqueue_reply(Reply(status=500, body={"detail": f"no luck for {PERSONAL}"}))
+    echoed = run_cli(env, "reconcile", "--log-level", "DEBUG")
+    assert echoed.returncode == 3
+    assert "answered 500: no luck for ***" in echoed.stderr
+
     project.stop()
     unreachable = run_cli(env, "reconcile")
     assert unreachable.returncode == 3
     [line] = unreachable.stderr.splitlines()
     assert line.startswith(f"outbox-worker: error: could not ask PostHog at {project.url}")
     assert "Traceback" not in unreachable.stderr
-    no_secret(missing, bad, refused, limited, unreachable)
+    no_secret(missing, bad, refused, limited, echoed, unreachable)

@@ -241,6 +241,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     storage.add_argument(
         "--transactions", type=_positive, help="application transactions per variant (2000)"
     )
+    storage.add_argument(
+        "--no-ledger",
+        action="store_true",
+        help="the snapshot engine's drain writes no delivery ledger (as before migration "
+        "0009), to measure what the ledger costs",
+    )
 
     gzip = sub.add_parser(
         "gzip",
@@ -371,6 +377,7 @@ def _run_storage(ctx: Context, args: argparse.Namespace) -> None:
         events=args.events or (storage.QUICK_EVENTS if ctx.quick else storage.DEFAULT_EVENTS),
         app_transactions=args.transactions
         or (storage.QUICK_APP_TRANSACTIONS if ctx.quick else storage.DEFAULT_APP_TRANSACTIONS),
+        ledger=not args.no_ledger,
     )
 
 

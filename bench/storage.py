@@ -13,14 +13,17 @@ every page writes a full-page image, as it would after any checkpoint):
    cleanup is the rotation (``pgq.maint_rotate_tables_step1``/``step2``, with
    ``rotation_period`` 0) until the table that held the events has been TRUNCATEd;
    PgQ's batches are read, not POSTed (the PostgreSQL side does not depend on it);
-3. posthog-outbox, whose storage is the snapshot engine (migrations 0006 to 0008):
+3. posthog-outbox, whose storage is the snapshot engine (migrations 0006 to 0009):
    `outbox.enqueue_many` in transactions (it INSERTs into ``outbox_snapshot_slot()``'s
    event table); ``outbox_snapshot_tick`` on its own connection every 1,000 events (as
    PgQ's ticker), which splits an interval of more than 5,000 rows into several
    batches (the worker's default); the drain (`worker.storage.snapshot.SnapshotEngine`,
    what the worker runs) claims batches and reads them in chunks of 1,000 (the worker's
-   default batch size), advancing each batch past each chunk (one fenced statement);
-   nothing is POSTed, as for PgQ; cleanup is ``outbox_snapshot_rotate`` (TRUNCATE).
+   default batch size), advancing each batch past each chunk (one fenced statement)
+   and, in the same transaction, adding the chunk to the delivery ledger
+   (``outbox_ledger``: one upsert per chunk, as the worker's finish writes it;
+   ``--no-ledger`` leaves it out, the drain as it was before migration 0009); nothing
+   is POSTed, as for PgQ; cleanup is ``outbox_snapshot_rotate`` (TRUNCATE).
 
 Every engine enqueues in transactions of 100 events. The measured connections run
 with ``synchronous_commit=off`` (see `MEASURED`). Autovacuum is switched off for the
@@ -545,8 +548,9 @@ def _interleaved(
 # -- the command --------------------------------------------------------------------------
 
 
-def run(ctx: Context, *, events: int, app_transactions: int) -> list[Engine]:
-    """The storage command."""
+def run(ctx: Context, *, events: int, app_transactions: int, ledger: bool = True) -> list[Engine]:
+    """The storage command (``ledger``: the snapshot engine's drain writes the delivery
+    ledger, as the worker's)."""
     with ctx.server.scratch("storage") as url:
         ctx.describe(url)
         meter = WalMeter(url)
@@ -562,7 +566,7 @@ def run(ctx: Context, *, events: int, app_transactions: int) -> list[Engine]:
                 engines.append(Engine(PGQ, absent=f"failed: {exc}"))
             ctx.out.progress(f"storage: posthog-outbox with {events:,} events")
             try:
-                engines.append(run_snapshot(url, meter, events))
+                engines.append(run_snapshot(url, meter, events, ledger=ledger))
             except (BenchFailed, psycopg.Error, outbox.OutboxError) as exc:
                 ctx.fail(f"storage: posthog-outbox: {exc}")
                 engines.append(Engine(OUTBOX, absent=f"failed: {exc}"))
@@ -577,9 +581,12 @@ def run(ctx: Context, *, events: int, app_transactions: int) -> list[Engine]:
 # -- 3. posthog-outbox: the snapshot engine -----------------------------------------------
 
 
-def run_snapshot(url: str, meter: WalMeter, events: int) -> Engine:
-    """posthog-outbox's snapshot engine: enqueue_many, ticks, chunked batches, TRUNCATE."""
+def run_snapshot(url: str, meter: WalMeter, events: int, *, ledger: bool = True) -> Engine:
+    """posthog-outbox's snapshot engine: enqueue_many, ticks, chunked batches (each
+    chunk's advance and, with ``ledger``, its ledger upsert in one transaction),
+    TRUNCATE."""
     from worker.storage.snapshot import SnapshotEngine
+    from worker.storage.snapshot_storage import count_in_ledger
 
     engine = Engine(OUTBOX, events)
     ticker = psycopg.connect(url, autocommit=True, options=MEASURED)
@@ -616,7 +623,16 @@ def run_snapshot(url: str, meter: WalMeter, events: int) -> Engine:
                 while True:
                     part = worker.read(batch, SNAPSHOT_CHUNK)
                     upto = part.events[-1] if part.events else None
-                    if not worker.advance(batch, upto, last=part.last, delivered=part.events):
+                    if ledger:
+                        with drainer.transaction():
+                            held = worker.advance(
+                                batch, upto, last=part.last, delivered=part.events
+                            )
+                            if held:
+                                count_in_ledger(drainer, part.events, ())
+                    else:
+                        held = worker.advance(batch, upto, last=part.last, delivered=part.events)
+                    if not held:
                         raise BenchFailed("snapshot engine: a batch's lease was lost")
                     received += len(part.events)
                     if part.last:
@@ -629,6 +645,11 @@ def run_snapshot(url: str, meter: WalMeter, events: int) -> Engine:
         engine.drain = _timed_phase(meter, drain)
         engine.notes.append(
             f"{batches} batches; drain CPU includes the ticker connection's during the enqueue"
+            + (
+                "; each chunk's advance and ledger upsert in one transaction"
+                if ledger
+                else "; no ledger (--no-ledger)"
+            )
         )
 
         def cleanup() -> float | None:

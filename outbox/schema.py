@@ -33,6 +33,11 @@ Operators query these tables by hand, so the column names are part of the interf
     One row per worker: the PostHog host it sends to (never the key), its ``state``
     (``ok``, ``key_rejected``, ...) and why, written when it changes and as a heartbeat
     (``updated_at``). ``outbox-worker status`` reads it.
+``outbox_ledger`` (migration 0009)
+    The delivery ledger: per UTC ``day`` of the events' timestamps, ``event`` and
+    ``destination`` (``posthog`` or ``metrics``), how many were ``delivered``, went
+    ``dead`` and were ``purged``; the worker adds to it in the transaction that writes
+    a batch's outcome. ``outbox-worker ledger`` reads it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from typing import Final
 from sqlalchemy import (
     BigInteger,
     Column,
+    Date,
     DateTime,
     Identity,
     Index,
@@ -58,6 +64,7 @@ EVENTS_TABLE = "outbox_events"
 DEDUP_TABLE = "outbox_dedup_keys"
 STUCK_VIEW = "outbox_stuck"
 WORKER_STATE_TABLE = "outbox_worker_state"
+LEDGER_TABLE = "outbox_ledger"
 #: Alembic's version table for the outbox migrations; separate from the application's own.
 VERSION_TABLE = "outbox_alembic_version"
 #: The channel producers NOTIFY (throttled) on commit and workers LISTEN to.
@@ -97,6 +104,7 @@ __all__ = [
     "DESTINATION_POSTHOG",
     "EVENTS_TABLE",
     "EVENT_TABLES",
+    "LEDGER_TABLE",
     "SLOT_SECONDS",
     "STATUS_DEAD",
     "STATUS_PENDING",
@@ -110,6 +118,7 @@ __all__ = [
     "metadata",
     "outbox_dedup_keys",
     "outbox_events",
+    "outbox_ledger",
     "outbox_worker_state",
     "snapshot_tables",
     "view_metadata",
@@ -133,6 +142,19 @@ outbox_worker_state = Table(
     Column("state", Text, nullable=False),
     Column("reason", Text, nullable=False, server_default=text("''")),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
+
+outbox_ledger = Table(
+    LEDGER_TABLE,
+    metadata,
+    Column("day", Date, primary_key=True),
+    Column("event", Text, primary_key=True),
+    Column("destination", Text, primary_key=True),
+    Column("delivered", BigInteger, nullable=False, server_default=text("0")),
+    Column("dead", BigInteger, nullable=False, server_default=text("0")),
+    Column("purged", BigInteger, nullable=False, server_default=text("0")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    postgresql_with={"fillfactor": "50"},
 )
 
 

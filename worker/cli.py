@@ -73,14 +73,15 @@ def parse_duration(text: str) -> float:
 
 def parse_since(text: str, *, today: datetime.date | None = None) -> datetime.date:
     """``--since``: ``Nd``, the last N days with today (UTC) included (``1d`` is
-    today), or a day ``YYYY-MM-DD``; the first day it means."""
+    today), or a day ``YYYY-MM-DD``; the first day it means. An error shows the text
+    as given (cut at 60 characters): the parser escapes the line it prints."""
     today = today or datetime.datetime.now(datetime.UTC).date()
     match = _SINCE_DAYS.match(text)
     if match:
         days = int(match.group(1))
         if not 1 <= days <= MAX_SINCE_DAYS:
             raise argparse.ArgumentTypeError(
-                f"--since={printable(text, 60)} must be from 1d to {MAX_SINCE_DAYS}d (1d is today)"
+                f"--since={text[:60]} must be from 1d to {MAX_SINCE_DAYS}d (1d is today)"
             )
         return today - datetime.timedelta(days=days - 1)
     try:
@@ -89,8 +90,7 @@ def parse_since(text: str, *, today: datetime.date | None = None) -> datetime.da
         return datetime.date.fromisoformat(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--since={printable(text, 60)} is not a number of days like 7d "
-            "or a date like 2026-12-01"
+            f"--since={text[:60]} is not a number of days like 7d or a date like 2026-12-01"
         ) from None
 
 

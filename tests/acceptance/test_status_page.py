@@ -123,6 +123,12 @@ def test_a_person_sees_the_backlog_the_sink_and_the_dead_letters(
         move_to_retry(database_url, signed_up, attempts=24, last_error="503: upstream unavailable")
         == 3
     )
+    # What earlier runs left in the delivery ledger (this run delivers nothing).
+    db.execute(
+        "INSERT INTO outbox_ledger (day, event, destination, delivered, dead, purged)"
+        " VALUES ((now() AT TIME ZONE 'UTC')::date, %s, 'posthog', 4321, 17, 3)",
+        (HOSTILE_EVENT,),
+    )
     # The sink refuses the rest: they stay pending and retry (and its answer plants the key).
     capture.default_reply = Reply(status=503, body=f"overloaded, key {KEY} <b>bold</b>")
     port = free_port()
@@ -175,6 +181,10 @@ def test_a_person_sees_the_backlog_the_sink_and_the_dead_letters(
         assert "<script>alert('dead')</script>" in text
         assert "img" not in page.tags and "script" not in page.tags
         assert "retrying" in text and "the worker tries these again itself" in text
+        # The ledger of the last 7 days: the totals, and the row with its hostile name.
+        assert "Ledger (last 7 days)" in text
+        assert "4,321 delivered" in text and "17 dead" in text and "3 purged" in text
+        assert f"{HOSTILE_EVENT} posthog 4,321 17 3" in text
         # Privacy: event names shown; values hidden, distinct ids hashed.
         assert "page_viewed" in text and "signed_up" in text
         assert "example.com" not in text

@@ -46,6 +46,7 @@ GRANT EXECUTE ON FUNCTION
     TO {{worker}};
 GRANT SELECT ON outbox_events, outbox_stuck TO {{worker}};
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_worker_state TO {{worker}};
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_ledger TO {{worker}};
 """
 
 

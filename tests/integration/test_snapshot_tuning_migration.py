@@ -36,7 +36,7 @@ def test_0008_redefines_the_two_functions_and_downgrade_puts_0006s_back(
         try:
             conn.execute(f"GRANT EXECUTE ON FUNCTION {FUNCTIONS[0]}(integer) TO outbox_0008_worker")
             before = _definitions(empty_database)
-            assert migrate(empty_database) == ["0008"]
+            assert migrate(empty_database, "0008") == ["0008"]
             after = _definitions(empty_database)
             for name in FUNCTIONS:
                 assert after[name][0] != before[name][0], name
@@ -44,7 +44,7 @@ def test_0008_redefines_the_two_functions_and_downgrade_puts_0006s_back(
                 assert after[name][1] == before[name][1], name  # grants kept
             assert downgrade(empty_database, "0007") == ["0008"]
             assert _definitions(empty_database) == before
-            assert migrate(empty_database) == ["0008"]
+            assert migrate(empty_database, "0008") == ["0008"]
         finally:
             conn.execute(f"REVOKE ALL ON FUNCTION {FUNCTIONS[0]}(integer) FROM outbox_0008_worker")
             conn.execute("DROP ROLE outbox_0008_worker")

@@ -34,7 +34,9 @@ class Harness(Protocol):
         ...
 
     def put(self, events: list[Mapping[str, Any]]) -> list[uuid.UUID]:
-        """Add events (``outbox.enqueue_many``'s items), committed, due at once."""
+        """Add events (``outbox.enqueue_many``'s items: ``timestamp`` an aware
+        datetime, ``destination`` ``metrics`` for a metrics-only event), committed,
+        due at once."""
         ...
 
     def tick(self) -> None:
@@ -96,6 +98,8 @@ class SnapshotHarness(PostgresHarness):
                         "distinct_id": str(e["distinct_id"]),
                         "properties": e.get("properties"),
                         "dedup_key": key,
+                        "timestamp": e.get("timestamp"),
+                        "destination": e.get("destination"),
                     }
                 )
             if rows:
@@ -131,6 +135,8 @@ class MemoryHarness:
                 str(e["distinct_id"]),
                 e.get("properties"),
                 dedup_key=e.get("dedup_key"),
+                destination=e.get("destination") or "posthog",
+                timestamp=e["timestamp"].timestamp() if e.get("timestamp") else None,
             )
             for e in events
         ]

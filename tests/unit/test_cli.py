@@ -3,12 +3,13 @@ terminal-safe and show no secret."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Iterator
 
 import pytest
 
-from worker.cli import LOG_LINE_LIMIT, build_parser, parse_duration, setup_logging
+from worker.cli import LOG_LINE_LIMIT, build_parser, parse_duration, parse_since, setup_logging
 from worker.commands import _table
 
 PW = "hunter2-s3cret"
@@ -35,6 +36,12 @@ def restore_logging() -> Iterator[None]:
         (["dead", "--event", "bad\udcff"], "--event is not valid UTF-8"),
         (["purge", "--dead", "--older-than", "99999999999999999999999w"], "--older-than"),
         (["purge", "--dead", "--older-than", "7 days"], "--older-than"),
+        (["ledger", "--since", "7 days"], "--since=7 days is not a number of days like 7d"),
+        (["ledger", "--since", "0d"], "--since=0d must be from 1d to 36500d"),
+        (["ledger", "--since", "36501d"], "--since=36501d must be from 1d to 36500d"),
+        (["ledger", "--since", "2026-02-30"], "--since=2026-02-30 is not a number of days"),
+        (["ledger", "--since", "\x1b[2J"], "--since=\\x1b[2J is not"),
+        (["ledger", "--event", "e" * 201], "--event is 201 characters long"),
         (["run", "--batch-size", "0"], "--batch-size=0 must be from 1 to 100000"),
         (["run", "--poll-interval", "nan"], "--poll-interval=nan must be a finite number"),
         (["run", "--lease-seconds", "inf"], "--lease-seconds=inf must be a finite number"),
@@ -56,6 +63,16 @@ def test_bad_arguments_are_one_line_naming_the_argument(
     assert err.count("\n") == 1, err
     assert named in err, err
     assert PW not in err and "Traceback" not in err and "usage:" not in err
+
+
+def test_since_is_a_first_day() -> None:
+    today = datetime.date(2026, 12, 2)
+    assert parse_since("1d", today=today) == today
+    assert parse_since("7d", today=today) == datetime.date(2026, 11, 26)
+    assert parse_since(" 30d ", today=today) == datetime.date(2026, 11, 3)
+    assert parse_since("2026-01-31", today=today) == datetime.date(2026, 1, 31)
+    args = build_parser().parse_args(["ledger", "--since", "2026-11-01", "--json"])
+    assert (args.since, args.json, args.event) == (datetime.date(2026, 11, 1), True, None)
 
 
 def test_durations_are_bounded() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 import socket
 import threading
@@ -16,7 +17,7 @@ from worker.statuspage import BacklogHistory, PageData, Privacy, SinkView, rende
 from worker.statuspage.page import StatusPage, group_commands
 from worker.statuspage.privacy import HIDDEN, property_names
 from worker.statuspage.render import chart
-from worker.storage.base import Backlog, DatabaseUnavailable
+from worker.storage.base import Backlog, DatabaseUnavailable, LedgerRow
 
 NOW = 1_800_000_000.0
 KEY = "phc_PLANTEDsecretKEY0123456789"
@@ -279,7 +280,7 @@ def test_the_page_says_why_each_section_is_missing_when_the_database_is_down() -
         secrets=(PASSWORD,),
     ).html()
     text = page.decode()
-    assert text.count("could not read") == 5
+    assert text.count("could not read") == 6
     assert PASSWORD not in text
     assert "sending normally" in text
 
@@ -344,3 +345,43 @@ def test_one_load_at_a_time() -> None:
     release.set()
     thread.join(10)
     assert b"posthog-outbox status" in first[0]
+
+
+def test_the_ledger_section_shows_the_last_seven_days_escaped_and_bounded() -> None:
+    day = datetime.date(2027, 1, 15)
+    rows = [LedgerRow(day, HOSTILE, "posthog", 1_234, 5, 2)] + [
+        LedgerRow(day - datetime.timedelta(days=d % 7), f"event_{d:03d}", "metrics", 1, 0, 0)
+        for d in range(60)
+    ]
+    page = render(data(ledger=rows))
+    section = page.split('<section id="ledger">')[1].split("</section>")[0]
+    parsed = parse(section)
+    text = "".join(parsed.text)
+    assert "Ledger (last 7 days)" in page
+    assert "script" not in parsed.tags and "\x1b" not in section and "\u202e" not in section
+    assert '<script>alert("x")</script>' in text
+    assert "1,294" in text  # delivered in all: 1,234 and 60 of 1
+    assert section.count('class="ledger-row"') == 50
+    assert "and 11 more rows" in text and "outbox-worker ledger --since 7d" in text
+    # Newest day first: the 15th (the hostile row's) before the 14th; the oldest day's
+    # rows are the ones left out.
+    assert text.index("2027-01-15") < text.index("2027-01-14")
+    assert "2027-01-09" not in text
+    empty = render(data(ledger=[]))
+    assert "Nothing delivered, dead or purged in these days." in empty
+
+
+def test_the_page_reads_the_ledger_of_the_last_seven_utc_days() -> None:
+    asked: list[datetime.date] = []
+
+    class _Store(_Broken):
+        def ledger(self, since: datetime.date, event: str | None = None) -> list[LedgerRow]:
+            asked.append(since)
+            return [LedgerRow(since, "signed_up", "posthog", 3, 0, 0)]
+
+    page = StatusPage(
+        _Store(), _Sink(), _Key(), BacklogHistory(15.0), Privacy(), worker_id="w", clock=lambda: NOW
+    ).html()
+    today = datetime.datetime.fromtimestamp(NOW, datetime.UTC).date()
+    assert asked == [today - datetime.timedelta(days=6)]
+    assert b"signed_up" in page and page.decode().count("could not read") == 5

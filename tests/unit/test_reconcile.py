@@ -338,3 +338,57 @@ def test_the_request_is_the_one_the_docs_show() -> None:
     guide = (Path(__file__).resolve().parents[2] / "docs" / "reconciliation.md").read_text()
     body = query_body(count_query(dt.date(2026, 11, 26), dt.date(2026, 12, 3), ["issue_created"]))
     assert f"\n{body.decode()}\n" in guide
+
+
+# -- the settings -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("phc_Pr0jectKeyPr0jectKey", "is a project API key (phc_...)"),
+        ("phs_Pr0jectSecretKey", "is a project secret API key (phs_...)"),
+        ("phx_two words", "has spaces or characters that are not ASCII"),
+        ("phx_ünïcode", "has spaces or characters that are not ASCII"),
+        ("phx_esc\x1b[2J", "contains control characters"),
+        ("phx_" + "x" * 1000, "over 1000"),
+    ],
+)
+def test_a_bad_personal_key_is_one_line_naming_the_variable_never_the_key(
+    raw: str, why: str
+) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"OUTBOX_POSTHOG_PERSONAL_API_KEY": raw})
+    message = str(info.value)
+    assert info.value.setting == "OUTBOX_POSTHOG_PERSONAL_API_KEY"
+    assert message.startswith("OUTBOX_POSTHOG_PERSONAL_API_KEY ") and why in message
+    assert raw[4:] not in message and "\n" not in message
+
+
+def test_the_personal_key_is_masked_in_the_settings_repr() -> None:
+    settings = Settings.from_env({"OUTBOX_POSTHOG_PERSONAL_API_KEY": KEY})
+    assert settings.posthog_personal_api_key == KEY
+    assert KEY not in repr(settings) and "posthog_personal_api_key='***'" in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "why"),
+    [
+        ("OUTBOX_POSTHOG_PROJECT_ID", "0", "must be from 1 to 2147483647"),
+        ("OUTBOX_POSTHOG_PROJECT_ID", "12a", "is not a whole number"),
+        ("OUTBOX_POSTHOG_APP_HOST", "us.posthog.com", "must be an http:// or https:// URL"),
+    ],
+)
+def test_a_bad_project_id_or_app_host_is_one_line_naming_the_variable(
+    variable: str, raw: str, why: str
+) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({variable: raw})
+    assert info.value.setting == variable
+    message = str(info.value)
+    assert message.startswith(variable) and raw in message and why in message
+
+
+def test_the_app_host_keeps_its_password_out_of_the_repr() -> None:
+    settings = Settings.from_env({"OUTBOX_POSTHOG_APP_HOST": "https://u:hunter2@ph.example"})
+    assert "hunter2" not in repr(settings)

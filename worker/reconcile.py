@@ -22,6 +22,8 @@ What the query is, and why (read in PostHog's code, posthog/hogql and posthog/ap
 - ``LIMIT 50000``: without a LIMIT the API returns 100 rows at most; with one, up to
   50,000 (``MAX_SELECT_RETURNED_ROWS``). A cut answer (``hasMore``, or as many rows as
   the limit) is refused, never compared.
+- ``count() AS total``: not ``AS events``, the table's name, which ClickHouse could read
+  as the alias in ``events.event``.
 - Event names are HogQL string literals, escaped as PostHog's ``escape_hogql_string``
   does (backslash escapes for ``\\``, ``'`` and the control characters).
 
@@ -137,7 +139,7 @@ def count_query(start: dt.date, end: dt.date, events: Sequence[str] | None = Non
     if events is not None:
         where.append(f"event IN ({', '.join(hogql_string(e) for e in events)})")
     return (
-        "SELECT event, toDate(toTimeZone(timestamp, 'UTC')) AS day, count() AS events "
+        "SELECT event, toDate(toTimeZone(timestamp, 'UTC')) AS day, count() AS total "
         f"FROM events WHERE {' AND '.join(where)} "
         f"GROUP BY event, day ORDER BY day, event LIMIT {MAX_ROWS}"
     )
@@ -236,9 +238,9 @@ def _counts(body: bytes, where: str) -> dict[tuple[dt.date, str], int]:
     if not isinstance(results, list):
         return _raise(bad("with no 'results' list"))
     columns = document.get("columns")
-    if columns is not None and columns != ["event", "day", "events"]:
+    if columns is not None and columns != ["event", "day", "total"]:
         shown = clean_text(json.dumps(columns)[:200], (), 200)
-        return _raise(bad(f"with the columns {shown}, not event, day, events"))
+        return _raise(bad(f"with the columns {shown}, not event, day, total"))
     if document.get("hasMore") or len(results) >= MAX_ROWS:
         return _raise(
             bad(f"cut at {len(results)} rows; ask for fewer days (--since) or one --event")

@@ -74,7 +74,7 @@ def test_hogql_string_escapes_as_posthog_does() -> None:
         (("SELECT event,", "SELECT distinct_id,"), "expected event"),
         (("toTimeZone(timestamp, 'UTC')", "toTimeZone(timestamp, 'Europe/Paris')"), "UTC days"),
         (("toDate(toTimeZone(timestamp, 'UTC'))", "toDate(timestamp)"), "expected toTimeZone"),
-        (("count() AS events", "sum(1) AS events"), "expected count"),
+        (("count() AS total", "sum(1) AS total"), "expected count"),
         (("FROM events", "FROM persons"), "expected events"),
         (("timestamp >= ", "timestamp > "), "expected '>='"),
         (("'2026-11-25T00:00:00Z'", "'last week'"), "not a date and time"),
@@ -159,7 +159,7 @@ def test_it_counts_per_utc_day_and_event_each_uuid_once(srv: CaptureServer) -> N
     answer = ask(srv, QUERY)
     assert answer.status_code == 200, answer.text
     document = answer.json()
-    assert document["columns"] == ["event", "day", "events"]
+    assert document["columns"] == ["event", "day", "total"]
     assert document["results"] == [
         ["signed_up", "2026-11-30", 1],
         ["page_viewed", "2026-12-01", 1],

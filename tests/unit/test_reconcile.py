@@ -56,7 +56,7 @@ class Ledger:
 
 
 def answer(results: list[list[object]], **extra: object) -> bytes:
-    return json.dumps({"columns": ["event", "day", "events"], "results": results, **extra}).encode()
+    return json.dumps({"columns": ["event", "day", "total"], "results": results, **extra}).encode()
 
 
 def read(status: int, body: bytes, headers: dict[str, str] | None = None) -> object:

@@ -24,7 +24,7 @@ PostHog's JSON: ``{"type", "code", "detail", "attr"}``.
 What it parses: a ``{"query": {"kind": "HogQLQuery", "query": ...}}`` body whose query
 is reconcile's count, and nothing else (400 ``validation_error`` otherwise)::
 
-    SELECT event, toDate(toTimeZone(timestamp, 'UTC')) AS day, count() AS events
+    SELECT event, toDate(toTimeZone(timestamp, 'UTC')) AS day, count() AS total
     FROM events
     WHERE timestamp >= toDateTime('2026-11-25T00:00:00Z')
       AND timestamp < toDateTime('2026-12-03T00:00:00Z')
@@ -34,7 +34,7 @@ is reconcile's count, and nothing else (400 ``validation_error`` otherwise)::
 (keywords in any case, string literals with HogQL's backslash escapes or doubled
 quotes). Without a LIMIT it returns 100 rows at most, as PostHog's API does, with
 ``hasMore`` when there were more. The answer is ``{"columns": ["event", "day",
-"events"], "types": ..., "results": [[event, "YYYY-MM-DD", count], ...], "hasMore":
+"total"], "types": ..., "results": [[event, "YYYY-MM-DD", count], ...], "hasMore":
 false, ...}``. `parse_count_query` is the parser, for tests.
 
 Scripting: `QueryApi.enqueue_reply` queues `Reply` objects answering the next query
@@ -81,8 +81,8 @@ DEFAULT_PROJECT_ID: Final = 1
 DEFAULT_ROWS: Final = 100
 #: Most rows it returns whatever the LIMIT (``MAX_SELECT_RETURNED_ROWS``).
 MAX_ROWS: Final = 50_000
-COLUMNS: Final = ["event", "day", "events"]
-TYPES: Final = [["event", "String"], ["day", "Date"], ["events", "UInt64"]]
+COLUMNS: Final = ["event", "day", "total"]
+TYPES: Final = [["event", "String"], ["day", "Date"], ["total", "UInt64"]]
 
 _JSON: Final = "application/json"
 _PATH: Final = re.compile(r"/api/projects/([^/]+)/query/?")
@@ -253,7 +253,7 @@ def parse_count_query(text: str) -> CountQuery:
     r.op(",")
     r.word("count")
     r.op("(", ")")
-    r.word("AS", "events", "FROM", "events", "WHERE", "timestamp")
+    r.word("AS", "total", "FROM", "events", "WHERE", "timestamp")
     r.op(">=")
     r.word("toDateTime")
     r.op("(")

@@ -18,7 +18,7 @@ import pytest
 
 import outbox
 from tests.acceptance.test_worker_process import run_cli
-from tests.conftest import worker_env
+from tests.conftest import undelivered, worker_env
 from tests.integration.test_metrics_only import REGISTRY
 from worker.testing import CaptureServer, Reply
 
@@ -214,3 +214,38 @@ def test_failures_are_one_line_with_their_exit_status_and_no_key(
     assert line.startswith(f"outbox-worker: error: could not ask PostHog at {project.url}")
     assert "Traceback" not in unreachable.stderr
     no_secret(missing, bad, refused, limited, echoed, unreachable)
+
+
+def test_re_sent_duplicates_show_as_a_positive_difference_until_posthog_merges_them(
+    database_url: str, db: psycopg.Connection[Any], project: CaptureServer
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        for i in range(5):
+            outbox.enqueue(conn, "issue_created", f"user-{i}", {"issue_id": f"issue-{i}"})
+        conn.commit()
+    # PostHog stores the batch but answers after the worker gave up: it sends it again.
+    project.enqueue_reply(Reply(status=200, delay=2))
+    project.query.merged = False  # as PostHog counts before ClickHouse merges the copies
+    env = env_for(
+        database_url,
+        project,
+        POSTHOG_API_KEY=RIGHT,
+        OUTBOX_REQUEST_TIMEOUT="0.5",
+        OUTBOX_BACKOFF_BASE="0",
+    )
+    runs = [run_cli(env, "run", "--until-empty")]
+    if undelivered(database_url):
+        runs.append(run_cli(env, "run", "--until-empty"))
+    assert undelivered(database_url) == 0, [r.stderr for r in runs]
+    project.wait_for_events(10, timeout=20)  # the late copy, too
+    assert sum(ledger_days(db).values()) == 5  # the ledger counts each event once
+
+    before = run_cli(env, "reconcile", "--json")
+    assert before.returncode == 1, before.stderr
+    [row] = json.loads(before.stdout)["rows"]
+    assert (row["delivered"], row["posthog"], row["difference"]) == (5, 10, 5)
+
+    project.query.merged = True  # ClickHouse merged them
+    after = run_cli(env, "reconcile")
+    assert after.returncode == 0, after.stdout + after.stderr
+    no_secret(*runs, before, after)

@@ -169,6 +169,14 @@ def test_it_counts_per_utc_day_and_event_each_uuid_once(srv: CaptureServer) -> N
     assert srv.query.queries == [parse_count_query(QUERY)]
 
 
+def test_before_the_merge_each_copy_of_a_uuid_counts(srv: CaptureServer) -> None:
+    twice = str(uuid.uuid4())
+    capture(srv, "phc_p", [event("signed_up", "2026-12-01T00:00:00Z", twice)] * 2)
+    assert ask(srv, QUERY).json()["results"] == [["signed_up", "2026-12-01", 1]]
+    srv.query.merged = False
+    assert ask(srv, QUERY).json()["results"] == [["signed_up", "2026-12-01", 2]]
+
+
 def test_events_of_a_key_of_no_project_are_accepted_but_never_counted(
     srv: CaptureServer,
 ) -> None:

@@ -9,8 +9,8 @@ counts what it ingested:
   with one that does not parse, is counted on the day the query is answered: PostHog
   stamps such an event with the time it ingested it, which the server does not keep);
 - once per ``uuid``: a re-sent copy of an event is counted once, as PostHog's events
-  table ends up once it has merged copies of a uuid (``ReplacingMergeTree``; before
-  that merge, PostHog counts each copy);
+  table ends up once it has merged copies of a uuid (``ReplacingMergeTree``). Before
+  that merge PostHog counts each copy: ``srv.query.merged = False`` answers so;
 - never the events of a key of no project: those are answered 200 and kept in
   ``srv.dropped`` (``srv.project_keys``), as PostHog's capture accepts them and its
   ingestion drops them, so they are counted nowhere.
@@ -313,6 +313,8 @@ class QueryApi:
     Attributes:
         personal_api_key: The personal API key ``Authorization: Bearer`` must carry.
         project_id: The project the API answers for; other ids are answered 404.
+        merged: True (the default): copies of one uuid count once, as in PostHog once
+            ClickHouse has merged them. False: each copy counts, as before that merge.
     """
 
     def __init__(self, server: CaptureServer) -> None:
@@ -322,6 +324,7 @@ class QueryApi:
         self._queries: list[CountQuery] = []
         self.personal_api_key: str = DEFAULT_PERSONAL_API_KEY
         self.project_id: int = DEFAULT_PROJECT_ID
+        self.merged: bool = True
 
     def enqueue_reply(self, *replies: Reply) -> None:
         """Answer the next query requests with ``replies``, in order (each ``times``
@@ -343,13 +346,13 @@ class QueryApi:
 
     def counts(self, query: CountQuery | None = None) -> dict[tuple[dt.date, str], int]:
         """What the API answers ``query`` with (every event if None): the count of
-        accepted events per (UTC day, event), each uuid once."""
+        accepted events per (UTC day, event), each uuid once (unless not ``merged``)."""
         today = dt.datetime.now(dt.UTC).date()
         seen: set[str] = set()
         counts: dict[tuple[dt.date, str], int] = {}
         for event in self._server.events:
             uuid = event.get("uuid")
-            if uuid is not None:
+            if uuid is not None and self.merged:
                 if str(uuid) in seen:
                     continue
                 seen.add(str(uuid))

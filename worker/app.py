@@ -174,7 +174,11 @@ class Worker:
                 self.history,
                 Privacy.from_settings(settings),
                 worker_id=settings.worker_id,
-                secrets=(settings.posthog_api_key, *url_secrets(url)),
+                secrets=(
+                    settings.posthog_api_key,
+                    settings.posthog_personal_api_key,
+                    *url_secrets(url),
+                ),
             )
         self._unauthorized_seen = 0.0
         self.stopped = threading.Event()

@@ -36,6 +36,10 @@ DEFAULT_DATA_DIR = Path(".outbox")
 DEFAULT_BATCH_SIZE = 1000
 #: PostHog's capture endpoint refuses bodies over 20 MiB; stay well under 5 MiB a request.
 DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: Events per batch a tick makes of a big interval (a backlog): 5 chunks of the default
+#: batch size, so that a backlog of 10,000 events is already 2 batches, one for each of
+#: 2 workers. (A transaction's events are never split: batches are txid ranges.)
+DEFAULT_SPLIT_ROWS = 5_000
 #: Seconds between polls while LISTEN wakes the worker on commit (the poll is a fallback).
 DEFAULT_POLL_INTERVAL = 1.0
 #: Seconds between polls without LISTEN (OUTBOX_NOTIFY=0, or behind a pooler): the poll
@@ -134,6 +138,9 @@ class Settings:
     batch_size: int = DEFAULT_BATCH_SIZE
     #: Most bytes of event JSON in one request.
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    #: About how many events a tick puts in each batch when it splits a big interval
+    #: (by transaction id ranges): the unit workers share a backlog in.
+    split_rows: int = DEFAULT_SPLIT_ROWS
     #: ``none``, or ``transaction`` when a transaction pooler (PgBouncer in transaction
     #: mode and alike) stands between the worker and PostgreSQL: the worker then
     #: prepares no statement and does not LISTEN.
@@ -737,6 +744,17 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "max_batch_bytes",
         Count(1024, 20 * 1024 * 1024, "PostHog's capture endpoint refuses bodies over 20 MiB"),
         "Most bytes of events per request.",
+    ),
+    EnvVar(
+        "OUTBOX_SPLIT_ROWS",
+        "split_rows",
+        Count(
+            100,
+            10_000_000,
+            "a tick writes one batch row per this many events of a backlog, and one batch "
+            "is one worker's at a time",
+        ),
+        "About how many events a tick puts in each batch of a backlog.",
     ),
     EnvVar(
         "OUTBOX_POOLER",

@@ -208,9 +208,16 @@ class MemoryStorage:
             token = batch.handle
             now = data.clock()
 
+            done: set[int] = set()
+
             def held(event_id: int) -> _Row | None:
+                """The batch's row, the first time the outcome names it (each event's
+                first outcome is the one written, as the snapshot engine writes it)."""
                 row = data.rows.get(event_id)
-                return row if row is not None and row.held_by == token else None
+                if row is None or row.held_by != token or event_id in done:
+                    return None
+                done.add(event_id)
+                return row
 
             counted: Counter[tuple[str, str]] = Counter()
             shipped = 0

@@ -130,7 +130,9 @@ def test_a_healthy_run_reconciles_to_zero(
     assert report["project_id"] == PROJECT and report["over_threshold"] == 0
     # One query each, with the personal key as a Bearer token, for the outbox's events.
     assert [q.events for q in project.query.queries] == [("issue_created",)] * 2
-    no_secret(ran, text, as_json)
+    status = run_cli(env, "status", "--log-level", "DEBUG")
+    assert status.returncode == 0, status.stderr
+    no_secret(ran, text, as_json, status)
 
 
 def test_a_key_of_no_project_shows_posthog_counting_none_of_the_ledger(

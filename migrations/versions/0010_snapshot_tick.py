@@ -16,8 +16,11 @@ never an event. NULL (a batch made before this revision) reads by positions.
 (measured with `python -m bench storage`, see docs/benchmarks.md):
 
 - "nothing new" is known without reading a table when the server handed out no
-  transaction id since the last tick and none the last tick saw in progress has
-  finished (the snapshot's xmax is the same, its in-progress list has not shrunk);
+  transaction id since the last tick, or since the last call in the same session that
+  found nothing new against it, and none that snapshot saw in progress has finished
+  (the snapshot's xmax is the same, its in-progress list has not shrunk); the session
+  keeps that snapshot in a setting of its own, ``outbox.tick_checked``, not in a table
+  (a write would hand out a transaction id, and the next call could not tell);
 - else the last page of each event table is looked at first (a TID range scan): the
   newest events are there, and one found there answers "anything new?" without the
   scan of the table's unsummarized BRIN range;
@@ -116,6 +119,8 @@ DECLARE
     prev %1$I.outbox_ticks;
     prev_snap txid_snapshot;
     prev_xmax bigint;
+    checked text;
+    checked_snap txid_snapshot;
     snap txid_snapshot;
     new_id bigint;
     now_pages bigint[];
@@ -146,11 +151,22 @@ BEGIN
         SELECT x FROM txid_snapshot_xip(prev_snap) AS x
         WHERE txid_visible_in_snapshot(x, snap) ORDER BY x
     );
-    -- Nothing can have committed since the last tick when no transaction id was handed
-    -- out since (a transaction that commits moves xmax past its id) and none that it saw
-    -- in progress has finished.
+    -- Nothing can have committed since a snapshot when no transaction id was handed out
+    -- since (a transaction that commits moves xmax past its id) and none that it saw in
+    -- progress has finished: the last tick's, or the last one this session found
+    -- nothing new against (kept for the session, with the tick it was compared to).
     IF txid_snapshot_xmax(snap) = prev_xmax AND cardinality(extra) = 0 THEN
         RETURN NULL;
+    END IF;
+    checked := current_setting('outbox.tick_checked', true);
+    IF split_part(checked, '/', 1) = prev.tick_id::text THEN
+        checked_snap := split_part(checked, '/', 2)::txid_snapshot;
+        IF txid_snapshot_xmax(snap) = txid_snapshot_xmax(checked_snap) AND NOT EXISTS (
+            SELECT 1 FROM txid_snapshot_xip(checked_snap) AS x
+            WHERE txid_visible_in_snapshot(x, snap)
+        ) THEN
+            RETURN NULL;
+        END IF;
     END IF;
     -- Read after the snapshot: every row of a transaction the snapshot sees as
     -- finished is on a page below these sizes.
@@ -173,6 +189,7 @@ BEGIN
         " AND e.txid = ANY(extra))"
     )
 })) THEN
+        PERFORM set_config('outbox.tick_checked', prev.tick_id || '/' || snap::text, false);
         RETURN NULL;
     END IF;
     new_id := prev.tick_id + 1;

@@ -13,7 +13,7 @@ every page writes a full-page image, as it would after any checkpoint):
    cleanup is the rotation (``pgq.maint_rotate_tables_step1``/``step2``, with
    ``rotation_period`` 0) until the table that held the events has been TRUNCATEd;
    PgQ's batches are read, not POSTed (the PostgreSQL side does not depend on it);
-3. posthog-outbox, whose storage is the snapshot engine (migrations 0006 to 0009):
+3. posthog-outbox, whose storage is the snapshot engine (migrations 0006 to 0010):
    `outbox.enqueue_many` in transactions (it INSERTs into ``outbox_snapshot_slot()``'s
    event table); ``outbox_snapshot_tick`` on its own connection every 1,000 events (as
    PgQ's ticker), which splits an interval of more than 5,000 rows into several

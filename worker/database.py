@@ -230,17 +230,28 @@ def check_installed(conn: psycopg.Connection[Any]) -> None:
     """Raise :class:`OutboxNotInstalledError` unless the outbox tables exist and their
     migrations are recent enough for this worker: since migration 0007, ``outbox_events``
     is a view over the snapshot engine's tables (a table of that name is an older
-    version's, whose events this worker would never see), and since migration 0009
-    every batch's outcome is counted in ``outbox_ledger``."""
+    version's, whose events this worker would never see), since migration 0009
+    every batch's outcome is counted in ``outbox_ledger``, and since migration 0010 a
+    claim reads each batch's ``rows_estimate``."""
     row = conn.execute(
         "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)),"
         " to_regclass('outbox_batches') IS NOT NULL AND to_regclass('outbox_retry') IS NOT NULL,"
-        " to_regclass('outbox_ledger') IS NOT NULL",
+        " to_regclass('outbox_ledger') IS NOT NULL,"
+        " EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('outbox_batches')"
+        " AND attname = 'rows_estimate' AND NOT attisdropped)",
         (EVENTS_TABLE,),
     ).fetchone()
     if not row or row[0] is None:
         raise OutboxNotInstalledError()
-    missing = "0007" if row[0] != "v" or not row[1] else "0009" if not row[2] else None
+    missing = (
+        "0007"
+        if row[0] != "v" or not row[1]
+        else "0009"
+        if not row[2]
+        else "0010"
+        if not row[3]
+        else None
+    )
     if missing is not None:
         raise OutboxNotInstalledError(
             f"the outbox tables predate this worker (migration {missing} is missing): "

@@ -122,7 +122,7 @@ def test_a_backlog_of_the_old_table_is_delivered_once_after_the_upgrade(
 ) -> None:
     migrate(empty_database, "0006")
     _write_backlog(empty_database)
-    assert migrate(empty_database) == ["0007", "0008", "0009"]
+    assert migrate(empty_database) == ["0007", "0008", "0009", "0010"]
 
     view = _view(empty_database)
     assert len(view) == len(BACKLOG)  # every event, nothing lost
@@ -236,7 +236,7 @@ def test_an_old_workers_batch_in_flight_makes_the_upgrade_wait_then_it_moves_all
     finally:
         batch.rollback()
         batch.close()
-    assert migrate(empty_database, lock_timeout=0.1) == ["0007", "0008", "0009"]
+    assert migrate(empty_database, lock_timeout=0.1) == ["0007", "0008", "0009", "0010"]
     assert len(_view(empty_database)) == 3
 
 
@@ -253,7 +253,7 @@ def test_downgrade_moves_the_undelivered_events_back(empty_database: str) -> Non
             " VALUES (gen_random_uuid(), 'after_plain', 'user-9', '{}', 'metrics')"
         )
         conn.commit()
-    assert downgrade(empty_database, "0006") == ["0009", "0008", "0007"]
+    assert downgrade(empty_database, "0006") == ["0010", "0009", "0008", "0007"]
     with psycopg.connect(empty_database) as conn:
         rows = conn.execute(
             "SELECT uuid, event, destination, status, attempts, last_error, properties::text"
@@ -277,7 +277,7 @@ def test_downgrade_moves_the_undelivered_events_back(empty_database: str) -> Non
         assert old[key][3:5] == (row[4], row[5]), row[1]
     assert old[next(k for k, r in old.items() if r[0] == "after_plain")][1] == "metrics"
     # ... and up again: the same events, now in the snapshot engine's tables.
-    assert migrate(empty_database) == ["0007", "0008", "0009"]
+    assert migrate(empty_database) == ["0007", "0008", "0009", "0010"]
     again = _view(empty_database)
     assert set(again) == set(old)
     assert {k: r[1:5] for k, r in again.items() if k in before} == {
@@ -523,6 +523,6 @@ def test_enqueues_waiting_behind_the_migration_land_in_the_new_tables(
             for thread in threads:
                 thread.join(90)
     assert not failures, failures
-    assert results == {"migrate": ["0007", "0008", "0009"], "app": ("k",)}
+    assert results == {"migrate": ["0007", "0008", "0009", "0010"], "app": ("k",)}
     events = {(r[1], r[7], r[0]) for r in _view(empty_database).values()}
     assert events == {("keyed", "k", True), ("plain", None, True)}

@@ -14,7 +14,7 @@ from outbox import install
 from outbox.exceptions import OutboxDatabaseError, OutboxError, UnsupportedConnectionError
 from outbox.schema import VERSION_TABLE
 
-ALL = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009"]
+ALL = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010"]
 
 
 def test_upgrade_on_a_url_returns_what_it_applied_then_nothing(empty_database: str) -> None:
@@ -28,8 +28,17 @@ def test_upgrade_on_a_url_returns_what_it_applied_then_nothing(empty_database: s
 
 def test_upgrade_in_steps_and_downgrade_name_their_revisions(empty_database: str) -> None:
     assert install.upgrade(empty_database, "0003") == ["0001", "0002", "0003"]
-    assert install.upgrade(empty_database) == ["0004", "0005", "0006", "0007", "0008", "0009"]
+    assert install.upgrade(empty_database) == [
+        "0004",
+        "0005",
+        "0006",
+        "0007",
+        "0008",
+        "0009",
+        "0010",
+    ]
     assert install.downgrade(empty_database, "0002") == [
+        "0010",
         "0009",
         "0008",
         "0007",
@@ -136,7 +145,7 @@ def test_on_a_connection_a_held_lock_is_retried_then_named(empty_database: str) 
             assert connection.execute(text("SHOW lock_timeout")).scalar_one() == "3s"
             connection.rollback()
             holder.rollback()  # the batch ends
-            assert install.upgrade(connection, lock_timeout=0.1) == ["0007", "0008", "0009"]
+            assert install.upgrade(connection, lock_timeout=0.1) == ["0007", "0008", "0009", "0010"]
     finally:
         holder.close()
         engine.dispose()

@@ -54,7 +54,7 @@ def test_0009_creates_the_ledger_grants_the_worker_role_and_downgrades(
         try:
             # A worker role with the grants documented before 0009.
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_retry TO {role}")
-            assert migrate(empty_database) == ["0009"]
+            assert migrate(empty_database, "0009") == ["0009"]
             assert _columns(conn) == COLUMNS
             key = conn.execute(
                 "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
@@ -70,10 +70,10 @@ def test_0009_creates_the_ledger_grants_the_worker_role_and_downgrades(
             assert rights == ("DELETE,INSERT,SELECT,UPDATE",)
             # Run again over the table it made (the version set back): nothing fails.
             conn.execute(f"UPDATE {VERSION_TABLE} SET version_num = '0008'")
-            assert migrate(empty_database) == ["0009"]
+            assert migrate(empty_database, "0009") == ["0009"]
             assert downgrade(empty_database, "0008") == ["0009"]
             assert conn.execute("SELECT to_regclass('outbox_ledger')").fetchone() == (None,)
-            assert migrate(empty_database) == ["0009"]
+            assert migrate(empty_database, "0009") == ["0009"]
         finally:
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")

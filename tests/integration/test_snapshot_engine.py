@@ -24,6 +24,7 @@ from worker.storage.snapshot import (
     SnapshotEvent,
     insert_events,
     own_keys,
+    utc_iso,
 )
 
 
@@ -629,3 +630,75 @@ def test_rotation_leaves_the_table_enqueue_writes_to_unless_asked(
         assert _size(db, f"outbox_events_{slot}") > 0
     assert engine.rotate(current=True) <= 1
     assert _size(db, f"outbox_events_{slot}") == 0
+
+
+# ------------------------------------------------------------------------ one statement
+
+
+def _recording(engine: SnapshotEngine) -> list[str]:
+    """The statements ``engine`` runs from now on."""
+    seen: list[str] = []
+    run = engine._run
+
+    def record(query: str, params: dict[str, Any] | None = None) -> list[Any]:
+        seen.append(query)
+        return run(query, params)
+
+    engine._run = record  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_batch_expected_in_one_chunk_is_read_with_one_statement_in_order(
+    database_url: str, engines: Callable[..., SnapshotEngine]
+) -> None:
+    in_three, in_one = _events(30), _events(20)
+    _commit(database_url, in_three, table=3)
+    _commit(database_url, in_one, table=1)
+    engine = engines()
+    batch = engine.claim(30)
+    assert batch is not None and batch.rows_estimate is not None
+    assert 50 <= batch.rows_estimate <= 100
+    seen = _recording(engine)
+    part = engine.read(batch, 100)
+    assert part.last
+    assert [e.uuid for e in part.events] == [e["uuid"] for e in in_one + in_three]
+    assert seen == [snapshot_sql.chunk_statement(0, extra=False, snap1=False)]
+
+
+def test_a_batch_bigger_than_its_estimate_is_read_by_positions(
+    database_url: str, db: psycopg.Connection[Any], engines: Callable[..., SnapshotEngine]
+) -> None:
+    committed = _events(40)
+    _commit(database_url, committed)
+    engine = engines()
+    assert engine.tick() is not None
+    db.execute("UPDATE outbox_batches SET rows_estimate = 5")
+    seen = _recording(engine)
+    sent = drain(engine, chunk=10)
+    assert sent == [e["uuid"] for e in committed]
+    reads = [q for q in seen if q not in (snapshot_sql.CLAIM, snapshot_sql.ADVANCE_PAST)]
+    assert reads[0] == snapshot_sql.chunk_statement(0, extra=False, snap1=False)
+    assert "ORDER BY t, c" in reads[1]  # the positions, then each chunk by TID
+
+
+def test_timestamps_are_read_as_iso_in_utc_whatever_the_session_datestyle(
+    database_url: str,
+) -> None:
+    stamps = {
+        "2026-03-04T05:06:07+00:00": "2026-03-04T05:06:07.000000+00:00",
+        "2026-03-04T05:06:07.89+00:00": "2026-03-04T05:06:07.890000+00:00",
+        "2026-03-04T07:06:07.123456+02:00": "2026-03-04T05:06:07.123456+00:00",
+        "1970-01-01T00:00:00.000001+00:00": "1970-01-01T00:00:00.000001+00:00",
+    }
+    events = [dict(e, timestamp=t) for e, t in zip(_events(len(stamps)), stamps, strict=True)]
+    _commit(database_url, events)
+    options = "-c DateStyle=German -c TimeZone=America/New_York"
+    with psycopg.connect(database_url, autocommit=True, options=options) as conn:
+        engine = SnapshotEngine(conn)
+        batch = engine.claim(30)
+        assert batch is not None
+        part = engine.read(batch, 100)
+    assert [e.timestamp for e in part.events] == list(stamps.values())
+    assert [utc_iso(t[:10] + " " + t[11:-6].rstrip("0").rstrip(".")) for t in stamps.values()] == [
+        *stamps.values()
+    ]

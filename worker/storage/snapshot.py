@@ -142,6 +142,8 @@ class LeasedBatch:
     progress_ctid: str
     #: Events of the batch already sent (by this lease or an earlier one).
     sent: int = 0
+    #: How many events the tick expected in the batch (None: unknown, from before 0010).
+    rows_estimate: int | None = None
     #: Set once the last chunk has been advanced past (the batch row is gone).
     finished: bool = False
 
@@ -244,17 +246,22 @@ class SnapshotEngine:
             rows = self._run(sql.CLAIM, params)
         if not rows:
             return None
-        batch_id, lease, lo, hi, extra, snap1, snap2, pt, pc, sent = rows[0]
-        return LeasedBatch(batch_id, lease, lo, hi, list(extra), snap1, snap2, pt, str(pc), sent)
+        batch_id, lease, lo, hi, extra, snap1, snap2, pt, pc, sent, estimate = rows[0]
+        return LeasedBatch(
+            batch_id, lease, lo, hi, list(extra), snap1, snap2, pt, str(pc), sent, estimate
+        )
 
     def read(self, batch: LeasedBatch, limit: int) -> Chunk:
         """The batch's next ``limit`` events at most (no transaction stays open).
 
-        The batch's positions (table, ctid) after its progress are found by one scan
-        and kept (a batch's rows never change: all their transactions have finished),
-        so that each chunk reads only its own rows, by TID, whoever advanced the batch
-        in between; a batch of more than ``POSITIONS_CAP`` events is scanned again from
-        where the last scan ended."""
+        A batch the tick expected to fit in one chunk (its ``rows_estimate``, less what
+        was sent, is at most ``limit`` and an eighth: the estimate can be a page of rows
+        off either way) is read whole with one statement; if more than ``limit`` events
+        come back, it is read as any other batch. Else the batch's positions (table,
+        ctid) after its progress are found by one scan and kept (a batch's rows never
+        change: all their transactions have finished), so that each chunk reads only
+        its own rows, by TID, whoever advanced the batch in between; a batch of more
+        than ``POSITIONS_CAP`` events is scanned again from where the last scan ended."""
         if limit < 1:
             raise ValueError(f"limit: {limit} is not a positive number of events")
         snap1 = batch.txid_lo < int(batch.snap1.split(":", 2)[1])
@@ -270,6 +277,18 @@ class SnapshotEngine:
             "pt": batch.progress_table,
             "pc": batch.progress_ctid,
         }
+        if (
+            batch.rows_estimate is not None
+            and batch.rows_estimate - batch.sent <= limit + limit // 8
+            and batch.batch_id not in self._positions
+        ):
+            rows = self._run(
+                sql.chunk_statement(batch.progress_table, extra=extra, snap1=snap1),
+                {**params, "n": limit + 1},
+            )
+            if len(rows) <= limit:  # all of the batch after its progress
+                rows.sort(key=_position)
+                return Chunk(_events(rows), last=True)
         for scanned in (False, True):
             positions, start = self._positions_after(
                 batch, params, snap1, extra, limit, fresh=scanned
@@ -292,27 +311,8 @@ class SnapshotEngine:
         order = {p: i for i, p in enumerate(take)}
         if [(r[0], str(r[1])) for r in rows] != take:
             rows.sort(key=lambda r: order[(r[0], str(r[1]))])
-        events = [
-            SnapshotEvent(
-                table=t,
-                position=str(c),
-                uuid=u,
-                event=ev,
-                distinct_id=d,
-                properties_json=p,
-                timestamp=ts,
-                destination=dest or "posthog",
-                dedup_key=k,
-                problem=(
-                    f"timestamp: {ts} is more than 23 hours ahead of the database's clock"
-                    if ahead
-                    else None
-                ),
-            )
-            for t, c, u, ev, d, p, ts, dest, k, ahead in rows
-        ]
         end = start + len(take)
-        return Chunk(events, last=positions.complete and end == len(positions.items))
+        return Chunk(_events(rows), last=positions.complete and end == len(positions.items))
 
     def _positions_after(
         self,
@@ -369,6 +369,20 @@ class SnapshotEngine:
         will be read and sent again, with the same uuids, by whoever holds it)."""
         pt = upto.table if upto is not None else batch.progress_table
         pc = upto.position if upto is not None else batch.progress_ctid
+        keys = [e.dedup_key for e in delivered if e.dedup_key is not None]
+        if not failed and not keys:  # the batch's row alone
+            rows = self._run(
+                sql.ADVANCE_DONE if last else sql.ADVANCE_PAST,
+                {
+                    "batch": batch.batch_id,
+                    "lease": batch.lease,
+                    "pt": pt,
+                    "pc": pc,
+                    "count": len(delivered),
+                    "lease_seconds": float(lease_seconds),
+                },
+            )
+            return self._advanced(batch, bool(rows), pt, pc, len(delivered), last)
         f = [x.event for x in failed]
         rows = self._run(
             sql.ADVANCE,
@@ -381,7 +395,7 @@ class SnapshotEngine:
                 "count": len(delivered) + len(failed),
                 "lease_seconds": float(lease_seconds),
                 "window": float(dedup_window),
-                "keys": [e.dedup_key for e in delivered if e.dedup_key is not None],
+                "keys": keys,
                 "f_uuid": [e.uuid for e in f],
                 "f_ts": [e.timestamp for e in f],
                 "f_event": [e.event for e in f],
@@ -394,10 +408,13 @@ class SnapshotEngine:
                 "f_error": [x.error[:2000] for x in failed],
             },
         )
-        held = bool(rows[0][0])
+        return self._advanced(batch, bool(rows[0][0]), pt, pc, len(delivered) + len(failed), last)
+
+    @staticmethod
+    def _advanced(batch: LeasedBatch, held: bool, pt: int, pc: str, count: int, last: bool) -> bool:
         if held:
             batch.progress_table, batch.progress_ctid = pt, pc
-            batch.sent += len(delivered) + len(failed)
+            batch.sent += count
             batch.finished = last
         return held
 
@@ -471,6 +488,49 @@ class SnapshotEngine:
         )
         done, retrying, dead = rows[0]
         return int(done), int(retrying), int(dead)
+
+
+def utc_iso(text: str) -> str:
+    """A UTC ``timestamp``'s text in DateStyle ISO (``2026-03-04 05:06:07.89``: up to
+    six digits of fraction, none when it is 0) as ISO 8601 with microseconds and the
+    offset (``2026-03-04T05:06:07.890000+00:00``)."""
+    if len(text) == 26:  # six digits of fraction, the most common case
+        return text[:10] + "T" + text[11:] + "+00:00"
+    if len(text) == 19:
+        return text[:10] + "T" + text[11:] + ".000000+00:00"
+    return text[:10] + "T" + text[11:].ljust(15, "0") + "+00:00"
+
+
+def _position(row: Sequence[Any]) -> tuple[int, int, int]:
+    """A row's (table, block, offset), from its table number and ctid text ``(b,o)``."""
+    block, _, offset = str(row[1])[1:-1].partition(",")
+    return (row[0], int(block), int(offset))
+
+
+def _events(rows: list[Any]) -> list[SnapshotEvent]:
+    """The events of rows read with :data:`snapshot_sql._COLUMNS` (and the table first)."""
+    events = []
+    for t, c, u, ev, d, p, ts, dest, k, ahead in rows:
+        iso = utc_iso(ts)
+        events.append(
+            SnapshotEvent(
+                table=t,
+                position=str(c),
+                uuid=u,
+                event=ev,
+                distinct_id=d,
+                properties_json=p,
+                timestamp=iso,
+                destination=dest or "posthog",
+                dedup_key=k,
+                problem=(
+                    f"timestamp: {iso} is more than 23 hours ahead of the database's clock"
+                    if ahead
+                    else None
+                ),
+            )
+        )
+    return events
 
 
 def insert_events(

@@ -3,6 +3,7 @@ no database, no waiting for a pause or a lease to run out."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from worker.drain import SINK_OK, SINK_RATE_LIMITED, Drainer
 from worker.settings import Settings
 from worker.sinks import MemorySink, Outbound, RateLimitedError, RejectedError
-from worker.storage.base import Batch
+from worker.storage.base import Batch, BatchOutcome, Finished
 from worker.storage.memory import MemoryEvents, MemoryStorage
 
 LEASE = 30.0
@@ -129,4 +130,50 @@ def test_a_batch_claimed_ahead_that_went_stale_is_released_and_claimed_afresh() 
     assert stats.shipped == 4
     assert ahead.released == 1  # stale after a quarter of its lease: handed back
     assert sorted(sink.uuids()) == sorted(uuids)  # each exactly once
+    assert store.backlog().pending == 0 and store.in_flight() == []
+
+
+class MeetingStorage(MemoryStorage):
+    """Writes the outcome of its first batch only once the sink's second send begins."""
+
+    def __init__(self, events: MemoryEvents, meeting: threading.Barrier) -> None:
+        super().__init__(events)
+        self.meeting = meeting
+        self.finished = 0
+
+    def finish(self, batch: Batch, outcome: BatchOutcome, **policy: Any) -> Finished:
+        self.finished += 1
+        if self.finished == 1:
+            self.meeting.wait()
+        return super().finish(batch, outcome, **policy)
+
+
+class MeetingSink(MemorySink):
+    def __init__(self, meeting: threading.Barrier) -> None:
+        super().__init__()
+        self.meeting = meeting
+
+    def send(self, events: Sequence[Outbound]) -> None:
+        if self.calls == 1:  # the second send
+            self.meeting.wait()
+        super().send(events)
+
+
+def test_the_outcome_of_a_batch_is_written_while_the_next_one_is_sent() -> None:
+    # With two connections the main thread only sends: the first batch's outcome is
+    # written on its connection's thread while the second batch (claimed on the other
+    # connection) is on the wire. Were they one after the other, the two would never
+    # meet and the barrier would break.
+    events = MemoryEvents(Clock())
+    uuids = put(events, ["e"] * 6)
+    meeting = threading.Barrier(2, timeout=10)
+    store = MeetingStorage(events, meeting)
+    ahead = MemoryStorage(events)
+    sink = MeetingSink(meeting)
+
+    stats = Drainer(store, sink, settings(batch_size=2), claim_store=ahead).drain()
+
+    assert not meeting.broken
+    assert (stats.shipped, stats.batches) == (6, 3)
+    assert sorted(sink.uuids()) == sorted(uuids)
     assert store.backlog().pending == 0 and store.in_flight() == []

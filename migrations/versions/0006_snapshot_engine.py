@@ -97,8 +97,23 @@ CREATE TABLE IF NOT EXISTS outbox_ticks (
     -- Each event table's size in pages right after the snapshot was taken.
     pages bigint[] NOT NULL
 );
+-- The first tick's snapshot, taken inside the migration's own transaction. A
+-- transaction's snapshot does not list its own id among those in progress, so once a
+-- later transaction has committed, the snapshot would count the migration's own
+-- transaction as finished, and rows a later migration of the same transaction writes
+-- into the event tables (0007 moves the old table's events there) would belong to no
+-- interval: never batched, and truncated with the table. The tick lists its own
+-- transaction as in progress, as every other session's snapshot does.
 INSERT INTO outbox_ticks (tick_id, snapshot, pages)
-VALUES (1, txid_current_snapshot()::text, array_fill(0::bigint, ARRAY[{n}]))
+SELECT 1,
+       CASE WHEN txid_visible_in_snapshot(me, snap) THEN
+           least(txid_snapshot_xmin(snap), me)::text || ':' || txid_snapshot_xmax(snap)::text
+           || ':' || array_to_string(ARRAY(
+               SELECT x FROM txid_snapshot_xip(snap) AS x UNION SELECT me ORDER BY 1
+           ), ',')
+       ELSE snap::text END,
+       array_fill(0::bigint, ARRAY[{n}])
+FROM (SELECT txid_current_snapshot() AS snap, txid_current() AS me) AS s
 ON CONFLICT DO NOTHING;
 
 CREATE TABLE IF NOT EXISTS outbox_batches (

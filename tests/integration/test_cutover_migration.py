@@ -526,3 +526,49 @@ def test_enqueues_waiting_behind_the_migration_land_in_the_new_tables(
     assert results == {"migrate": ["0007", "0008", "0009", "0010"], "app": ("k",)}
     events = {(r[1], r[7], r[0]) for r in _view(empty_database).values()}
     assert events == {("keyed", "k", True), ("plain", None, True)}
+
+
+def test_an_upgrade_from_0005_in_one_transaction_batches_every_moved_event(
+    empty_database: str,
+) -> None:
+    """0006's first tick and 0007's move of the old table run in one transaction when
+    an outbox of revision 0005 is upgraded to the head at once. Another session's
+    transaction that began after the migration's and committed before the tick makes
+    the migration's own transaction look finished to a snapshot taken inside it: the
+    tick must still count it as in progress, or the moved events get no batch."""
+    import alembic.command
+    from sqlalchemy import create_engine, text
+
+    from outbox.install import alembic_config, sqlalchemy_url
+
+    migrate(empty_database, "0005")
+    ids = [uuid.uuid4() for _ in range(5)]
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        for i in ids:
+            conn.execute(
+                "INSERT INTO outbox_events (uuid, event, distinct_id, properties)"
+                " VALUES (%s, 'moved', 'user-1', '{}')",
+                (i,),
+            )
+    engine = create_engine(sqlalchemy_url(empty_database))
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT txid_current()"))  # the migration's id
+            with psycopg.connect(empty_database, autocommit=True) as other:
+                other.execute("SELECT txid_current()")  # a later id, committed first
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            alembic.command.upgrade(config, "head")
+            connection.commit()
+    finally:
+        engine.dispose()
+
+    sink = MemorySink()
+    storage = SnapshotStorage(empty_database)
+    try:
+        Drainer(storage, sink, Settings(database_url=empty_database)).drain()
+        storage.maintain()  # a rotation must not truncate them unsent either
+    finally:
+        storage.close()
+    assert sorted(uuid.UUID(e["uuid"]) for e in sink.events) == sorted(ids)
+    assert _view(empty_database) == {}

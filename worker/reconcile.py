@@ -626,8 +626,13 @@ def reconcile(
     Raises :class:`SettingsError` (exit 2) for a missing setting, and
     :class:`ReconcileError` (exit 3) when PostHog could not be asked.
     """
-    _, project_id = require(settings)
     today = dt.datetime.now(dt.UTC).date()
+    if since > today:
+        raise SettingsError(
+            f"--since={since.isoformat()} is after today ({today.isoformat()}, UTC)",
+            setting="--since",
+        )
+    _, project_id = require(settings)
     from worker.commands import STATUS_STATEMENT_TIMEOUT, _store
 
     store = _store(settings, statement_timeout=STATUS_STATEMENT_TIMEOUT)

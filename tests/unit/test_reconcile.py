@@ -23,6 +23,7 @@ from worker.reconcile import (
     fetch_counts,
     interpret,
     query_body,
+    reconcile,
     render_text,
     report_json,
     run_reconcile,
@@ -392,3 +393,14 @@ def test_a_bad_project_id_or_app_host_is_one_line_naming_the_variable(
 def test_the_app_host_keeps_its_password_out_of_the_repr() -> None:
     settings = Settings.from_env({"OUTBOX_POSTHOG_APP_HOST": "https://u:hunter2@ph.example"})
     assert "hunter2" not in repr(settings)
+
+
+def test_a_since_after_today_is_refused_naming_the_flag() -> None:
+    tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+    with pytest.raises(SettingsError) as info:
+        reconcile(
+            Settings(), since=tomorrow, event=None, threshold=None, threshold_percent=None,
+            as_json=False,
+        )  # fmt: skip
+    assert info.value.setting == "--since"
+    assert str(info.value).startswith(f"--since={tomorrow.isoformat()} is after today")

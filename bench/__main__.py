@@ -203,6 +203,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _common(scaleout)
     scaleout.add_argument("--events", type=_positive, help="backlog size (100000)")
     scaleout.add_argument("--workers", type=_sizes, help="worker counts (1,2,4)")
+    scaleout.add_argument(
+        "--transactions",
+        type=_positive,
+        help="transactions the backlog is enqueued in, committed one right after the "
+        "other (20; 1: one transaction, which is always one batch)",
+    )
 
     profile = sub.add_parser(
         "profile",
@@ -345,6 +351,7 @@ def _run_scaleout(ctx: Context, args: argparse.Namespace) -> None:
         ctx,
         events=args.events or (scaleout.QUICK_EVENTS if ctx.quick else scaleout.DEFAULT_EVENTS),
         workers=args.workers or list(scaleout.DEFAULT_WORKERS),
+        transactions=args.transactions or scaleout.DEFAULT_TRANSACTIONS,
     )
 
 

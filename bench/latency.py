@@ -328,12 +328,14 @@ def _idle_sample(url: str) -> _IdleSample:
                 (dbname,),
             )
         ]
-    cpu: dict[int, float] | None = {}
+    cpu: dict[int, float] | None
     try:
         psutil: Any = importlib.import_module("psutil")  # optional: the bench extra
+        found: dict[int, float] = {}
         for pid in pids:
             times = psutil.Process(pid).cpu_times()
-            cpu[pid] = times.user + times.system
+            found[pid] = times.user + times.system
+        cpu = found
     except Exception:
         cpu = None
     return _IdleSample(time.monotonic(), int(row[0]) if row else 0, cpu)

@@ -2,10 +2,18 @@
 
 For each worker count: that many ``outbox-worker run`` processes are started on an
 empty outbox and the harness waits until each has connected (their connections carry
-``application_name`` ``outbox-bench-worker-<i>``). Then the whole backlog is enqueued
-in ONE transaction, so it becomes visible to every worker at the same instant, and the
-clock runs from that COMMIT to the endpoint having every event. The endpoint records
-every event, and the check is that each uuid arrived exactly once and none is missing.
+``application_name`` ``outbox-bench-worker-<i>``). Then the backlog is enqueued in
+``--transactions`` transactions (20 by default), each on a connection of its own and
+left open until all are written; they are then committed one right after the other,
+so the backlog becomes visible to every worker within a few milliseconds, and the
+clock runs from the first COMMIT to the endpoint having every event. The endpoint
+records every event, and the check is that each uuid arrived exactly once and none is
+missing.
+
+Why several transactions: the snapshot engine splits a big interval into batches by
+transaction id ranges (``split_rows`` rows each, about), so the events of ONE
+transaction are always one batch, which one worker at a time holds (``--transactions
+1`` shows that case). A backlog left by an outage comes from many transactions.
 
 Workers poll every ``OUTBOX_POLL_INTERVAL`` seconds (0.05 here unless the environment
 sets it), so the start carries up to one poll interval of delay.
@@ -17,7 +25,10 @@ import signal
 import time
 from dataclasses import dataclass
 
-from bench.db import PostgresCpu, fill_outbox, outbox_count, reset_outbox, scalar
+import psycopg
+
+import outbox
+from bench.db import FILL_CHUNK, PostgresCpu, fill_outbox, outbox_count, reset_outbox, scalar
 from bench.drain import drain_timeout
 from bench.endpoint import Endpoint, UuidStats
 from bench.errors import BenchFailed
@@ -29,6 +40,7 @@ from bench.report import Cell, mb
 DEFAULT_EVENTS = 100_000
 QUICK_EVENTS = 3_000
 DEFAULT_WORKERS = (1, 2, 4)
+DEFAULT_TRANSACTIONS = 20
 POLL_INTERVAL = "0.05"
 READY_TIMEOUT = 60.0
 
@@ -41,6 +53,8 @@ class ScaleResult:
     events: int
     seconds: float
     uuids: UuidStats
+    #: Milliseconds from the first COMMIT of the backlog returning to the last one.
+    commit_spread_ms: float
     max_rss_bytes: int
     cpu_workers: float
     cpu_postgres: float | None
@@ -82,8 +96,53 @@ def wait_until_connected(url: str, workers: list[Child], timeout: float) -> None
         time.sleep(0.05)
 
 
+def fill_at_once(url: str, events: int, transactions: int) -> tuple[float, float, float]:
+    """Enqueue ``events`` in ``transactions`` open transactions (one connection each),
+    then commit them one after the other. Returns (seconds the enqueueing took, the
+    monotonic time the first COMMIT returned, milliseconds from it to the last)."""
+    if transactions <= 1:
+        _, seconds = fill_outbox(url, iter_events(events), one_transaction=True)
+        now = time.monotonic()
+        return seconds, now, 0.0
+    started = time.monotonic()
+    conns = [psycopg.connect(url) for _ in range(transactions)]
+    try:
+        batch: list[dict[str, object]] = []
+        for i, event in enumerate(iter_events(events)):
+            batch.append(
+                {
+                    "event": event["event"],
+                    "distinct_id": event["distinct_id"],
+                    "properties": event["properties"],
+                }
+            )
+            # Event i goes to transaction i * transactions // events: equal shares.
+            if (
+                len(batch) >= FILL_CHUNK
+                or i + 1 == events
+                or ((i + 1) * transactions // events != i * transactions // events)
+            ):
+                outbox.enqueue_many(conns[i * transactions // events], batch)
+                batch = []
+        seconds = time.monotonic() - started
+        commits = []
+        for conn in conns:
+            conn.commit()
+            commits.append(time.monotonic())
+    finally:
+        for conn in conns:
+            conn.close()
+    return seconds, commits[0], (commits[-1] - commits[0]) * 1000
+
+
 def run_once(
-    ctx: Context, url: str, endpoint: Endpoint, group: ChildGroup, workers: int, events: int
+    ctx: Context,
+    url: str,
+    endpoint: Endpoint,
+    group: ChildGroup,
+    workers: int,
+    events: int,
+    transactions: int = DEFAULT_TRANSACTIONS,
 ) -> ScaleResult:
     """One worker count over one backlog."""
     reset_outbox(url)
@@ -101,10 +160,12 @@ def run_once(
         env["OUTBOX_WORKER_ID"] = f"bench-worker-{i}"
         children.append(group.spawn(f"worker{i}", worker_argv("run"), env=env))
     wait_until_connected(url, children, READY_TIMEOUT)
-    ctx.out.progress(f"{workers} worker(s) connected; committing {events:,} events at once")
-    _, fill_seconds = fill_outbox(url, iter_events(events), one_transaction=True)
-    committed = time.monotonic()
+    ctx.out.progress(
+        f"{workers} worker(s) connected; committing {events:,} events at once "
+        f"in {transactions} transaction(s)"
+    )
     pg0 = pg_cpu.seconds()
+    fill_seconds, committed, spread = fill_at_once(url, events, transactions)
     cpu0 = [c.cpu_seconds() or 0.0 for c in children]
 
     def check() -> None:
@@ -135,13 +196,20 @@ def run_once(
         events,
         finished - committed,
         uuids,
+        spread,
         max(i.max_rss_bytes for i in infos),
         sum(b - a for a, b in zip(cpu0, cpu1, strict=True)),
         pg1 - pg0 if pg0 is not None and pg1 is not None else None,
     )
 
 
-def run(ctx: Context, *, events: int, workers: list[int]) -> list[ScaleResult]:
+def run(
+    ctx: Context,
+    *,
+    events: int,
+    workers: list[int],
+    transactions: int = DEFAULT_TRANSACTIONS,
+) -> list[ScaleResult]:
     """The scale-out command."""
     results: list[ScaleResult] = []
     with (
@@ -158,15 +226,24 @@ def run(ctx: Context, *, events: int, workers: list[int]) -> list[ScaleResult]:
         for count in workers:
             ctx.out.progress(f"scale-out: {count} worker(s), {events:,} events")
             try:
-                results.append(run_once(ctx, url, endpoint, group, count, events))
+                results.append(run_once(ctx, url, endpoint, group, count, events, transactions))
             except BenchFailed as exc:
                 ctx.fail(f"scaleout with {count} worker(s): {exc}")
             group.stop_all()
-    ctx.out.heading(f"Scale-out: {events:,} events committed at once, gzip off")
+    ctx.out.heading(
+        f"Scale-out: {events:,} events committed at once in {transactions} transaction(s), gzip off"
+    )
     ctx.out.facts(
         {
             "worker settings": f"OUTBOX_BATCH_SIZE={settings.batch_size}, "
+            f"OUTBOX_SPLIT_ROWS={settings.split_rows}, "
             f"OUTBOX_POLL_INTERVAL={settings.poll_seconds:g}, OUTBOX_GZIP=0",
+            "commits": ", ".join(
+                f"{r.workers} worker(s): the last COMMIT {r.commit_spread_ms:.0f} ms after "
+                "the first"
+                for r in results
+            )
+            or "-",
         }
     )
     ctx.out.line()

@@ -33,10 +33,14 @@ CPU is the backends' own (`bench.walmeter.backend_cpu`): the enqueuing connectio
 the drain side, the consumer's and the ticker's connections (its ticks during the
 enqueue included), for PgQ and the snapshot engine alike.
 
-Then what the application's transaction pays, on one connection, variants interleaved
-in rounds: a bare INSERT of an event's row into a minimal table, ``enqueue()`` of
-one event, ``enqueue_many()`` of ten (and ``pgq.insert_event`` of one, where PgQ is
-installed); each a whole transaction with its COMMIT; medians per variant.
+Then what the application's transaction pays, variants interleaved in rounds: a bare
+INSERT of an event's row into a minimal table, ``enqueue()`` of one event,
+``enqueue_many()`` of ten (and ``pgq.insert_event`` of one, where PgQ is installed);
+each a whole transaction with its COMMIT; medians per variant. They run on one
+connection with psycopg's defaults (each statement prepared from its sixth run, the
+outbox's as the application's own); the bare INSERT and ``enqueue()`` also on a
+connection with ``prepare_threshold=None`` (nothing prepared, as behind a transaction
+pooler that cannot carry prepared statements).
 """
 
 from __future__ import annotations
@@ -447,6 +451,15 @@ APP_BARE = "bare INSERT, 1 row"
 APP_ONE = "enqueue(), 1 event"
 APP_TEN = "enqueue_many(), 10 events"
 APP_PGQ = "pgq.insert_event, 1 event"
+APP_BARE_PLAIN = "bare INSERT, 1 row, prepare_threshold=None"
+APP_ONE_PLAIN = "enqueue(), 1 event, prepare_threshold=None"
+#: Each variant's baseline for its ratio.
+APP_BASE = {
+    APP_ONE: APP_BARE,
+    APP_TEN: APP_ONE,
+    APP_PGQ: APP_BARE,
+    APP_ONE_PLAIN: APP_BARE_PLAIN,
+}
 
 
 def run_app(url: str, transactions: int, with_pgq: bool) -> list[AppResult]:
@@ -464,20 +477,34 @@ def run_app(url: str, transactions: int, with_pgq: bool) -> list[AppResult]:
         position[0] += n
         return out
 
-    with psycopg.connect(url) as conn:
+    with (
+        psycopg.connect(url) as conn,
+        psycopg.connect(url, prepare_threshold=None) as plain,
+    ):
 
-        def bare() -> None:
-            e = take(1)[0]
-            conn.execute(
-                "INSERT INTO bench_app (event, distinct_id, properties) VALUES (%s, %s, %s::jsonb)",
-                (e["event"], e["distinct_id"], json.dumps(e["properties"], separators=(",", ":"))),
-            )
-            conn.commit()
+        def bare_on(c: psycopg.Connection[Any]) -> Callable[[], None]:
+            def bare() -> None:
+                e = take(1)[0]
+                c.execute(
+                    "INSERT INTO bench_app (event, distinct_id, properties) "
+                    "VALUES (%s, %s, %s::jsonb)",
+                    (
+                        e["event"],
+                        e["distinct_id"],
+                        json.dumps(e["properties"], separators=(",", ":")),
+                    ),
+                )
+                c.commit()
 
-        def one() -> None:
-            e = take(1)[0]
-            outbox.enqueue(conn, e["event"], e["distinct_id"], e["properties"])
-            conn.commit()
+            return bare
+
+        def one_on(c: psycopg.Connection[Any]) -> Callable[[], None]:
+            def one() -> None:
+                e = take(1)[0]
+                outbox.enqueue(c, e["event"], e["distinct_id"], e["properties"])
+                c.commit()
+
+            return one
 
         def ten() -> None:
             outbox.enqueue_many(
@@ -506,13 +533,20 @@ def run_app(url: str, transactions: int, with_pgq: bool) -> list[AppResult]:
             )
             conn.commit()
 
-        variants: dict[str, Callable[[], None]] = {APP_BARE: bare, APP_ONE: one, APP_TEN: ten}
+        variants: dict[str, Callable[[], None]] = {
+            APP_BARE: bare_on(conn),
+            APP_ONE: one_on(conn),
+            APP_TEN: ten,
+        }
         if with_pgq:
             variants[APP_PGQ] = pgq_one
+        variants[APP_BARE_PLAIN] = bare_on(plain)
+        variants[APP_ONE_PLAIN] = one_on(plain)
         results = []
         for commit_mode in COMMIT_MODES:
-            conn.execute("SELECT set_config('synchronous_commit', %s, false)", (commit_mode,))
-            conn.commit()
+            for c in (conn, plain):
+                c.execute("SELECT set_config('synchronous_commit', %s, false)", (commit_mode,))
+                c.commit()
             results.append(_interleaved(commit_mode, variants, transactions))
     return results
 
@@ -793,7 +827,9 @@ def print_results(
     ctx.out.heading("Storage: what the application's transaction pays")
     ctx.out.facts(
         {
-            "method": "one psycopg connection, whole transactions (statement + COMMIT), "
+            "method": "a psycopg connection with its defaults (statements prepared from their "
+            "sixth run), and one with prepare_threshold=None for the variants that say so; "
+            "whole transactions (statement + COMMIT), "
             "every variant once per cycle in a rotating order, median per variant; the "
             "per-round range is the ratio of medians in each tenth of the cycles; the bare "
             "INSERT writes the event's row (event, distinct_id, properties as jsonb) into "
@@ -806,9 +842,9 @@ def print_results(
     for result in app:
         for name in result.seconds:
             median = result.median(name)
-            base = APP_ONE if name == APP_TEN else APP_BARE
-            ratio_value = result.ratio(name, base) if name != APP_BARE else None
-            span = result.round_range(name, base) if name != APP_BARE else None
+            base = APP_BASE.get(name, "")
+            ratio_value = result.ratio(name, base) if base else None
+            span = result.round_range(name, base) if base else None
             app_rows.append(
                 [
                     result.commit_mode,
@@ -858,7 +894,11 @@ def print_results(
             f"{ours_drain:.1f} vs {pgq_drain:.1f} us per event"
             + ("" if cpu_met else f" = {(ours_drain or 0) / (pgq_drain or 1):.2f}x PgQ's"),
         )
-    for name, base, target in ((APP_ONE, APP_BARE, TARGET_ONE), (APP_TEN, APP_ONE, TARGET_TEN)):
+    for name, base, target in (
+        (APP_ONE, APP_BARE, TARGET_ONE),
+        (APP_TEN, APP_ONE, TARGET_TEN),
+        (APP_ONE_PLAIN, APP_BARE_PLAIN, TARGET_ONE),
+    ):
         for result in app:
             label = f"{name} <= {target}x {base} (synchronous_commit={result.commit_mode})"
             value = result.ratio(name, base)

@@ -114,6 +114,7 @@ class Worker:
             for_batches=True,
             health=self.batch_health,
             pooler=settings.pooler,
+            split_rows=settings.split_rows,
         )
         # Housekeeping and probes get their own connection, so a slow count never
         # holds up the drain loop.
@@ -124,6 +125,7 @@ class Worker:
             log_outages=False,
             health=Health(),
             pooler=settings.pooler,
+            split_rows=settings.split_rows,
         )
         self.housekeeping_store: Storage = housekeeping
         self.sink = sink if sink is not None else build_sink(settings)
@@ -139,6 +141,7 @@ class Worker:
             for_batches=True,
             health=self.batch_health,
             pooler=settings.pooler,
+            split_rows=settings.split_rows,
         )
         self.drainer = Drainer(
             self.store,
@@ -174,7 +177,11 @@ class Worker:
                 self.history,
                 Privacy.from_settings(settings),
                 worker_id=settings.worker_id,
-                secrets=(settings.posthog_api_key, *url_secrets(url)),
+                secrets=(
+                    settings.posthog_api_key,
+                    settings.posthog_personal_api_key,
+                    *url_secrets(url),
+                ),
             )
         self._unauthorized_seen = 0.0
         self.stopped = threading.Event()

@@ -38,6 +38,10 @@ MAX_SINCE_DAYS = 36500
 MAX_ROW_ID = 2**63 - 1
 #: ``dead --limit``: the rows are read into memory and printed at once.
 MAX_LIST_LIMIT = 10_000
+#: ``reconcile --threshold`` at most: a count of events.
+MAX_THRESHOLD = 10**15
+#: ``reconcile --threshold-percent`` at most (PostHog may count many times what was sent).
+MAX_PERCENT = 100_000
 #: Longest log line (after escaping); a traceback below it is not cut.
 LOG_LINE_LIMIT = 4000
 #: Longest one-line error.
@@ -45,6 +49,8 @@ ERROR_LINE_LIMIT = 2000
 #: The modules of the ``worker`` extra (pyproject.toml; tests/unit/test_packaging.py
 #: checks that the two agree). Without one of them, every command stops in one line.
 WORKER_EXTRA_MODULES = ("apscheduler", "prometheus_client", "posthog", "requests", "alembic")
+#: The variables holding API keys: no output shows their values.
+SECRET_VARIABLES = ("POSTHOG_API_KEY", "OUTBOX_POSTHOG_PERSONAL_API_KEY")
 #: The flags every command takes (the other settings' flags belong to ``run``).
 COMMON_FLAGS = ("--database-url", "--log-level")
 
@@ -99,6 +105,24 @@ def _whole(flag: str, low: int, high: int, why: str) -> Callable[[str], int]:
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(
                 f"{flag}={printable(text, 60)} must be from {low} to {high} ({why})"
+            )
+        return value
+
+    return convert
+
+
+def _percent(flag: str) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag}={printable(text, 60)} is not a number"
+            ) from None
+        if not 0 <= value <= MAX_PERCENT:  # also refuses nan
+            raise argparse.ArgumentTypeError(
+                f"{flag}={printable(text, 60)} must be from 0 to {MAX_PERCENT} (a percentage "
+                "of the delivered events)"
             )
         return value
 
@@ -332,6 +356,42 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help=f"e.g. 7d, 12h, 30m (at most {MAX_DURATION // 86400}d)",
     )
+    reconcile = sub.add_parser(
+        "reconcile",
+        parents=[common],
+        help="compare the delivery ledger with what PostHog counted, per day and event",
+        description=(
+            "Compare the ledger (events PostHog accepted, per UTC day and event) with "
+            "what PostHog's query API counts for the same days and events. Needs "
+            "OUTBOX_POSTHOG_PERSONAL_API_KEY and OUTBOX_POSTHOG_PROJECT_ID. Exit status: "
+            "0 within the threshold, 1 past it, 2 bad flags or settings, 3 PostHog "
+            "could not be asked. See docs/reconciliation.md."
+        ),
+    )
+    reconcile.add_argument(
+        "--since",
+        type=parse_since,
+        default=None,
+        metavar="7d|YYYY-MM-DD",
+        help="from this UTC day on: the last N days (today included) or a date (default 7d)",
+    )
+    reconcile.add_argument("--event", type=event, help="only this event name")
+    reconcile.add_argument(
+        "--threshold",
+        type=_whole("--threshold", 0, MAX_THRESHOLD, "a count of events"),
+        metavar="N",
+        help="a day and event passes the threshold when it differs by more than N events",
+    )
+    reconcile.add_argument(
+        "--threshold-percent",
+        type=_percent("--threshold-percent"),
+        metavar="P",
+        help=(
+            "... and by more than P%% of the delivered events (with both flags, both must "
+            "pass; with neither, any difference does)"
+        ),
+    )
+    reconcile.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -341,11 +401,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _secrets(args: argparse.Namespace) -> tuple[str, ...]:
-    """What no output may show: the database passwords and the API key, as given."""
+    """What no output may show: the database passwords and the API keys, as given."""
     urls = (os.environ.get("DATABASE_URL"), getattr(args, "database_url", None))
     found = [s for url in urls for s in url_secrets(url)]
-    key = (os.environ.get("POSTHOG_API_KEY") or "").strip()
-    return (*found, key) if key else tuple(found)
+    for variable in SECRET_VARIABLES:
+        key = (os.environ.get(variable) or "").strip()
+        if key:
+            found.append(key)
+    return tuple(found)
 
 
 def _fail(message: str, secrets: Iterable[str]) -> None:
@@ -404,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, settings)
     except OutboxError as exc:
         _fail(str(exc), secrets)
-        return 2
+        status = getattr(exc, "exit_status", 2)
+        return status if isinstance(status, int) else 2
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -436,6 +500,17 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return commands.retry(settings, all_=args.all, ids=args.ids, event=args.event)
     if command == "purge":
         return commands.purge(settings, older_than=args.older_than)
+    if command == "reconcile":
+        from worker.reconcile import reconcile
+
+        return reconcile(
+            settings,
+            since=args.since if args.since is not None else parse_since("7d"),
+            event=args.event,
+            threshold=args.threshold,
+            threshold_percent=args.threshold_percent,
+            as_json=args.json,
+        )
     if command == "ledger":
         since = args.since if args.since is not None else parse_since("7d")
         return commands.ledger(settings, since=since, event=args.event, as_json=args.json)

@@ -10,7 +10,8 @@ claimed again once the lease runs out, to be sent with the same uuids and timest
 PostHog keeps both copies at first; ClickHouse collapses them when it merges the
 parts that hold them (docs/design.md, "Deduplication").
 
-With two connections the next batch is claimed while the current one is on the wire.
+With two connections the next batch is claimed while the current one is on the wire,
+and the outcome of the one before is written meanwhile too (see :meth:`Drainer.drain`).
 """
 
 from __future__ import annotations
@@ -179,27 +180,59 @@ class Drainer:
 
     def drain(self) -> DrainStats:
         """Ship batches until nothing is due, the sink fails (the next poll tries again),
-        the sink is paused, or :attr:`stop_event` is set. Returns what happened."""
+        the sink is paused, or :attr:`stop_event` is set. Returns what happened.
+
+        With two connections the main thread only sends: each connection has a thread
+        of its own that writes the outcome of the batch it claimed and then claims its
+        next one, while the main thread sends the batch the other connection claimed.
+        A connection runs one statement at a time, so its outcome is always written
+        before its next claim; nothing of a batch is sent before it is claimed."""
         stats = DrainStats()
         self.idle.clear()
-        pool: ThreadPoolExecutor | None = None
+        lanes: dict[int, ThreadPoolExecutor] = {}
+        recording: list[Future[DrainStats | None]] = []
         ahead: Future[Batch | None] | None = None
+
+        def lane(store: DrainStorage) -> ThreadPoolExecutor:
+            """The thread that runs ``store``'s statements, one after the other."""
+            key = id(store)
+            if key not in lanes:
+                lanes[key] = ThreadPoolExecutor(1, thread_name_prefix=f"outbox-lane{len(lanes)}")
+            return lanes[key]
+
+        def settle(*, wait: bool) -> None:
+            """Add the outcomes written so far (all of them, with ``wait``) to ``stats``;
+            a lost database (DatabaseUnavailable) is raised here."""
+            while recording and (wait or recording[0].done()):
+                done = recording.pop(0).result()
+                if done is not None:
+                    stats.add(done)
+
         try:
             batch = self._claim(self.store)
             while batch is not None:
                 full = len(batch.events) >= self.settings.batch_size
                 other = self.claim_store if batch.store is self.store else self.store
-                if full and other is not batch.store:
-                    pool = pool or ThreadPoolExecutor(1, thread_name_prefix="outbox-claim")
-                    ahead = pool.submit(self._claim, other)
-                done = self._process(batch)
-                if done is not None:
-                    stats.add(done)
+                pipelined = other is not batch.store
+                if full and pipelined:
+                    # Queued behind the outcome of the batch ``other`` holds, if any.
+                    ahead = lane(other).submit(self._claim, other)
+                sent = self._send(batch)
+                if sent is None:  # shutdown abandoned it: its outcome is not written
+                    failed = True
+                else:
+                    outcome = sent
+                    failed = bool(outcome.retry or outcome.defer)
+                    if pipelined:
+                        recording.append(lane(batch.store).submit(self._record, batch, outcome))
+                    else:
+                        stats.add(self._record(batch, outcome))
+                settle(wait=False)
                 next_batch: Batch | None = None
                 if ahead is not None:
                     future, ahead = ahead, None
                     next_batch = future.result()
-                if done is None or done.sink_failed or not self._may_send():
+                if failed or not self._may_send():
                     if next_batch is not None:
                         self._release(next_batch)
                     break
@@ -207,11 +240,17 @@ class Drainer:
                     # It waited through a slow send: sending it now could outlast its
                     # lease. Hand it back and claim afresh.
                     self._release(next_batch)
-                    next_batch = self._claim(next_batch.store)
+                    next_batch = self._claim_on(lane, next_batch.store, pipelined)
                 # A claim ahead that found nothing is not the end: the snapshot engine
                 # leases a batch whole, so the rest of the batch just sent is claimable
-                # only once its chunk is finished. Ask the store that sent it.
-                batch = next_batch if next_batch is not None else self._claim(batch.store)
+                # only once its chunk is finished. Ask the store that sent it (after
+                # its outcome is written: its lane runs in order).
+                batch = (
+                    next_batch
+                    if next_batch is not None
+                    else self._claim_on(lane, batch.store, pipelined)
+                )
+            settle(wait=True)
         except DatabaseUnavailable:
             stats.interrupted = True
         finally:
@@ -220,10 +259,29 @@ class Drainer:
                     late = ahead.result()
                     if late is not None:
                         self._release(late)
-            if pool is not None:
-                pool.shutdown(wait=True)
+            for pending in recording:
+                try:
+                    done = pending.result()
+                except DatabaseUnavailable:
+                    stats.interrupted = True
+                    continue
+                if done is not None:
+                    stats.add(done)
+            for executor in lanes.values():
+                executor.shutdown(wait=True)
             self.idle.set()
         return stats
+
+    def _claim_on(
+        self,
+        lane: Callable[[DrainStorage], ThreadPoolExecutor],
+        store: DrainStorage,
+        pipelined: bool,
+    ) -> Batch | None:
+        """Claim on ``store`` now: on its lane (after the outcome queued there), or here."""
+        if not pipelined:
+            return self._claim(store)
+        return lane(store).submit(self._claim, store).result()
 
     def pause_remaining(self) -> float:
         """Seconds until the sink may be called again (0 when not paused)."""
@@ -275,8 +333,9 @@ class Drainer:
             self._payloads.pop(batch, None)
         batch.store.release(batch)
 
-    def _process(self, batch: Batch) -> DrainStats | None:
-        """Ship one batch and record its outcome; None if shutdown abandoned it."""
+    def _send(self, batch: Batch) -> Outcome | None:
+        """Ship one batch; its outcome, to be recorded, or None if shutdown abandoned
+        it (then nothing may be written for it)."""
         started = self.clock()
         outcome = self._ship(batch, batch.claimed_at)
         self.observer.batch_sent(self, batch, outcome, self.clock() - started)
@@ -291,7 +350,7 @@ class Drainer:
                 extra={"action": "abandoned_batch_finished", "events": len(batch.events)},
             )
             return None
-        return self._record(batch, outcome)
+        return outcome
 
     # -- shipping ---------------------------------------------------------------------
 

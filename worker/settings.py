@@ -36,6 +36,10 @@ DEFAULT_DATA_DIR = Path(".outbox")
 DEFAULT_BATCH_SIZE = 1000
 #: PostHog's capture endpoint refuses bodies over 20 MiB; stay well under 5 MiB a request.
 DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: Events per batch a tick makes of a big interval (a backlog): 5 chunks of the default
+#: batch size, so that a backlog of 10,000 events is already 2 batches, one for each of
+#: 2 workers. (A transaction's events are never split: batches are txid ranges.)
+DEFAULT_SPLIT_ROWS = 5_000
 #: Seconds between polls while LISTEN wakes the worker on commit (the poll is a fallback).
 DEFAULT_POLL_INTERVAL = 1.0
 #: Seconds between polls without LISTEN (OUTBOX_NOTIFY=0, or behind a pooler): the poll
@@ -74,6 +78,13 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_KEY_CHECK_INTERVAL = 300.0
 #: PostHog's capture refuses longer keys (rust/capture/src/token.rs).
 MAX_API_KEY_BYTES = 64
+#: The app host (where PostHog's API answers) of each PostHog Cloud ingestion host.
+CLOUD_APP_HOSTS = {
+    "us.i.posthog.com": "https://us.posthog.com",
+    "eu.i.posthog.com": "https://eu.posthog.com",
+}
+#: PostHog's project ids are Django AutoFields: PostgreSQL integers.
+MAX_PROJECT_ID = 2**31 - 1
 
 
 class SettingsError(OutboxError):
@@ -109,6 +120,13 @@ class Settings:
     posthog_api_key: str | None = field(default=None, repr=False)
     #: PostHog ingestion host.
     posthog_host: str = DEFAULT_POSTHOG_HOST
+    #: PostHog personal API key (``phx_...``, scope ``query:read``) for ``reconcile``.
+    posthog_personal_api_key: str | None = field(default=None, repr=False)
+    #: The PostHog project ``reconcile`` asks (its id, in the project's settings).
+    posthog_project_id: int | None = None
+    #: Where PostHog's API answers. None: derived from ``posthog_host``, see
+    #: :attr:`app_host`.
+    posthog_app_host: str | None = None
     #: ``posthog``, ``stdout`` or ``auto`` (posthog when a key is set, else stdout).
     sink: str = "auto"
     #: ``direct`` (the stored JSON, posted as is), ``posthog`` (posthog.request.batch_post)
@@ -120,6 +138,9 @@ class Settings:
     batch_size: int = DEFAULT_BATCH_SIZE
     #: Most bytes of event JSON in one request.
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    #: About how many events a tick puts in each batch when it splits a big interval
+    #: (by transaction id ranges): the unit workers share a backlog in.
+    split_rows: int = DEFAULT_SPLIT_ROWS
     #: ``none``, or ``transaction`` when a transaction pooler (PgBouncer in transaction
     #: mode and alike) stands between the worker and PostgreSQL: the worker then
     #: prepares no statement and does not LISTEN.
@@ -225,6 +246,16 @@ class Settings:
         return DEFAULT_POLL_INTERVAL if self.listen else DEFAULT_POLL_ONLY_INTERVAL
 
     @property
+    def app_host(self) -> str:
+        """The host of PostHog's API (``reconcile`` asks it): ``posthog_app_host``, else
+        the app host of a PostHog Cloud ingestion host (``https://us.i.posthog.com`` ->
+        ``https://us.posthog.com``, the same for ``eu``), else ``posthog_host`` itself
+        (self-hosted PostHog answers both on one host)."""
+        if self.posthog_app_host is not None:
+            return self.posthog_app_host.rstrip("/")
+        return app_host_for(self.posthog_host)
+
+    @property
     def sink_name(self) -> str:
         """The sink in effect once ``auto`` is resolved."""
         if self.sink != "auto":
@@ -265,6 +296,30 @@ class Settings:
         # Check with the labels the operator used, then build (which checks again).
         validate({**{k: d() for k, d in _DEFAULTS.items() if k not in values}, **values}, labels)
         return cls(**values)
+
+
+def app_host_for(ingestion_host: str) -> str:
+    """The app host of ``ingestion_host``: see :attr:`Settings.app_host`."""
+    try:
+        hostname = (urlsplit(ingestion_host.strip()).hostname or "").lower()
+    except ValueError:
+        hostname = ""
+    return CLOUD_APP_HOSTS.get(hostname, ingestion_host.strip().rstrip("/"))
+
+
+def personal_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a PostHog personal API key by its shape, or None (the
+    answer never contains the key)."""
+    kinds = {"phc_": "a project API key (phc_...)", "phs_": "a project secret API key (phs_...)"}
+    kind = kinds.get(key[:4])
+    if kind is not None:
+        return (
+            f"is {kind}: reconcile needs a personal API key (phx_...) with the "
+            "query:read scope, from your PostHog user settings"
+        )
+    if not key.isascii() or any(c.isspace() for c in key):
+        return "is not a personal API key: it has spaces or characters that are not ASCII"
+    return None
 
 
 def api_key_problem(key: str) -> str | None:
@@ -609,6 +664,8 @@ class EnvVar:
             return "(embedded PostgreSQL in OUTBOX_DATA_DIR)"
         if self.field == "posthog_api_key":
             return "(unset: stdout sink)"
+        if self.field == "posthog_app_host":
+            return "(unset: derived from POSTHOG_HOST)"
         if self.field == "notify":
             return "(unset: 1, or 0 with OUTBOX_POOLER=transaction)"
         if self.field == "poll_interval":
@@ -644,6 +701,24 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     ),
     EnvVar("POSTHOG_HOST", "posthog_host", HttpUrl(), "PostHog ingestion host."),
     EnvVar(
+        "OUTBOX_POSTHOG_PERSONAL_API_KEY",
+        "posthog_personal_api_key",
+        Text("a PostHog personal API key", max_length=1000, secret=True),
+        "PostHog personal API key (query:read) for reconcile.",
+    ),
+    EnvVar(
+        "OUTBOX_POSTHOG_PROJECT_ID",
+        "posthog_project_id",
+        Count(1, MAX_PROJECT_ID, "PostHog's project ids are positive PostgreSQL integers"),
+        "PostHog project id for reconcile.",
+    ),
+    EnvVar(
+        "OUTBOX_POSTHOG_APP_HOST",
+        "posthog_app_host",
+        HttpUrl("reconcile posts PostHog's query API to it with requests"),
+        "PostHog app host (its API) for reconcile.",
+    ),
+    EnvVar(
         "OUTBOX_SINK",
         "sink",
         Choice(("auto", "posthog", "stdout")),
@@ -669,6 +744,17 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "max_batch_bytes",
         Count(1024, 20 * 1024 * 1024, "PostHog's capture endpoint refuses bodies over 20 MiB"),
         "Most bytes of events per request.",
+    ),
+    EnvVar(
+        "OUTBOX_SPLIT_ROWS",
+        "split_rows",
+        Count(
+            100,
+            10_000_000,
+            "a tick writes one batch row per this many events of a backlog, and one batch "
+            "is one worker's at a time",
+        ),
+        "About how many events a tick puts in each batch of a backlog.",
     ),
     EnvVar(
         "OUTBOX_POOLER",
@@ -885,8 +971,8 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
 
 _FIELDS = {f.name: f for f in fields(Settings)}
 _BY_FIELD = {var.field: var for var in ENVIRONMENT}
-_SECRET_FIELDS = frozenset({"posthog_api_key"})
-_URL_FIELDS = frozenset({"database_url", "posthog_host"})
+_SECRET_FIELDS = frozenset({"posthog_api_key", "posthog_personal_api_key"})
+_URL_FIELDS = frozenset({"database_url", "posthog_host", "posthog_app_host"})
 
 
 def _default_of(f: Any) -> Callable[[], Any]:
@@ -933,11 +1019,18 @@ def _api_key_rule(values: Mapping[str, Any], label: Callable[[str], str]) -> str
     return f"POSTHOG_API_KEY {problem}" if problem else None
 
 
+def _personal_key_rule(values: Mapping[str, Any], label: Callable[[str], str]) -> str | None:
+    key = values["posthog_personal_api_key"]
+    problem = None if key is None else personal_key_problem(key)
+    return f"{label('posthog_personal_api_key')} {problem}" if problem else None
+
+
 #: Checks across settings: (the field an error is reported under, the check).
 RULES: tuple[tuple[str, Callable[[Mapping[str, Any], Callable[[str], str]], str | None]], ...] = (
     ("lease_seconds", _lease_rule),
     ("sink", _sink_rule),
     ("posthog_api_key", _api_key_rule),
+    ("posthog_personal_api_key", _personal_key_rule),
 )
 
 

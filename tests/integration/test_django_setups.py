@@ -136,7 +136,7 @@ def pooled_django_db(django_db: Any) -> Iterator[Any]:
     """Django's ``default`` connection with its psycopg pool on (Django 5.1+), psycopg
     told to prepare every statement it may (``prepare_threshold = 0``) and parameters
     bound on the server, so that any statement not sent with ``prepare=False`` is
-    prepared."""
+    prepared: the outbox's INSERT is, as Django's own are."""
     import django
 
     if django.VERSION < (5, 1):
@@ -183,10 +183,28 @@ def test_the_pool_commits_and_rolls_back_the_event_with_the_order(
     assert names(database_url) == ["order_placed", "order_placed", "order_placed"]
     assert sorted(Order.objects.values_list("total_cents", flat=True)) == [300, 400, 1250]
 
-    # Django's own statements were prepared; the outbox's never are.
+    # Django's own statements were prepared, and so was the outbox's INSERT: it follows
+    # the connection's settings (Django's default, prepare_threshold None and
+    # client-side binding, prepares neither).
     statements = prepared_statements(pooled_django_db)
     assert any("shop_order" in s for s in statements), statements
-    assert not any("outbox" in s for s in statements), statements
+    assert any("INSERT INTO outbox_events_" in s for s in statements), statements
+
+
+def test_djangos_default_connection_prepares_no_outbox_statement(django_db: Any) -> None:
+    # Django connects with prepare_threshold None and client-side binding cursors: the
+    # outbox's INSERT, which follows the connection, is never prepared there, so
+    # Django's default works behind a transaction pooler as it is.
+    from shop.models import Order
+
+    with suppress(Rollback), transaction.atomic():
+        for n in range(8):  # past psycopg's default threshold of 5
+            Order.objects.create(user_id="user-42", total_cents=n)
+            outbox.enqueue(django_db, "order_placed", "user-42", {"n": n})
+            outbox.enqueue_many(django_db, [{"event": "item", "distinct_id": "user-42"}] * 3)
+        assert django_db.connection.prepare_threshold is None
+        assert prepared_statements(django_db) == []
+        raise Rollback
 
 
 # --- TEST["MIGRATE"] = False -----------------------------------------------------------

@@ -22,6 +22,7 @@ PAGES = [
     "metrics-only-events.md",
     "builders.md",
     "posthog-python.md",
+    "reconciliation.md",
 ]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 SQL_BLOCK = re.compile(r"^```sql\n(.*?)^```", re.DOTALL | re.MULTILINE)

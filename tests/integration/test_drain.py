@@ -697,3 +697,61 @@ def test_the_worker_runs_the_engines_upkeep_every_backlog_refresh(
     job = worker._scheduler.get_job("maintain")
     assert job is not None and job.func == worker.maintain
     assert job.trigger.interval.total_seconds() == MAINTAIN_INTERVAL == METRICS_REFRESH_INTERVAL
+
+
+def test_two_workers_each_get_batches_of_one_backlog(
+    database_url: str, db: psycopg.Connection[Any], settings_for: Callable[..., Settings]
+) -> None:
+    # One backlog (eight transactions, one interval between two ticks) that a tick with
+    # OUTBOX_SPLIT_ROWS=100 makes several batches of: two workers drain it at once,
+    # each sends some of it while the other is sending too, and no event goes twice.
+    # A tick just before (of one event), so that the interval holds little but these
+    # transactions (the txids of the whole server's other work count in its range).
+    uuids = enqueue_n(database_url, 1, prefix="first-")
+    ticker = SnapshotStorage(database_url)
+    ticker.maintain()
+    ticker.close()
+    for i in range(8):
+        uuids += enqueue_n(database_url, 100, prefix=f"t{i}-")
+    both_sending = threading.Barrier(2, timeout=30)
+
+    class MeetingSink(MemorySink):
+        """Its first send waits until the other worker's first send has begun."""
+
+        def send(self, events: Any) -> None:
+            if self.calls == 0:
+                both_sending.wait()
+            super().send(events)
+
+    sinks = [MeetingSink(), MeetingSink()]
+    workers = [
+        Worker(settings_for(batch_size=50, split_rows=100, worker_id=f"w{i}"), sink=sink)
+        for i, sink in enumerate(sinks)
+    ]
+    stats: list[Any] = [None, None]
+
+    def drain(i: int) -> None:
+        stats[i] = workers[i].drainer.drain()
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(2)]
+    try:
+        # The worker's housekeeping ticks with its OUTBOX_SPLIT_ROWS. (Had the workers'
+        # claims ticked, one of them might find the tick taken and nothing to claim yet.)
+        workers[0].maintain()
+        batches = db.execute("SELECT count(*) FROM outbox_batches").fetchone()
+        assert batches is not None and batches[0] >= 3
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        for w in workers:
+            w.close()
+    assert not both_sending.broken  # each worker held a batch while the other did
+    got = [set(s.uuids()) for s in sinks]
+    assert got[0] and got[1]
+    assert not got[0] & got[1]
+    assert sum(len(s.uuids()) for s in sinks) == 801
+    assert got[0] | got[1] == {str(u) for u in uuids}
+    assert stats[0].shipped + stats[1].shipped == 801
+    assert remaining(db) == []

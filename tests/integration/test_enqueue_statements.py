@@ -361,35 +361,60 @@ def test_one_event_is_one_statement(engine: Engine) -> None:
         assert len(statements) == 1
 
 
-def test_statements_are_never_prepared_even_when_the_connection_prepares_everything(
-    database_url: str,
-) -> None:
-    # prepare_threshold=0 makes psycopg prepare every query on its first run; the
-    # outbox's statements must still run unprepared (a transaction pooler such as
-    # PgBouncer cannot carry a prepared statement from one transaction to the next).
-    with psycopg.connect(database_url, prepare_threshold=0) as conn:
-        for i in range(12):
-            outbox.enqueue(
-                conn,
-                "e",
-                "u",
-                timestamp=datetime.now(UTC) if i % 2 else None,
-                dedup_key=f"k{i}" if i % 3 == 0 else None,
-            )
-            outbox.enqueue_many(conn, [{"event": "e", "distinct_id": "u"}] * 2)
-        outbox.upsert_first(
+def _prepared_after_calls(conn: psycopg.Connection[Any]) -> list[str]:
+    """Every kind of enqueue call, a first-time guard and a statement of the caller's
+    own, then the statements the server session holds prepared (rolled back)."""
+    for i in range(12):
+        outbox.enqueue(
             conn,
-            "outbox_dedup_keys",
-            {"dedup_key": "guard", "expires_at": datetime.now(UTC)},
-            conflict=["dedup_key"],
-            event="e",
-            distinct_id=lambda row: "u",
+            "e",
+            "u",
+            timestamp=datetime.now(UTC) if i % 2 else None,
+            dedup_key=f"k{i}" if i % 3 == 0 else None,
         )
-        conn.execute("SELECT 1")  # the caller's own statement is prepared, as configured
-        prepared = [row[0] for row in conn.execute("SELECT statement FROM pg_prepared_statements")]
-        conn.rollback()
-    assert not [s for s in prepared if "outbox" in s], prepared
-    assert any("SELECT 1" in s for s in prepared)  # so the check above can fail
+        outbox.enqueue_many(conn, [{"event": "e", "distinct_id": "u"}] * (2 + i))
+    outbox.upsert_first(
+        conn,
+        "outbox_dedup_keys",
+        {"dedup_key": "guard", "expires_at": datetime.now(UTC)},
+        conflict=["dedup_key"],
+        event="e",
+        distinct_id=lambda row: "u",
+    )
+    conn.execute("SELECT 1")  # the caller's own statement
+    prepared = [row[0] for row in conn.execute("SELECT statement FROM pg_prepared_statements")]
+    conn.rollback()
+    return prepared
+
+
+def test_the_event_statements_are_prepared_when_the_connection_prepares(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # prepare_threshold=0 makes psycopg prepare every query on its first run: the
+    # event statements are prepared as the caller's own are, one per shape of call.
+    monkeypatch.setattr(enqueue_module, "_wake_now", lambda: False)  # one shape at a time
+    with psycopg.connect(database_url, prepare_threshold=0) as conn:
+        prepared = _prepared_after_calls(conn)
+    assert any("SELECT 1" in s for s in prepared)
+    ours = [s for s in prepared if "outbox" in s]
+    many = [s for s in ours if "json_array_elements(" in s]
+    assert len(many) == 1, many  # enqueue_many of 2 to 13 events: one statement text
+    assert any("VALUES (CAST($1 AS uuid)" in s for s in ours), ours  # enqueue(), plain
+    assert any("outbox_enqueue_keyed(" in s for s in ours), ours  # enqueue(), dedup key
+    # The first-time guard's own statement (its text is the caller's table) and its
+    # savepoints are never prepared; the event it wrote went through enqueue's.
+    assert not [s for s in prepared if "ON CONFLICT" in s or "SAVEPOINT" in s.upper()]
+
+
+def test_nothing_is_prepared_on_a_connection_that_prepares_nothing(database_url: str) -> None:
+    # prepare_threshold=None (what a transaction pooler without prepared statements
+    # needs), or a client-side binding cursor (Django's default), prepares nothing.
+    with psycopg.connect(database_url, prepare_threshold=None) as conn:
+        assert _prepared_after_calls(conn) == []
+    with psycopg.connect(
+        database_url, prepare_threshold=0, cursor_factory=psycopg.ClientCursor
+    ) as client_side:
+        assert _prepared_after_calls(client_side) == []
 
 
 # --------------------------------------------------------------------------- async

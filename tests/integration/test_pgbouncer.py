@@ -3,21 +3,28 @@
 With psycopg's defaults (``prepare_threshold=5``) a statement a connection has run
 five times is prepared on the server session it happens to hold; behind a transaction
 pooler the next transaction runs on another session, where that statement is missing
-or another one has its name. The outbox's statements never rely on it: applications
-with the drivers' default settings (psycopg and SQLAlchemy, sync and async) enqueue,
-batch and run first-time guards many times over through PgBouncer without a single
-error, and a worker in pooler mode drains through it, each event exactly once.
+or another one has its name (PgBouncer 1.18, Debian 12's, cannot carry prepared
+statements; 1.21 and later can, with ``max_prepared_statements``). The outbox's
+event statements are prepared exactly when the connection would prepare one of the
+application's own, so the rule is the application's: connect with
+``prepare_threshold=None``. Then applications (psycopg and SQLAlchemy, sync and
+async) enqueue, batch and run first-time guards many times over through PgBouncer
+without a single error; with psycopg's default the outbox statement fails as the
+application's own does, with an error that says what to set. A worker in pooler mode
+drains through it, each event exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -35,6 +42,9 @@ from worker.settings import Settings
 from worker.sinks import MemorySink
 from worker.testing import CaptureServer
 from worker.testing.pgbouncer import PgBouncer
+
+# The module, not the function ``outbox.enqueue`` that shadows it.
+enqueue_module = importlib.import_module("outbox.enqueue")
 
 #: Concurrent application connections: more than PgBouncer's server pool
 #: (tests.pgbouncer.POOL_SIZE), so they keep trading server sessions.
@@ -163,15 +173,39 @@ def test_the_rig_breaks_a_default_connections_own_prepared_statement(
         other.rollback()
 
 
+def test_with_psycopgs_default_threshold_the_outbox_statement_breaks_as_the_apps_own(
+    pgbouncer: PgBouncer,  # noqa: F811
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same rig as above, with enqueue() in the place of the application's own
+    # statement: its INSERT is prepared from the sixth run, like any other, and breaks
+    # the same way; the error is one line that says what to set.
+    clock = SimpleNamespace(time=lambda: 1_700_000_000.0, monotonic=time.monotonic)
+    monkeypatch.setattr(enqueue_module, "time", clock)  # one event table: one statement
+    url = pgbouncer.url(database_url)
+    with psycopg.connect(url) as app, psycopg.connect(url) as other:
+        assert app.prepare_threshold == 5  # psycopg's default, untouched
+        for _ in range(8):
+            outbox.enqueue(app, "order_placed", "user-1")
+        app.commit()
+        other.execute("SELECT 1")  # takes that server session...
+        with pytest.raises(outbox.OutboxDatabaseError) as broken:
+            outbox.enqueue(app, "order_placed", "user-1")  # ...so this runs on another one
+        other.rollback()
+    message = str(broken.value)
+    assert "does not exist" in message and "prepare_threshold=None" in message
+    assert "\n" not in message
+
+
 @pytest.mark.usefixtures("accounts")
-def test_psycopg_sync_default_settings(
+def test_psycopg_sync_without_prepared_statements(
     bounced_url: str,  # noqa: F811
     database_url: str,
 ) -> None:
     def client(index: int) -> list[Any]:
         written: list[Any] = []
-        with psycopg.connect(bounced_url) as conn:
-            assert conn.prepare_threshold == 5  # psycopg's default, untouched
+        with psycopg.connect(bounced_url, prepare_threshold=None) as conn:
             for n in range(ROUNDS):
                 written += _sync_transaction(conn, index, n)
                 conn.commit()
@@ -181,11 +215,15 @@ def test_psycopg_sync_default_settings(
 
 
 @pytest.mark.usefixtures("accounts")
-def test_sqlalchemy_sync_default_settings(
+def test_sqlalchemy_sync_without_prepared_statements(
     bounced_url: str,  # noqa: F811
     database_url: str,
 ) -> None:
-    engine = create_engine(sqlalchemy_url(bounced_url), pool_size=CLIENTS)
+    engine = create_engine(
+        sqlalchemy_url(bounced_url),
+        pool_size=CLIENTS,
+        connect_args={"prepare_threshold": None},
+    )
 
     def client(index: int) -> list[Any]:
         written: list[Any] = []
@@ -201,13 +239,15 @@ def test_sqlalchemy_sync_default_settings(
 
 
 @pytest.mark.usefixtures("accounts")
-async def test_psycopg_async_default_settings(
+async def test_psycopg_async_without_prepared_statements(
     bounced_url: str,  # noqa: F811
     database_url: str,
 ) -> None:
     async def client(index: int) -> list[Any]:
         written: list[Any] = []
-        async with await psycopg.AsyncConnection.connect(bounced_url) as conn:
+        async with await psycopg.AsyncConnection.connect(
+            bounced_url, prepare_threshold=None
+        ) as conn:
             for n in range(ROUNDS):
                 written += await _async_transaction(conn, index, n)
                 await conn.commit()
@@ -220,11 +260,15 @@ async def test_psycopg_async_default_settings(
 
 
 @pytest.mark.usefixtures("accounts")
-async def test_sqlalchemy_async_default_settings(
+async def test_sqlalchemy_async_without_prepared_statements(
     bounced_url: str,  # noqa: F811
     database_url: str,
 ) -> None:
-    engine = create_async_engine(sqlalchemy_url(bounced_url), pool_size=CLIENTS)
+    engine = create_async_engine(
+        sqlalchemy_url(bounced_url),
+        pool_size=CLIENTS,
+        connect_args={"prepare_threshold": None},
+    )
 
     async def client(index: int) -> list[Any]:
         written: list[Any] = []
@@ -277,7 +321,7 @@ def test_a_worker_in_pooler_mode_drains_through_pgbouncer_exactly_once(
         # Producers through PgBouncer too, in rounds, so the worker claims and acks
         # many times over (past any prepare threshold) while the server sessions are
         # shared with the application's.
-        with psycopg.connect(bounced_url) as conn:
+        with psycopg.connect(bounced_url, prepare_threshold=None) as conn:
             for round_ in range(12):
                 outbox.enqueue_many(
                     conn,

@@ -300,22 +300,34 @@ def test_one_event_travels_as_one_text_parameter_per_column() -> None:
     assert (params["t"], params["k"], params["s"]) == (when.isoformat(), "k", "metrics")
 
 
-def test_a_call_picks_the_statement_for_its_shape() -> None:
+def test_a_call_picks_the_statement_for_its_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(enqueue_module, "_wake_now", lambda: False)  # one shape at a time
     one = _Call([_event()])
     assert set(one.params) == {"u", "e", "d", "p", "s", "t", "k"}
-    assert "json_to_recordset" not in one.statements.psycopg
+    assert "json_array_elements" not in one.statements.psycopg
     many = _Call([_event(), _event(uuid=uuid.uuid4())])
-    assert set(many.params) == {"u0", "e0", "d0", "p0", "u1", "e1", "d1", "p1"}
-    values = "VALUES (CAST(%(u0)s AS uuid), %(e0)s, %(d0)s, CAST(%(p0)s AS json), DEFAULT, NULL), ("
-    assert values in many.statements.psycopg
-    # Past _VALUES_MAX events, or when waking the workers: one JSON array.
-    items = [_event(uuid=uuid.uuid4()) for _ in range(enqueue_module._VALUES_MAX + 1)]
-    bulk = _Call(items)
-    assert set(bulk.params) == {"rows"} and "json_to_recordset" in bulk.statements.psycopg
-    assert "json_to_recordset" not in _Call(items[:-1]).statements.psycopg
+    assert set(many.params) == {"u", "e", "d", "p"}  # no timestamp, no destination
+    assert json.loads(many.params["u"]) == [e.uuid.hex for e in many.sent]
+    assert json.loads(many.params["p"]) == [{"a": 1}, {"a": 1}]
+    assert "json_array_elements(CAST(%(p)s AS json))" in many.statements.psycopg
+    assert '"timestamp"' not in many.statements.psycopg
+    # One text for any number of events, so a connection that prepares its statements
+    # keeps one prepared statement for them, not one per batch size.
+    for n in (3, 10, 1001, 5000):
+        call = _Call([_event(uuid=uuid.uuid4()) for _ in range(n)])
+        assert call.statements is many.statements, n
+        assert len(json.loads(call.params["e"])) == n
+    # A timestamp or a destination on any event adds its column, null for the others.
+    when = datetime(2026, 1, 2, tzinfo=UTC)
+    mixed = _Call([_event(), _event(uuid=uuid.uuid4(), timestamp=when, destination="metrics")])
+    assert json.loads(mixed.params["t"] or "") == [None, when.isoformat()]
+    assert json.loads(mixed.params["s"] or "") == [None, "metrics"]
+    assert "coalesce(CAST(t AS timestamptz), now())" in mixed.statements.psycopg
     # Duplicate dedup keys are dropped first: what is left may be a single event.
     deduped = _Call([_event(dedup_key="k"), _event(uuid=uuid.uuid4(), dedup_key="k")])
     assert len(deduped.sent) == 1 and "u" in deduped.params and deduped.reads_keys
+    keyed = _Call([_event(dedup_key="k"), _event(uuid=uuid.uuid4(), dedup_key="j")])
+    assert set(keyed.params) == {"rows"} and keyed.reads_keys
 
 
 def test_a_plain_call_writes_to_the_event_table_of_the_clock(

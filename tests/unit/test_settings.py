@@ -84,7 +84,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NUMBERS = [var for var in ENVIRONMENT if isinstance(var.accepts, Number)]
 NUMERIC_FIELDS = {
     name for name, f in Settings.__dataclass_fields__.items() if f.type in ("int", "float")
-} | {"metrics_port", "poll_interval"}
+} | {"metrics_port", "poll_interval", "posthog_project_id"}
 # A lease must be more than twice the request timeout: checking the lease's or the
 # timeout's bounds alone needs the other out of the way.
 ROOM = {

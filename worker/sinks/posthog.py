@@ -174,7 +174,7 @@ class PostHogSink:
     def _head(self, events: Sequence[Outbound]) -> bytes:
         """The body up to the value of ``sent_at``, which is filled in when sent."""
         return (
-            '{"api_key":' + self._key_json + ',"batch":[' + ",".join(e.json for e in events)
+            '{"api_key":' + self._key_json + ',"batch":[' + ",".join([e.json for e in events])
         ).encode() + b'],"sent_at":"'
 
     def send(self, events: Sequence[Outbound]) -> None:

@@ -33,7 +33,6 @@ from worker.storage import snapshot_sql as sql
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 #: The properties the worker sets itself, and "$ip", which decides $geoip_disable.
 _OWN = ("$ip", "$ignore_sent_at", "$geoip_disable")
-_QUOTED = tuple(f'"{key}"' for key in _OWN)
 _EXTRA_WITH_IP = ', "$ignore_sent_at": true'
 _EXTRA = _EXTRA_WITH_IP + ', "$geoip_disable": true'
 
@@ -45,7 +44,9 @@ class SnapshotError(OutboxDatabaseError):
     """A statement of the snapshot engine failed (not a lost lease)."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, which
+# doubles what building one costs (2.6 against 1.2 us), once per event read.
+@dataclass(slots=True)
 class SnapshotEvent:
     """One event of a batch (or of ``outbox_retry``), as read: every field is text
     PostgreSQL rendered, so reading a row cannot fail on what it holds."""
@@ -105,7 +106,14 @@ def own_keys(properties_json: str) -> tuple[str, bool]:
     then the object is decoded (the last of duplicate keys wins, as in jsonb) and
     checked key by key, so a string value that merely contains ``"$ip"`` changes
     nothing."""
-    if "\\u" not in properties_json and not any(key in properties_json for key in _QUOTED):
+    # Spelled out, not any() over the keys: a generator costs more than the scans; and
+    # one character first (memchr), which most texts do not have at all.
+    if (
+        ("\\" not in properties_json or "\\u" not in properties_json)
+        and '"$ip"' not in properties_json
+        and '"$ignore_sent_at"' not in properties_json
+        and '"$geoip_disable"' not in properties_json
+    ):
         return properties_json, False
     data = json.loads(properties_json)
     if not isinstance(data, dict) or not any(key in data for key in _OWN):
@@ -290,7 +298,9 @@ class SnapshotEngine:
                 return Chunk([], last=True)
             tables = tuple(sorted({t for t, _ in take}))
             for t in tables:
-                params[f"c{t}"] = [c for u, c in take if u == t]
+                # One array literal ('{"(0,1)","(0,2)"}'), not a list: psycopg escapes a
+                # list's text elements one by one (2.7 ms against 0.3 ms for 1,000).
+                params[f"c{t}"] = '{"' + '","'.join(c for u, c in take if u == t) + '"}'
             rows = self._run(sql.fetch_statement(tables, extra=extra, snap1=snap1), params)
             if len(rows) == len(take):
                 break

@@ -272,7 +272,8 @@ class _Verdict:
 
 Route = Callable[["CaptureServer", "Exchange"], None]
 """An endpoint served beside the built-in ones: called with the server and the request, on a
-handler thread, for every method; it must answer with `Exchange.respond` exactly once."""
+handler thread, for every method; it must answer with `Exchange.respond` exactly once. A route
+whose path ends in ``*`` answers every path that starts with the rest (after exact paths)."""
 
 
 def _extra_routes() -> dict[str, Route]:
@@ -283,9 +284,11 @@ def _extra_routes() -> dict[str, Route]:
     this one.
     """
     from .capture_v1 import V1_ROUTES
+    from .query_api import QUERY_ROUTES
 
     routes: dict[str, Route] = {}
     routes.update(V1_ROUTES)  # capture v1, /i/v1/analytics/events (capture_v1.py)
+    routes.update(QUERY_ROUTES)  # the query API, /api/projects/<id>/query/ (query_api.py)
     return routes
 
 
@@ -309,6 +312,8 @@ class CaptureServer:
       ``events`` like any other (``ReceivedRequest.path`` tells them apart).
     - `FLAGS_PATHS` (``/flags/``, ``/flags``): PostHog's feature-flags endpoint, see
       ``feature_flags``. Never counted as capture requests and never given scripted replies.
+    - ``/api/projects/<id>/query/``: PostHog's query API, answering reconcile's count query
+      from ``events`` (see ``query``, `worker.testing.query_api`).
     - ``routes``: endpoints of sibling modules, consulted first.
     - anything else: 404.
 
@@ -383,6 +388,10 @@ class CaptureServer:
 
         #: The capture v1 endpoint's scripting and answers (see `CaptureV1`).
         self.v1 = CaptureV1(self)
+        from .query_api import QueryApi
+
+        #: The query API's key, project and scripting (see `QueryApi`).
+        self.query = QueryApi(self)
         self._cond = threading.Condition(threading.Lock())
         self._requests: list[ReceivedRequest] = []
         self._events: list[Event] = []
@@ -526,6 +535,7 @@ class CaptureServer:
             self._replies.clear()
             self.default_reply = Reply()
         self.v1.reset()
+        self.query.reset()
 
     # -- recordings ----------------------------------------------------------------------------
 
@@ -625,7 +635,7 @@ class CaptureServer:
         if self.redirect_to is not None:
             self._answer_redirect(exchange, self.redirect_to.rstrip("/") + exchange.target)
             return
-        route = self.routes.get(exchange.path)
+        route = self.routes.get(exchange.path) or self._prefix_route(exchange.path)
         if route is not None:
             route(self, exchange)
         elif exchange.path in CAPTURE_PATHS:
@@ -658,6 +668,19 @@ class CaptureServer:
                 )
         else:
             self._answer_plain(exchange, HTTPStatus.NOT_FOUND, f"no endpoint at {exchange.path}")
+
+    def _prefix_route(self, path: str) -> Route | None:
+        """The route of the longest ``prefix*`` in ``routes`` that ``path`` starts with."""
+        best: tuple[int, Route] | None = None
+        for key, route in self.routes.items():
+            prefix = key[:-1]
+            if (
+                key.endswith("*")
+                and path.startswith(prefix)
+                and (best is None or len(key) > best[0])
+            ):
+                best = (len(key), route)
+        return best[1] if best is not None else None
 
     def _next_reply(self) -> Reply:
         """Take the reply answering the next scripted request (queue first, then default)."""

@@ -79,6 +79,15 @@ _PAGES = ", ".join(
     for t in range(EVENT_TABLES)
 )
 
+_LOOK = (
+    """    IF NOT found AND now_pages[{t} + 1] > 0 THEN
+        found := EXISTS (SELECT 1 FROM %1$I.outbox_events_{t} AS e
+            WHERE e.ctid >= format('(%%s,0)', now_pages[{t} + 1] - 1)::tid AND """
+    + _NEW
+    + """);
+    END IF;"""
+)
+
 _TABLE = """    pages := now_pages[{t} + 1];
     IF pages > 0 THEN
         -- The rows of the table's last full page, for the estimate.
@@ -121,6 +130,7 @@ DECLARE
     prev_xmax bigint;
     checked text;
     checked_snap txid_snapshot;
+    found boolean := false;
     snap txid_snapshot;
     new_id bigint;
     now_pages bigint[];
@@ -172,25 +182,24 @@ BEGIN
     -- finished is on a page below these sizes.
     now_pages := ARRAY[{_PAGES}];
     -- Anything committed that the last tick did not see? First on each table's last
-    -- page, where the newest events are; then rows of the transactions from the last
-    -- tick's xmax on, or of those it saw in progress that have finished since (by their
-    -- ids' range, not from its xmin: a transaction open anywhere on the server would make
-    -- that every row since it began).
-    IF NOT ({
-    _union(
-        "(now_pages[{t} + 1] > 0 AND EXISTS (SELECT 1 FROM %1$I.outbox_events_{t} AS e"
-        " WHERE e.ctid >= format('(%%s,0)', now_pages[{t} + 1] - 1)::tid AND " + _NEW + "))"
-    )
-}) AND NOT ({_union("EXISTS (SELECT 1 FROM %1$I.outbox_events_{t} AS e WHERE " + _NEW + ")")})
-    AND (cardinality(extra) = 0 OR NOT ({
+    -- page, where the newest events are (one statement per table that has pages: an
+    -- expression holding every test would set up every scan on every call); then rows
+    -- of the transactions from the last tick's xmax on, or of those it saw in progress
+    -- that have finished since (by their ids' range, not from its xmin: a transaction
+    -- open anywhere on the server would make that every row since it began).
+{_each(_LOOK)}
+    IF NOT found THEN  -- (nested: the tests below are set up only when they run)
+        IF NOT ({_union("EXISTS (SELECT 1 FROM %1$I.outbox_events_{t} AS e WHERE " + _NEW + ")")})
+            AND (cardinality(extra) = 0 OR NOT ({
     _union(
         "EXISTS (SELECT 1 FROM %1$I.outbox_events_{t} AS e"
         " WHERE e.txid >= extra[1] AND e.txid <= extra[cardinality(extra)]"
         " AND e.txid = ANY(extra))"
     )
 })) THEN
-        PERFORM set_config('outbox.tick_checked', prev.tick_id || '/' || snap::text, false);
-        RETURN NULL;
+            PERFORM set_config('outbox.tick_checked', prev.tick_id || '/' || snap::text, false);
+            RETURN NULL;
+        END IF;
     END IF;
     new_id := prev.tick_id + 1;
     INSERT INTO %1$I.outbox_ticks (tick_id, snapshot, pages) VALUES (new_id, snap::text, now_pages);

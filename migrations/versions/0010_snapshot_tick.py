@@ -19,7 +19,8 @@ never an event. NULL (a batch made before this revision) reads by positions.
   transaction id since the last tick, or since the last call in the same session that
   found nothing new against it, and none that snapshot saw in progress has finished
   (the snapshot's xmax is the same, its in-progress list has not shrunk); the session
-  keeps that snapshot in a setting of its own, ``outbox.tick_checked``, not in a table
+  keeps that snapshot (with the tick and the schema's ``outbox_ticks``) in a setting of
+  its own, ``outbox.tick_checked``, not in a table
   (a write would hand out a transaction id, and the next call could not tell);
 - else the last page of each event table is looked at first (a TID range scan): the
   newest events are there, and one found there answers "anything new?" without the
@@ -168,9 +169,12 @@ BEGIN
     IF txid_snapshot_xmax(snap) = prev_xmax AND cardinality(extra) = 0 THEN
         RETURN NULL;
     END IF;
+    -- "<outbox_ticks' oid>/<tick id>/<snapshot>": the oid tells this schema's ticks from
+    -- those of another outbox schema the same session may tick.
     checked := current_setting('outbox.tick_checked', true);
-    IF split_part(checked, '/', 1) = prev.tick_id::text THEN
-        checked_snap := split_part(checked, '/', 2)::txid_snapshot;
+    IF split_part(checked, '/', 1) = '%1$I.outbox_ticks'::regclass::oid::text
+        AND split_part(checked, '/', 2) = prev.tick_id::text THEN
+        checked_snap := split_part(checked, '/', 3)::txid_snapshot;
         IF txid_snapshot_xmax(snap) = txid_snapshot_xmax(checked_snap) AND NOT EXISTS (
             SELECT 1 FROM txid_snapshot_xip(checked_snap) AS x
             WHERE txid_visible_in_snapshot(x, snap)
@@ -197,7 +201,8 @@ BEGIN
         " AND e.txid = ANY(extra))"
     )
 })) THEN
-            PERFORM set_config('outbox.tick_checked', prev.tick_id || '/' || snap::text, false);
+            PERFORM set_config('outbox.tick_checked', '%1$I.outbox_ticks'::regclass::oid
+                || '/' || prev.tick_id || '/' || snap::text, false);
             RETURN NULL;
         END IF;
     END IF;

@@ -231,6 +231,8 @@ snapshot_tables.append(
         Column("progress_table", Integer, nullable=False, server_default=text("0")),
         Column("progress_ctid", Text, nullable=False, server_default=text("'(0,0)'")),
         Column("sent", BigInteger, nullable=False, server_default=text("0")),
+        # How many events the tick expected in the batch (migration 0010).
+        Column("rows_estimate", BigInteger, nullable=True),
     )
 )
 snapshot_tables.append(

@@ -19,7 +19,8 @@ never an event. NULL (a batch made before this revision) reads by positions.
   transaction id since the last tick, or since the last call in the same session that
   found nothing new against it, and none that snapshot saw in progress has finished
   (the snapshot's xmax is the same, its in-progress list has not shrunk); the session
-  keeps that snapshot in a setting of its own, ``outbox.tick_checked``, not in a table
+  keeps that snapshot (with the tick and the schema's ``outbox_ticks``) in a setting of
+  its own, ``outbox.tick_checked``, not in a table
   (a write would hand out a transaction id, and the next call could not tell);
 - else the last page of each event table is looked at first (a TID range scan): the
   newest events are there, and one found there answers "anything new?" without the
@@ -30,12 +31,23 @@ never an event. NULL (a batch made before this revision) reads by positions.
   summary of a range) are written out for each event table.
 
 Its signature, attributes and grants stay (``CREATE OR REPLACE``); the rotation is
-unchanged. Adding a nullable column without a default takes an instant's ACCESS
-EXCLUSIVE lock on ``outbox_batches`` (under the migration's lock timeout and retries),
-and no rewrite. A worker of this version refuses to start before this revision; one of
-an older version goes on working after it (it neither reads nor writes the column).
+unchanged.
 
-Downgrade puts revision 0008's tick back and drops the column.
+Two functions (``SECURITY DEFINER``, fixed ``search_path``, ``EXECUTE`` revoked from
+``PUBLIC``) take the worker's writes to ``outbox_dedup_keys``, so that its role needs
+no right on that table: ``outbox_start_dedup_window(text[], double precision)`` (the
+delivered events' keys are held for that many seconds more) and
+``outbox_free_dedup_keys(text[])`` (the keys of purged dead events). Every role that
+may UPDATE or DELETE in ``outbox_dedup_keys`` (the worker's, with the grants
+documented before) is granted ``EXECUTE`` on both, so a worker keeps working across the
+upgrade; its rights on the table can then be revoked.
+
+Adding a nullable column without a default takes an instant's ACCESS EXCLUSIVE lock
+on ``outbox_batches`` (under the migration's lock timeout and retries), and no rewrite.
+A worker of this version refuses to start before this revision; one of an older
+version goes on working after it (it neither reads nor writes the column).
+
+Downgrade drops the two functions, puts revision 0008's tick back and drops the column.
 """
 
 from __future__ import annotations
@@ -168,9 +180,12 @@ BEGIN
     IF txid_snapshot_xmax(snap) = prev_xmax AND cardinality(extra) = 0 THEN
         RETURN NULL;
     END IF;
+    -- "<outbox_ticks' oid>/<tick id>/<snapshot>": the oid tells this schema's ticks from
+    -- those of another outbox schema the same session may tick.
     checked := current_setting('outbox.tick_checked', true);
-    IF split_part(checked, '/', 1) = prev.tick_id::text THEN
-        checked_snap := split_part(checked, '/', 2)::txid_snapshot;
+    IF split_part(checked, '/', 1) = '%1$I.outbox_ticks'::regclass::oid::text
+        AND split_part(checked, '/', 2) = prev.tick_id::text THEN
+        checked_snap := split_part(checked, '/', 3)::txid_snapshot;
         IF txid_snapshot_xmax(snap) = txid_snapshot_xmax(checked_snap) AND NOT EXISTS (
             SELECT 1 FROM txid_snapshot_xip(checked_snap) AS x
             WHERE txid_visible_in_snapshot(x, snap)
@@ -197,7 +212,8 @@ BEGIN
         " AND e.txid = ANY(extra))"
     )
 })) THEN
-            PERFORM set_config('outbox.tick_checked', prev.tick_id || '/' || snap::text, false);
+            PERFORM set_config('outbox.tick_checked', '%1$I.outbox_ticks'::regclass::oid
+                || '/' || prev.tick_id || '/' || snap::text, false);
             RETURN NULL;
         END IF;
     END IF;
@@ -229,6 +245,60 @@ $fn$;
 """
 
 
+#: The functions that write the worker's dedup keys (see the module's text).
+DEDUP_FUNCTIONS = (
+    "outbox_start_dedup_window(text[], double precision)",
+    "outbox_free_dedup_keys(text[])",
+)
+
+_DEDUP = """
+-- Start the dedup window of delivered events' keys: each is held p_window seconds from
+-- now on (it was held for good while its event was undelivered). Returns how many.
+CREATE OR REPLACE FUNCTION %1$I.outbox_start_dedup_window(
+    p_keys text[], p_window double precision
+) RETURNS integer
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH k AS (
+        UPDATE %1$I.outbox_dedup_keys SET expires_at = now() + p_window * interval '1 second'
+        WHERE dedup_key = ANY(p_keys)
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM k
+$fn$;
+
+-- Free the keys of purged dead events. Returns how many.
+CREATE OR REPLACE FUNCTION %1$I.outbox_free_dedup_keys(p_keys text[]) RETURNS integer
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH k AS (
+        DELETE FROM %1$I.outbox_dedup_keys WHERE dedup_key = ANY(p_keys) RETURNING 1
+    )
+    SELECT count(*)::integer FROM k
+$fn$;
+"""
+
+# Every role (but the owner; PUBLIC too) that may UPDATE or DELETE in outbox_dedup_keys
+# is a worker: it gets EXECUTE on the functions that now do its writes there.
+_DEDUP_GRANTS = f"""
+DO $do$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                             ELSE quote_ident(pg_get_userbyid(a.grantee)) END AS who
+        FROM pg_class AS c, aclexplode(c.relacl) AS a
+        WHERE c.oid = 'outbox_dedup_keys'::regclass
+          AND a.privilege_type IN ('UPDATE', 'DELETE') AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION {", ".join(DEDUP_FUNCTIONS)} TO %s', r.who);
+    END LOOP;
+END
+$do$
+"""
+
+
 def _in_schema(functions: str) -> str:
     """Run ``functions`` (``%1$I`` for the schema) in the migrating role's schema."""
     body = functions.replace("'", "''")
@@ -250,9 +320,14 @@ def _revision(number: str, name: str) -> Any:
 def upgrade() -> None:
     op.execute("ALTER TABLE outbox_batches ADD COLUMN IF NOT EXISTS rows_estimate bigint")
     op.execute(_in_schema(_FUNCTIONS))
+    op.execute(_in_schema(_DEDUP))
+    op.execute(f"REVOKE ALL ON FUNCTION {', '.join(DEDUP_FUNCTIONS)} FROM PUBLIC")
+    op.execute(_DEDUP_GRANTS)
 
 
 def downgrade() -> None:
+    for function in DEDUP_FUNCTIONS:
+        op.execute(f"DROP FUNCTION IF EXISTS {function}")
     # 0008's definitions of the tick and the rotation (the rotation is the same).
     op.execute(_in_schema(_revision("0008", "snapshot_tuning")._FUNCTIONS))
     op.execute("ALTER TABLE outbox_batches DROP COLUMN IF EXISTS rows_estimate")

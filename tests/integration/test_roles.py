@@ -19,6 +19,7 @@ from worker.commands import status_report
 from worker.drain import Drainer
 from worker.settings import Settings
 from worker.sinks import MemorySink
+from worker.storage.base import BatchOutcome
 from worker.storage.snapshot_storage import SnapshotStorage
 
 EVENT_TABLES = "outbox_events_0, outbox_events_1, outbox_events_2, outbox_events_3"
@@ -37,12 +38,13 @@ GRANT USAGE ON SCHEMA public TO {{worker}};
 GRANT SELECT ON {EVENT_TABLES}, outbox_ticks, outbox_event_tables TO {{worker}};
 GRANT SELECT, UPDATE, DELETE ON outbox_batches TO {{worker}};
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_retry TO {{worker}};
-GRANT SELECT, UPDATE, DELETE ON outbox_dedup_keys TO {{worker}};
 GRANT EXECUTE ON FUNCTION
     outbox_snapshot_tick(integer),
     outbox_snapshot_rotate(boolean),
     outbox_snapshot_slot(),
-    outbox_expire_dedup_keys(integer)
+    outbox_expire_dedup_keys(integer),
+    outbox_start_dedup_window(text[], double precision),
+    outbox_free_dedup_keys(text[])
     TO {{worker}};
 GRANT SELECT ON outbox_events, outbox_stuck TO {{worker}};
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_worker_state TO {{worker}};
@@ -227,8 +229,15 @@ def test_what_the_worker_role_cannot_do(
                 " VALUES (1, 1, 1, 1)",
             )
             _refused(conn, "SELECT outbox_enqueue_keyed_rows('[]')")
-            # (The worker writes the keys' dedup window and purges the dead with its
-            # keys by itself: it may read, update and delete outbox_dedup_keys.)
+            # The dedup keys only through the functions (migration 0010): no key read,
+            # none claimed or changed by hand, and no lock that would hold up enqueues
+            # with a key.
+            _refused(conn, "SELECT dedup_key FROM outbox_dedup_keys")
+            _refused(conn, "INSERT INTO outbox_dedup_keys VALUES ('k', 'infinity')")
+            _refused(conn, "UPDATE outbox_dedup_keys SET expires_at = now()")
+            _refused(conn, "DELETE FROM outbox_dedup_keys")
+            with conn.transaction():
+                _refused(conn, "LOCK TABLE outbox_dedup_keys IN ACCESS EXCLUSIVE MODE")
             _refused(conn, "CREATE TABLE nope (id int)")
             _refused(conn, "CREATE TEMP TABLE nope (id int)")
         with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
@@ -289,7 +298,27 @@ def test_the_worker_role_runs_every_command(
         db.execute("UPDATE outbox_retry SET status = 'dead' WHERE dedup_key = 'k0'")
         assert store.purge_dead(0.0) == 1
         assert store.expire_dedup_keys() == 1
+        # Delivered, k1 (a retry) and k2 (in a batch) start their dedup window.
+        for _ in range(2):
+            batch = store.claim(100, 4 * 1024 * 1024, 60.0)
+            assert batch is not None
+            keyed = [e.id for e in batch.events if e.distinct_id in ("uk1", "u2")]
+            store.finish(
+                batch,
+                BatchOutcome(
+                    shipped=keyed,
+                    defer=[e.id for e in batch.events if e.id not in keyed],
+                    defer_delay=3600.0,
+                ),
+                dedup_window=600.0,
+                max_attempts=5,
+                backoff_base=1.0,
+                backoff_max=60.0,
+            )
     finally:
         store.close()
-    keys = db.execute("SELECT dedup_key FROM outbox_dedup_keys ORDER BY 1").fetchall()
-    assert keys == [("k1",), ("k2",)]  # k0 purged with its event, k3 expired
+    keys = db.execute(
+        "SELECT dedup_key, expires_at < 'infinity' FROM outbox_dedup_keys ORDER BY 1"
+    ).fetchall()
+    # k0 purged with its event, k3 expired; k1 and k2 delivered: their window runs.
+    assert keys == [("k1", True), ("k2", True)]

@@ -12,6 +12,10 @@ from worker.database import downgrade, migrate
 from worker.storage.snapshot import SnapshotEngine, insert_events
 
 ROLE = "outbox_0010_worker"
+DEDUP_FUNCTIONS = (
+    "outbox_start_dedup_window(text[], double precision)",
+    "outbox_free_dedup_keys(text[])",
+)
 
 
 def _tick(url: str) -> tuple[str, Any, Any]:
@@ -47,6 +51,8 @@ def test_0010_adds_the_estimate_and_a_generic_plan_tick_and_downgrades(
         conn.execute(f"CREATE ROLE {ROLE}")
         try:
             conn.execute(f"GRANT EXECUTE ON FUNCTION outbox_snapshot_tick(integer) TO {ROLE}")
+            # A worker role with the grants documented before 0010.
+            conn.execute(f"GRANT SELECT, UPDATE, DELETE ON outbox_dedup_keys TO {ROLE}")
             before = _tick(empty_database)
             assert not _has_estimate(conn)
             assert migrate(empty_database) == ["0010"]
@@ -55,12 +61,21 @@ def test_0010_adds_the_estimate_and_a_generic_plan_tick_and_downgrades(
             assert after[0] != before[0]
             assert "plan_cache_mode=force_generic_plan" in after[2]
             assert after[1] == before[1]  # grants kept
+            for function in DEDUP_FUNCTIONS:  # the worker's key writes, granted to it
+                row = conn.execute(
+                    "SELECT has_function_privilege(%s, %s, 'EXECUTE'),"
+                    " has_function_privilege('public', %s, 'EXECUTE')",
+                    (ROLE, function, function),
+                ).fetchone()
+                assert row == (True, False), function
             assert downgrade(empty_database, "0009") == ["0010"]
             assert _tick(empty_database) == before
             assert not _has_estimate(conn)
+            row = conn.execute("SELECT to_regproc('outbox_free_dedup_keys')").fetchone()
+            assert row == (None,)
             assert migrate(empty_database) == ["0010"]
         finally:
-            conn.execute(f"REVOKE ALL ON FUNCTION outbox_snapshot_tick(integer) FROM {ROLE}")
+            conn.execute(f"DROP OWNED BY {ROLE}")
             conn.execute(f"DROP ROLE {ROLE}")
 
 

@@ -486,7 +486,7 @@ class SnapshotEngine:
                 "f_dead": [d for _, _, d in outcome.failed],
             },
         )
-        done, retrying, dead = rows[0]
+        done, retrying, dead, _ = rows[0]
         return int(done), int(retrying), int(dead)
 
 

@@ -168,8 +168,7 @@ WITH gone AS (
       AND (created_at < now() - %(older_than)s * interval '1 second' OR created_at > now())
     RETURNING dedup_key, "timestamp", event, destination
 ), keys AS (
-    DELETE FROM outbox_dedup_keys AS k USING gone WHERE k.dedup_key = gone.dedup_key
-    RETURNING 1
+    SELECT outbox_free_dedup_keys(array_agg(dedup_key)) AS n FROM gone
 ), counted AS (
     INSERT INTO outbox_ledger AS l (day, event, destination, purged, updated_at)
     SELECT ("timestamp" AT TIME ZONE 'UTC')::date, event, coalesce(destination, 'posthog'),
@@ -181,7 +180,7 @@ WITH gone AS (
     SET purged = l.purged + EXCLUDED.purged, updated_at = EXCLUDED.updated_at
     RETURNING 1
 )
-SELECT count(*) FROM gone
+SELECT (SELECT count(*) FROM gone), (SELECT n FROM keys)
 """
 
 LEDGER = """

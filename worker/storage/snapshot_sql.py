@@ -198,12 +198,11 @@ WITH moved AS (
     WHERE EXISTS (SELECT 1 FROM held)
     RETURNING 1
 ), keys AS (
-    UPDATE outbox_dedup_keys
-    SET expires_at = now() + %(window)s * interval '1 second'
-    WHERE dedup_key = ANY(%(keys)s::text[]) AND EXISTS (SELECT 1 FROM held)
-    RETURNING 1
+    SELECT outbox_start_dedup_window(%(keys)s::text[], %(window)s::double precision) AS n
+    WHERE EXISTS (SELECT 1 FROM held)
 )
-SELECT EXISTS (SELECT 1 FROM held), (SELECT count(*) FROM failed), (SELECT count(*) FROM keys)
+SELECT EXISTS (SELECT 1 FROM held), (SELECT count(*) FROM failed),
+    (SELECT coalesce(sum(n), 0) FROM keys)
 """
 
 # ADVANCE for a chunk with no failed event and no dedup key to start: the batch's row
@@ -259,10 +258,8 @@ WITH done AS (
     WHERE id = ANY(%(shipped)s::bigint[]) AND lease = %(lease)s
     RETURNING dedup_key
 ), keys AS (
-    UPDATE outbox_dedup_keys AS k
-    SET expires_at = now() + %(window)s * interval '1 second'
-    FROM done WHERE k.dedup_key = done.dedup_key
-    RETURNING 1
+    SELECT outbox_start_dedup_window(array_agg(dedup_key), %(window)s::double precision) AS n
+    FROM done
 ), failed AS (
     UPDATE outbox_retry AS r
     SET attempts = r.attempts + 1,
@@ -279,5 +276,6 @@ WITH done AS (
 )
 SELECT (SELECT count(*) FROM done),
        (SELECT count(*) FROM failed WHERE status = 'pending'),
-       (SELECT count(*) FROM failed WHERE status = 'dead')
+       (SELECT count(*) FROM failed WHERE status = 'dead'),
+       (SELECT n FROM keys)
 """

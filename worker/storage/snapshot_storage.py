@@ -100,10 +100,9 @@ FROM unnest(%(uuid)s::uuid[], %(ts)s::timestamptz[], %(event)s::text[],
 ) AS x LEFT JOIN w ON true
 """
 
-START_WINDOW = """
-UPDATE outbox_dedup_keys SET expires_at = now() + %(window)s * interval '1 second'
-WHERE dedup_key = ANY(%(keys)s::text[])
-"""
+# The worker's writes to outbox_dedup_keys go through migration 0010's functions (its
+# role needs no right on the table).
+START_WINDOW = "SELECT outbox_start_dedup_window(%(keys)s::text[], %(window)s::double precision)"
 
 BATCH_DONE = "DELETE FROM outbox_batches WHERE batch_id = %(batch)s"
 
@@ -147,11 +146,10 @@ WITH done AS (
     DELETE FROM outbox_retry WHERE id = ANY(%(ids)s::bigint[]) AND lease = %(lease)s
     RETURNING dedup_key
 ), keys AS (
-    UPDATE outbox_dedup_keys AS k SET expires_at = now() + %(window)s * interval '1 second'
-    FROM done WHERE k.dedup_key = done.dedup_key
-    RETURNING 1
+    SELECT outbox_start_dedup_window(array_agg(dedup_key), %(window)s::double precision) AS n
+    FROM done
 )
-SELECT count(*) FROM done
+SELECT (SELECT count(*) FROM done), (SELECT n FROM keys)
 """
 
 BURY_RETRIES = """

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -415,6 +415,59 @@ def test_nothing_is_prepared_on_a_connection_that_prepares_nothing(database_url:
         database_url, prepare_threshold=0, cursor_factory=psycopg.ClientCursor
     ) as client_side:
         assert _prepared_after_calls(client_side) == []
+
+
+PREPARED = "SELECT statement FROM pg_prepared_statements"
+
+
+def _outbox(rows: Sequence[Any]) -> list[str]:
+    """The outbox statements among pg_prepared_statements' rows (not the query that
+    read them, prepared too where the threshold is 0)."""
+    return [r[0] for r in rows if "outbox_" in r[0] and "pg_prepared_statements" not in r[0]]
+
+
+@pytest.mark.parametrize("threshold", [0, None])
+def test_sqlalchemy_and_psycopg_pools_follow_the_connections_threshold(
+    database_url: str, threshold: int | None
+) -> None:
+    # SQLAlchemy's psycopg dialect leaves prepare_threshold to connect_args (psycopg's
+    # default otherwise); a psycopg_pool pool to its kwargs.
+    from psycopg_pool import ConnectionPool
+
+    engine = create_engine(
+        sqlalchemy_url(database_url), connect_args={"prepare_threshold": threshold}
+    )
+    try:
+        with Session(engine) as session, session.begin():
+            outbox.enqueue(session, "e", "u")
+            outbox.enqueue_many(session, [{"event": "e", "distinct_id": "u"}] * 3)
+            found = _outbox(session.connection().exec_driver_sql(PREPARED).all())
+        assert len(found) == (2 if threshold == 0 else 0), found
+    finally:
+        engine.dispose()
+    with (
+        ConnectionPool(
+            database_url, kwargs={"prepare_threshold": threshold}, min_size=1, open=True
+        ) as pool,
+        pool.connection() as conn,
+    ):
+        outbox.enqueue(conn, "e", "u")
+        found = _outbox(conn.execute(PREPARED).fetchall())
+        conn.rollback()
+    assert len(found) == (1 if threshold == 0 else 0), found
+
+
+async def test_async_psycopg_follows_the_connections_threshold(database_url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, prepare_threshold=0) as conn:
+        await outbox.aenqueue(conn, "e", "u")
+        await outbox.aenqueue_many(conn, [{"event": "e", "distinct_id": "u"}] * 3)
+        found = _outbox(await (await conn.execute(PREPARED)).fetchall())
+        await conn.rollback()
+    assert len(found) == 2, found
+    async with await psycopg.AsyncConnection.connect(database_url, prepare_threshold=None) as plain:
+        await outbox.aenqueue(plain, "e", "u")
+        assert _outbox(await (await plain.execute(PREPARED)).fetchall()) == []
+        await plain.rollback()
 
 
 # --------------------------------------------------------------------------- async

@@ -241,6 +241,12 @@ class Drainer:
                     # lease. Hand it back and claim afresh.
                     self._release(next_batch)
                     next_batch = self._claim_on(lane, next_batch.store, pipelined)
+                if next_batch is None and pipelined and not full:
+                    # Nothing was claimed ahead (the batch was not full: the backlog's
+                    # end, or events trickling in): the other connection is idle, so it
+                    # looks for what committed since (ticking) while this batch's
+                    # outcome is written, instead of after it.
+                    next_batch = self._claim_on(lane, other, pipelined)
                 # A claim ahead that found nothing is not the end: the snapshot engine
                 # leases a batch whole, so the rest of the batch just sent is claimable
                 # only once its chunk is finished. Ask the store that sent it (after

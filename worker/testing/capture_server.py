@@ -235,20 +235,29 @@ class ReceivedRequest:
 
     @classmethod
     def plain(
-        cls, exchange: Exchange, raw: bytes | None, status: int, detail: str | None
+        cls,
+        exchange: Exchange,
+        raw: bytes | None,
+        status: int,
+        detail: str | None,
+        *,
+        api_key: str | None = None,
+        gzip: bool = False,
+        document: dict[str, Any] | None = None,
     ) -> ReceivedRequest:
         """A request that carried no events (not a capture request), as answered."""
         return cls(
             path=exchange.path,
             headers=exchange.headers,
             status=status,
-            api_key=None,
+            api_key=api_key,
             events=[],
             raw_size=len(raw or b""),
-            gzip=False,
+            gzip=gzip,
             received_at=exchange.received_at,
             detail=detail,
             method=exchange.method,
+            document=document,
         )
 
 
@@ -961,18 +970,8 @@ class CaptureServer:
                 status, detail = HTTPStatus.UNAUTHORIZED, texts.FLAGS_INVALID_KEY
             elif document.get("distinct_id") is None:
                 status, detail = HTTPStatus.BAD_REQUEST, texts.FLAGS_MISSING_DISTINCT_ID
-        request = ReceivedRequest(
-            path=exchange.path,
-            headers=exchange.headers,
-            status=status,
-            api_key=key,
-            events=[],
-            raw_size=len(raw or b""),
-            gzip=is_gzip,
-            received_at=exchange.received_at,
-            detail=detail,
-            method=exchange.method,
-            document=document,
+        request = ReceivedRequest.plain(
+            exchange, raw, status, detail, api_key=key, gzip=is_gzip, document=document
         )
         self._record(request)
         if detail is not None:

@@ -67,6 +67,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from outbox.exceptions import OutboxError
 from worker.settings import Settings, api_key_problem
+from worker.sinks.base import error_detail
 from worker.sinks.posthog import USER_AGENT
 
 log = logging.getLogger("outbox.worker")
@@ -173,15 +174,8 @@ def scrub(text: str, secret: str | None, limit: int = MAX_DETAIL) -> str:
 
 
 def _detail(body: bytes, secret: str | None) -> str:
-    """PostHog's explanation in an answer: the ``detail`` of a JSON error, else the text."""
-    text = body.decode("utf-8", errors="replace")
-    try:
-        document = json.loads(text)
-    except ValueError:
-        document = None
-    if isinstance(document, dict) and isinstance(document.get("detail"), str):
-        text = document["detail"]
-    return scrub(text, secret) or "(empty answer)"
+    """PostHog's explanation in an answer, fit for a log line."""
+    return scrub(error_detail(body), secret) or "(empty answer)"
 
 
 def _is_flags_document(body: bytes) -> bool:

@@ -53,7 +53,7 @@ import urllib3
 
 from outbox.exceptions import OutboxError
 from worker.settings import Settings, SettingsError
-from worker.sinks.base import clean_text
+from worker.sinks.base import clean_text, error_detail
 from worker.terminal import json_terminal_safe, printable
 
 #: The ledger's destination for events shipped to PostHog (the others are metrics-only).
@@ -157,15 +157,8 @@ def query_body(query: str) -> bytes:
 
 
 def _detail(body: bytes, secrets: Sequence[str | None]) -> str:
-    """PostHog's explanation: the ``detail`` of its JSON error, else the text, cleaned."""
-    text = body.decode("utf-8", errors="replace")
-    try:
-        document = json.loads(text)
-    except ValueError:
-        document = None
-    if isinstance(document, dict) and isinstance(document.get("detail"), str):
-        text = document["detail"]
-    text = " ".join(text.split())
+    """PostHog's explanation (:func:`~worker.sinks.base.error_detail`), cleaned."""
+    text = " ".join(error_detail(body).split())
     return clean_text(text, secrets, 300) or "(empty answer)"
 
 

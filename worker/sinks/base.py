@@ -188,6 +188,19 @@ def _escape(text: str) -> str:
     return "".join(out)
 
 
+def error_detail(body: bytes) -> str:
+    """What a PostHog error answer says: the ``detail`` of its JSON document when it
+    has one, else the body as text (not yet cleaned: see :func:`clean_text`)."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(document, dict) and isinstance(document.get("detail"), str):
+        return str(document["detail"])
+    return text
+
+
 def clean_text(text: str, secrets: Iterable[str | None] = (), limit: int = ERROR_TEXT_LIMIT) -> str:
     """Text from the network made safe to log and store.
 

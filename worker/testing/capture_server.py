@@ -233,6 +233,33 @@ class ReceivedRequest:
         """Whether the request was answered 2xx, so its events count as delivered."""
         return 200 <= self.status <= 299
 
+    @classmethod
+    def plain(
+        cls,
+        exchange: Exchange,
+        raw: bytes | None,
+        status: int,
+        detail: str | None,
+        *,
+        api_key: str | None = None,
+        gzip: bool = False,
+        document: dict[str, Any] | None = None,
+    ) -> ReceivedRequest:
+        """A request that carried no events (not a capture request), as answered."""
+        return cls(
+            path=exchange.path,
+            headers=exchange.headers,
+            status=status,
+            api_key=api_key,
+            events=[],
+            raw_size=len(raw or b""),
+            gzip=gzip,
+            received_at=exchange.received_at,
+            detail=detail,
+            method=exchange.method,
+            document=document,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class _RejectRule:
@@ -767,20 +794,7 @@ class CaptureServer:
     ) -> None:
         """Answer a request that is not a capture or flags request with an empty body."""
         raw = exchange.read_body()
-        self._record(
-            ReceivedRequest(
-                path=exchange.path,
-                headers=exchange.headers,
-                status=status,
-                api_key=None,
-                events=[],
-                raw_size=len(raw or b""),
-                gzip=False,
-                received_at=exchange.received_at,
-                detail=detail,
-                method=exchange.method,
-            )
-        )
+        self._record(ReceivedRequest.plain(exchange, raw, status, detail))
         exchange.respond(status, b"", TEXT_CONTENT_TYPE, headers)
 
     def _answer_redirect(
@@ -956,18 +970,8 @@ class CaptureServer:
                 status, detail = HTTPStatus.UNAUTHORIZED, texts.FLAGS_INVALID_KEY
             elif document.get("distinct_id") is None:
                 status, detail = HTTPStatus.BAD_REQUEST, texts.FLAGS_MISSING_DISTINCT_ID
-        request = ReceivedRequest(
-            path=exchange.path,
-            headers=exchange.headers,
-            status=status,
-            api_key=key,
-            events=[],
-            raw_size=len(raw or b""),
-            gzip=is_gzip,
-            received_at=exchange.received_at,
-            detail=detail,
-            method=exchange.method,
-            document=document,
+        request = ReceivedRequest.plain(
+            exchange, raw, status, detail, api_key=key, gzip=is_gzip, document=document
         )
         self._record(request)
         if detail is not None:

@@ -391,17 +391,8 @@ class QueryApi:
 
         detail = document.get("detail") if status != HTTPStatus.OK else None
         self._server._record(
-            ReceivedRequest(
-                path=exchange.path,
-                headers=exchange.headers,
-                status=status,
-                api_key=None,
-                events=[],
-                raw_size=len(raw or b""),
-                gzip=False,
-                received_at=exchange.received_at,
-                detail=detail if isinstance(detail, str) else None,
-                method=exchange.method,
+            ReceivedRequest.plain(
+                exchange, raw, status, detail if isinstance(detail, str) else None
             )
         )
         body = json.dumps(document).encode()
